@@ -1,0 +1,57 @@
+# Ephemera's two commands: `make run` and `make test`. Each installs what it needs.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+CLUSTER_DIR := $(CURDIR)/.cluster
+export KUBECONFIG_LOCAL := $(CLUSTER_DIR)/kubeconfig
+
+.PHONY: help venv tools cluster cluster-down lint format test test-fast run run-down clean
+
+help:
+	@echo "make run           bring up a local control plane, the operator and the webhook; show a PR becoming an environment"
+	@echo "make test          lint, type check and every test (builds and starts what they need)"
+	@echo "make cluster       start a local control plane; prints the export KUBECONFIG=... line"
+	@echo "make cluster-down  stop it"
+	@echo "make lint          ruff and mypy"
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check --upgrade pip
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev]'
+	@touch $@
+
+venv: $(STAMP)
+
+# etcd, kube-apiserver, kube-controller-manager, kubectl and helm, built once per version into
+# ~/.cache/ephemera (a cold build takes many minutes and prints its progress).
+tools:
+	@bash hack/build-tools.sh
+
+cluster: venv tools
+	@$(BIN)/python -m ephemera.devtools.controlplane up $(CLUSTER_DIR)
+
+cluster-down: venv
+	@$(BIN)/python -m ephemera.devtools.controlplane down $(CLUSTER_DIR)
+
+lint: venv
+	$(BIN)/ruff check ephemera tests bench
+	$(BIN)/ruff format --check ephemera tests bench
+	$(BIN)/mypy
+
+format: venv
+	$(BIN)/ruff format ephemera tests bench
+	$(BIN)/ruff check --fix ephemera tests bench
+
+test: lint tools
+	$(BIN)/pytest -q -ra
+
+run: venv tools
+	@bash hack/run.sh
+
+run-down: venv
+	@bash hack/run.sh down
+
+clean: cluster-down
+	rm -rf $(VENV) .run .mypy_cache .ruff_cache .pytest_cache .hypothesis

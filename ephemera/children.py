@@ -1,0 +1,130 @@
+"""Pure builders of the objects an environment owns: its Namespace and what isolates it.
+
+They take plain values and return plain dicts, so tests can call them without a cluster.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any
+
+from ephemera.config import Settings
+from ephemera.models import API_VERSION, KIND, PreviewEnvironmentSpec
+from ephemera.naming import OWNER_UID_ANNOTATION, REPOSITORY_ANNOTATION, environment_labels
+from ephemera.quantity import parse_quantity
+
+QUOTA_NAME = "ephemera-quota"
+LIMIT_RANGE_NAME = "ephemera-limits"
+NETWORK_POLICY_NAME = "ephemera-isolation"
+
+
+class QuotaError(ValueError):
+    """A requested quota that the operator's ceiling does not allow."""
+
+
+@dataclass(frozen=True)
+class Quota:
+    cpu: str
+    memory: str
+    pods: int
+
+
+def resolve_quota(spec: PreviewEnvironmentSpec, settings: Settings) -> Quota:
+    """The quota from the spec, defaults from settings; a request above the ceiling is refused."""
+    cpu = spec.resources.cpu or settings.default_cpu
+    memory = spec.resources.memory or settings.default_memory
+    pods = spec.resources.pods or settings.default_pods
+    checks: list[tuple[str, Decimal, Decimal, str, str]] = [
+        ("cpu", parse_quantity(cpu), parse_quantity(settings.max_cpu), cpu, settings.max_cpu),
+        ("memory", parse_quantity(memory), parse_quantity(settings.max_memory), memory, settings.max_memory),
+        ("pods", Decimal(pods), Decimal(settings.max_pods), str(pods), str(settings.max_pods)),
+    ]
+    for field, value, ceiling, text, ceiling_text in checks:
+        if value > ceiling:
+            raise QuotaError(
+                f"spec.resources.{field} is {text}, above the ceiling {ceiling_text} "
+                f"(EPHEMERA_MAX_{field.upper()}); lower it or ask an operator to raise the ceiling"
+            )
+    return Quota(cpu=str(cpu), memory=str(memory), pods=int(pods))
+
+
+def _min(a: str, b: str) -> str:
+    return a if parse_quantity(a) <= parse_quantity(b) else b
+
+
+def owner_reference(name: str, uid: str) -> dict[str, Any]:
+    return {"apiVersion": API_VERSION, "kind": KIND, "name": name, "uid": uid, "controller": True}
+
+
+def build_namespace(namespace: str, env_name: str, env_uid: str, spec: PreviewEnvironmentSpec) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Namespace",
+        "metadata": {
+            "name": namespace,
+            "labels": environment_labels(env_name, spec.repository, spec.pull_request),
+            "annotations": {OWNER_UID_ANNOTATION: env_uid, REPOSITORY_ANNOTATION: spec.repository},
+            "ownerReferences": [owner_reference(env_name, env_uid)],
+        },
+    }
+
+
+def _child_metadata(name: str, namespace: str, env_name: str, spec: PreviewEnvironmentSpec) -> dict[str, Any]:
+    return {
+        "name": name,
+        "namespace": namespace,
+        "labels": environment_labels(env_name, spec.repository, spec.pull_request),
+    }
+
+
+def build_resource_quota(namespace: str, env_name: str, spec: PreviewEnvironmentSpec, quota: Quota) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "ResourceQuota",
+        "metadata": _child_metadata(QUOTA_NAME, namespace, env_name, spec),
+        "spec": {
+            "hard": {
+                "requests.cpu": quota.cpu,
+                "limits.cpu": quota.cpu,
+                "requests.memory": quota.memory,
+                "limits.memory": quota.memory,
+                "pods": str(quota.pods),
+            }
+        },
+    }
+
+
+def build_limit_range(namespace: str, env_name: str, spec: PreviewEnvironmentSpec, quota: Quota) -> dict[str, Any]:
+    """Defaults for containers that set no requests or limits, so that they fit in the quota."""
+    cpu_limit = _min("500m", quota.cpu)
+    memory_limit = _min("512Mi", quota.memory)
+    return {
+        "apiVersion": "v1",
+        "kind": "LimitRange",
+        "metadata": _child_metadata(LIMIT_RANGE_NAME, namespace, env_name, spec),
+        "spec": {
+            "limits": [
+                {
+                    "type": "Container",
+                    "default": {"cpu": cpu_limit, "memory": memory_limit},
+                    "defaultRequest": {"cpu": _min("100m", cpu_limit), "memory": _min("128Mi", memory_limit)},
+                    "max": {"cpu": quota.cpu, "memory": quota.memory},
+                }
+            ]
+        },
+    }
+
+
+def build_network_policy(namespace: str, env_name: str, spec: PreviewEnvironmentSpec) -> dict[str, Any]:
+    """Deny ingress from other namespaces; allow it between the environment's own pods."""
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": _child_metadata(NETWORK_POLICY_NAME, namespace, env_name, spec),
+        "spec": {
+            "podSelector": {},
+            "policyTypes": ["Ingress"],
+            "ingress": [{"from": [{"podSelector": {}}]}],
+        },
+    }

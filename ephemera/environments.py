@@ -1,0 +1,313 @@
+"""The lifecycle of one preview environment: provision, update, destroy, fail.
+
+This is the service behind the operator's handlers. It talks to the cluster through `Kube`, writes
+the object's status, and announces every phase transition on `Transitions`.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, replace
+from typing import Any
+
+from pydantic import ValidationError
+
+from ephemera import children
+from ephemera.config import Settings
+from ephemera.kube import Kube, KubeError, Obj
+from ephemera.models import Phase, PreviewEnvironmentSpec, PreviewEnvironmentStatus, now_iso
+from ephemera.naming import MANAGED_BY, MANAGED_BY_LABEL, OWNER_UID_ANNOTATION, environment_name
+from ephemera.quantity import parse_quantity
+from ephemera.transitions import Transition, Transitions
+
+
+class Failure(Exception):
+    """Why an environment could not reach its goal; `permanent` ones need a change to pass."""
+
+    permanent = False
+
+    def __init__(self, reason: str, message: str, *, delay: float = 1.0, backoff: bool = True) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+        self.delay = delay
+        self.backoff = backoff  # False for plain waiting, which polls at `delay`
+
+
+class PermanentFailure(Failure):
+    permanent = True
+
+
+class TemporaryFailure(Failure):
+    permanent = False
+
+
+@dataclass(frozen=True)
+class Environment:
+    """A PreviewEnvironment object, validated."""
+
+    name: str
+    uid: str
+    generation: int
+    spec: PreviewEnvironmentSpec
+    status: PreviewEnvironmentStatus
+    annotations: dict[str, str]
+    created: str | None = None
+
+    @classmethod
+    def from_body(cls, body: Obj) -> Environment:
+        meta = body.get("metadata", {})
+        try:
+            spec = PreviewEnvironmentSpec.model_validate(dict(body.get("spec") or {}))
+        except ValidationError as err:
+            problems = "; ".join(f"spec.{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in err.errors())
+            raise PermanentFailure("InvalidSpec", f"The spec cannot work: {problems}. Fix the object.") from err
+        return cls(
+            name=meta["name"],
+            uid=meta["uid"],
+            generation=int(meta.get("generation", 1)),
+            spec=spec,
+            status=PreviewEnvironmentStatus.model_validate(dict(body.get("status") or {})),
+            annotations=dict(meta.get("annotations") or {}),
+            created=meta.get("creationTimestamp"),
+        )
+
+    def namespace(self, prefix: str) -> str:
+        return environment_name(self.spec.repository, self.spec.pull_request, prefix)
+
+
+def _same(desired: Any, actual: Any) -> bool:
+    """Whether `actual` (as the API server returns it) matches `desired`, quantities by value."""
+    if isinstance(desired, dict):
+        return isinstance(actual, dict) and all(_same(v, actual.get(k)) for k, v in desired.items())
+    if isinstance(desired, list):
+        return (
+            isinstance(actual, list)
+            and len(desired) == len(actual)
+            and all(_same(d, a) for d, a in zip(desired, actual, strict=True))
+        )
+    if isinstance(desired, str) and isinstance(actual, str) and desired != actual:
+        try:
+            return parse_quantity(desired) == parse_quantity(actual)
+        except ValueError:
+            return False
+    return bool(desired == actual)
+
+
+class Environments:
+    """Provision, mend and destroy environments; every transition is written and announced."""
+
+    def __init__(self, kube: Kube, settings: Settings, transitions: Transitions) -> None:
+        self.kube = kube
+        self.settings = settings
+        self.transitions = transitions
+
+    # Status ---------------------------------------------------------------------------------------
+
+    def transition(
+        self,
+        env: Environment,
+        phase: Phase,
+        reason: str,
+        message: str,
+        extra: dict[str, Any] | None = None,
+        logger: logging.Logger | logging.LoggerAdapter[Any] | None = None,
+    ) -> Environment:
+        """Write the new phase to the object's status, announce it, and return the updated object."""
+        at = now_iso()
+        ready = phase is Phase.READY
+        status: dict[str, Any] = {
+            "phase": phase.value,
+            "reason": reason,
+            "message": message,
+            "observedGeneration": env.generation,
+            "conditions": [
+                {
+                    "type": "Ready",
+                    "status": "True" if ready else "False",
+                    "reason": reason,
+                    "message": message,
+                    "lastTransitionTime": at,
+                    "observedGeneration": env.generation,
+                }
+            ],
+        }
+        if env.status.phase != phase:
+            status["lastTransitionTime"] = at
+        status.update(extra or {})
+        if self.kube.patch_environment_status(env.name, status) is None:
+            return env  # the object is gone; nothing to announce
+        if logger is not None:
+            level = logging.WARNING if phase is Phase.FAILED else logging.INFO
+            logger.log(level, "%s: %s", phase.value, message)
+        self.transitions.publish(
+            Transition(
+                name=env.name,
+                uid=env.uid,
+                generation=env.generation,
+                spec=env.spec.to_k8s(),
+                old_phase=env.status.phase.value if env.status.phase else None,
+                phase=phase.value,
+                reason=reason,
+                message=message,
+                at=at,
+                status={**env.status.model_dump(by_alias=True, exclude_none=True), **status},
+                created=env.created,
+                annotations=env.annotations,
+            )
+        )
+        merged = {**env.status.model_dump(by_alias=True, exclude_none=True), **status}
+        return replace(env, status=PreviewEnvironmentStatus.model_validate(merged))
+
+    def fail(
+        self,
+        env: Environment,
+        failure: Failure,
+        logger: logging.Logger | logging.LoggerAdapter[Any] | None = None,
+    ) -> Environment:
+        return self.transition(
+            env,
+            Phase.FAILED,
+            failure.reason,
+            failure.message,
+            {"failedAt": now_iso(), "permanent": failure.permanent},
+            logger,
+        )
+
+    # Ownership ------------------------------------------------------------------------------------
+
+    def owns(self, env: Environment, namespace: Obj) -> bool:
+        """Ours only with both Ephemera's label and this object's uid as the ownership mark."""
+        meta = namespace.get("metadata", {})
+        labelled = (meta.get("labels") or {}).get(MANAGED_BY_LABEL) == MANAGED_BY
+        marked = (meta.get("annotations") or {}).get(OWNER_UID_ANNOTATION) == env.uid
+        foreign_owner = any(ref.get("uid") != env.uid for ref in meta.get("ownerReferences") or [])
+        return labelled and marked and not foreign_owner
+
+    # Lifecycle ------------------------------------------------------------------------------------
+
+    def provision(
+        self, env: Environment, *, updating: bool, logger: logging.Logger | logging.LoggerAdapter[Any]
+    ) -> None:
+        """Bring the environment to Ready: create what is missing and mend what drifted."""
+        phase = Phase.UPDATING if updating else Phase.PROVISIONING
+        if env.status.phase != phase or env.status.observed_generation != env.generation:
+            env = self.transition(env, phase, phase.value, f"{phase.value} for commit {env.spec.commit_sha[:7]}")
+        try:
+            quota = children.resolve_quota(env.spec, self.settings)
+        except children.QuotaError as err:
+            raise PermanentFailure("QuotaAboveCeiling", str(err)) from err
+        namespace = env.namespace(self.settings.namespace_prefix)
+        try:
+            notes = self._ensure(env, namespace, quota, logger)
+        except KubeError as err:
+            if err.temporary:
+                raise TemporaryFailure("KubernetesError", f"{err}; retrying") from err
+            raise PermanentFailure(
+                "KubernetesError", f"{err}. Check the operator's RBAC and the object's spec."
+            ) from err
+        message = f"Environment ready in namespace {namespace} at commit {env.spec.commit_sha[:7]}"
+        if notes:
+            message += " (" + "; ".join(notes) + ")"
+        extra: dict[str, Any] = {
+            "namespace": namespace,
+            "commit": env.spec.commit_sha[:7],
+            "retries": None,
+            "failedAt": None,
+            "permanent": None,
+        }
+        if not env.status.provisioned_at:
+            extra["provisionedAt"] = now_iso()
+        if self.settings.environment_url:
+            extra["url"] = self.settings.environment_url.format(namespace=namespace, name=env.name)
+        self.transition(env, Phase.READY, "Ready", message, extra, logger)
+
+    def _ensure(
+        self,
+        env: Environment,
+        namespace: str,
+        quota: children.Quota,
+        logger: logging.Logger | logging.LoggerAdapter[Any],
+    ) -> list[str]:
+        """Create or mend the namespace and its children; return notes on anything that was mended."""
+        notes: list[str] = []
+        body = children.build_namespace(namespace, env.name, env.uid, env.spec)
+        created = self.kube.create_namespace(body)
+        fresh = created is not None
+        if not fresh:
+            existing = self.kube.get_namespace(namespace)
+            if existing is None:  # deleted between the two calls
+                raise TemporaryFailure("NamespaceRace", f"namespace {namespace} vanished while checked", delay=1)
+            if not self.owns(env, existing):
+                raise PermanentFailure(
+                    "NamespaceConflict",
+                    f"Namespace {namespace} already exists and was not created by this PreviewEnvironment; "
+                    "Ephemera leaves it untouched. Delete or rename that namespace, then retry "
+                    f"(kubectl annotate pe {env.name} ephemera.dev/retry=$(date +%s) --overwrite).",
+                )
+            if existing["metadata"].get("deletionTimestamp"):
+                raise TemporaryFailure(
+                    "NamespaceTerminating",
+                    f"Namespace {namespace} is still terminating from an earlier environment; waiting",
+                    delay=2,
+                    backoff=False,
+                )
+        elif env.status.namespace:
+            notes.append(f"namespace {namespace} had vanished and was re-created")
+            logger.warning("Namespace %s had vanished and was re-created", namespace)
+
+        wanted = [
+            children.build_resource_quota(namespace, env.name, env.spec, quota),
+            children.build_limit_range(namespace, env.name, env.spec, quota),
+            children.build_network_policy(namespace, env.name, env.spec),
+        ]
+        for child in wanted:
+            if self.kube.create_child(child) or fresh:
+                continue
+            name = child["metadata"]["name"]
+            actual = self.kube.get_child(child["kind"], namespace, name)
+            if actual is None:  # deleted since; the next attempt creates it
+                raise TemporaryFailure("ChildRace", f"{child['kind']} {name} vanished while checked", delay=1)
+            if not _same(child["spec"], actual.get("spec")):
+                self.kube.replace_child(child, actual["metadata"]["resourceVersion"])
+                if env.status.phase is not Phase.PROVISIONING:
+                    notes.append(f"{child['kind']} {name} updated")
+        return notes
+
+    def destroy(self, env: Environment, logger: logging.Logger | logging.LoggerAdapter[Any]) -> None:
+        """Delete the environment's namespace (only if ours) and wait until it is gone."""
+        if env.status.phase is not Phase.DESTROYING:
+            self.transition(env, Phase.DESTROYING, "Destroying", "Deleting the environment's namespace")
+        namespace = env.status.namespace or env.namespace(self.settings.namespace_prefix)
+        try:
+            existing = self.kube.get_namespace(namespace)
+            if existing is None:
+                return
+            if not self.owns(env, existing):
+                logger.info("Namespace %s is not ours; left untouched", namespace)
+                return
+            if not existing["metadata"].get("deletionTimestamp"):
+                self.kube.delete_namespace(namespace, existing["metadata"]["uid"])
+        except KubeError as err:
+            raise TemporaryFailure("KubernetesError", f"{err}; retrying") from err
+        raise TemporaryFailure(
+            "NamespaceTerminating", f"waiting for namespace {namespace} to be gone", delay=1, backoff=False
+        )
+
+    def blockers(self, namespace: str) -> str:
+        """Why a terminating namespace is not gone yet: its finalizers and what it still holds."""
+        existing = self.kube.get_namespace(namespace)
+        if existing is None:
+            return "gone"
+        finalizers = (existing.get("spec") or {}).get("finalizers") or []
+        finalizers += existing["metadata"].get("finalizers") or []
+        conditions = [
+            f"{c.get('type')}: {c.get('message')}"
+            for c in (existing.get("status") or {}).get("conditions") or []
+            if c.get("status") == "True"
+        ]
+        remaining = self.kube.namespace_blockers(namespace)
+        parts = [f"finalizers {finalizers or 'none'}", f"remaining objects {remaining[:10] or 'none'}"]
+        if conditions:
+            parts.append("conditions " + "; ".join(conditions))
+        return ", ".join(parts)

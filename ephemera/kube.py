@@ -1,0 +1,277 @@
+"""The Kubernetes adapter: the few API calls Ephemera makes, on one shared client.
+
+The official client is synchronous: call these from kopf's sync handlers (a thread pool) or through
+`asyncio.to_thread`, never straight from a coroutine.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from kubernetes import client, config
+from kubernetes.client.exceptions import ApiException
+
+from ephemera.models import GROUP, PLURAL, VERSION
+
+Obj = dict[str, Any]
+
+
+class KubeError(Exception):
+    """An API call that failed; `temporary` says whether trying again may help."""
+
+    def __init__(self, message: str, *, status: int | None = None, temporary: bool = True) -> None:
+        super().__init__(message)
+        self.status = status
+        self.temporary = temporary
+
+
+def _wrap(err: ApiException, what: str) -> KubeError:
+    status = err.status or 0
+    try:
+        detail = json.loads(err.body or "{}").get("message", err.reason)
+    except ValueError:
+        detail = err.reason
+    # 409 conflicts, 429 throttling and 5xx pass; 4xx validation and permission errors do not.
+    temporary = status in (0, 409, 429) or status >= 500
+    return KubeError(f"{what}: {status} {detail}", status=status, temporary=temporary)
+
+
+def load_api_client(kubeconfig: Path | None = None, pool_size: int = 50) -> client.ApiClient:
+    """An ApiClient from `kubeconfig`, else in-cluster config, else the default kubeconfig."""
+    configuration = client.Configuration()
+    if kubeconfig is not None:
+        config.load_kube_config(config_file=str(kubeconfig), client_configuration=configuration)
+    else:
+        try:
+            config.load_incluster_config(client_configuration=configuration)
+        except config.ConfigException:
+            config.load_kube_config(client_configuration=configuration)
+    configuration.connection_pool_maxsize = pool_size
+    configuration.retries = False  # callers decide what to retry; urllib3's silent retries would hide it
+    return client.ApiClient(configuration)
+
+
+class Kube:
+    """Typed-enough access to namespaces, their children, events and PreviewEnvironments."""
+
+    def __init__(self, api_client: client.ApiClient, request_timeout: float = 30.0) -> None:
+        self.api_client = api_client
+        self.core = client.CoreV1Api(api_client)
+        self.networking = client.NetworkingV1Api(api_client)
+        self.custom = client.CustomObjectsApi(api_client)
+        self.timeout = request_timeout
+
+    def close(self) -> None:
+        self.api_client.close()
+
+    @staticmethod
+    def _json(response: Any) -> Obj:
+        data: Obj = json.loads(response.data)
+        return data
+
+    # Namespaces ---------------------------------------------------------------------------------
+
+    def get_namespace(self, name: str) -> Obj | None:
+        try:
+            return self._json(self.core.read_namespace(name, _preload_content=False, _request_timeout=self.timeout))
+        except ApiException as err:
+            if err.status == 404:
+                return None
+            raise _wrap(err, f"reading namespace {name}") from err
+
+    def list_namespaces(self, label_selector: str) -> list[Obj]:
+        try:
+            data = self._json(
+                self.core.list_namespace(
+                    label_selector=label_selector, _preload_content=False, _request_timeout=self.timeout
+                )
+            )
+        except ApiException as err:
+            raise _wrap(err, "listing namespaces") from err
+        items: list[Obj] = data.get("items", [])
+        return items
+
+    def create_namespace(self, body: Obj) -> Obj | None:
+        """Create it; None if a namespace of that name already exists."""
+        try:
+            return self._json(self.core.create_namespace(body, _preload_content=False, _request_timeout=self.timeout))
+        except ApiException as err:
+            if err.status == 409:
+                return None
+            raise _wrap(err, f"creating namespace {body['metadata']['name']}") from err
+
+    def delete_namespace(self, name: str, uid: str) -> None:
+        """Delete the namespace if it is still the one with `uid` (a precondition, so never another)."""
+        try:
+            self.core.delete_namespace(
+                name,
+                body=client.V1DeleteOptions(preconditions=client.V1Preconditions(uid=uid)),
+                _request_timeout=self.timeout,
+            )
+        except ApiException as err:
+            if err.status in (404, 409):  # gone already, or a different namespace now holds the name
+                return
+            raise _wrap(err, f"deleting namespace {name}") from err
+
+    # Children -------------------------------------------------------------------------------------
+
+    def _child_api(self, kind: str) -> tuple[Any, Any, Any, Any]:
+        if kind == "ResourceQuota":
+            return (
+                self.core.read_namespaced_resource_quota,
+                self.core.create_namespaced_resource_quota,
+                self.core.replace_namespaced_resource_quota,
+                self.core.list_namespaced_resource_quota,
+            )
+        if kind == "LimitRange":
+            return (
+                self.core.read_namespaced_limit_range,
+                self.core.create_namespaced_limit_range,
+                self.core.replace_namespaced_limit_range,
+                self.core.list_namespaced_limit_range,
+            )
+        if kind == "NetworkPolicy":
+            return (
+                self.networking.read_namespaced_network_policy,
+                self.networking.create_namespaced_network_policy,
+                self.networking.replace_namespaced_network_policy,
+                self.networking.list_namespaced_network_policy,
+            )
+        raise ValueError(f"unknown child kind {kind}")
+
+    def get_child(self, kind: str, namespace: str, name: str) -> Obj | None:
+        read, *_ = self._child_api(kind)
+        try:
+            return self._json(read(name, namespace, _preload_content=False, _request_timeout=self.timeout))
+        except ApiException as err:
+            if err.status == 404:
+                return None
+            raise _wrap(err, f"reading {kind} {namespace}/{name}") from err
+
+    def create_child(self, body: Obj) -> bool:
+        """Create it; False if it exists already."""
+        _, create, _, _ = self._child_api(body["kind"])
+        meta = body["metadata"]
+        try:
+            create(meta["namespace"], body, _request_timeout=self.timeout)
+        except ApiException as err:
+            if err.status == 409:
+                return False
+            raise _wrap(err, f"creating {body['kind']} {meta['namespace']}/{meta['name']}") from err
+        return True
+
+    def replace_child(self, body: Obj, resource_version: str) -> None:
+        _, _, replace, _ = self._child_api(body["kind"])
+        meta = body["metadata"]
+        body = {**body, "metadata": {**meta, "resourceVersion": resource_version}}
+        try:
+            replace(meta["name"], meta["namespace"], body, _request_timeout=self.timeout)
+        except ApiException as err:
+            raise _wrap(err, f"replacing {body['kind']} {meta['namespace']}/{meta['name']}") from err
+
+    # PreviewEnvironments ----------------------------------------------------------------------------
+
+    def get_environment(self, name: str) -> Obj | None:
+        try:
+            return self._json(
+                self.custom.get_cluster_custom_object(
+                    GROUP, VERSION, PLURAL, name, _preload_content=False, _request_timeout=self.timeout
+                )
+            )
+        except ApiException as err:
+            if err.status == 404:
+                return None
+            raise _wrap(err, f"reading PreviewEnvironment {name}") from err
+
+    def list_environments(self, page_size: int = 500) -> Iterator[Obj]:
+        """Every PreviewEnvironment, in pages, so that thousands never load at once."""
+        token: str | None = None
+        while True:
+            try:
+                data = self._json(
+                    self.custom.list_cluster_custom_object(
+                        GROUP,
+                        VERSION,
+                        PLURAL,
+                        limit=page_size,
+                        _continue=token,
+                        _preload_content=False,
+                        _request_timeout=self.timeout,
+                    )
+                )
+            except ApiException as err:
+                raise _wrap(err, "listing PreviewEnvironments") from err
+            yield from data.get("items", [])
+            token = data.get("metadata", {}).get("continue")
+            if not token:
+                return
+
+    def patch_environment_status(self, name: str, status: Obj) -> Obj | None:
+        """Merge `status` into the object's status; None if the object is gone."""
+        try:
+            return self._json(
+                self.custom.patch_cluster_custom_object_status(
+                    GROUP,
+                    VERSION,
+                    PLURAL,
+                    name,
+                    {"status": status},
+                    _preload_content=False,
+                    _request_timeout=self.timeout,
+                )
+            )
+        except ApiException as err:
+            if err.status == 404:
+                return None
+            raise _wrap(err, f"patching the status of PreviewEnvironment {name}") from err
+
+    def create_environment(self, body: Obj) -> None:
+        try:
+            self.custom.create_cluster_custom_object(GROUP, VERSION, PLURAL, body, _request_timeout=self.timeout)
+        except ApiException as err:
+            raise _wrap(err, f"creating PreviewEnvironment {body['metadata']['name']}") from err
+
+    def patch_environment(self, name: str, patch: Obj, *, missing_ok: bool = True) -> None:
+        """A JSON merge patch; with metadata.resourceVersion in it, a 409 if the object changed since."""
+        try:
+            self.custom.patch_cluster_custom_object(GROUP, VERSION, PLURAL, name, patch, _request_timeout=self.timeout)
+        except ApiException as err:
+            if err.status == 404 and missing_ok:
+                return
+            raise _wrap(err, f"patching PreviewEnvironment {name}") from err
+
+    def delete_environment(self, name: str, uid: str | None = None) -> None:
+        """Delete it (only the one with `uid`, if given); a missing object is fine."""
+        options = client.V1DeleteOptions(preconditions=client.V1Preconditions(uid=uid) if uid else None)
+        try:
+            self.custom.delete_cluster_custom_object(
+                GROUP, VERSION, PLURAL, name, body=options, _request_timeout=self.timeout
+            )
+        except ApiException as err:
+            if err.status in (404, 409):
+                return
+            raise _wrap(err, f"deleting PreviewEnvironment {name}") from err
+
+    # Namespace contents (for reporting what blocks a deletion) -------------------------------------
+
+    def namespace_blockers(self, namespace: str) -> list[str]:
+        """A short list of what still lives in a terminating namespace, as `Kind/name`."""
+        found: list[str] = []
+        for kind in ("ResourceQuota", "LimitRange", "NetworkPolicy"):
+            *_, list_fn = self._child_api(kind)
+            try:
+                data = self._json(list_fn(namespace, _preload_content=False, _request_timeout=self.timeout))
+            except ApiException:
+                continue
+            found += [f"{kind}/{item['metadata']['name']}" for item in data.get("items", [])]
+        try:
+            pods = self._json(
+                self.core.list_namespaced_pod(namespace, _preload_content=False, _request_timeout=self.timeout)
+            )
+            found += [f"Pod/{item['metadata']['name']}" for item in pods.get("items", [])]
+        except ApiException:
+            pass
+        return found

@@ -1,0 +1,121 @@
+"""Pydantic models of the PreviewEnvironment custom resource, matching crds/previewenvironments.yaml."""
+
+from __future__ import annotations
+
+import datetime
+from enum import StrEnum
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from ephemera.quantity import parse_quantity
+
+GROUP = "ephemera.dev"
+VERSION = "v1alpha1"
+PLURAL = "previewenvironments"
+KIND = "PreviewEnvironment"
+API_VERSION = f"{GROUP}/{VERSION}"
+
+REPOSITORY_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9-]{0,38}/[A-Za-z0-9._-]{1,100}$"
+SHA_PATTERN = r"^[0-9a-f]{40}$"
+
+
+class Phase(StrEnum):
+    PENDING = "Pending"
+    PROVISIONING = "Provisioning"
+    READY = "Ready"
+    UPDATING = "Updating"
+    DESTROYING = "Destroying"
+    FAILED = "Failed"
+
+
+class Resources(BaseModel):
+    """Quota of the environment's namespace; unset fields take the operator's defaults."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    cpu: str | None = Field(None, description="CPU limit for all pods together (quantity).")
+    memory: str | None = Field(None, description="Memory limit for all pods together (quantity).")
+    pods: int | None = Field(None, ge=1, le=1000, description="The most pods at once.")
+
+    @field_validator("cpu", "memory", mode="before")
+    @classmethod
+    def _quantity(cls, value: Any) -> str | None:
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int | str):
+            raise ValueError("must be a Kubernetes quantity (e.g. 500m, 2, 4Gi)")
+        if isinstance(value, int) and value < 0:
+            raise ValueError("must not be negative")
+        parse_quantity(value)
+        return str(value)
+
+
+class PreviewEnvironmentSpec(BaseModel):
+    """The pull request an environment previews."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    repository: str = Field(pattern=REPOSITORY_PATTERN, max_length=140)
+    pull_request: int = Field(alias="pullRequest", ge=1, strict=True)
+    commit_sha: str = Field(alias="commitSha", pattern=SHA_PATTERN)
+    branch: str = Field(min_length=1, max_length=255)
+    installation_id: int | None = Field(None, alias="installationId", ge=1, strict=True)
+    author: str | None = Field(None, max_length=39)
+    resources: Resources = Field(default_factory=Resources)
+
+    def to_k8s(self) -> dict[str, Any]:
+        """The spec as the API server stores it (camelCase, unset fields left out)."""
+        return self.model_dump(by_alias=True, exclude_none=True, exclude_defaults=False)
+
+    @property
+    def owner(self) -> str:
+        return self.repository.split("/", 1)[0]
+
+    @property
+    def name(self) -> str:
+        return self.repository.split("/", 1)[1]
+
+
+class Condition(BaseModel):
+    model_config = ConfigDict(populate_by_name=True)
+
+    type: str
+    status: Literal["True", "False", "Unknown"]
+    reason: str | None = None
+    message: str | None = None
+    last_transition_time: str | None = Field(None, alias="lastTransitionTime")
+    observed_generation: int | None = Field(None, alias="observedGeneration")
+
+
+class PreviewEnvironmentStatus(BaseModel):
+    """What the operator observed and did."""
+
+    model_config = ConfigDict(populate_by_name=True, extra="ignore")
+
+    phase: Phase | None = None
+    namespace: str | None = None
+    commit: str | None = None
+    message: str | None = None
+    reason: str | None = None
+    observed_generation: int | None = Field(None, alias="observedGeneration")
+    provisioned_at: str | None = Field(None, alias="provisionedAt")
+    last_transition_time: str | None = Field(None, alias="lastTransitionTime")
+    failed_at: str | None = Field(None, alias="failedAt")
+    permanent: bool | None = None
+    retries: int | None = None
+    retry_request: str | None = Field(None, alias="retryRequest")
+    url: str | None = None
+    reported: dict[str, Any] | None = None
+    conditions: list[Condition] = Field(default_factory=list)
+
+
+def now_iso() -> str:
+    """The current time as Kubernetes writes it (RFC 3339, seconds, UTC)."""
+    return datetime.datetime.now(datetime.UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+
+
+def parse_time(value: str | None) -> datetime.datetime | None:
+    if not value:
+        return None
+    return datetime.datetime.fromisoformat(value.replace("Z", "+00:00"))

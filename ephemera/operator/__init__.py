@@ -1,0 +1,8 @@
+"""The kopf operator: `ephemera operator`, or `kopf run -m ephemera.operator`.
+
+Importing this package registers every handler with kopf's default registry.
+"""
+
+from ephemera.operator import lifecycle, startup
+
+__all__ = ["lifecycle", "startup"]

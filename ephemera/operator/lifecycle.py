@@ -1,0 +1,151 @@
+"""kopf handlers of the PreviewEnvironment lifecycle: thin, each validates and calls the service."""
+
+from __future__ import annotations
+
+import datetime
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import kopf
+
+from ephemera.environments import Environment, Environments, Failure, PermanentFailure
+from ephemera.models import GROUP, PLURAL, VERSION, Phase
+from ephemera.operator.metrics import RECONCILES
+
+Logger = logging.Logger | logging.LoggerAdapter[Any]
+RESOURCE = (GROUP, VERSION, PLURAL)
+MAX_DELAY = 60.0
+
+
+def _env_logger(logger: Logger, env: Environment) -> Logger:
+    """kopf's per-object logger (which posts Events), with the repository and PR in every line."""
+    return logging.LoggerAdapter(logger, {"repository": env.spec.repository, "pr": env.spec.pull_request})
+
+
+def _run(
+    handler: str,
+    body: kopf.Body,
+    memo: kopf.Memo,
+    logger: Logger,
+    retry: int,
+    runtime: datetime.timedelta,
+    work: Callable[[Environments, Environment, Logger], None],
+    *,
+    time_limited: bool = True,
+) -> None:
+    """Run `work`, turning failures into kopf's retry or stop, the status and an Event."""
+    service: Environments = memo.environments
+    try:
+        env = Environment.from_body(dict(body))
+    except PermanentFailure as failure:
+        RECONCILES.labels(handler, "failure").inc()
+        logger.error("%s: %s", failure.reason, failure.message)
+        raise kopf.PermanentError(failure.message) from failure
+    log = _env_logger(logger, env)
+    limits = memo.settings
+    elapsed = runtime.total_seconds()
+    try:
+        if time_limited and elapsed > limits.hard_time_limit:
+            raise PermanentFailure(
+                "HardTimeLimit",
+                f"Not Ready after {elapsed:.0f} s (hard limit EPHEMERA_HARD_TIME_LIMIT={limits.hard_time_limit:.0f} s);"
+                " see the Events for the cause, fix it, then retry.",
+            )
+        if time_limited and elapsed > limits.soft_time_limit and env.uid not in memo.warned:
+            memo.warned.add(env.uid)
+            log.warning("Still not Ready after %.0f s (soft time limit)", elapsed)
+        work(service, env, log)
+    except Failure as error:
+        if error.permanent:
+            RECONCILES.labels(handler, "failure").inc()
+            memo.warned.discard(env.uid)
+            service.fail(env, error, log)
+            raise kopf.PermanentError(error.message) from error
+        RECONCILES.labels(handler, "retry").inc()
+        delay = min(error.delay * 2**retry, MAX_DELAY) if error.backoff else error.delay
+        if error.backoff:  # plain waiting (for a namespace to go) is not worth an Event each poll
+            log.warning("%s: %s (retry in %.0f s)", error.reason, error.message, delay)
+        raise kopf.TemporaryError(error.message, delay=delay) from error
+    RECONCILES.labels(handler, "success").inc()
+    memo.warned.discard(env.uid)
+
+
+@kopf.on.create(*RESOURCE, id="provision")
+def provision(
+    *, body: kopf.Body, memo: kopf.Memo, logger: Logger, retry: int, runtime: datetime.timedelta, **_: Any
+) -> None:
+    _run(
+        "provision",
+        body,
+        memo,
+        logger,
+        retry,
+        runtime,
+        lambda service, env, log: service.provision(env, updating=False, logger=log),
+    )
+
+
+@kopf.on.update(*RESOURCE, id="update", field="spec")
+def update(
+    *, body: kopf.Body, memo: kopf.Memo, logger: Logger, retry: int, runtime: datetime.timedelta, **_: Any
+) -> None:
+    _run(
+        "update",
+        body,
+        memo,
+        logger,
+        retry,
+        runtime,
+        lambda service, env, log: service.provision(env, updating=True, logger=log),
+    )
+
+
+def _needs_work(status: kopf.Status, body: kopf.Body) -> bool:
+    phase = status.get("phase")
+    if phase == Phase.FAILED.value and status.get("permanent"):
+        return False  # waits for a spec change or a manual retry
+    settled = phase in (Phase.READY.value, Phase.FAILED.value)
+    return not (settled and status.get("observedGeneration") == body.metadata.get("generation"))
+
+
+@kopf.on.resume(*RESOURCE, id="resume", when=lambda status, body, **_: _needs_work(status, body))
+def resume(
+    *, body: kopf.Body, memo: kopf.Memo, logger: Logger, retry: int, runtime: datetime.timedelta, **_: Any
+) -> None:
+    """After a restart: finish what was under way; Ready objects cost nothing here."""
+    updating = body.get("status", {}).get("phase") in (Phase.UPDATING.value, Phase.READY.value)
+    _run(
+        "resume",
+        body,
+        memo,
+        logger,
+        retry,
+        runtime,
+        lambda service, env, log: service.provision(env, updating=updating, logger=log),
+    )
+
+
+@kopf.on.delete(*RESOURCE, id="destroy")
+def destroy(
+    *, body: kopf.Body, memo: kopf.Memo, logger: Logger, retry: int, runtime: datetime.timedelta, **_: Any
+) -> None:
+    _run(
+        "destroy",
+        body,
+        memo,
+        logger,
+        retry,
+        runtime,
+        lambda service, env, log: service.destroy(env, logger=log),
+        time_limited=False,
+    )
+
+
+@kopf.on.event(*RESOURCE, id="track")
+def track(*, event: kopf.RawEvent, name: str, memo: kopf.Memo, **_: Any) -> None:
+    """Keep every object's phase in memory: feeds the phase gauge and the sweeps with no API call."""
+    if event.get("type") == "DELETED":
+        memo.phases.pop(name, None)
+    else:
+        memo.phases[name] = (event.get("object") or {}).get("status", {}).get("phase") or Phase.PENDING.value

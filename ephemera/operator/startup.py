@@ -1,0 +1,57 @@
+"""Operator start-up and clean-up: kopf settings, and the clients every handler shares via `memo`."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import kopf
+
+from ephemera.config import get_settings
+from ephemera.environments import Environments
+from ephemera.kube import Kube, load_api_client
+from ephemera.operator import health
+from ephemera.operator.metrics import observe_transition
+from ephemera.transitions import Transitions
+
+PREFIX = "ephemera.dev"
+
+
+@kopf.on.startup()
+async def configure(*, settings: kopf.OperatorSettings, memo: kopf.Memo, logger: kopf.Logger, **_: Any) -> None:
+    cfg = get_settings()
+    # Progress and the last handled spec live in annotations: the status schema is structural and
+    # would prune kopf's own status fields.
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=PREFIX)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=PREFIX, key="last-handled-configuration"
+    )
+    settings.persistence.finalizer = f"{PREFIX}/finalizer"
+    settings.execution.max_workers = cfg.workers
+    settings.batching.worker_limit = cfg.workers
+    settings.posting.level = logging.INFO
+    settings.watching.server_timeout = 300
+    settings.watching.client_timeout = 330
+    settings.networking.request_timeout = 60
+    # Our own /healthz serves liveness; kopf's probes need nothing else.
+
+    kube = Kube(await asyncio.to_thread(load_api_client, cfg.kubeconfig, cfg.workers + 10))
+    transitions = Transitions()
+    transitions.subscribe(observe_transition)
+    memo.settings = cfg
+    memo.kube = kube
+    memo.transitions = transitions
+    memo.environments = Environments(kube, cfg, transitions)
+    memo.phases = {}  # name -> phase, kept by lifecycle.track
+    memo.warned = set()  # uids already warned about the soft time limit
+    memo.health = await health.start(cfg.operator_host, cfg.operator_port)
+    logger.info("Operator started; health and metrics on %s:%d", cfg.operator_host, cfg.operator_port)
+
+
+@kopf.on.cleanup()
+async def cleanup(*, memo: kopf.Memo, **_: Any) -> None:
+    if getattr(memo, "health", None) is not None:
+        await memo.health.cleanup()
+    if getattr(memo, "kube", None) is not None:
+        memo.kube.close()

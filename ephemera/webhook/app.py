@@ -1,0 +1,217 @@
+"""The aiohttp webhook receiver: GitHub pull_request deliveries in, PreviewEnvironments out.
+
+It verifies the signature before reading the JSON, answers 202 as soon as the object is written,
+and never calls GitHub or the database. If the Kubernetes API cannot be reached it answers 503,
+so that GitHub records the failure and the delivery can be redelivered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+
+from ephemera.config import Settings
+from ephemera.kube import Kube, KubeError, load_api_client
+from ephemera.webhook.events import BadRequest, decode_body, parse_pull_request, signature_valid
+from ephemera.webhook.intake import Intake, Outcome
+
+log = logging.getLogger("ephemera.webhook")
+
+SETTINGS: web.AppKey[Settings] = web.AppKey("settings", Settings)
+KUBE: web.AppKey[Kube] = web.AppKey("kube", Kube)
+INTAKE: web.AppKey[Intake] = web.AppKey("intake", Intake)
+EXECUTOR: web.AppKey[ThreadPoolExecutor] = web.AppKey("executor", ThreadPoolExecutor)
+DELIVERIES: web.AppKey[OrderedDict[str, dict[str, Any]]] = web.AppKey("deliveries", OrderedDict)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.events = Counter(
+            "ephemera_webhook_events",
+            "Webhook deliveries by event, action and outcome.",
+            ["event", "action", "outcome"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "ephemera_webhook_latency_seconds",
+            "Time from request to answer.",
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1, 5),
+            registry=self.registry,
+        )
+
+
+METRICS_OBJ: web.AppKey[Metrics] = web.AppKey("metrics_obj", Metrics)
+
+
+def error(status: int, err: str, detail: str) -> web.Response:
+    return web.json_response({"error": err, "detail": detail}, status=status)
+
+
+async def _read_body(request: web.Request, limit: int, seconds: float) -> bytes:
+    """The raw body, refusing one over `limit` bytes or one that takes longer than `seconds`."""
+    if request.content_length is not None and request.content_length > limit:
+        raise BadRequest(413, "body too large", f"{request.content_length} bytes; the limit is {limit}")
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        async with asyncio.timeout(seconds):
+            while chunk := await request.content.read(65536):
+                size += len(chunk)
+                if size > limit:
+                    raise BadRequest(413, "body too large", f"more than {limit} bytes")
+                chunks.append(chunk)
+    except TimeoutError as err:
+        raise BadRequest(408, "request timeout", f"the body did not arrive within {seconds:.0f} s") from err
+    return b"".join(chunks)
+
+
+async def webhook(request: web.Request) -> web.Response:
+    started = time.perf_counter()
+    app = request.app
+    settings = app[SETTINGS]
+    metrics = app[METRICS_OBJ]
+    event = request.headers.get("X-GitHub-Event", "")
+    delivery = request.headers.get("X-GitHub-Delivery", "")
+    action = "-"
+    outcome = "error"
+    try:
+        body = await _read_body(request, settings.webhook_max_body_bytes, settings.webhook_body_timeout)
+        secret = settings.webhook_secret
+        if secret is not None and not signature_valid(
+            secret.get_secret_value().encode(), body, request.headers.get("X-Hub-Signature-256")
+        ):
+            raise BadRequest(401, "invalid signature", "X-Hub-Signature-256 is missing or does not match the body")
+        if not event or len(event) > 64:
+            raise BadRequest(400, "missing event", "the X-GitHub-Event header is required")
+        if len(delivery) > 128:
+            raise BadRequest(400, "invalid delivery id", "X-GitHub-Delivery is too long")
+        data = decode_body(body, request.headers.get("Content-Type", ""))
+        if event == "ping":
+            outcome = "pong"
+            return web.json_response({"result": "pong"}, status=200)
+        if event != "pull_request":
+            outcome = "ignored"
+            return web.json_response({"result": "ignored", "reason": f"event {event!r} is not handled"}, status=202)
+        parsed = parse_pull_request(data)
+        action = parsed.action
+        extra = {"delivery": delivery, "repository": parsed.repo, "pr": parsed.pr, "action": action}
+        seen = app[DELIVERIES].get(delivery) if delivery else None
+        if seen is not None:
+            outcome = "duplicate"
+            log.info("redelivery ignored", extra=extra)
+            return web.json_response({**seen, "result": "ignored", "reason": "delivery already handled"}, status=202)
+        loop = asyncio.get_running_loop()
+        try:
+            result: Outcome = await loop.run_in_executor(app[EXECUTOR], app[INTAKE].handle, parsed, delivery)
+        except KubeError as err:
+            if err.temporary:
+                outcome = "unavailable"
+                log.warning("Kubernetes API unavailable: %s", err, extra=extra)
+                return error(503, "kubernetes unavailable", f"{err}; redeliver the event later")
+            outcome = "rejected"
+            log.error("Kubernetes refused the change: %s", err, extra=extra)
+            return error(422, "rejected by kubernetes", str(err))
+        outcome = result.action
+        answer = result.as_json()
+        if delivery:
+            _remember(app[DELIVERIES], delivery, answer, settings.webhook_delivery_cache)
+        log.info("%s %s", result.action, result.reason, extra={**extra, "name": result.name})
+        return web.json_response(answer, status=202)
+    except BadRequest as err:
+        outcome = f"http_{err.status}"
+        log.info("refused: %s (%s)", err.error, err.detail, extra={"delivery": delivery, "event": event})
+        return error(err.status, err.error, err.detail)
+    finally:
+        metrics.events.labels(event or "-", action, outcome).inc()
+        metrics.latency.observe(time.perf_counter() - started)
+
+
+def _remember(cache: OrderedDict[str, dict[str, Any]], delivery: str, answer: dict[str, Any], size: int) -> None:
+    cache[delivery] = answer
+    while len(cache) > size:
+        cache.popitem(last=False)
+
+
+async def healthz(_: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    """Ready when the Kubernetes API answers."""
+    app = request.app
+    try:
+        await asyncio.get_running_loop().run_in_executor(app[EXECUTOR], app[KUBE].get_environment, "readyz-probe")
+    except KubeError as err:
+        return error(503, "kubernetes unavailable", str(err))
+    return web.json_response({"status": "ready"})
+
+
+async def metrics_view(request: web.Request) -> web.Response:
+    return web.Response(
+        body=generate_latest(request.app[METRICS_OBJ].registry), headers={"Content-Type": CONTENT_TYPE_LATEST}
+    )
+
+
+@web.middleware
+async def json_errors(request: web.Request, handler: Any) -> web.StreamResponse:
+    """Every error answer is JSON, including aiohttp's own (404, 405) and unexpected failures."""
+    try:
+        response: web.StreamResponse = await handler(request)
+        return response
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return error(exc.status, exc.reason, exc.text or exc.reason)
+    except Exception:
+        log.exception("unexpected error")
+        return error(500, "internal error", "see the webhook's logs")
+
+
+def create_app(settings: Settings, kube: Kube | None = None) -> web.Application:
+    """The aiohttp application; `kube` defaults to one built from the settings at start-up."""
+    if settings.webhook_secret is None and not settings.webhook_insecure_no_secret:
+        raise SystemExit(
+            "EPHEMERA_WEBHOOK_SECRET is not set: refusing to accept unsigned webhooks. Set it to the GitHub "
+            "App's webhook secret (or EPHEMERA_WEBHOOK_INSECURE_NO_SECRET=true for local development only)."
+        )
+    # Bodies are read by hand with our own limit; aiohttp's must not refuse them first.
+    app = web.Application(client_max_size=settings.webhook_max_body_bytes + 1, middlewares=[json_errors])
+    app[SETTINGS] = settings
+    app[DELIVERIES] = OrderedDict()
+    app[METRICS_OBJ] = Metrics()
+    app.router.add_post("/webhook", webhook)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics_view)
+
+    async def lifecycle(app: web.Application) -> Any:
+        client = kube or Kube(await asyncio.to_thread(load_api_client, settings.kubeconfig, 64), request_timeout=10.0)
+        app[KUBE] = client
+        app[EXECUTOR] = ThreadPoolExecutor(max_workers=64, thread_name_prefix="kube")
+        app[INTAKE] = Intake(
+            client,
+            prefix=settings.namespace_prefix,
+            draft_prs=settings.webhook_draft_prs,
+            tombstones=settings.webhook_delivery_cache,
+        )
+        yield
+        app[EXECUTOR].shutdown(wait=True)
+        if kube is None:
+            client.close()
+
+    app.cleanup_ctx.append(lifecycle)
+    return app
+
+
+def run(settings: Settings) -> None:
+    app = create_app(settings)
+    log.info("webhook listening on %s:%d", settings.webhook_host, settings.webhook_port)
+    web.run_app(app, host=settings.webhook_host, port=settings.webhook_port, access_log=None, print=None)

@@ -1,0 +1,131 @@
+"""GitHub webhook deliveries: signature, body decoding, and the pull_request event model."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import re
+import urllib.parse
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from ephemera.models import REPOSITORY_PATTERN, SHA_PATTERN
+
+
+class BadRequest(Exception):
+    """Input that cannot be accepted; becomes a 4xx JSON answer."""
+
+    def __init__(self, status: int, error: str, detail: str) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.error = error
+        self.detail = detail
+
+
+def signature_valid(secret: bytes, body: bytes, header: str | None) -> bool:
+    """Check `X-Hub-Signature-256` (sha256=<hex HMAC of the raw body>) in constant time."""
+    if not header or not header.startswith("sha256="):
+        return False
+    expected = "sha256=" + hmac.new(secret, body, hashlib.sha256).hexdigest()
+    return hmac.compare_digest(expected.encode(), header.strip().encode("utf-8", "replace"))
+
+
+def decode_body(body: bytes, content_type: str) -> Any:
+    """The event's JSON, from either content type GitHub sends."""
+    media = content_type.split(";", 1)[0].strip().lower()
+    if media == "application/x-www-form-urlencoded":
+        try:
+            form = urllib.parse.parse_qs(body.decode("utf-8"), strict_parsing=True, max_num_fields=16)
+        except (UnicodeDecodeError, ValueError) as err:
+            raise BadRequest(400, "malformed form body", str(err)) from err
+        values = form.get("payload")
+        if not values or len(values) != 1:
+            raise BadRequest(400, "malformed form body", "expected exactly one 'payload' field")
+        text = values[0]
+    elif media in ("application/json", ""):
+        try:
+            text = body.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise BadRequest(400, "malformed JSON", f"body is not UTF-8: {err}") from err
+    else:
+        raise BadRequest(415, "unsupported content type", f"{media!r}; use application/json")
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError) as err:
+        raise BadRequest(400, "malformed JSON", str(err)[:200]) from err
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _printable(value: str) -> str:
+    if _CONTROL.search(value):
+        raise ValueError("must not contain control characters")
+    return value
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+
+class _Ref(_Model):
+    sha: str = Field(pattern=SHA_PATTERN)
+    ref: str = Field(min_length=1, max_length=255)
+
+    _ref = field_validator("ref")(_printable)
+
+
+class _User(_Model):
+    login: str = Field(min_length=1, max_length=39, pattern=r"^[A-Za-z0-9\[\]_.-]+$")
+
+
+class _PullRequest(_Model):
+    number: int = Field(ge=1, le=2**53)
+    head: _Ref
+    user: _User
+    updated_at: str = Field(pattern=r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?(Z|[+-]\d{2}:\d{2})$")
+    draft: bool = False
+    merged: bool | None = None
+    state: str | None = None
+
+
+class _Repository(_Model):
+    full_name: str = Field(pattern=REPOSITORY_PATTERN, max_length=140)
+
+
+class _Installation(_Model):
+    id: int = Field(ge=1, le=2**53)
+
+
+class PullRequestEvent(_Model):
+    """The fields of a `pull_request` delivery that Ephemera uses."""
+
+    action: str = Field(min_length=1, max_length=64)
+    number: int = Field(ge=1, le=2**53)
+    pull_request: _PullRequest
+    repository: _Repository
+    installation: _Installation | None = None
+
+    @property
+    def repo(self) -> str:
+        return self.repository.full_name
+
+    @property
+    def pr(self) -> int:
+        return self.pull_request.number
+
+
+def parse_pull_request(data: Any) -> PullRequestEvent:
+    if not isinstance(data, dict):
+        raise BadRequest(422, "invalid event", f"expected a JSON object, got {type(data).__name__}")
+    try:
+        event = PullRequestEvent.model_validate(data)
+    except ValidationError as err:
+        first = err.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise BadRequest(422, "invalid pull_request event", f"{where}: {first['msg']}") from err
+    if event.number != event.pull_request.number:
+        raise BadRequest(422, "invalid pull_request event", "number differs from pull_request.number")
+    return event

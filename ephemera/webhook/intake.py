@@ -1,0 +1,199 @@
+"""Turn one pull_request event into a change of its PreviewEnvironment, safely against replays.
+
+Order and duplicates are judged against what the object already reflects: the PR's `updated_at`
+and head SHA are kept in annotations on it, and every write carries the object's resourceVersion,
+so that two webhook replicas racing on one PR cannot roll each other back.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+from ephemera.kube import Kube, KubeError, Obj
+from ephemera.models import API_VERSION, KIND, parse_time
+from ephemera.naming import environment_labels, environment_name
+from ephemera.webhook.events import PullRequestEvent
+
+UPDATED_AT = "ephemera.dev/pr-updated-at"
+DELIVERY = "ephemera.dev/delivery"
+CLOSED_REASON = "ephemera.dev/closed-reason"
+UPSERT_ACTIONS = frozenset({"opened", "reopened", "ready_for_review"})
+ATTEMPTS = 5
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What the webhook did with one event: `created`, `updated`, `deleted` or `ignored`."""
+
+    action: str
+    name: str | None
+    reason: str
+
+    def as_json(self) -> dict[str, Any]:
+        return {"result": self.action, "name": self.name, "reason": self.reason}
+
+
+class Tombstones:
+    """Recently closed PRs and the `updated_at` of their close, so a late event cannot resurrect them."""
+
+    def __init__(self, size: int) -> None:
+        self._closed: OrderedDict[str, str] = OrderedDict()
+        self._size = size
+
+    def add(self, name: str, updated_at: str) -> None:
+        self._closed[name] = updated_at
+        self._closed.move_to_end(name)
+        while len(self._closed) > self._size:
+            self._closed.popitem(last=False)
+
+    def blocks(self, name: str, updated_at: str) -> bool:
+        closed = self._closed.get(name)
+        return closed is not None and not _newer(updated_at, closed)
+
+
+def _newer(a: str, b: str | None) -> bool:
+    """Whether timestamp `a` is strictly later than `b` (a missing `b` is older than anything)."""
+    ta, tb = parse_time(a), parse_time(b)
+    return tb is None or (ta is not None and ta > tb)
+
+
+class Intake:
+    """Apply pull_request events to PreviewEnvironments."""
+
+    def __init__(self, kube: Kube, *, prefix: str, draft_prs: bool, tombstones: int = 10000) -> None:
+        self.kube = kube
+        self.prefix = prefix
+        self.draft_prs = draft_prs
+        self.tombstones = Tombstones(tombstones)
+
+    def name(self, event: PullRequestEvent) -> str:
+        return environment_name(event.repo, event.pr, self.prefix)
+
+    def spec(self, event: PullRequestEvent) -> dict[str, Any]:
+        pr = event.pull_request
+        spec: dict[str, Any] = {
+            "repository": event.repo,
+            "pullRequest": pr.number,
+            "commitSha": pr.head.sha,
+            "branch": pr.head.ref,
+            "author": pr.user.login,
+        }
+        if event.installation is not None:
+            spec["installationId"] = event.installation.id
+        return spec
+
+    def handle(self, event: PullRequestEvent, delivery: str) -> Outcome:
+        """Apply the event; raises KubeError when the API server cannot be reached."""
+        action = event.action
+        name = self.name(event)
+        pr = event.pull_request
+        if action in UPSERT_ACTIONS and pr.draft and not self.draft_prs:
+            return Outcome("ignored", name, "draft PRs get no environment (EPHEMERA_WEBHOOK_DRAFT_PRS=false)")
+        if action in UPSERT_ACTIONS:
+            return self._retrying(lambda: self._upsert(event, name, delivery, create=True))
+        if action == "synchronize":
+            return self._retrying(lambda: self._upsert(event, name, delivery, create=False))
+        if action == "closed" or (action == "converted_to_draft" and not self.draft_prs):
+            reason = "merged" if pr.merged else ("closed" if action == "closed" else "converted to draft")
+            return self._retrying(lambda: self._delete(event, name, delivery, reason))
+        return Outcome("ignored", name, f"action {action!r} needs no change")
+
+    def _retrying(self, attempt: Any) -> Outcome:
+        # 409: another replica wrote the object between our read and our write; 404: it went away
+        # meanwhile. Either way, read again and decide anew.
+        for _ in range(ATTEMPTS - 1):
+            try:
+                outcome: Outcome = attempt()
+                return outcome
+            except KubeError as err:
+                if err.status not in (404, 409):
+                    raise
+        result: Outcome = attempt()
+        return result
+
+    def _stale(self, obj: Obj | None, event: PullRequestEvent) -> str | None:
+        """Why the event must not change `obj`, or None if it is newer than what `obj` reflects."""
+        pr = event.pull_request
+        if self.tombstones.blocks(self.name(event), pr.updated_at):
+            return "the PR was closed after this event; a late event does not resurrect it"
+        if obj is None:
+            return None
+        meta = obj["metadata"]
+        if meta.get("deletionTimestamp"):
+            return "the environment is being torn down (the PR was closed)"
+        seen = (meta.get("annotations") or {}).get(UPDATED_AT)
+        if _newer(pr.updated_at, seen):
+            return None
+        same_commit = obj.get("spec", {}).get("commitSha") == pr.head.sha
+        if seen == pr.updated_at and not same_commit:
+            return None  # two changes in one second: take the new commit
+        return "the environment already reflects this or a newer event"
+
+    def _upsert(self, event: PullRequestEvent, name: str, delivery: str, *, create: bool) -> Outcome:
+        obj = self.kube.get_environment(name)
+        if obj is not None and not _ours(obj, event):
+            return Outcome("ignored", name, "an object of that name belongs to another PR")
+        stale = self._stale(obj, event)
+        if stale:
+            return Outcome("ignored", name, stale)
+        annotations = {UPDATED_AT: event.pull_request.updated_at, DELIVERY: delivery}
+        if obj is None:
+            if not create:
+                return Outcome("ignored", name, "no environment for this PR (it was never opened or is closed)")
+            body = {
+                "apiVersion": API_VERSION,
+                "kind": KIND,
+                "metadata": {
+                    "name": name,
+                    "labels": environment_labels(name, event.repo, event.pr),
+                    "annotations": annotations,
+                },
+                "spec": self.spec(event),
+            }
+            self.kube.create_environment(body)
+            return Outcome("created", name, f"{event.action}: environment requested")
+        spec = self.spec(event) if create else {"commitSha": event.pull_request.head.sha}
+        patch = {
+            "metadata": {"resourceVersion": obj["metadata"]["resourceVersion"], "annotations": annotations},
+            "spec": spec,
+        }
+        self.kube.patch_environment(name, patch, missing_ok=False)
+        return Outcome("updated", name, f"{event.action}: commit {event.pull_request.head.sha[:7]}")
+
+    def _delete(self, event: PullRequestEvent, name: str, delivery: str, reason: str) -> Outcome:
+        self.tombstones.add(name, event.pull_request.updated_at)
+        obj = self.kube.get_environment(name)
+        if obj is None:
+            return Outcome("ignored", name, "no environment for this PR")
+        if not _ours(obj, event):
+            return Outcome("ignored", name, "an object of that name belongs to another PR")
+        if obj["metadata"].get("deletionTimestamp"):
+            return Outcome("ignored", name, "the environment is already being torn down")
+        seen = (obj["metadata"].get("annotations") or {}).get(UPDATED_AT)
+        if seen and _newer(seen, event.pull_request.updated_at):
+            return Outcome("ignored", name, "the environment reflects a later event (the PR was reopened)")
+        # Say why before deleting, so the final report can tell merged from closed.
+        patch = {
+            "metadata": {
+                "resourceVersion": obj["metadata"]["resourceVersion"],
+                "annotations": {
+                    CLOSED_REASON: reason,
+                    UPDATED_AT: event.pull_request.updated_at,
+                    DELIVERY: delivery,
+                },
+            }
+        }
+        self.kube.patch_environment(name, patch, missing_ok=False)
+        self.kube.delete_environment(name, obj["metadata"]["uid"])
+        return Outcome("deleted", name, f"PR {reason}: environment torn down")
+
+
+def _ours(obj: Obj, event: PullRequestEvent) -> bool:
+    """The object was made for this PR: same repository (case-insensitively) and number."""
+    spec = obj.get("spec") or {}
+    return str(spec.get("repository", "")).lower() == event.repo.lower() and spec.get("pullRequest") == event.pr

@@ -1,0 +1,146 @@
+"""The PreviewEnvironment CRD on the real API server, and the pydantic models that mirror it."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from pydantic import ValidationError
+
+from ephemera.devtools.controlplane import REPO_ROOT
+from ephemera.models import PreviewEnvironmentSpec, PreviewEnvironmentStatus
+from tests.support import Kubectl, wait_for
+
+SAMPLE_PATH = REPO_ROOT / "deploy" / "samples" / "previewenvironment.yaml"
+SAMPLE: dict[str, Any] = yaml.safe_load(SAMPLE_PATH.read_text())
+
+# (name, path into spec, bad value, the field the API server must name)
+INVALID = [
+    ("bad-sha", ("commitSha",), "not-a-sha", "spec.commitSha"),
+    ("short-sha", ("commitSha",), "abc123", "spec.commitSha"),
+    ("pr-zero", ("pullRequest",), 0, "spec.pullRequest"),
+    ("no-owner", ("repository",), "shop", "spec.repository"),
+    ("bad-owner", ("repository",), "-octo/shop", "spec.repository"),
+    ("slashes", ("repository",), "octo/shop/extra", "spec.repository"),
+    ("bad-cpu", ("resources", "cpu"), "two cores", "spec.resources.cpu"),
+    ("bad-memory", ("resources", "memory"), "4 GB", "spec.resources.memory"),
+    ("negative-memory", ("resources", "memory"), "-1Gi", "spec.resources.memory"),
+    ("zero-pods", ("resources", "pods"), 0, "spec.resources.pods"),
+]
+
+
+def _variant(name: str, path: tuple[str, ...], value: Any) -> dict[str, Any]:
+    obj = copy.deepcopy(SAMPLE)
+    obj["metadata"]["name"] = f"invalid-{name}"
+    target = obj["spec"]
+    for key in path[:-1]:
+        target = target[key]
+    target[path[-1]] = value
+    return obj
+
+
+def _crd_schema() -> dict[str, Any]:
+    crd = yaml.safe_load((REPO_ROOT / "crds" / "previewenvironments.yaml").read_text())
+    schema: dict[str, Any] = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    return schema
+
+
+def test_crd_is_established_and_sample_applies(crd: Path, kubectl: Kubectl) -> None:
+    kubectl.run("apply", "-f", str(SAMPLE_PATH.parent))
+    obj = kubectl.json("get", "previewenvironment", SAMPLE["metadata"]["name"])
+    assert obj["spec"] == SAMPLE["spec"]
+    kubectl.run("delete", "-f", str(SAMPLE_PATH.parent), "--wait=false")
+
+
+def test_get_prints_printer_columns(crd: Path, kubectl: Kubectl) -> None:
+    obj = _variant("columns", ("pullRequest",), 7)
+    kubectl.apply(obj)
+    name = obj["metadata"]["name"]
+    kubectl.run(
+        "patch",
+        "pe",
+        name,
+        "--subresource=status",
+        "--type=merge",
+        "-p",
+        json.dumps({"status": {"phase": "Ready", "namespace": "pr-7-x", "commit": "9f2c6d1"}}),
+    )
+    header, row = kubectl.run("get", "pe", name).stdout.strip().splitlines()
+    assert header.split() == ["NAME", "REPOSITORY", "PR", "COMMIT", "PHASE", "NAMESPACE", "AGE"]
+    assert row.split()[:6] == [name, "octo-org/shop", "7", "9f2c6d1", "Ready", "pr-7-x"]
+    # The short names work too.
+    assert name in kubectl.run("get", "preview").stdout
+    kubectl.run("delete", "pe", name, "--wait=false")
+
+
+@pytest.mark.parametrize(("case", "path", "value", "field"), INVALID, ids=[c[0] for c in INVALID])
+def test_invalid_objects_are_refused_naming_the_field(
+    crd: Path, kubectl: Kubectl, case: str, path: tuple[str, ...], value: Any, field: str
+) -> None:
+    result = kubectl.apply(_variant(case, path, value), check=False)
+    assert result.returncode != 0
+    assert "is invalid" in result.stderr
+    assert field in result.stderr
+    assert kubectl.run("get", "pe", f"invalid-{case}", check=False).returncode != 0
+
+
+@pytest.mark.parametrize(("case", "path", "value", "field"), INVALID, ids=[c[0] for c in INVALID])
+def test_models_refuse_what_the_crd_refuses(case: str, path: tuple[str, ...], value: Any, field: str) -> None:
+    with pytest.raises(ValidationError):
+        PreviewEnvironmentSpec.model_validate(_variant(case, path, value)["spec"])
+
+
+def test_models_accept_the_sample() -> None:
+    spec = PreviewEnvironmentSpec.model_validate(SAMPLE["spec"])
+    assert spec.to_k8s() == SAMPLE["spec"]
+
+
+def test_models_have_the_crds_fields() -> None:
+    schema = _crd_schema()["properties"]
+    spec_fields = {f.alias or name for name, f in PreviewEnvironmentSpec.model_fields.items()}
+    status_fields = {f.alias or name for name, f in PreviewEnvironmentStatus.model_fields.items()}
+    assert spec_fields == set(schema["spec"]["properties"])
+    assert status_fields == set(schema["status"]["properties"])
+    assert set(schema["spec"]["required"]) == {
+        f.alias or name for name, f in PreviewEnvironmentSpec.model_fields.items() if f.is_required()
+    }
+
+
+def test_every_schema_field_has_a_description() -> None:
+    def walk(node: dict[str, Any], path: str) -> list[str]:
+        missing = [] if "description" in node or path in ("", ".metadata") else [path]
+        for key, child in (node.get("properties") or {}).items():
+            missing += walk(child, f"{path}.{key}")
+        if "items" in node:
+            missing += walk(node["items"], f"{path}[]")[1:] if "description" not in node["items"] else []
+        return missing
+
+    assert walk(_crd_schema(), "") == []
+
+
+def test_explain_shows_descriptions(crd: Path, kubectl: Kubectl) -> None:
+    out = wait_for(
+        lambda: kubectl.run("explain", "previewenvironment.spec", check=False).stdout,
+        timeout=30,
+        what="kubectl explain to find the published schema",
+    )
+    assert "The pull request this environment previews" in out
+    assert "commitSha" in out
+    assert "40-character hexadecimal SHA" in out
+
+
+def test_deleting_a_namespace_with_objects_finishes(control_plane: Any, kubectl: Kubectl) -> None:
+    """Proof that the controller manager runs: a namespace holding objects is emptied and goes."""
+    kubectl.run("create", "namespace", "cm-proof")
+    kubectl.run("-n", "cm-proof", "create", "configmap", "held", "--from-literal=a=b")
+    kubectl.run("-n", "cm-proof", "create", "quota", "q", "--hard=pods=2")
+    kubectl.run("delete", "namespace", "cm-proof", "--wait=false")
+    wait_for(
+        lambda: kubectl.run("get", "namespace", "cm-proof", check=False).returncode != 0,
+        timeout=60,
+        what="namespace cm-proof to be gone",
+    )
