@@ -52,5 +52,5 @@ def environment_labels(name: str, repository: str, pull_request: int) -> dict[st
         MANAGED_BY_LABEL: MANAGED_BY,
         REPOSITORY_LABEL: label_value(repository.replace("/", ".")),
         PR_LABEL: str(pull_request),
-        ENVIRONMENT_LABEL: name,
+        ENVIRONMENT_LABEL: label_value(name),
     }

@@ -67,6 +67,7 @@ build() {
   [[ $rc -eq 0 ]] || { log "build of $name failed"; exit "$rc"; }
   mkdir -p "$bindir"
   mv "$bindir.tmp"/* "$bindir/"
+  rmdir "$bindir.tmp"
   log "$name built in $((SECONDS - start)) s"
 }
 

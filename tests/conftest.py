@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import os
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from ephemera.devtools.controlplane import REPO_ROOT, ControlPlane, running
-from tests.support import Kubectl, wait_for
+from tests.support import Kubectl, Process, process_env, wait_for
 
 CRD = REPO_ROOT / "crds" / "previewenvironments.yaml"
 
@@ -34,3 +35,40 @@ def crd(kubectl: Kubectl) -> Path:
     # Discovery can lag the Established condition by a moment; kubectl needs it to map `pe`.
     wait_for(lambda: kubectl.run("get", "pe", check=False).returncode == 0, timeout=30, what="pe discovery")
     return CRD
+
+
+@pytest.fixture(scope="session")
+def operator(crd: Path, control_plane: ControlPlane, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Process]:
+    """`ephemera operator` as in production: a subprocess against the real API server."""
+    tmp = tmp_path_factory.mktemp("operator")
+    env = process_env(control_plane.kubeconfig, tmp, EPHEMERA_MAX_CPU="8", EPHEMERA_WORKERS="50")
+    proc = Process(["operator"], env, tmp / "operator.log", int(env["EPHEMERA_OPERATOR_PORT"])).start()
+    wait_for(lambda: http_ok(proc, "/healthz"), timeout=60, what="operator /healthz")
+    yield proc
+    proc.stop()
+
+
+WEBHOOK_SECRET = "test-webhook-secret"
+
+
+@pytest.fixture(scope="session")
+def webhook(crd: Path, control_plane: ControlPlane, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Process]:
+    """`ephemera webhook` as in production, with a secret, against the real API server."""
+    tmp = tmp_path_factory.mktemp("webhook")
+    env = process_env(
+        control_plane.kubeconfig, tmp, EPHEMERA_WEBHOOK_SECRET=WEBHOOK_SECRET, EPHEMERA_WEBHOOK_BODY_TIMEOUT="2"
+    )
+    proc = Process(["webhook"], env, tmp / "webhook.log", int(env["EPHEMERA_WEBHOOK_PORT"])).start()
+    wait_for(lambda: http_ok(proc, "/readyz"), timeout=60, what="webhook /readyz")
+    yield proc
+    proc.stop()
+
+
+def http_ok(proc: Process, path: str) -> bool:
+    assert proc.proc is not None
+    assert proc.proc.poll() is None, f"process exited:\n{proc.log()[-3000:]}"
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{proc.port}{path}", timeout=1) as response:
+            return bool(response.status == 200)
+    except OSError:
+        return False

@@ -11,17 +11,15 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from ephemera.devtools.controlplane import REPO_ROOT, free_port
 
-T = TypeVar("T")
 
-
-def wait_for(check: Callable[[], T | None], timeout: float = 30.0, interval: float = 0.1, what: str = "") -> T:
+def wait_for(check: Callable[[], Any], timeout: float = 30.0, interval: float = 0.1, what: str = "") -> Any:
     """Poll `check` until it returns something truthy; fail with `what` after `timeout` seconds."""
     deadline = time.monotonic() + timeout
-    last: T | None = None
+    last: Any = None
     while time.monotonic() < deadline:
         last = check()
         if last:
@@ -110,3 +108,62 @@ def process_env(kubeconfig: Path, tmp: Path, **overrides: str) -> dict[str, str]
     }
     env.update(overrides)
     return env
+
+
+FIXTURES = REPO_ROOT.parent / "shared" / "fixtures" / "github"
+
+
+def fixture_payload(event: str, name: str) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads((FIXTURES / "payloads" / event / name).read_text())
+    return data
+
+
+def sign(secret: str, body: bytes) -> str:
+    import hashlib
+    import hmac
+
+    return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+
+
+@dataclass
+class Answer:
+    status: int
+    body: dict[str, Any]
+
+
+def post_webhook(
+    port: int,
+    event: str,
+    payload: dict[str, Any] | bytes,
+    *,
+    secret: str | None,
+    delivery: str | None = None,
+    content_type: str = "application/json",
+    signature: str | None = None,
+    raw: bool = False,
+) -> Answer:
+    """Send one delivery as GitHub does; `signature` overrides the correct one; `raw` sends bytes as they are."""
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+    import uuid
+
+    data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+    if content_type == "application/x-www-form-urlencoded" and not raw:
+        data = urllib.parse.urlencode({"payload": data.decode()}).encode()
+    headers = {
+        "Content-Type": content_type,
+        "X-GitHub-Event": event,
+        "X-GitHub-Delivery": delivery or str(uuid.uuid4()),
+        "User-Agent": "GitHub-Hookshot/test",
+    }
+    if signature is not None:
+        headers["X-Hub-Signature-256"] = signature
+    elif secret is not None:
+        headers["X-Hub-Signature-256"] = sign(secret, data)
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/webhook", data=data, headers=headers, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return Answer(response.status, json.loads(response.read() or b"{}"))
+    except urllib.error.HTTPError as err:
+        return Answer(err.code, json.loads(err.read() or b"{}"))

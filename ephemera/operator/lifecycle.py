@@ -10,7 +10,8 @@ from typing import Any
 import kopf
 
 from ephemera.environments import Environment, Environments, Failure, PermanentFailure
-from ephemera.models import GROUP, PLURAL, VERSION, Phase
+from ephemera.models import GROUP, KIND, PLURAL, VERSION, Phase
+from ephemera.naming import MANAGED_BY, MANAGED_BY_LABEL
 from ephemera.operator.metrics import RECONCILES
 
 Logger = logging.Logger | logging.LoggerAdapter[Any]
@@ -149,3 +150,29 @@ def track(*, event: kopf.RawEvent, name: str, memo: kopf.Memo, **_: Any) -> None
         memo.phases.pop(name, None)
     else:
         memo.phases[name] = (event.get("object") or {}).get("status", {}).get("phase") or Phase.PENDING.value
+
+
+@kopf.on.event("v1", "namespaces", id="namespace-gone", labels={MANAGED_BY_LABEL: MANAGED_BY})
+def namespace_gone(*, event: kopf.RawEvent, memo: kopf.Memo, logger: Logger, **_: Any) -> None:
+    """A namespace of ours vanished while its environment lives on: re-create it at once."""
+    if event.get("type") != "DELETED":
+        return
+    obj: dict[str, Any] = dict(event.get("object") or {})
+    refs: list[dict[str, Any]] = obj.get("metadata", {}).get("ownerReferences") or []
+    owners = [ref for ref in refs if ref.get("kind") == KIND]
+    if not owners:
+        return
+    env_name = owners[0]["name"]
+    service: Environments = memo.environments
+    body = service.kube.get_environment(env_name)
+    if body is None or body["metadata"].get("deletionTimestamp"):
+        return  # torn down on purpose
+    status = body.get("status") or {}
+    if status.get("phase") != Phase.READY.value or status.get("namespace") != obj["metadata"]["name"]:
+        return  # not settled: the running handlers will see it
+    env = Environment.from_body(body)
+    try:
+        service.provision(env, updating=True, logger=_env_logger(logger, env))
+    except Failure as failure:
+        # The stale sweep retries a Ready environment without its namespace.
+        logger.warning("Could not re-create namespace of %s: %s", env_name, failure.message)

@@ -1,0 +1,217 @@
+"""The operator reconciles PreviewEnvironments through their lifecycle on the real API server."""
+
+from __future__ import annotations
+
+import copy
+import json
+import uuid
+from pathlib import Path
+from typing import Any
+
+from ephemera.naming import MANAGED_BY_LABEL, OWNER_UID_ANNOTATION, PR_LABEL, environment_name
+from tests.support import Kubectl, Process, wait_for
+
+SHA_A = "a" * 40
+SHA_B = "b" * 40
+
+
+def make_env(name: str, pr: int, repo: str = "octo-org/shop", **spec: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": "ephemera.dev/v1alpha1",
+        "kind": "PreviewEnvironment",
+        "metadata": {"name": name},
+        "spec": {"repository": repo, "pullRequest": pr, "commitSha": SHA_A, "branch": "feature/x", **spec},
+    }
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:6]}"
+
+
+def status(kubectl: Kubectl, name: str) -> dict[str, Any]:
+    result = kubectl.run("get", "pe", name, "-o", "json", check=False)
+    if result.returncode != 0:
+        return {}
+    data: dict[str, Any] = json.loads(result.stdout).get("status") or {}
+    return data
+
+
+def wait_phase(kubectl: Kubectl, name: str, phase: str, timeout: float = 60) -> dict[str, Any]:
+    found: dict[str, Any] = wait_for(
+        lambda: (s := status(kubectl, name)).get("phase") == phase and s,
+        timeout=timeout,
+        what=f"{name} to be {phase}",
+    )
+    return found
+
+
+def exists(kubectl: Kubectl, *args: str) -> bool:
+    return kubectl.run("get", *args, check=False).returncode == 0
+
+
+def test_create_reaches_ready_with_every_child(operator: Process, kubectl: Kubectl) -> None:
+    name = unique("create")
+    kubectl.apply(make_env(name, 101))
+    st = wait_phase(kubectl, name, "Ready")
+    namespace = st["namespace"]
+    assert namespace == environment_name("octo-org/shop", 101)
+    assert st["commit"] == SHA_A[:7]
+    assert st["observedGeneration"] == 1
+    assert st["provisionedAt"]
+    assert st["lastTransitionTime"]
+    assert [(c["type"], c["status"]) for c in st["conditions"]] == [("Ready", "True")]
+
+    env_uid = kubectl.json("get", "pe", name)["metadata"]["uid"]
+    ns = kubectl.json("get", "namespace", namespace)
+    assert ns["metadata"]["labels"][MANAGED_BY_LABEL] == "ephemera"
+    assert ns["metadata"]["labels"][PR_LABEL] == "101"
+    assert ns["metadata"]["annotations"][OWNER_UID_ANNOTATION] == env_uid
+    assert [(r["kind"], r["name"], r["uid"]) for r in ns["metadata"]["ownerReferences"]] == [
+        ("PreviewEnvironment", name, env_uid)
+    ]
+    quota = kubectl.json("-n", namespace, "get", "resourcequota", "ephemera-quota")
+    assert quota["spec"]["hard"]["limits.cpu"] == "2"
+    assert quota["spec"]["hard"]["pods"] == "20"
+    limits = kubectl.json("-n", namespace, "get", "limitrange", "ephemera-limits")
+    assert limits["spec"]["limits"][0]["default"] == {"cpu": "500m", "memory": "512Mi"}
+    policy = kubectl.json("-n", namespace, "get", "networkpolicy", "ephemera-isolation")
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    assert policy["spec"]["ingress"] == [{"from": [{"podSelector": {}}]}]
+    events = kubectl.run("get", "events", "-A", "--field-selector", f"involvedObject.name={name}").stdout
+    assert "Ready" in events
+
+
+def test_new_commit_goes_updating_then_ready(operator: Process, kubectl: Kubectl) -> None:
+    name = unique("update")
+    kubectl.apply(make_env(name, 102))
+    wait_phase(kubectl, name, "Ready")
+    kubectl.run("patch", "pe", name, "--type=merge", "-p", json.dumps({"spec": {"commitSha": SHA_B}}))
+    st = wait_for(
+        lambda: (s := status(kubectl, name)).get("phase") == "Ready" and s.get("commit") == SHA_B[:7] and s,
+        timeout=60,
+        what="Ready at the new commit",
+    )
+    assert st["observedGeneration"] == 2
+    events = kubectl.run("get", "events", "-A", "--field-selector", f"involvedObject.name={name}").stdout
+    assert "Updating" in events
+
+
+def test_quota_change_is_applied(operator: Process, kubectl: Kubectl) -> None:
+    name = unique("quota")
+    kubectl.apply(make_env(name, 103))
+    namespace = wait_phase(kubectl, name, "Ready")["namespace"]
+    kubectl.run("patch", "pe", name, "--type=merge", "-p", json.dumps({"spec": {"resources": {"cpu": "3"}}}))
+    wait_for(
+        lambda: (
+            kubectl.json("-n", namespace, "get", "resourcequota", "ephemera-quota")["spec"]["hard"]["limits.cpu"] == "3"
+        ),
+        timeout=60,
+        what="the quota to follow the spec",
+    )
+
+
+def test_delete_removes_namespace_and_object(operator: Process, kubectl: Kubectl) -> None:
+    name = unique("delete")
+    kubectl.apply(make_env(name, 104))
+    namespace = wait_phase(kubectl, name, "Ready")["namespace"]
+    kubectl.run("delete", "pe", name, "--wait=false")
+    wait_for(lambda: not exists(kubectl, "pe", name), timeout=90, what="the object to be gone")
+    # The finalizer is released only once the namespace is really gone.
+    assert not exists(kubectl, "namespace", namespace)
+
+
+def test_namespace_deleted_by_hand_is_recreated(operator: Process, kubectl: Kubectl) -> None:
+    name = unique("recreate")
+    kubectl.apply(make_env(name, 105))
+    namespace = wait_phase(kubectl, name, "Ready")["namespace"]
+    old_uid = kubectl.json("get", "namespace", namespace)["metadata"]["uid"]
+    kubectl.run("delete", "namespace", namespace, "--wait=true", "--timeout=60s")
+    wait_for(
+        lambda: (
+            exists(kubectl, "namespace", namespace)
+            and kubectl.json("get", "namespace", namespace)["metadata"]["uid"] != old_uid
+        ),
+        timeout=60,
+        what="the namespace to be re-created",
+    )
+    st = wait_for(
+        lambda: (s := status(kubectl, name)).get("phase") == "Ready" and "re-created" in s.get("message", "") and s,
+        timeout=60,
+        what="Ready with a message about the re-creation",
+    )
+    assert namespace in st["message"]
+    assert exists(kubectl, "-n", namespace, "resourcequota", "ephemera-quota")
+
+
+def test_foreign_namespace_collision_fails_and_leaves_it_alone(operator: Process, kubectl: Kubectl) -> None:
+    name = unique("foreign")
+    namespace = environment_name("octo-org/shop", 106)
+    kubectl.run("create", "namespace", namespace)
+    kubectl.run("label", "namespace", namespace, "team=payments")
+    before = kubectl.json("get", "namespace", namespace)["metadata"]
+    kubectl.apply(make_env(name, 106))
+    st = wait_phase(kubectl, name, "Failed")
+    assert "already exists and was not created by this PreviewEnvironment" in st["message"]
+    assert st["permanent"] is True
+    after = kubectl.json("get", "namespace", namespace)["metadata"]
+    assert after["labels"] == before["labels"]
+    assert after["resourceVersion"] == before["resourceVersion"]
+    assert not exists(kubectl, "-n", namespace, "resourcequota", "ephemera-quota")
+    # Deleting the environment leaves the foreign namespace in place too.
+    kubectl.run("delete", "pe", name, "--wait=true", "--timeout=60s")
+    assert kubectl.json("get", "namespace", namespace)["metadata"]["resourceVersion"] == before["resourceVersion"]
+    kubectl.run("delete", "namespace", namespace, "--wait=false")
+
+
+def test_impossible_spec_fails_with_a_message(operator: Process, kubectl: Kubectl) -> None:
+    name = unique("ceiling")
+    kubectl.apply(make_env(name, 107, resources={"cpu": "64"}))
+    st = wait_phase(kubectl, name, "Failed")
+    assert "spec.resources.cpu is 64, above the ceiling 8" in st["message"]
+    assert st["reason"] == "QuotaAboveCeiling"
+    assert not exists(kubectl, "namespace", environment_name("octo-org/shop", 107))
+    # Fixing the spec brings it to Ready.
+    kubectl.run("patch", "pe", name, "--type=merge", "-p", json.dumps({"spec": {"resources": {"cpu": "4"}}}))
+    wait_phase(kubectl, name, "Ready")
+
+
+def _children_of(kubectl: Kubectl, namespace: str) -> list[int]:
+    return [
+        len(kubectl.json("-n", namespace, "get", kind)["items"])
+        for kind in ("resourcequotas", "limitranges", "networkpolicies")
+    ]
+
+
+def test_sigkill_mid_provision_converges_without_duplicates(operator: Process, kubectl: Kubectl) -> None:
+    names = [unique("crash") for _ in range(20)]
+    manifest = {"apiVersion": "v1", "kind": "List", "items": [make_env(n, 200 + i) for i, n in enumerate(names)]}
+    kubectl.apply(manifest)
+    # Kill as soon as the first one is under way, while the rest are queued or half done.
+    wait_for(
+        lambda: any(status(kubectl, n).get("phase") in ("Provisioning", "Ready") for n in names[:3]),
+        timeout=60,
+        interval=0.02,
+        what="provisioning to start",
+    )
+    operator.restart()
+    for n in names:
+        wait_phase(kubectl, n, "Ready", timeout=120)
+    for i in range(len(names)):
+        namespace = environment_name("octo-org/shop", 200 + i)
+        assert _children_of(kubectl, namespace) == [1, 1, 1]
+    namespaces = kubectl.json("get", "namespaces", "-l", f"{MANAGED_BY_LABEL}=ephemera")["items"]
+    owners = [ns["metadata"]["ownerReferences"][0]["name"] for ns in namespaces]
+    assert len(owners) == len(set(owners))
+
+
+def test_fifty_objects_at_once_all_reach_ready(operator: Process, kubectl: Kubectl, tmp_path: Path) -> None:
+    names = [unique("burst") for _ in range(50)]
+    items = [make_env(n, 300 + i, repo="octo-org/burst") for i, n in enumerate(names)]
+    kubectl.apply({"apiVersion": "v1", "kind": "List", "items": copy.deepcopy(items)})
+
+    def all_ready() -> bool:
+        listed = kubectl.json("get", "pe")["items"]
+        phases = {o["metadata"]["name"]: (o.get("status") or {}).get("phase") for o in listed}
+        return all(phases.get(n) == "Ready" for n in names)
+
+    wait_for(all_ready, timeout=180, interval=0.5, what="50 environments Ready")
