@@ -7,6 +7,7 @@ the object's status, and announces every phase transition on `Transitions`.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -15,7 +16,7 @@ from pydantic import ValidationError
 from ephemera import children
 from ephemera.config import Settings
 from ephemera.kube import Kube, KubeError, Obj
-from ephemera.models import Phase, PreviewEnvironmentSpec, PreviewEnvironmentStatus, now_iso
+from ephemera.models import API_VERSION, KIND, Phase, PreviewEnvironmentSpec, PreviewEnvironmentStatus, now_iso
 from ephemera.naming import MANAGED_BY, MANAGED_BY_LABEL, OWNER_UID_ANNOTATION, environment_name
 from ephemera.quantity import parse_quantity
 from ephemera.transitions import Transition, Transitions
@@ -72,6 +73,10 @@ class Environment:
             created=meta.get("creationTimestamp"),
         )
 
+    def ref(self) -> dict[str, Any]:
+        """A reference to the object, for Events."""
+        return {"apiVersion": API_VERSION, "kind": KIND, "metadata": {"name": self.name, "uid": self.uid}}
+
     def namespace(self, prefix: str) -> str:
         return environment_name(self.spec.repository, self.spec.pull_request, prefix)
 
@@ -94,13 +99,24 @@ def _same(desired: Any, actual: Any) -> bool:
     return bool(desired == actual)
 
 
-class Environments:
-    """Provision, mend and destroy environments; every transition is written and announced."""
+# Posts a Kubernetes Event about an object: (object reference, type, reason, message).
+Recorder = Callable[[dict[str, Any], str, str, str], None]
 
-    def __init__(self, kube: Kube, settings: Settings, transitions: Transitions) -> None:
+
+def _no_events(ref: dict[str, Any], type_: str, reason: str, message: str) -> None:
+    """The recorder when none is given: Events are the operator's to post."""
+
+
+class Environments:
+    """Provision, mend and destroy environments; every transition is written, announced and posted as an Event."""
+
+    def __init__(
+        self, kube: Kube, settings: Settings, transitions: Transitions, recorder: Recorder = _no_events
+    ) -> None:
         self.kube = kube
         self.settings = settings
         self.transitions = transitions
+        self.recorder = recorder
 
     # Status ---------------------------------------------------------------------------------------
 
@@ -140,6 +156,7 @@ class Environments:
         if logger is not None:
             level = logging.WARNING if phase is Phase.FAILED else logging.INFO
             logger.log(level, "%s: %s", phase.value, message)
+        self.recorder(env.ref(), "Warning" if phase is Phase.FAILED else "Normal", reason, message)
         self.transitions.publish(
             Transition(
                 name=env.name,
@@ -255,6 +272,9 @@ class Environments:
         elif env.status.namespace:
             notes.append(f"namespace {namespace} had vanished and was re-created")
             logger.warning("Namespace %s had vanished and was re-created", namespace)
+            self.recorder(
+                env.ref(), "Warning", "NamespaceRecreated", f"Namespace {namespace} had vanished and was re-created"
+            )
 
         wanted = [
             children.build_resource_quota(namespace, env.name, env.spec, quota),

@@ -45,6 +45,10 @@ def wait_phase(kubectl: Kubectl, name: str, phase: str, timeout: float = 60) -> 
     return found
 
 
+def events_of(kubectl: Kubectl, name: str) -> str:
+    return kubectl.run("get", "events", "-A", "--field-selector", f"involvedObject.name={name}").stdout
+
+
 def exists(kubectl: Kubectl, *args: str) -> bool:
     return kubectl.run("get", *args, check=False).returncode == 0
 
@@ -77,8 +81,7 @@ def test_create_reaches_ready_with_every_child(operator: Process, kubectl: Kubec
     policy = kubectl.json("-n", namespace, "get", "networkpolicy", "ephemera-isolation")
     assert policy["spec"]["policyTypes"] == ["Ingress"]
     assert policy["spec"]["ingress"] == [{"from": [{"podSelector": {}}]}]
-    events = kubectl.run("get", "events", "-A", "--field-selector", f"involvedObject.name={name}").stdout
-    assert "Ready" in events
+    wait_for(lambda: "Ready" in events_of(kubectl, name), timeout=30, what="a Ready event")
 
 
 def test_new_commit_goes_updating_then_ready(operator: Process, kubectl: Kubectl) -> None:
@@ -92,8 +95,7 @@ def test_new_commit_goes_updating_then_ready(operator: Process, kubectl: Kubectl
         what="Ready at the new commit",
     )
     assert st["observedGeneration"] == 2
-    events = kubectl.run("get", "events", "-A", "--field-selector", f"involvedObject.name={name}").stdout
-    assert "Updating" in events
+    wait_for(lambda: "Updating" in events_of(kubectl, name), timeout=30, what="an Updating event")
 
 
 def test_quota_change_is_applied(operator: Process, kubectl: Kubectl) -> None:

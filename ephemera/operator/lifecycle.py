@@ -56,6 +56,7 @@ def _run(
         if time_limited and elapsed > limits.soft_time_limit and env.uid not in memo.warned:
             memo.warned.add(env.uid)
             log.warning("Still not Ready after %.0f s (soft time limit)", elapsed)
+            service.recorder(env.ref(), "Warning", "SoftTimeLimit", f"Still not Ready after {elapsed:.0f} s")
         work(service, env, log)
     except Failure as error:
         if error.permanent:
@@ -67,6 +68,7 @@ def _run(
         delay = min(error.delay * 2**retry, MAX_DELAY) if error.backoff else error.delay
         if error.backoff:  # plain waiting (for a namespace to go) is not worth an Event each poll
             log.warning("%s: %s (retry in %.0f s)", error.reason, error.message, delay)
+            service.recorder(env.ref(), "Warning", error.reason, f"{error.message} (retry in {delay:.0f} s)")
         raise kopf.TemporaryError(error.message, delay=delay) from error
     RECONCILES.labels(handler, "success").inc()
     memo.warned.discard(env.uid)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
+from typing import Any, cast
 
 import kopf
 
@@ -42,11 +42,17 @@ async def configure(*, settings: kopf.OperatorSettings, memo: kopf.Memo, logger:
     memo.settings = cfg
     memo.kube = kube
     memo.transitions = transitions
-    memo.environments = Environments(kube, cfg, transitions)
+    memo.environments = Environments(kube, cfg, transitions, recorder=post_event)
     memo.phases = {}  # name -> phase, kept by lifecycle.track
     memo.warned = set()  # uids already warned about the soft time limit
     memo.health = await health.start(cfg.operator_host, cfg.operator_port)
     logger.info("Operator started; health and metrics on %s:%d", cfg.operator_host, cfg.operator_port)
+
+
+def post_event(ref: dict[str, Any], type_: str, reason: str, message: str) -> None:
+    """Queue a Kubernetes Event about `ref` (safe from kopf's handler threads)."""
+    raw = cast(kopf.RawBody, ref)  # an object reference has all of a body that Events read
+    kopf.event(kopf.Body(raw), type=type_, reason=reason, message=message[:1024])
 
 
 @kopf.on.cleanup()
