@@ -6,17 +6,21 @@ The official client is synchronous: call these from kopf's sync handlers (a thre
 
 from __future__ import annotations
 
+import functools
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
+import urllib3
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
 from ephemera.models import GROUP, PLURAL, VERSION
 
 Obj = dict[str, Any]
+P = ParamSpec("P")
+R = TypeVar("R")
 
 
 class KubeError(Exception):
@@ -37,6 +41,19 @@ def _wrap(err: ApiException, what: str) -> KubeError:
     # 409 conflicts, 429 throttling and 5xx pass; 4xx validation and permission errors do not.
     temporary = status in (0, 409, 429) or status >= 500
     return KubeError(f"{what}: {status} {detail}", status=status, temporary=temporary)
+
+
+def _transport_errors(method: Callable[P, R]) -> Callable[P, R]:
+    """Turn a failure to reach the API server (refused, reset, timed out) into a temporary KubeError."""
+
+    @functools.wraps(method)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return method(*args, **kwargs)
+        except (urllib3.exceptions.HTTPError, OSError) as err:
+            raise KubeError(f"{method.__name__}: Kubernetes API unreachable: {err}", status=0) from err
+
+    return wrapper
 
 
 def load_api_client(kubeconfig: Path | None = None, pool_size: int = 50) -> client.ApiClient:
@@ -204,6 +221,8 @@ class Kube:
                 )
             except ApiException as err:
                 raise _wrap(err, "listing PreviewEnvironments") from err
+            except (urllib3.exceptions.HTTPError, OSError) as err:  # a generator: the decorator cannot see these
+                raise KubeError(f"listing PreviewEnvironments: Kubernetes API unreachable: {err}", status=0) from err
             yield from data.get("items", [])
             token = data.get("metadata", {}).get("continue")
             if not token:
@@ -275,3 +294,8 @@ class Kube:
         except ApiException:
             pass
         return found
+
+
+for _name, _method in list(vars(Kube).items()):
+    if callable(_method) and not _name.startswith("_") and _name != "close":
+        setattr(Kube, _name, _transport_errors(_method))

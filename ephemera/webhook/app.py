@@ -123,7 +123,7 @@ async def webhook(request: web.Request) -> web.Response:
         answer = result.as_json()
         if delivery:
             _remember(app[DELIVERIES], delivery, answer, settings.webhook_delivery_cache)
-        log.info("%s %s", result.action, result.reason, extra={**extra, "name": result.name})
+        log.info("%s %s", result.action, result.reason, extra={**extra, "environment": result.name})
         return web.json_response(answer, status=202)
     except BadRequest as err:
         outcome = f"http_{err.status}"
