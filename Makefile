@@ -48,10 +48,10 @@ test: lint tools
 	$(BIN)/pytest -q -ra
 
 run: venv tools
-	@bash hack/run.sh
+	@$(BIN)/python -m ephemera.devtools.demo up
 
 run-down: venv
-	@bash hack/run.sh down
+	@$(BIN)/python -m ephemera.devtools.demo down
 
 clean: cluster-down
 	rm -rf $(VENV) .run .mypy_cache .ruff_cache .pytest_cache .hypothesis

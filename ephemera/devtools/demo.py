@@ -1,0 +1,213 @@
+"""`make run`: a local control plane, the operator and the webhook, and a PR becoming an environment.
+
+python -m ephemera.devtools.demo up     start everything (idempotent) and send a signed PR event
+python -m ephemera.devtools.demo down   stop the processes and the control plane
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import hmac
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from typing import Any
+
+from ephemera.devtools.controlplane import REPO_ROOT, free_port
+from ephemera.devtools.controlplane import main as controlplane_main
+
+RUN_DIR = REPO_ROOT / ".run"
+CLUSTER_DIR = REPO_ROOT / ".cluster"
+KUBECONFIG = CLUSTER_DIR / "kubeconfig"
+PROCESSES = ("github", "operator", "webhook")
+
+
+def _say(text: str) -> None:
+    print(f"\n==> {text}", flush=True)
+
+
+def _kubectl(*args: str) -> str:
+    from ephemera.devtools.controlplane import tools_dir
+
+    kubectl = tools_dir(build=False) / "kubectl"
+    return subprocess.run(
+        [str(kubectl), f"--kubeconfig={KUBECONFIG}", *args], check=True, capture_output=True, text=True
+    ).stdout
+
+
+def _alive(name: str) -> bool:
+    pid_file = RUN_DIR / f"{name}.pid"
+    if not pid_file.exists():
+        return False
+    try:
+        os.kill(int(pid_file.read_text()), 0)
+    except (ProcessLookupError, ValueError):
+        return False
+    return True
+
+
+def _spawn(name: str, args: list[str], env: dict[str, str]) -> None:
+    log = (RUN_DIR / f"{name}.log").open("ab")
+    proc = subprocess.Popen(
+        args, env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT, start_new_session=True
+    )
+    (RUN_DIR / f"{name}.pid").write_text(str(proc.pid))
+
+
+def _wait_http(url: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=1):
+                return
+        except urllib.error.HTTPError:
+            return
+        except OSError:
+            time.sleep(0.2)
+    raise SystemExit(f"{url} did not answer within {timeout} s; see {RUN_DIR}/*.log")
+
+
+def _config() -> dict[str, str]:
+    path = RUN_DIR / "config.json"
+    if path.exists():
+        data: dict[str, str] = json.loads(path.read_text())
+        return data
+    config = {
+        "secret": secrets.token_hex(16),
+        "webhook_port": str(free_port()),
+        "operator_port": str(free_port()),
+        "github_port": str(free_port()),
+    }
+    path.write_text(json.dumps(config))
+    return config
+
+
+def sample_event(sha: str) -> dict[str, Any]:
+    """A pull_request `opened` delivery as GitHub sends it, trimmed to what matters here."""
+    return {
+        "action": "opened",
+        "number": 42,
+        "pull_request": {
+            "number": 42,
+            "state": "open",
+            "draft": False,
+            "updated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "head": {"ref": "feature/checkout", "sha": sha},
+            "user": {"login": "octocat"},
+        },
+        "repository": {"full_name": "octo-org/shop"},
+        "installation": {"id": 4242},
+    }
+
+
+def send(port: int, secret: str, event: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+    body = json.dumps(event).encode()
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/webhook",
+        data=body,
+        method="POST",
+        headers={
+            "Content-Type": "application/json",
+            "X-GitHub-Event": "pull_request",
+            "X-GitHub-Delivery": str(uuid.uuid4()),
+            "X-Hub-Signature-256": "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest(),
+        },
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+def up() -> int:
+    RUN_DIR.mkdir(exist_ok=True)
+    _say("Local control plane (etcd, kube-apiserver, kube-controller-manager)")
+    controlplane_main(["up", str(CLUSTER_DIR)])
+    _say("PreviewEnvironment CRD")
+    print(_kubectl("apply", "-f", str(REPO_ROOT / "crds")), end="")
+    _kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd/previewenvironments.ephemera.dev")
+
+    config = _config()
+    env = {
+        "KUBECONFIG": str(KUBECONFIG),
+        "EPHEMERA_KUBECONFIG": str(KUBECONFIG),
+        "EPHEMERA_LOG_FORMAT": "text",
+        "EPHEMERA_WEBHOOK_SECRET": config["secret"],
+        "EPHEMERA_WEBHOOK_PORT": config["webhook_port"],
+        "EPHEMERA_OPERATOR_PORT": config["operator_port"],
+        "EPHEMERA_DATABASE_URL": f"sqlite+aiosqlite:///{RUN_DIR / 'ephemera.db'}",
+    }
+    python = sys.executable
+    _say("Operator and webhook")
+    for name, args in (
+        ("operator", [python, "-m", "ephemera.cli", "operator"]),
+        ("webhook", [python, "-m", "ephemera.cli", "webhook"]),
+    ):
+        if _alive(name):
+            print(f"{name} already running (pid {(RUN_DIR / f'{name}.pid').read_text()})")
+            continue
+        _spawn(name, args, env)
+        print(f"{name} started, log in {RUN_DIR / f'{name}.log'}")
+    _wait_http(f"http://127.0.0.1:{config['operator_port']}/healthz")
+    _wait_http(f"http://127.0.0.1:{config['webhook_port']}/readyz")
+
+    sha = hashlib.sha1(str(time.time()).encode()).hexdigest()
+    _say("GitHub sends a signed pull_request 'opened' event for octo-org/shop#42")
+    started = time.monotonic()
+    status, answer = send(int(config["webhook_port"]), config["secret"], sample_event(sha))
+    print(f"webhook answered {status}: {json.dumps(answer)}")
+    name = str(answer.get("name") or "")
+    if status != 202 or not name:
+        return 1
+    deadline = time.monotonic() + 60
+    phase = ""
+    while time.monotonic() < deadline:
+        phase = _kubectl("get", "pe", name, "-o", "jsonpath={.status.phase}")
+        if phase in ("Ready", "Failed"):
+            break
+        time.sleep(0.1)
+    print(f"{name} is {phase or 'not reconciled'} after {time.monotonic() - started:.2f} s")
+    _say("kubectl get previewenvironments")
+    print(_kubectl("get", "previewenvironments"), end="")
+    namespace = _kubectl("get", "pe", name, "-o", "jsonpath={.status.namespace}")
+    if namespace:
+        _say(f"What the environment's namespace holds (kubectl -n {namespace} get ...)")
+        print(_kubectl("-n", namespace, "get", "resourcequota,limitrange,networkpolicy"), end="")
+    _say("Try it yourself")
+    print(f"export KUBECONFIG={KUBECONFIG}")
+    print("kubectl get pe -w            # watch the phases")
+    print(f"kubectl delete pe {name}     # tear the environment down")
+    print("make run-down                # stop the operator, the webhook and the control plane")
+    return 0 if phase == "Ready" else 1
+
+
+def down() -> int:
+    for name in PROCESSES:
+        pid_file = RUN_DIR / f"{name}.pid"
+        if pid_file.exists():
+            with contextlib.suppress(ProcessLookupError, ValueError):
+                os.kill(int(pid_file.read_text()), signal.SIGTERM)
+            pid_file.unlink()
+    controlplane_main(["down", str(CLUSTER_DIR)])
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="demo")
+    parser.add_argument("action", choices=["up", "down"], nargs="?", default="up")
+    args = parser.parse_args(argv)
+    return up() if args.action == "up" else down()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
