@@ -5,6 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 CLUSTER_DIR := $(CURDIR)/.cluster
+LINT_PATHS := $(wildcard ephemera tests bench)
 export KUBECONFIG_LOCAL := $(CLUSTER_DIR)/kubeconfig
 
 .PHONY: help venv tools cluster cluster-down lint format test test-fast run run-down clean
@@ -36,13 +37,13 @@ cluster-down: venv
 	@$(BIN)/python -m ephemera.devtools.controlplane down $(CLUSTER_DIR)
 
 lint: venv
-	$(BIN)/ruff check ephemera tests bench
-	$(BIN)/ruff format --check ephemera tests bench
+	$(BIN)/ruff check $(LINT_PATHS)
+	$(BIN)/ruff format --check $(LINT_PATHS)
 	$(BIN)/mypy
 
 format: venv
-	$(BIN)/ruff format ephemera tests bench
-	$(BIN)/ruff check --fix ephemera tests bench
+	$(BIN)/ruff format $(LINT_PATHS)
+	$(BIN)/ruff check --fix $(LINT_PATHS)
 
 test: lint tools
 	$(BIN)/pytest -q -ra
