@@ -5,7 +5,7 @@ from __future__ import annotations
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from ephemera.operator.metrics import REGISTRY
+from ephemera.metrics import REGISTRY
 
 
 async def _healthz(_: web.Request) -> web.Response:

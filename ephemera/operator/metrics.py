@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
+from ephemera.metrics import REGISTRY
 from ephemera.models import parse_time
 from ephemera.transitions import Transition
-
-REGISTRY = CollectorRegistry(auto_describe=True)
 
 RECONCILES = Counter(
     "ephemera_reconciles",

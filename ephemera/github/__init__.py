@@ -1,0 +1,1 @@
+"""Reporting to GitHub: commit statuses, one sticky PR comment, and Deployments."""

@@ -1,0 +1,343 @@
+"""Report each environment's state on its PR: a commit status, one sticky comment, a Deployment.
+
+A transition listener hands the newest state of each object to a queue; workers report it off the
+reconcile path, in threads (PyGithub is synchronous). Only the newest state of an object is ever
+reported, failures are retried with backoff (honouring Retry-After and X-RateLimit-Reset), and what
+was reported is recorded in the object's `status.reported`, so nothing is posted twice, even across
+operator restarts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import requests
+from github import GithubException
+from github.Repository import Repository
+from prometheus_client import Counter, Gauge
+
+from ephemera.config import Settings
+from ephemera.github.client import GitHubAuth, NoCredentials
+from ephemera.kube import Kube, KubeError
+from ephemera.metrics import REGISTRY
+from ephemera.transitions import Transition
+
+log = logging.getLogger(__name__)
+
+REPORTS = Counter(
+    "ephemera_github_reports", "GitHub reports by kind and outcome.", ["kind", "outcome"], registry=REGISTRY
+)
+RATE_LIMIT = Gauge(
+    "ephemera_github_rate_limit_remaining", "GitHub API requests left in the current window.", registry=REGISTRY
+)
+MAX_ATTEMPTS = 12
+CLOSED_REASON = "ephemera.dev/closed-reason"
+
+COMMIT_STATES = {
+    "Provisioning": ("pending", "Preview environment is being provisioned"),
+    "Updating": ("pending", "Preview environment is being updated"),
+    "Ready": ("success", "Preview environment is ready"),
+    "Failed": ("failure", "Preview environment failed"),
+}
+DEPLOYMENT_STATES = {
+    "Provisioning": "in_progress",
+    "Updating": "in_progress",
+    "Ready": "success",
+    "Failed": "failure",
+    "Destroying": "inactive",
+}
+ICONS = {"Ready": "🟢", "Failed": "🔴", "Destroying": "⚪", "Provisioning": "🟡", "Updating": "🟡"}
+
+
+class RetryLater(Exception):
+    def __init__(self, delay: float, why: str) -> None:
+        super().__init__(why)
+        self.delay = delay
+
+
+def marker(repository: str, pr: int) -> str:
+    """The hidden marker that finds Ephemera's one comment on a PR again."""
+    return f"<!-- ephemera:preview {repository.lower()}#{pr} -->"
+
+
+def comment_body(t: Transition) -> str:
+    spec, status = t.spec, t.status
+    sha = str(spec["commitSha"])
+    if t.phase == "Destroying":
+        reason = t.annotations.get(CLOSED_REASON, "closed")
+        title = f"⚪ Preview environment torn down: the PR was {reason}"
+        summary = (
+            f"The environment for commit `{sha[:7]}` in namespace `{status.get('namespace', '-')}` is being removed."
+        )
+    else:
+        title = f"{ICONS.get(t.phase, '')} Preview environment: {t.phase}".strip()
+        summary = t.message
+    rows = [
+        ("Phase", f"**{t.phase}**"),
+        ("Namespace", f"`{status.get('namespace') or '-'}`"),
+        ("Commit", f"`{sha[:7]}`"),
+        ("Updated", t.at),
+    ]
+    if status.get("url"):
+        rows.append(("URL", str(status["url"])))
+    table = "\n".join(f"| {k} | {v} |" for k, v in rows)
+    return (
+        f"{marker(str(spec['repository']), int(spec['pullRequest']))}\n### {title}\n\n"
+        f"| | |\n|---|---|\n{table}\n\n{summary}\n"
+    )
+
+
+def _retry_delay(err: GithubException, attempt: int, max_delay: float) -> float | None:
+    """How long to wait before trying again, or None if trying again cannot help."""
+    headers = {k.lower(): v for k, v in (err.headers or {}).items()}
+    backoff = min(2.0**attempt, max_delay)
+    if err.status in (403, 429):
+        if "retry-after" in headers:
+            return min(float(headers["retry-after"]), max_delay)
+        if headers.get("x-ratelimit-remaining") == "0" and "x-ratelimit-reset" in headers:
+            return min(max(1.0, float(headers["x-ratelimit-reset"]) - time.time()), max_delay)
+        if err.status == 429:
+            return backoff
+        return None  # a plain 403: the App lacks a permission
+    if err.status == 401 or err.status >= 500:
+        return backoff
+    return None
+
+
+@dataclass
+class _Job:
+    transition: Transition
+    attempt: int = 0
+
+
+class Reporter:
+    """Queue transitions per object (newest wins) and report them with a few workers."""
+
+    def __init__(self, settings: Settings, kube: Kube, auth: GitHubAuth, workers: int = 4) -> None:
+        self.settings = settings
+        self.kube = kube
+        self.auth = auth
+        self.workers = workers
+        self._pending: dict[str, _Job] = {}
+        self._queue: asyncio.Queue[str] = asyncio.Queue()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+
+    # Called from handler threads -------------------------------------------------------------------
+
+    def listener(self, transition: Transition) -> None:
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._enqueue, _Job(transition))
+
+    def _enqueue(self, job: _Job) -> None:
+        uid = job.transition.uid
+        current = self._pending.get(uid)
+        if current is not None and current.transition.at > job.transition.at:
+            return  # a newer state is already waiting
+        queued = current is not None
+        self._pending[uid] = job
+        if not queued:
+            self._queue.put_nowait(uid)
+
+    # The loop ----------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._tasks = [asyncio.create_task(self._worker(), name=f"github-reporter-{i}") for i in range(self.workers)]
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def idle(self) -> bool:
+        return not self._pending
+
+    async def _worker(self) -> None:
+        while True:
+            uid = await self._queue.get()
+            job = self._pending.pop(uid, None)
+            if job is None:
+                continue
+            try:
+                await asyncio.to_thread(self.report, job.transition)
+            except RetryLater as later:
+                job.attempt += 1
+                if job.attempt >= MAX_ATTEMPTS:
+                    log.error("giving up reporting %s to GitHub: %s", job.transition.name, later)
+                    continue
+                log.warning("GitHub report for %s retried in %.1f s: %s", job.transition.name, later.delay, later)
+                assert self._loop is not None
+                self._loop.call_later(later.delay, self._requeue, job)
+            except Exception:
+                log.exception("GitHub report for %s failed", job.transition.name)
+
+    def _requeue(self, job: _Job) -> None:
+        if job.transition.uid in self._pending:
+            return  # superseded by a newer state while waiting: that one is reported instead
+        self._enqueue(job)
+
+    # One report (in a worker thread) ---------------------------------------------------------------------
+
+    def report(self, t: Transition) -> None:
+        """Bring the PR up to date with `t`; raise RetryLater for what may pass."""
+        spec = t.spec
+        try:
+            client = self.auth.client_for(spec.get("installationId"))
+        except NoCredentials as why:
+            REPORTS.labels("all", "skipped").inc()
+            log.info("GitHub reporting skipped for %s: %s", t.name, why, extra={"repository": spec["repository"]})
+            return
+        except GithubException as err:
+            self._raise_retry("token", err, spec)
+            return
+        except requests.RequestException as err:
+            raise RetryLater(5, f"GitHub unreachable: {err}") from err
+        reported = self._reported(t)
+        repo = client.get_repo(str(spec["repository"]), lazy=True)
+        steps = (self._commit_status, self._deployment, self._comment)
+        for step in steps:
+            kind = step.__name__.lstrip("_")
+            try:
+                update = step(repo, t, reported)
+            except GithubException as err:
+                REPORTS.labels(kind, "error").inc()
+                self._raise_retry(kind, err, spec)
+                return
+            except requests.RequestException as err:
+                REPORTS.labels(kind, "error").inc()
+                raise RetryLater(5, f"GitHub unreachable: {err}") from err
+            finally:
+                self._observe_rate_limit(client)
+            if update:
+                REPORTS.labels(kind, "success").inc()
+                reported.update(update)
+                self._record(t, update)
+
+    def _raise_retry(self, kind: str, err: GithubException, spec: dict[str, Any]) -> None:
+        if err.status == 401:
+            self.auth.invalidate(spec.get("installationId"))
+        delay = _retry_delay(err, 0, self.settings.github_retry_max_delay)
+        if delay is None:
+            REPORTS.labels(kind, "refused").inc()
+            log.error(
+                "GitHub refused the %s report (%s): %s; not retried",
+                kind,
+                err.status,
+                err.data,
+                extra={"repository": spec["repository"], "pr": spec["pullRequest"]},
+            )
+            return
+        raise RetryLater(delay, f"{kind}: GitHub answered {err.status}")
+
+    def _observe_rate_limit(self, client: Any) -> None:
+        remaining = getattr(client, "rate_limiting", (-1, -1))[0]
+        if remaining >= 0:
+            RATE_LIMIT.set(remaining)
+
+    def _reported(self, t: Transition) -> dict[str, Any]:
+        """What the object says was reported already (fresh from the API, so restarts never repost)."""
+        try:
+            obj = self.kube.get_environment(t.name)
+        except KubeError as err:
+            raise RetryLater(2, f"cannot read {t.name}: {err}") from err
+        if obj is not None and obj["metadata"]["uid"] == t.uid:
+            return dict((obj.get("status") or {}).get("reported") or {})
+        return dict(t.status.get("reported") or {})
+
+    def _record(self, t: Transition, update: dict[str, Any]) -> None:
+        try:
+            self.kube.patch_environment_status(t.name, {"reported": update})
+        except KubeError as err:
+            log.warning("could not record the GitHub report on %s: %s", t.name, err)
+
+    # The three reports ---------------------------------------------------------------------------------
+
+    def _commit_status(self, repo: Repository, t: Transition, reported: dict[str, Any]) -> dict[str, Any] | None:
+        if t.phase not in COMMIT_STATES:
+            return None
+        state, description = COMMIT_STATES[t.phase]
+        if t.phase == "Failed" and not t.status.get("permanent"):
+            state = "error"
+        sha = str(t.spec["commitSha"])
+        key = f"{state}@{sha}"
+        if reported.get("commitStatus") == key:
+            return None
+        kwargs: dict[str, Any] = {"state": state, "description": description[:140], "context": self._context}
+        if t.status.get("url"):
+            kwargs["target_url"] = str(t.status["url"])
+        repo.get_commit(sha).create_status(**kwargs)
+        return {"commitStatus": key}
+
+    @property
+    def _context(self) -> str:
+        return self.settings.github_status_context
+
+    def _deployment(self, repo: Repository, t: Transition, reported: dict[str, Any]) -> dict[str, Any] | None:
+        state = DEPLOYMENT_STATES.get(t.phase)
+        if state is None:
+            return None
+        sha = str(t.spec["commitSha"])
+        update: dict[str, Any] = {}
+        deployment_id = reported.get("deploymentId")
+        if reported.get("deploymentSha") != sha or not deployment_id:
+            if state == "inactive":
+                return None  # nothing was deployed for this commit: nothing to deactivate
+            deployment = repo.create_deployment(
+                ref=sha,
+                environment=f"pr-{t.spec['pullRequest']}",
+                description=f"Preview of {sha[:7]}",
+                auto_merge=False,
+                required_contexts=[],
+                transient_environment=True,
+                production_environment=False,
+            )
+            deployment_id = deployment.id
+            update = {"deploymentId": deployment_id, "deploymentSha": sha}
+            # Recorded at once: a retry of the status below must not create a second deployment.
+            reported.update(update)
+            self._record(t, update)
+        key = f"{state}@{deployment_id}"
+        if reported.get("deploymentState") == key:
+            return update or None
+        deployment = repo.get_deployment(int(deployment_id))
+        kwargs: dict[str, Any] = {"state": state, "description": t.message[:140], "auto_inactive": True}
+        if t.status.get("url"):
+            kwargs["environment_url"] = str(t.status["url"])
+        deployment.create_status(**kwargs)
+        return {**update, "deploymentState": key}
+
+    def _comment(self, repo: Repository, t: Transition, reported: dict[str, Any]) -> dict[str, Any] | None:
+        key = f"{t.phase}@{t.spec['commitSha']}"
+        if reported.get("comment") == key:
+            return None
+        body = comment_body(t)
+        issue = repo.get_issue(int(t.spec["pullRequest"]))
+        comment_id = reported.get("commentId")
+        comment = None
+        if comment_id:
+            comment = issue.get_comment(int(comment_id))
+        else:
+            tag = marker(str(t.spec["repository"]), int(t.spec["pullRequest"]))
+            comment = next((c for c in issue.get_comments() if tag in (c.body or "")), None)
+        if comment is None:
+            comment = issue.create_comment(body)
+        else:
+            comment.edit(body)
+        return {"commentId": comment.id, "comment": key}
+
+
+def reported_is_current(status: dict[str, Any], spec: dict[str, Any]) -> bool:
+    """Whether `status.reported` already reflects the object's phase (checked at start-up, no API call)."""
+    reported = status.get("reported") or {}
+    phase = status.get("phase")
+    if phase not in COMMIT_STATES:
+        return True
+    state = COMMIT_STATES[phase][0]
+    if phase == "Failed" and not status.get("permanent"):
+        state = "error"
+    return bool(reported.get("commitStatus") == f"{state}@{spec.get('commitSha')}")
