@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from ephemera.devtools.controlplane import REPO_ROOT, ControlPlane, running
+from tests.fakegithub import FakeGitHub, Server
 from tests.support import Kubectl, Process, process_env, wait_for
 
 CRD = REPO_ROOT / "crds" / "previewenvironments.yaml"
@@ -38,10 +39,30 @@ def crd(kubectl: Kubectl) -> Path:
 
 
 @pytest.fixture(scope="session")
-def operator(crd: Path, control_plane: ControlPlane, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Process]:
-    """`ephemera operator` as in production: a subprocess against the real API server."""
+def github() -> Iterator[FakeGitHub]:
+    """The local GitHub API server, in this process (tests read what it received)."""
+    server = Server(FakeGitHub())
+    fake = server.start()
+    yield fake
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def operator(
+    crd: Path, control_plane: ControlPlane, github: FakeGitHub, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Process]:
+    """`ephemera operator` as in production: a subprocess against the real API server, reporting to GitHub."""
     tmp = tmp_path_factory.mktemp("operator")
-    env = process_env(control_plane.kubeconfig, tmp, EPHEMERA_MAX_CPU="8", EPHEMERA_WORKERS="50")
+    env = process_env(
+        control_plane.kubeconfig,
+        tmp,
+        EPHEMERA_MAX_CPU="8",
+        EPHEMERA_WORKERS="50",
+        EPHEMERA_GITHUB_API_URL=github.url(""),
+        EPHEMERA_GITHUB_APP_ID=str(github.app_id),
+        EPHEMERA_GITHUB_PRIVATE_KEY=github.private_key_pem,
+        EPHEMERA_GITHUB_RETRY_MAX_DELAY="5",
+    )
     proc = Process(["operator"], env, tmp / "operator.log", int(env["EPHEMERA_OPERATOR_PORT"])).start()
     wait_for(lambda: http_ok(proc, "/healthz"), timeout=60, what="operator /healthz")
     yield proc

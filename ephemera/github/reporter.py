@@ -10,6 +10,7 @@ operator restarts.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
 from dataclasses import dataclass
@@ -54,9 +55,12 @@ ICONS = {"Ready": "🟢", "Failed": "🔴", "Destroying": "⚪", "Provisioning":
 
 
 class RetryLater(Exception):
-    def __init__(self, delay: float, why: str) -> None:
+    """A report to try again: after `delay` seconds, doubled per attempt when `backoff` is set."""
+
+    def __init__(self, delay: float, why: str, *, backoff: bool = True) -> None:
         super().__init__(why)
         self.delay = delay
+        self.backoff = backoff
 
 
 def marker(repository: str, pr: int) -> str:
@@ -91,26 +95,28 @@ def comment_body(t: Transition) -> str:
     )
 
 
-def _retry_delay(err: GithubException, attempt: int, max_delay: float) -> float | None:
-    """How long to wait before trying again, or None if trying again cannot help."""
+def _retry(err: GithubException, max_delay: float) -> RetryLater | None:
+    """When to try again, as GitHub says (Retry-After, X-RateLimit-Reset) or by backoff; None if never."""
     headers = {k.lower(): v for k, v in (err.headers or {}).items()}
-    backoff = min(2.0**attempt, max_delay)
+    why = f"GitHub answered {err.status}"
     if err.status in (403, 429):
         if "retry-after" in headers:
-            return min(float(headers["retry-after"]), max_delay)
+            return RetryLater(min(float(headers["retry-after"]), max_delay), why, backoff=False)
         if headers.get("x-ratelimit-remaining") == "0" and "x-ratelimit-reset" in headers:
-            return min(max(1.0, float(headers["x-ratelimit-reset"]) - time.time()), max_delay)
+            wait = min(max(1.0, float(headers["x-ratelimit-reset"]) - time.time()), max_delay)
+            return RetryLater(wait, why, backoff=False)
         if err.status == 429:
-            return backoff
+            return RetryLater(1.0, why)
         return None  # a plain 403: the App lacks a permission
     if err.status == 401 or err.status >= 500:
-        return backoff
+        return RetryLater(1.0, why)
     return None
 
 
 @dataclass
 class _Job:
     transition: Transition
+    seq: int  # the order in which states arrived: a higher one is newer
     attempt: int = 0
 
 
@@ -122,8 +128,13 @@ class Reporter:
         self.kube = kube
         self.auth = auth
         self.workers = workers
-        self._pending: dict[str, _Job] = {}
+        self._pending: dict[str, _Job] = {}  # uid -> the newest state not yet reported
+        self._queued: set[str] = set()  # uids in the queue
+        self._active: set[str] = set()  # uids being reported now: one report per object at a time
         self._queue: asyncio.Queue[str] = asyncio.Queue()
+        self._newest: dict[str, int] = {}  # uid -> seq of the newest state seen
+        self._waiting: dict[str, int] = {}  # uid -> retries scheduled for later
+        self._seq = itertools.count()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -131,16 +142,23 @@ class Reporter:
 
     def listener(self, transition: Transition) -> None:
         if self._loop is not None:
-            self._loop.call_soon_threadsafe(self._enqueue, _Job(transition))
+            self._loop.call_soon_threadsafe(self._arrive, transition)
+
+    def _arrive(self, transition: Transition) -> None:
+        job = _Job(transition, next(self._seq))
+        self._newest[transition.uid] = job.seq
+        self._enqueue(job)
 
     def _enqueue(self, job: _Job) -> None:
         uid = job.transition.uid
-        current = self._pending.get(uid)
-        if current is not None and current.transition.at > job.transition.at:
-            return  # a newer state is already waiting
-        queued = current is not None
+        if job.seq < self._newest.get(uid, -1):
+            return  # superseded: the newer state is (or was) reported instead
         self._pending[uid] = job
-        if not queued:
+        self._schedule(uid)
+
+    def _schedule(self, uid: str) -> None:
+        if uid in self._pending and uid not in self._queued and uid not in self._active:
+            self._queued.add(uid)
             self._queue.put_nowait(uid)
 
     # The loop ----------------------------------------------------------------------------------------
@@ -155,14 +173,16 @@ class Reporter:
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
     def idle(self) -> bool:
-        return not self._pending
+        return not self._pending and not self._active
 
     async def _worker(self) -> None:
         while True:
             uid = await self._queue.get()
+            self._queued.discard(uid)
             job = self._pending.pop(uid, None)
             if job is None:
                 continue
+            self._active.add(uid)
             try:
                 await asyncio.to_thread(self.report, job.transition)
             except RetryLater as later:
@@ -170,16 +190,32 @@ class Reporter:
                 if job.attempt >= MAX_ATTEMPTS:
                     log.error("giving up reporting %s to GitHub: %s", job.transition.name, later)
                     continue
-                log.warning("GitHub report for %s retried in %.1f s: %s", job.transition.name, later.delay, later)
+                delay = later.delay
+                if later.backoff:
+                    delay = min(delay * 2 ** (job.attempt - 1), self.settings.github_retry_max_delay)
+                log.warning("GitHub report for %s retried in %.1f s: %s", job.transition.name, delay, later)
                 assert self._loop is not None
-                self._loop.call_later(later.delay, self._requeue, job)
+                self._waiting[uid] = self._waiting.get(uid, 0) + 1
+                self._loop.call_later(delay, self._retry, job)
             except Exception:
                 log.exception("GitHub report for %s failed", job.transition.name)
+            finally:
+                self._active.discard(uid)
+                self._schedule(uid)  # a newer state that arrived meanwhile
+                self._forget(uid)
 
-    def _requeue(self, job: _Job) -> None:
-        if job.transition.uid in self._pending:
-            return  # superseded by a newer state while waiting: that one is reported instead
+    def _retry(self, job: _Job) -> None:
+        uid = job.transition.uid
+        self._waiting[uid] -= 1
+        if not self._waiting[uid]:
+            del self._waiting[uid]
         self._enqueue(job)
+        self._forget(uid)
+
+    def _forget(self, uid: str) -> None:
+        """Drop what is kept about an object once nothing about it is queued, running or waiting."""
+        if uid not in self._pending and uid not in self._active and uid not in self._waiting:
+            self._newest.pop(uid, None)
 
     # One report (in a worker thread) ---------------------------------------------------------------------
 
@@ -221,8 +257,8 @@ class Reporter:
     def _raise_retry(self, kind: str, err: GithubException, spec: dict[str, Any]) -> None:
         if err.status == 401:
             self.auth.invalidate(spec.get("installationId"))
-        delay = _retry_delay(err, 0, self.settings.github_retry_max_delay)
-        if delay is None:
+        later = _retry(err, self.settings.github_retry_max_delay)
+        if later is None:
             REPORTS.labels(kind, "refused").inc()
             log.error(
                 "GitHub refused the %s report (%s): %s; not retried",
@@ -232,7 +268,7 @@ class Reporter:
                 extra={"repository": spec["repository"], "pr": spec["pullRequest"]},
             )
             return
-        raise RetryLater(delay, f"{kind}: GitHub answered {err.status}")
+        raise RetryLater(later.delay, f"{kind}: {later}", backoff=later.backoff)
 
     def _observe_rate_limit(self, client: Any) -> None:
         remaining = getattr(client, "rate_limiting", (-1, -1))[0]

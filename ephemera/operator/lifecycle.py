@@ -10,9 +10,11 @@ from typing import Any
 import kopf
 
 from ephemera.environments import Environment, Environments, Failure, PermanentFailure
+from ephemera.github.reporter import reported_is_current
 from ephemera.models import GROUP, KIND, PLURAL, VERSION, Phase
 from ephemera.naming import MANAGED_BY, MANAGED_BY_LABEL
 from ephemera.operator.metrics import RECONCILES
+from ephemera.transitions import Transition
 
 Logger = logging.Logger | logging.LoggerAdapter[Any]
 RESOURCE = (GROUP, VERSION, PLURAL)
@@ -178,3 +180,31 @@ def namespace_gone(*, event: kopf.RawEvent, memo: kopf.Memo, logger: Logger, **_
     except Failure as failure:
         # The stale sweep retries a Ready environment without its namespace.
         logger.warning("Could not re-create namespace of %s: %s", env_name, failure.message)
+
+
+def _report_outdated(status: kopf.Status, spec: kopf.Spec, **_: Any) -> bool:
+    return not reported_is_current(dict(status), dict(spec))
+
+
+@kopf.on.resume(*RESOURCE, id="report-resume", when=_report_outdated)
+def report_resume(*, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    """After a restart: report a state that was reached but not yet reported (the object says which)."""
+    env = Environment.from_body(dict(body))
+    status = dict(body.get("status") or {})
+    conditions = status.get("conditions") or [{}]
+    memo.reporter.listener(
+        Transition(
+            name=env.name,
+            uid=env.uid,
+            generation=env.generation,
+            spec=env.spec.to_k8s(),
+            old_phase=None,
+            phase=str(status.get("phase")),
+            reason=str(status.get("reason") or ""),
+            message=str(status.get("message") or ""),
+            at=str(conditions[0].get("lastTransitionTime") or ""),
+            status=status,
+            created=env.created,
+            annotations=env.annotations,
+        )
+    )

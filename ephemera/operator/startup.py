@@ -10,6 +10,8 @@ import kopf
 
 from ephemera.config import get_settings
 from ephemera.environments import Environments
+from ephemera.github.client import GitHubAuth
+from ephemera.github.reporter import Reporter
 from ephemera.kube import Kube, load_api_client
 from ephemera.operator import health
 from ephemera.operator.metrics import observe_transition
@@ -43,6 +45,12 @@ async def configure(*, settings: kopf.OperatorSettings, memo: kopf.Memo, logger:
     memo.kube = kube
     memo.transitions = transitions
     memo.environments = Environments(kube, cfg, transitions, recorder=post_event)
+    auth = await asyncio.to_thread(GitHubAuth, cfg)
+    if not auth.configured:
+        logger.info("GitHub reporting is off: no GitHub App and no token configured")
+    memo.reporter = Reporter(cfg, kube, auth)
+    memo.reporter.start()
+    transitions.subscribe(memo.reporter.listener)
     memo.phases = {}  # name -> phase, kept by lifecycle.track
     memo.warned = set()  # uids already warned about the soft time limit
     memo.health = await health.start(cfg.operator_host, cfg.operator_port)
@@ -57,6 +65,8 @@ def post_event(ref: dict[str, Any], type_: str, reason: str, message: str) -> No
 
 @kopf.on.cleanup()
 async def cleanup(*, memo: kopf.Memo, **_: Any) -> None:
+    if getattr(memo, "reporter", None) is not None:
+        await memo.reporter.stop()
     if getattr(memo, "health", None) is not None:
         await memo.health.cleanup()
     if getattr(memo, "kube", None) is not None:

@@ -1,0 +1,398 @@
+"""A local server that answers like GitHub's REST API, for PyGithub under test.
+
+It checks the App JWT against the App's public key, issues installation tokens that expire and
+requires one on every call, serves the endpoints Ephemera uses (commit statuses, issue comments,
+deployments and their statuses), records every call, and can inject 5xx answers, rate limits and
+latency. Its answers are shaped from real recorded exchanges (../shared/fixtures/github/rest-recordings).
+
+    python -m tests.fakegithub --port 8099   (serves /_calls for a look at what it received)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import copy
+import itertools
+import json
+import re
+import secrets
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import jwt
+from aiohttp import web
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+RECORDINGS = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "github" / "rest-recordings"
+
+
+def recorded(name: str, index: int = 0) -> tuple[int, dict[str, str], Any]:
+    """Status, headers and JSON body of the `index`-th exchange of a recording."""
+    lines = (RECORDINGS / f"{name}.txt").read_text().split("\n")
+    exchanges = [i for i, line in enumerate(lines) if line in ("http", "https") and i + 9 < len(lines)]
+    start = exchanges[index]
+    status = int(lines[start + 7])
+    headers = dict(eval(lines[start + 8]))
+    return status, headers, json.loads(lines[start + 9])
+
+
+JSON_BODY: web.RequestKey[Any] = web.RequestKey("json", object)
+
+
+@dataclass
+class Fault:
+    """Answer the next `count` matching calls with `status` (after `delay` seconds), or just delay them."""
+
+    method: str = ".*"
+    path: str = ".*"
+    status: int | None = 502
+    headers: dict[str, str] = field(default_factory=dict)
+    body: dict[str, Any] = field(default_factory=lambda: {"message": "Server Error"})
+    delay: float = 0.0
+    count: int = 1
+
+    def matches(self, method: str, path: str) -> bool:
+        return bool(re.fullmatch(self.method, method) and re.fullmatch(self.path, path)) and self.count > 0
+
+
+@dataclass
+class Call:
+    method: str
+    path: str
+    body: Any
+    installation: int | None
+    status: int
+    at: float
+
+
+class FakeGitHub:
+    """State and handlers of the fake API."""
+
+    def __init__(self, app_id: int = 4242, token_ttl: float = 3600.0) -> None:
+        self.app_id = app_id
+        self.token_ttl = token_ttl
+        key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        self.private_key_pem = key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        ).decode()
+        self.public_key = key.public_key()
+        self.installations: set[int] = {1, 4242}
+        self.tokens: dict[str, tuple[int, float]] = {}
+        self.calls: list[Call] = []
+        self.faults: list[Fault] = []
+        self.statuses: dict[str, list[dict[str, Any]]] = {}  # "owner/repo@sha" -> statuses
+        self.comments: dict[int, dict[str, Any]] = {}
+        self.deployments: dict[int, dict[str, Any]] = {}
+        self.deployment_statuses: dict[int, list[dict[str, Any]]] = {}
+        self.rate_remaining = 5000
+        self._ids = itertools.count(1000)
+        self._lock = threading.Lock()
+        self.port = 0
+        self._templates = {
+            "token": recorded("GithubIntegration.testGetAccessToken")[2],
+            "bad_jwt": recorded("GithubIntegration.testGetAccessTokenWithExpiredJWT")[2],
+            "no_installation": recorded("GithubIntegration.testGetAccessTokenForNoInstallation")[2],
+            "status": recorded("Commit.testCreateStatusWithAllParameters")[2],
+            "comment": recorded("Issue.testCreateComment")[2],
+            "deployment": recorded("Repository.testCreateDeployment")[2],
+            "deployment_status": recorded("DeploymentStatus.testCreate")[2],
+            "rate_limited": recorded("SpecificExceptions.testAuthenticatedRateLimitExceeded", 1),
+        }
+
+    # What tests look at -------------------------------------------------------------------------------
+
+    def calls_to(self, method: str, pattern: str) -> list[Call]:
+        with self._lock:
+            return [c for c in self.calls if c.method == method and re.fullmatch(pattern, c.path) and c.status < 300]
+
+    def inject(self, fault: Fault) -> None:
+        with self._lock:
+            self.faults.append(fault)
+
+    def rate_limit(self, path: str = r"/repos/.*", retry_after: int = 1, count: int = 1) -> None:
+        """A secondary rate limit as GitHub answers it: 403, a message, and Retry-After."""
+        status, _recorded_headers, body = self._templates["rate_limited"]
+        self.inject(
+            Fault(
+                path=path,
+                status=status,
+                headers={"Retry-After": str(retry_after)},
+                body={**body, "message": "You have exceeded a secondary rate limit."},
+                count=count,
+            )
+        )
+
+    # Plumbing --------------------------------------------------------------------------------------
+
+    def _next_id(self) -> int:
+        return next(self._ids)
+
+    def _headers(self) -> dict[str, str]:
+        return {
+            "X-RateLimit-Limit": "5000",
+            "X-RateLimit-Remaining": str(self.rate_remaining),
+            "X-RateLimit-Reset": str(int(time.time()) + 3600),
+            "X-RateLimit-Used": str(5000 - self.rate_remaining),
+            "X-RateLimit-Resource": "core",
+            "X-GitHub-Media-Type": "github.v3; format=json",
+        }
+
+    def _answer(self, status: int, body: Any, headers: dict[str, str] | None = None) -> web.Response:
+        return web.json_response(body, status=status, headers={**self._headers(), **(headers or {})})
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    @web.middleware
+    async def middleware(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        body: Any = None
+        if request.can_read_body:
+            raw = await request.read()
+            body = json.loads(raw) if raw else None
+        request[JSON_BODY] = body
+        installation = None
+        fault = None
+        with self._lock:
+            for candidate in self.faults:
+                if candidate.matches(request.method, request.path):
+                    candidate.count -= 1
+                    fault = candidate
+                    break
+        if fault is not None and fault.delay:
+            await asyncio.sleep(fault.delay)
+        if fault is not None and fault.status is not None:
+            response = self._answer(fault.status, fault.body, fault.headers)
+        elif request.path.startswith("/_") or request.path.startswith("/app/"):
+            response = await handler(request)
+        else:
+            installation, refusal = self._check_token(request)
+            response = refusal if refusal is not None else await handler(request)
+        with self._lock:
+            if not request.path.startswith("/_"):
+                self.rate_remaining = max(0, self.rate_remaining - 1)
+                self.calls.append(Call(request.method, request.path, body, installation, response.status, time.time()))
+        return response
+
+    def _check_token(self, request: web.Request) -> tuple[int | None, web.Response | None]:
+        header = request.headers.get("Authorization", "")
+        token = header.split(" ", 1)[1] if " " in header else ""
+        entry = self.tokens.get(token)
+        if entry is None or entry[1] < time.time():
+            body = {"message": "Bad credentials", "documentation_url": "https://docs.github.com/rest"}
+            return None, self._answer(401, body)
+        return entry[0], None
+
+    # GitHub App -------------------------------------------------------------------------------------
+
+    async def access_token(self, request: web.Request) -> web.Response:
+        installation = int(request.match_info["id"])
+        header = request.headers.get("Authorization", "")
+        try:
+            claims = jwt.decode(
+                header.removeprefix("Bearer "),
+                self.public_key,
+                algorithms=["RS256"],
+                options={"require": ["exp", "iat", "iss"]},
+            )
+            if str(claims["iss"]) != str(self.app_id):
+                raise jwt.InvalidIssuerError("wrong issuer")
+        except jwt.PyJWTError:
+            return self._answer(401, self._templates["bad_jwt"])
+        if installation not in self.installations:
+            return self._answer(404, self._templates["no_installation"])
+        token = "ghs_" + secrets.token_hex(18)
+        expires = time.time() + self.token_ttl
+        self.tokens[token] = (installation, expires)
+        body = copy.deepcopy(self._templates["token"])
+        body.update(token=token, expires_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(expires)))
+        body["permissions"] = {"statuses": "write", "pull_requests": "write", "deployments": "write"}
+        return self._answer(201, body)
+
+    # Repositories ----------------------------------------------------------------------------------
+
+    def _repo(self, request: web.Request) -> str:
+        return f"{request.match_info['owner']}/{request.match_info['repo']}"
+
+    async def get_repo(self, request: web.Request) -> web.Response:
+        repo = self._repo(request)
+        return self._answer(
+            200, {"id": 1, "name": repo.split("/")[1], "full_name": repo, "url": self.url(request.path)}
+        )
+
+    async def create_status(self, request: web.Request) -> web.Response:
+        data = request[JSON_BODY] or {}
+        if data.get("state") not in ("error", "failure", "pending", "success"):
+            return self._answer(422, {"message": "Validation Failed"})
+        body = copy.deepcopy(self._templates["status"])
+        sid = self._next_id()
+        body.update(
+            id=sid,
+            state=data["state"],
+            description=data.get("description"),
+            target_url=data.get("target_url"),
+            context=data.get("context", "default"),
+            url=self.url(f"{request.path}/{sid}"),
+        )
+        key = f"{self._repo(request)}@{request.match_info['sha']}"
+        self.statuses.setdefault(key, []).append(body)
+        return self._answer(201, body)
+
+    async def get_commit(self, request: web.Request) -> web.Response:
+        sha = request.match_info["sha"]
+        return self._answer(200, {"sha": sha, "url": self.url(request.path)})
+
+    async def get_issue(self, request: web.Request) -> web.Response:
+        number = int(request.match_info["number"])
+        return self._answer(200, {"number": number, "id": number, "url": self.url(request.path), "state": "open"})
+
+    def _comment_json(self, comment_id: int) -> dict[str, Any]:
+        return self.comments[comment_id]
+
+    async def list_comments(self, request: web.Request) -> web.Response:
+        issue_url = self.url(request.path.rsplit("/comments", 1)[0])
+        found = [c for c in self.comments.values() if c["issue_url"] == issue_url]
+        return self._answer(200, found)
+
+    async def create_comment(self, request: web.Request) -> web.Response:
+        data = request[JSON_BODY] or {}
+        cid = self._next_id()
+        base = request.path.split("/issues/")[0]
+        body = copy.deepcopy(self._templates["comment"])
+        body.update(
+            id=cid,
+            body=data.get("body", ""),
+            url=self.url(f"{base}/issues/comments/{cid}"),
+            issue_url=self.url(request.path.rsplit("/comments", 1)[0]),
+            edits=0,
+        )
+        self.comments[cid] = body
+        return self._answer(201, body)
+
+    async def get_comment(self, request: web.Request) -> web.Response:
+        comment = self.comments.get(int(request.match_info["id"]))
+        return self._answer(200, comment) if comment else self._answer(404, {"message": "Not Found"})
+
+    async def edit_comment(self, request: web.Request) -> web.Response:
+        comment = self.comments.get(int(request.match_info["id"]))
+        if comment is None:
+            return self._answer(404, {"message": "Not Found"})
+        comment["body"] = (request[JSON_BODY] or {}).get("body", comment["body"])
+        comment["edits"] += 1
+        return self._answer(200, comment)
+
+    async def create_deployment(self, request: web.Request) -> web.Response:
+        data = request[JSON_BODY] or {}
+        did = self._next_id()
+        body = copy.deepcopy(self._templates["deployment"])
+        body.update(
+            id=did,
+            sha=data.get("ref"),
+            ref=data.get("ref"),
+            environment=data.get("environment"),
+            original_environment=data.get("environment"),
+            description=data.get("description"),
+            transient_environment=data.get("transient_environment", False),
+            production_environment=data.get("production_environment", False),
+            url=self.url(f"{request.path}/{did}"),
+            statuses_url=self.url(f"{request.path}/{did}/statuses"),
+            repository=self._repo(request),
+        )
+        self.deployments[did] = body
+        self.deployment_statuses[did] = []
+        return self._answer(201, body)
+
+    async def get_deployment(self, request: web.Request) -> web.Response:
+        deployment = self.deployments.get(int(request.match_info["id"]))
+        return self._answer(200, deployment) if deployment else self._answer(404, {"message": "Not Found"})
+
+    async def create_deployment_status(self, request: web.Request) -> web.Response:
+        did = int(request.match_info["id"])
+        if did not in self.deployments:
+            return self._answer(404, {"message": "Not Found"})
+        data = request[JSON_BODY] or {}
+        body = copy.deepcopy(self._templates["deployment_status"])
+        body.update(
+            id=self._next_id(),
+            state=data.get("state"),
+            description=data.get("description"),
+            environment_url=data.get("environment_url", ""),
+            deployment_url=self.url(request.path.rsplit("/statuses", 1)[0]),
+        )
+        self.deployment_statuses[did].append(body)
+        return self._answer(201, body)
+
+    async def dump_calls(self, _: web.Request) -> web.Response:
+        with self._lock:
+            calls = [c.__dict__ for c in self.calls]
+        return web.json_response(calls)
+
+    def app(self) -> web.Application:
+        app = web.Application(middlewares=[self.middleware])
+        repo = "/repos/{owner}/{repo}"
+        app.router.add_post("/app/installations/{id}/access_tokens", self.access_token)
+        app.router.add_get(repo, self.get_repo)
+        app.router.add_post(repo + "/statuses/{sha}", self.create_status)
+        app.router.add_get(repo + "/commits/{sha}", self.get_commit)
+        app.router.add_get(repo + "/issues/{number:\\d+}", self.get_issue)
+        app.router.add_get(repo + "/issues/{number:\\d+}/comments", self.list_comments)
+        app.router.add_post(repo + "/issues/{number:\\d+}/comments", self.create_comment)
+        app.router.add_get(repo + "/issues/comments/{id}", self.get_comment)
+        app.router.add_patch(repo + "/issues/comments/{id}", self.edit_comment)
+        app.router.add_post(repo + "/deployments", self.create_deployment)
+        app.router.add_get(repo + "/deployments/{id}", self.get_deployment)
+        app.router.add_post(repo + "/deployments/{id}/statuses", self.create_deployment_status)
+        app.router.add_get("/_calls", self.dump_calls)
+        return app
+
+
+class Server:
+    """Runs a FakeGitHub on a loopback port in a background thread."""
+
+    def __init__(self, fake: FakeGitHub, port: int = 0) -> None:
+        self.fake = fake
+        self._port = port
+        self._loop = asyncio.new_event_loop()
+        self._runner: web.AppRunner | None = None
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+
+    def start(self) -> FakeGitHub:
+        self._thread.start()
+        asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(timeout=30)
+        return self.fake
+
+    async def _start(self) -> None:
+        self._runner = web.AppRunner(self.fake.app(), access_log=None)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, "127.0.0.1", self._port).start()
+        self.fake.port = int(self._runner.addresses[0][1])
+
+    def stop(self) -> None:
+        if self._runner is not None:
+            asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(timeout=30)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=10)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="A local server that answers like GitHub's REST API.")
+    parser.add_argument("--port", type=int, default=8099)
+    parser.add_argument("--key-file", type=Path, required=True, help="where to write the App's private key")
+    args = parser.parse_args()
+    fake = FakeGitHub()
+    args.key_file.write_text(fake.private_key_pem)
+    server = Server(fake, args.port)
+    server.start()
+    print(f"fake GitHub on http://127.0.0.1:{fake.port} (App id {fake.app_id})", flush=True)
+    try:
+        threading.Event().wait()
+    except KeyboardInterrupt:
+        server.stop()
+
+
+if __name__ == "__main__":
+    main()
