@@ -98,7 +98,11 @@ def test_outages_and_rate_limits_are_recovered_without_duplicates(
 def test_expired_tokens_are_renewed(operator: Process, kubectl: Kubectl, github: FakeGitHub) -> None:
     warm, repo, name = repo_name(), repo_name(), f"gh-token-{uuid.uuid4().hex[:6]}"
     kubectl.apply(make_env(f"{name}-warm", 3, repo=warm, installationId=INSTALLATION))
-    wait_for(lambda: statuses(github, warm, SHA_A)[-1:] == ["success"], timeout=60, what="a token in the cache")
+    wait_for(
+        lambda: reported(kubectl, f"{name}-warm").get("comment") == f"Ready@{SHA_A}",
+        timeout=60,
+        what="a token in the cache and every report of the warm-up done",
+    )
     github.tokens.clear()  # the operator's cached installation token now answers 401
     kubectl.apply(make_env(name, 3, repo=repo, installationId=INSTALLATION))
     # The refused call is retried with a fresh token; a pending overtaken meanwhile by Ready is never posted.
