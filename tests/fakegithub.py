@@ -32,8 +32,11 @@ RECORDINGS = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "gith
 
 
 def recorded(name: str, index: int = 0) -> tuple[int, dict[str, str], Any]:
-    """Status, headers and JSON body of the `index`-th exchange of a recording."""
-    lines = (RECORDINGS / f"{name}.txt").read_text().split("\n")
+    """Status, headers and JSON body of the `index`-th exchange of a recording (bare, if none are at hand)."""
+    path = RECORDINGS / f"{name}.txt"
+    if not path.exists():  # outside the workplace (e.g. `make run` elsewhere): plain answers will do
+        return 200, {}, {}
+    lines = path.read_text().split("\n")
     exchanges = [i for i, line in enumerate(lines) if line in ("http", "https") and i + 9 < len(lines)]
     start = exchanges[index]
     status = int(lines[start + 7])

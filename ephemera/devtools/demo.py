@@ -146,8 +146,23 @@ def up() -> int:
         "EPHEMERA_WEBHOOK_PORT": config["webhook_port"],
         "EPHEMERA_OPERATOR_PORT": config["operator_port"],
         "EPHEMERA_DATABASE_URL": f"sqlite+aiosqlite:///{RUN_DIR / 'ephemera.db'}",
+        "EPHEMERA_GITHUB_API_URL": f"http://127.0.0.1:{config['github_port']}",
+        "EPHEMERA_GITHUB_APP_ID": "4242",
+        "EPHEMERA_GITHUB_PRIVATE_KEY_FILE": str(RUN_DIR / "github-app.pem"),
     }
     python = sys.executable
+    _say("Local GitHub API server (plays GitHub: App tokens, statuses, comments, deployments)")
+    if not _alive("github"):
+        key = RUN_DIR / "github-app.pem"
+        key.unlink(missing_ok=True)
+        _spawn(
+            "github", [python, "-m", "tests.fakegithub", "--port", config["github_port"], "--key-file", str(key)], {}
+        )
+        deadline = time.monotonic() + 30
+        while not key.exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+    _wait_http(f"http://127.0.0.1:{config['github_port']}/_calls")
+    print(f"listening on 127.0.0.1:{config['github_port']}")
     _say("Operator and webhook")
     for name, args in (
         ("operator", [python, "-m", "ephemera.cli", "operator"]),
@@ -183,12 +198,34 @@ def up() -> int:
     if namespace:
         _say(f"What the environment's namespace holds (kubectl -n {namespace} get ...)")
         print(_kubectl("-n", namespace, "get", "resourcequota,limitrange,networkpolicy"), end="")
+    _say("What the local GitHub server received (commit status, sticky comment, deployment)")
+    github_calls(int(config["github_port"]), "octo-org/shop")
     _say("Try it yourself")
     print(f"export KUBECONFIG={KUBECONFIG}")
     print("kubectl get pe -w            # watch the phases")
     print(f"kubectl delete pe {name}     # tear the environment down")
     print("make run-down                # stop the operator, the webhook and the control plane")
     return 0 if phase == "Ready" else 1
+
+
+def github_calls(port: int, repo: str, timeout: float = 15) -> None:
+    """Print the calls about `repo` once the Ready report has landed."""
+    deadline = time.monotonic() + timeout
+    calls: list[dict[str, Any]] = []
+    while time.monotonic() < deadline:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/_calls", timeout=5) as response:
+            calls = [c for c in json.loads(response.read()) if f"/repos/{repo}/" in c["path"] or "/app/" in c["path"]]
+        done = any(
+            c["method"] == "POST" and "/statuses/" in c["path"] and (c["body"] or {}).get("state") == "success"
+            for c in calls
+        )
+        if done and any("/comments" in c["path"] and c["method"] in ("POST", "PATCH") for c in calls):
+            break
+        time.sleep(0.2)
+    for call in calls:
+        body = call["body"] or {}
+        detail = body.get("state") or (body.get("body", "").split("\n")[1] if body.get("body") else "")
+        print(f"{call['status']} {call['method']:5} {call['path']}  {detail}")
 
 
 def down() -> int:
