@@ -8,7 +8,7 @@ CLUSTER_DIR := $(CURDIR)/.cluster
 LINT_PATHS := $(wildcard ephemera tests bench)
 export KUBECONFIG_LOCAL := $(CLUSTER_DIR)/kubeconfig
 
-.PHONY: help venv tools cluster cluster-down lint format test test-fast run run-down clean
+.PHONY: help venv tools postgres cluster cluster-down lint format test test-fast run run-down clean
 
 help:
 	@echo "make run           bring up a local control plane, the operator and the webhook; show a PR becoming an environment"
@@ -45,7 +45,10 @@ format: venv
 	$(BIN)/ruff format $(LINT_PATHS)
 	$(BIN)/ruff check --fix $(LINT_PATHS)
 
-test: lint tools
+postgres:
+	@bash hack/install-postgres.sh
+
+test: lint tools postgres
 	$(BIN)/pytest -q -ra
 
 run: venv tools

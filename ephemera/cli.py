@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
+import datetime
+import json
 import sys
+from typing import Any
 
 from pydantic import ValidationError
 
@@ -43,11 +47,133 @@ def run_webhook(args: argparse.Namespace) -> int:
     return 0
 
 
+def db_upgrade(args: argparse.Namespace) -> int:
+    from ephemera.store.engine import upgrade
+
+    settings = _settings()
+    upgrade(settings.database_url)
+    print(f"records database at the newest schema ({_safe_url(settings.database_url)})")
+    return 0
+
+
+def _safe_url(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)
+
+
+def _when(value: datetime.datetime | None) -> str:
+    return value.strftime("%Y-%m-%d %H:%M:%S") if value else "-"
+
+
+def environments_list(args: argparse.Namespace) -> int:
+    from ephemera.store.engine import make_engine
+    from ephemera.store.queries import list_environments
+
+    async def query() -> list[Any]:
+        engine = make_engine(_settings().database_url)
+        try:
+            return await list_environments(engine, phase=args.phase, repository=args.repository)
+        finally:
+            await engine.dispose()
+
+    rows = asyncio.run(query())
+    if args.output == "json":
+        print(json.dumps([row.model_dump(mode="json") for row in rows], indent=2))
+        return 0
+    table = [("NAME", "REPOSITORY", "PR", "COMMIT", "PHASE", "NAMESPACE", "CREATED", "DESTROYED")]
+    table += [
+        (
+            r.name,
+            r.repository,
+            str(r.pull_request),
+            r.commit_sha[:7],
+            r.phase,
+            r.namespace or "-",
+            _when(r.created_at),
+            _when(r.destroyed_at),
+        )
+        for r in rows
+    ]
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    for row in table:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+    return 0
+
+
+def environments_history(args: argparse.Namespace) -> int:
+    from ephemera.store.engine import make_engine
+    from ephemera.store.queries import history
+
+    async def query() -> list[Any]:
+        engine = make_engine(_settings().database_url)
+        try:
+            return await history(engine, args.name)
+        finally:
+            await engine.dispose()
+
+    found = asyncio.run(query())
+    if not found:
+        print(f"no records of an environment named {args.name}", file=sys.stderr)
+        return 1
+    if args.output == "json":
+        data = [
+            {**row.model_dump(mode="json"), "events": [e.model_dump(mode="json") for e in events]}
+            for row, events in found
+        ]
+        print(json.dumps(data, indent=2))
+        return 0
+    for row, events in found:
+        print(f"{row.name} (uid {row.uid}) {row.repository}#{row.pull_request}, now {row.phase}")
+        for event in events:
+            change = f"{event.from_phase or '-':>12} -> {event.to_phase:<12}"
+            print(f"  {_when(event.at)}  {change} {event.reason}: {event.message or ''}")
+    return 0
+
+
+def environments_retry(args: argparse.Namespace) -> int:
+    from ephemera.kube import Kube, KubeError, load_api_client
+    from ephemera.naming import RETRY_ANNOTATION
+
+    kube = Kube(load_api_client(_settings().kubeconfig))
+    try:
+        if kube.get_environment(args.name) is None:
+            print(f"no PreviewEnvironment named {args.name}", file=sys.stderr)
+            return 1
+        value = datetime.datetime.now(datetime.UTC).isoformat()
+        kube.patch_environment(args.name, {"metadata": {"annotations": {RETRY_ANNOTATION: value}}}, missing_ok=False)
+    except KubeError as err:
+        print(f"could not ask for a retry: {err}", file=sys.stderr)
+        return 1
+    finally:
+        kube.close()
+    print(f"retry of {args.name} requested ({RETRY_ANNOTATION}={value})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ephemera", description="Preview environments for GitHub pull requests.")
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("operator", help="run the kopf operator").set_defaults(func=run_operator)
     commands.add_parser("webhook", help="run the GitHub webhook receiver").set_defaults(func=run_webhook)
+
+    db = commands.add_parser("db", help="the records database").add_subparsers(dest="db_command", required=True)
+    db.add_parser("upgrade", help="apply the schema migrations").set_defaults(func=db_upgrade)
+
+    envs = commands.add_parser("environments", aliases=["env"], help="environments, from the records")
+    env_commands = envs.add_subparsers(dest="env_command", required=True)
+    listing = env_commands.add_parser("list", help="list environments, destroyed ones included")
+    listing.add_argument("--phase", help="only this phase (e.g. Ready, Failed, Destroyed)")
+    listing.add_argument("--repository", help="only this repository (owner/name)")
+    listing.add_argument("--output", "-o", choices=["table", "json"], default="table")
+    listing.set_defaults(func=environments_list)
+    hist = env_commands.add_parser("history", help="every transition of one environment")
+    hist.add_argument("name")
+    hist.add_argument("--output", "-o", choices=["table", "json"], default="table")
+    hist.set_defaults(func=environments_history)
+    retry = env_commands.add_parser("retry", help="ask the operator to provision a Failed environment again")
+    retry.add_argument("name")
+    retry.set_defaults(func=environments_retry)
     return parser
 
 

@@ -21,6 +21,9 @@ from ephemera.naming import MANAGED_BY, MANAGED_BY_LABEL, OWNER_UID_ANNOTATION, 
 from ephemera.quantity import parse_quantity
 from ephemera.transitions import Transition, Transitions
 
+# Not a phase of the object (it is gone by then): the last transition the records and GitHub see.
+DESTROYED = "Destroyed"
+
 
 class Failure(Exception):
     """Why an environment could not reach its goal; `permanent` ones need a change to pass."""
@@ -302,9 +305,11 @@ class Environments:
         try:
             existing = self.kube.get_namespace(namespace)
             if existing is None:
+                self._destroyed(env)
                 return
             if not self.owns(env, existing):
                 logger.info("Namespace %s is not ours; left untouched", namespace)
+                self._destroyed(env)
                 return
             if not existing["metadata"].get("deletionTimestamp"):
                 self.kube.delete_namespace(namespace, existing["metadata"]["uid"])
@@ -312,6 +317,25 @@ class Environments:
             raise TemporaryFailure("KubernetesError", f"{err}; retrying") from err
         raise TemporaryFailure(
             "NamespaceTerminating", f"waiting for namespace {namespace} to be gone", delay=1, backoff=False
+        )
+
+    def _destroyed(self, env: Environment) -> None:
+        """Announce the end (the object goes once its finalizer is released; no status to write)."""
+        self.transitions.publish(
+            Transition(
+                name=env.name,
+                uid=env.uid,
+                generation=env.generation,
+                spec=env.spec.to_k8s(),
+                old_phase=Phase.DESTROYING.value,
+                phase=DESTROYED,
+                reason="Destroyed",
+                message="The environment's namespace is gone",
+                at=now_iso(),
+                status=env.status.model_dump(by_alias=True, exclude_none=True),
+                created=env.created,
+                annotations=env.annotations,
+            )
         )
 
     def blockers(self, namespace: str) -> str:

@@ -6,6 +6,7 @@ Listeners must return at once (queue the work): a transition is never delayed or
 
 from __future__ import annotations
 
+import datetime
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,6 +29,8 @@ class Transition:
     status: dict[str, Any]
     created: str | None = None
     annotations: dict[str, str] = field(default_factory=dict)
+    # When it happened, to the microsecond: `at` (as Kubernetes writes times) has only seconds.
+    occurred: datetime.datetime = field(default_factory=lambda: datetime.datetime.now(datetime.UTC))
 
 
 Listener = Callable[[Transition], None]

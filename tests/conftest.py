@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
+import sys
+import tempfile
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,6 +15,7 @@ import pytest
 
 from ephemera.devtools.controlplane import REPO_ROOT, ControlPlane, running
 from tests.fakegithub import FakeGitHub, Server
+from tests.postgres import Postgres
 from tests.support import Kubectl, Process, process_env, wait_for
 
 CRD = REPO_ROOT / "crds" / "previewenvironments.yaml"
@@ -48,14 +53,43 @@ def github() -> Iterator[FakeGitHub]:
 
 
 @pytest.fixture(scope="session")
+def postgres() -> Iterator[Postgres]:
+    """A real PostgreSQL server, started for the run and stopped after it."""
+    # Not under pytest's tmp dir: that is private to root, and the server runs as `postgres`.
+    base = Path(tempfile.mkdtemp(prefix="ephemera-pg-"))
+    server = Postgres(base).init()
+    server.start()
+    yield server
+    if server.running():
+        server.stop()
+    shutil.rmtree(base, ignore_errors=True)
+
+
+def db_upgrade(env: dict[str, str]) -> None:
+    subprocess.run(
+        [sys.executable, "-m", "ephemera.cli", "db", "upgrade"],
+        env={**os.environ, **env},
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+
+
+@pytest.fixture(scope="session")
 def operator(
-    crd: Path, control_plane: ControlPlane, github: FakeGitHub, tmp_path_factory: pytest.TempPathFactory
+    crd: Path,
+    control_plane: ControlPlane,
+    github: FakeGitHub,
+    postgres: Postgres,
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Process]:
-    """`ephemera operator` as in production: a subprocess against the real API server, reporting to GitHub."""
+    """`ephemera operator` as in production: a subprocess against the real API server, reporting to
+    GitHub and recording to PostgreSQL."""
     tmp = tmp_path_factory.mktemp("operator")
     env = process_env(
         control_plane.kubeconfig,
         tmp,
+        EPHEMERA_DATABASE_URL=postgres.url,
         EPHEMERA_MAX_CPU="8",
         EPHEMERA_WORKERS="50",
         EPHEMERA_GITHUB_API_URL=github.url(""),
@@ -63,6 +97,7 @@ def operator(
         EPHEMERA_GITHUB_PRIVATE_KEY=github.private_key_pem,
         EPHEMERA_GITHUB_RETRY_MAX_DELAY="5",
     )
+    db_upgrade(env)
     proc = Process(["operator"], env, tmp / "operator.log", int(env["EPHEMERA_OPERATOR_PORT"])).start()
     wait_for(lambda: http_ok(proc, "/healthz"), timeout=60, what="operator /healthz")
     yield proc

@@ -163,6 +163,8 @@ def up() -> int:
             time.sleep(0.1)
     _wait_http(f"http://127.0.0.1:{config['github_port']}/_calls")
     print(f"listening on 127.0.0.1:{config['github_port']}")
+    _say("Records database (SQLite here; PostgreSQL in production): ephemera db upgrade")
+    subprocess.run([python, "-m", "ephemera.cli", "db", "upgrade"], env={**os.environ, **env}, check=True)
     _say("Operator and webhook")
     for name, args in (
         ("operator", [python, "-m", "ephemera.cli", "operator"]),

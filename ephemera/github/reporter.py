@@ -71,12 +71,11 @@ def marker(repository: str, pr: int) -> str:
 def comment_body(t: Transition) -> str:
     spec, status = t.spec, t.status
     sha = str(spec["commitSha"])
-    if t.phase == "Destroying":
+    if t.phase in ("Destroying", "Destroyed"):
         reason = t.annotations.get(CLOSED_REASON, "closed")
         title = f"⚪ Preview environment torn down: the PR was {reason}"
-        summary = (
-            f"The environment for commit `{sha[:7]}` in namespace `{status.get('namespace', '-')}` is being removed."
-        )
+        what = "is being removed" if t.phase == "Destroying" else "has been removed"
+        summary = f"The environment for commit `{sha[:7]}` in namespace `{status.get('namespace', '-')}` {what}."
     else:
         title = f"{ICONS.get(t.phase, '')} Preview environment: {t.phase}".strip()
         summary = t.message

@@ -8,13 +8,15 @@ from typing import Any, cast
 
 import kopf
 
-from ephemera.config import get_settings
+from ephemera.config import Settings, get_settings
 from ephemera.environments import Environments
 from ephemera.github.client import GitHubAuth
 from ephemera.github.reporter import Reporter
 from ephemera.kube import Kube, load_api_client
 from ephemera.operator import health
 from ephemera.operator.metrics import observe_transition
+from ephemera.store.engine import SchemaOutdated, check_schema, make_engine
+from ephemera.store.records import Records
 from ephemera.transitions import Transitions
 
 PREFIX = "ephemera.dev"
@@ -45,6 +47,8 @@ async def configure(*, settings: kopf.OperatorSettings, memo: kopf.Memo, logger:
     memo.kube = kube
     memo.transitions = transitions
     memo.environments = Environments(kube, cfg, transitions, recorder=post_event)
+    memo.records = await _records(cfg, kube, logger)
+    transitions.subscribe(memo.records.listener)
     auth = await asyncio.to_thread(GitHubAuth, cfg)
     if not auth.configured:
         logger.info("GitHub reporting is off: no GitHub App and no token configured")
@@ -57,6 +61,22 @@ async def configure(*, settings: kopf.OperatorSettings, memo: kopf.Memo, logger:
     logger.info("Operator started; health and metrics on %s:%d", cfg.operator_host, cfg.operator_port)
 
 
+async def _records(cfg: Settings, kube: Kube, logger: kopf.Logger) -> Records:
+    """The records writer; refuses to start on an out-of-date schema, tolerates an unreachable database."""
+    engine = make_engine(cfg.database_url)
+    try:
+        await check_schema(engine)
+    except SchemaOutdated as err:
+        logger.error("%s", err)
+        await engine.dispose()
+        raise kopf.PermanentError(str(err)) from err
+    except Exception as err:  # unreachable now: the writer retries, the cluster never waits for it
+        logger.warning("records database unreachable at start (%s); records will catch up", err)
+    records = Records(engine, kube)
+    records.start()
+    return records
+
+
 def post_event(ref: dict[str, Any], type_: str, reason: str, message: str) -> None:
     """Queue a Kubernetes Event about `ref` (safe from kopf's handler threads)."""
     raw = cast(kopf.RawBody, ref)  # an object reference has all of a body that Events read
@@ -65,6 +85,8 @@ def post_event(ref: dict[str, Any], type_: str, reason: str, message: str) -> No
 
 @kopf.on.cleanup()
 async def cleanup(*, memo: kopf.Memo, **_: Any) -> None:
+    if getattr(memo, "records", None) is not None:
+        await memo.records.stop()
     if getattr(memo, "reporter", None) is not None:
         await memo.reporter.stop()
     if getattr(memo, "health", None) is not None:

@@ -1,0 +1,1 @@
+"""The records: every environment and every transition, in PostgreSQL (or SQLite locally)."""

@@ -1,0 +1,191 @@
+"""Records in PostgreSQL (and SQLite): every environment and every transition, never blocking reconciliation."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import json
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ephemera.devtools.controlplane import REPO_ROOT, ControlPlane
+from ephemera.store.engine import check_schema, current_revision, head_revision, make_engine, upgrade
+from ephemera.store.records import Records
+from ephemera.transitions import Transition
+from tests.postgres import Postgres
+from tests.support import Kubectl, Process, process_env, wait_for
+from tests.test_operator import SHA_B, make_env, wait_phase
+
+LIFECYCLE = ["Provisioning", "Ready", "Updating", "Ready", "Destroying", "Destroyed"]
+
+
+def cli(url: str, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "EPHEMERA_DATABASE_URL": url}
+    return subprocess.run(
+        [sys.executable, "-m", "ephemera.cli", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO_ROOT,
+    )
+
+
+def history(url: str, name: str) -> list[dict[str, Any]]:
+    result = cli(url, "environments", "history", name, "-o", "json")
+    if result.returncode != 0:
+        return []
+    data: list[dict[str, Any]] = json.loads(result.stdout)
+    return data
+
+
+def phases(url: str, name: str) -> list[str]:
+    found = history(url, name)
+    return [e["to_phase"] for e in found[0]["events"]] if found else []
+
+
+def test_a_lifecycle_yields_the_expected_rows(operator: Process, kubectl: Kubectl, postgres: Postgres) -> None:
+    name = f"rec-{uuid.uuid4().hex[:6]}"
+    kubectl.apply(make_env(name, 401, repo="octo/records", installationId=1))
+    wait_phase(kubectl, name, "Ready")
+    kubectl.run("patch", "pe", name, "--type=merge", "-p", json.dumps({"spec": {"commitSha": SHA_B}}))
+    wait_for(lambda: phases(postgres.url, name)[-1:] == ["Ready"] and len(phases(postgres.url, name)) == 4)
+    kubectl.run("delete", "pe", name, "--wait=true", "--timeout=90s")
+    wait_for(lambda: phases(postgres.url, name) == LIFECYCLE, timeout=30, what="the whole lifecycle in the records")
+    (row,) = history(postgres.url, name)
+    assert row["phase"] == "Destroyed"
+    assert row["repository"] == "octo/records"
+    assert row["pull_request"] == 401
+    assert row["commit_sha"] == SHA_B
+    assert row["installation_id"] == 1
+    assert row["namespace"].startswith("pr-401-octo-records-")
+    assert row["ready_at"]
+    assert row["destroyed_at"]
+    assert row["created_at"]
+    assert [e["from_phase"] for e in row["events"]] == [None, *LIFECYCLE[:-1]]
+    listed = json.loads(cli(postgres.url, "environments", "list", "--phase", "Destroyed", "-o", "json").stdout)
+    assert name in {r["name"] for r in listed}
+    table = cli(postgres.url, "environments", "list", "--repository", "octo/records").stdout
+    assert table.splitlines()[0].split()[:5] == ["NAME", "REPOSITORY", "PR", "COMMIT", "PHASE"]
+    assert name in table
+
+
+def test_postgres_outage_delays_nothing_and_records_catch_up(
+    operator: Process, kubectl: Kubectl, postgres: Postgres
+) -> None:
+    names = [f"outage-{uuid.uuid4().hex[:6]}" for _ in range(3)]
+    postgres.stop()
+    try:
+        for i, name in enumerate(names):
+            kubectl.apply(make_env(name, 410 + i, repo="octo/outage"))
+        for name in names:
+            wait_phase(kubectl, name, "Ready", timeout=30)  # the database being down holds nothing back
+        kubectl.run("delete", "pe", names[0], "--wait=true", "--timeout=90s")
+    finally:
+        postgres.start()
+    wait_for(
+        lambda: phases(postgres.url, names[0]) == ["Provisioning", "Ready", "Destroying", "Destroyed"],
+        timeout=90,
+        what="the deleted environment's records to catch up",
+    )
+    wait_for(
+        lambda: all(phases(postgres.url, n) == ["Provisioning", "Ready"] for n in names[1:]),
+        timeout=60,
+        what="the other environments' records to catch up",
+    )
+
+
+def test_migration_from_empty_to_head(postgres: Postgres, tmp_path: Path) -> None:
+    sqlite_url = f"sqlite+aiosqlite:///{tmp_path / 'fresh.db'}"
+
+    async def create_database() -> str:
+        engine = make_engine(postgres.url)
+        async with engine.connect() as conn:
+            await conn.execution_options(isolation_level="AUTOCOMMIT")
+            await conn.exec_driver_sql("CREATE DATABASE migration_test")
+        await engine.dispose()
+        return postgres.url.rsplit("/", 1)[0] + "/migration_test"
+
+    async def revision(url: str, check: bool = False) -> str | None:
+        engine = make_engine(url)
+        try:
+            if check:
+                await check_schema(engine)  # no complaint at head
+            return await current_revision(engine)
+        finally:
+            await engine.dispose()
+
+    pg_url = asyncio.run(create_database())
+    for url in (sqlite_url, pg_url):
+        assert asyncio.run(revision(url)) is None
+        result = cli(url, "db", "upgrade")
+        assert result.returncode == 0, result.stderr
+        assert asyncio.run(revision(url, check=True)) == head_revision()
+        assert cli(url, "environments", "list").returncode == 0
+
+
+def test_operator_refuses_an_out_of_date_schema(control_plane: ControlPlane, tmp_path: Path) -> None:
+    env = process_env(control_plane.kubeconfig, tmp_path)  # a fresh SQLite file: no schema at all
+    proc = Process(["operator"], env, tmp_path / "operator.log", int(env["EPHEMERA_OPERATOR_PORT"])).start()
+    assert proc.proc is not None
+    try:
+        code = proc.proc.wait(timeout=60)
+    finally:
+        proc.stop()
+    assert code != 0
+    assert "run `ephemera db upgrade`" in proc.log()
+
+
+def _transition(uid: str, old: str | None, phase: str, at: str, **spec: Any) -> Transition:
+    return Transition(
+        name="pr-1-octo-unit",
+        uid=uid,
+        generation=1,
+        spec={"repository": "octo/unit", "pullRequest": 1, "commitSha": "a" * 40, **spec},
+        old_phase=old,
+        phase=phase,
+        reason=phase,
+        message=f"now {phase}",
+        at=at,
+        status={"namespace": "pr-1-octo-unit-x"},
+        created="2026-01-01T00:00:00Z",
+        occurred=datetime.datetime.fromisoformat(at.replace("Z", "+00:00")),
+    )
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: Path) -> str:
+    url = f"sqlite+aiosqlite:///{tmp_path / 'records.db'}"
+    upgrade(url)
+    return url
+
+
+async def test_writing_a_transition_twice_records_it_once(sqlite_url: str) -> None:
+    records = Records(make_engine(sqlite_url))
+    t = _transition("u1", None, "Provisioning", "2026-01-01T00:00:01Z")
+    await records.write(t)
+    await records.write(t)
+    await records.write(_transition("u1", "Provisioning", "Ready", "2026-01-01T00:00:02Z"))
+    await records.engine.dispose()
+    assert phases(sqlite_url, "pr-1-octo-unit") == ["Provisioning", "Ready"]
+
+
+async def test_purge_removes_only_old_destroyed_records(sqlite_url: str) -> None:
+    records = Records(make_engine(sqlite_url))
+    old = (datetime.datetime.now(datetime.UTC) - datetime.timedelta(days=8)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    recent = (datetime.datetime.now(datetime.UTC) - datetime.timedelta(days=1)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    for uid, at in (("old-1", old), ("old-2", old), ("recent", recent)):
+        await records.write(_transition(uid, None, "Ready", at))
+        await records.write(_transition(uid, "Ready", "Destroyed", at))
+    await records.write(_transition("alive", None, "Ready", old))
+    purged = await records.purge(datetime.timedelta(days=7), batch=1)
+    await records.engine.dispose()
+    assert purged == 2
+    listed = json.loads(cli(sqlite_url, "environments", "list", "-o", "json").stdout)
+    assert sorted(r["uid"] for r in listed) == ["alive", "recent"]
