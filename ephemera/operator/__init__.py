@@ -3,6 +3,6 @@
 Importing this package registers every handler with kopf's default registry.
 """
 
-from ephemera.operator import lifecycle, startup
+from ephemera.operator import lifecycle, startup, timers
 
-__all__ = ["lifecycle", "startup"]
+__all__ = ["lifecycle", "startup", "timers"]

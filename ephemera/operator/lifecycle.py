@@ -14,6 +14,7 @@ from ephemera.github.reporter import reported_is_current
 from ephemera.models import GROUP, KIND, PLURAL, VERSION, Phase
 from ephemera.naming import MANAGED_BY, MANAGED_BY_LABEL
 from ephemera.operator.metrics import RECONCILES
+from ephemera.sweeps import Seen
 from ephemera.transitions import Transition
 
 Logger = logging.Logger | logging.LoggerAdapter[Any]
@@ -152,8 +153,15 @@ def track(*, event: kopf.RawEvent, name: str, memo: kopf.Memo, **_: Any) -> None
     """Keep every object's phase in memory: feeds the phase gauge and the sweeps with no API call."""
     if event.get("type") == "DELETED":
         memo.phases.pop(name, None)
-    else:
-        memo.phases[name] = (event.get("object") or {}).get("status", {}).get("phase") or Phase.PENDING.value
+        return
+    obj: dict[str, Any] = dict(event.get("object") or {})
+    status = obj.get("status") or {}
+    memo.phases[name] = Seen(
+        uid=obj["metadata"]["uid"],
+        phase=status.get("phase") or Phase.PENDING.value,
+        since=status.get("lastTransitionTime"),
+        deleting=bool(obj["metadata"].get("deletionTimestamp")),
+    )
 
 
 @kopf.on.event("v1", "namespaces", id="namespace-gone", labels={MANAGED_BY_LABEL: MANAGED_BY})

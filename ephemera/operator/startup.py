@@ -13,7 +13,7 @@ from ephemera.environments import Environments
 from ephemera.github.client import GitHubAuth
 from ephemera.github.reporter import Reporter
 from ephemera.kube import Kube, load_api_client
-from ephemera.operator import health
+from ephemera.operator import health, timers
 from ephemera.operator.metrics import observe_transition
 from ephemera.store.engine import SchemaOutdated, check_schema, make_engine
 from ephemera.store.records import Records
@@ -57,6 +57,7 @@ async def configure(*, settings: kopf.OperatorSettings, memo: kopf.Memo, logger:
     transitions.subscribe(memo.reporter.listener)
     memo.phases = {}  # name -> phase, kept by lifecycle.track
     memo.warned = set()  # uids already warned about the soft time limit
+    memo.periodic = timers.start(memo)
     memo.health = await health.start(cfg.operator_host, cfg.operator_port)
     logger.info("Operator started; health and metrics on %s:%d", cfg.operator_host, cfg.operator_port)
 
@@ -85,6 +86,8 @@ def post_event(ref: dict[str, Any], type_: str, reason: str, message: str) -> No
 
 @kopf.on.cleanup()
 async def cleanup(*, memo: kopf.Memo, **_: Any) -> None:
+    for task in getattr(memo, "periodic", []):
+        task.cancel()
     if getattr(memo, "records", None) is not None:
         await memo.records.stop()
     if getattr(memo, "reporter", None) is not None:

@@ -1,0 +1,200 @@
+"""The periodic sweeps that replace Celery Beat: stale environments, lost namespaces, orphans.
+
+One sweep covers the whole cluster with a fixed number of API calls (one list of Ephemera's
+namespaces) plus one call per object that needs action, so an idle environment costs nothing but
+its entry in memory.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from ephemera.config import Settings
+from ephemera.environments import Environment, Environments, Failure, PermanentFailure
+from ephemera.kube import KubeError, Obj
+from ephemera.models import KIND, Phase, now_iso, parse_time
+from ephemera.naming import MANAGED_BY, MANAGED_BY_LABEL, OWNER_UID_ANNOTATION
+
+log = logging.getLogger(__name__)
+
+# A namespace younger than this is never judged an orphan: its object may not be visible yet.
+ORPHAN_GRACE = datetime.timedelta(seconds=30)
+
+
+@dataclass(frozen=True)
+class Seen:
+    """What the operator knows of one object from its watch, without asking the API."""
+
+    uid: str
+    phase: str
+    since: str | None  # lastTransitionTime
+    deleting: bool
+
+
+@dataclass
+class SweepReport:
+    stale: int = 0
+    recreated: int = 0
+    orphans: int = 0
+    stuck_deletions: int = 0
+
+    def __bool__(self) -> bool:
+        return bool(self.stale or self.recreated or self.orphans or self.stuck_deletions)
+
+
+def _age(since: str | None, now: datetime.datetime) -> float:
+    then = parse_time(since)
+    return (now - then).total_seconds() if then else 0.0
+
+
+class Sweeper:
+    def __init__(self, service: Environments) -> None:
+        self.service = service
+        self.kube = service.kube
+        self.settings = service.settings
+
+    def sweep(self, seen: dict[str, Seen]) -> SweepReport:
+        report = SweepReport()
+        now = datetime.datetime.now(datetime.UTC)
+        threshold = self.settings.stale_threshold
+        for name, item in list(seen.items()):
+            try:
+                if item.phase in (Phase.PROVISIONING.value, Phase.UPDATING.value) and not item.deleting:
+                    if _age(item.since, now) > threshold:
+                        report.stale += self._fail_stale(name, item)
+                elif item.deleting and item.phase == Phase.DESTROYING.value and _age(item.since, now) > threshold:
+                    report.stuck_deletions += self._unstick(name)
+            except (KubeError, Failure) as err:
+                log.warning("sweep of %s failed: %s", name, err)
+        try:
+            namespaces = self.kube.list_namespaces(f"{MANAGED_BY_LABEL}={MANAGED_BY}")
+        except KubeError as err:
+            log.warning("sweep could not list namespaces: %s", err)
+            return report
+        by_name = {ns["metadata"]["name"]: ns for ns in namespaces}
+        report.recreated = self._recreate_missing(seen, by_name)
+        report.orphans = self._delete_orphans(seen, namespaces, now)
+        return report
+
+    def _body(self, name: str, uid: str) -> Obj | None:
+        body = self.kube.get_environment(name)
+        return body if body is not None and body["metadata"]["uid"] == uid else None
+
+    def _fail_stale(self, name: str, item: Seen) -> int:
+        body = self._body(name, item.uid)
+        if body is None:
+            return 0
+        env = Environment.from_body(body)
+        if env.status.phase not in (Phase.PROVISIONING, Phase.UPDATING):
+            return 0
+        failure = Failure(
+            "Stale",
+            f"Stuck in {env.status.phase.value} for more than {self.settings.stale_threshold:.0f} s "
+            "(EPHEMERA_STALE_THRESHOLD); see the Events for the cause. It is retried automatically.",
+        )
+        self.service.fail(env, failure)
+        return 1
+
+    def _unstick(self, name: str) -> int:
+        """Delete a stuck namespace again, and say what holds it."""
+        body = self.kube.get_environment(name)
+        if body is None:
+            return 0
+        env = Environment.from_body(body)
+        namespace = env.status.namespace or env.namespace(self.settings.namespace_prefix)
+        existing = self.kube.get_namespace(namespace)
+        if existing is None or not self.service.owns(env, existing):
+            return 0
+        self.kube.delete_namespace(namespace, existing["metadata"]["uid"])
+        why = self.service.blockers(namespace)
+        message = f"Namespace {namespace} is still not gone after {self.settings.stale_threshold:.0f} s: {why}"
+        self.kube.patch_environment_status(env.name, {"message": message, "reason": "DeletionStuck"})
+        self.service.recorder(env.ref(), "Warning", "DeletionStuck", message)
+        return 1
+
+    def _recreate_missing(self, seen: dict[str, Seen], namespaces: dict[str, Obj]) -> int:
+        recreated = 0
+        owned = {(ns["metadata"].get("annotations") or {}).get(OWNER_UID_ANNOTATION) for ns in namespaces.values()}
+        for name, item in list(seen.items()):
+            if item.phase != Phase.READY.value or item.deleting:
+                continue
+            # Cheap check first: the namespace of a Ready object carries its uid.
+            if item.uid in owned:
+                continue
+            body = self._body(name, item.uid)
+            if body is None:
+                continue
+            env = Environment.from_body(body)
+            if env.status.phase is not Phase.READY or (env.status.namespace or "") in namespaces:
+                continue
+            try:
+                self.service.provision(env, updating=True, logger=log)
+                recreated += 1
+            except Failure as failure:
+                if failure.permanent:
+                    self.service.fail(env, failure)
+                log.warning("could not re-create the namespace of %s: %s", name, failure.message)
+        return recreated
+
+    def _delete_orphans(self, seen: dict[str, Seen], namespaces: list[Obj], now: datetime.datetime) -> int:
+        """Delete namespaces labelled and marked as Ephemera's whose PreviewEnvironment is gone."""
+        known = {item.uid for item in seen.values()}
+        deleted = 0
+        for ns in namespaces:
+            meta = ns["metadata"]
+            owner_uid = (meta.get("annotations") or {}).get(OWNER_UID_ANNOTATION)
+            if not owner_uid or owner_uid in known or meta.get("deletionTimestamp"):
+                continue  # no ownership mark (not ours to touch), or its object lives
+            created = parse_time(meta.get("creationTimestamp"))
+            if created is None or now - created < ORPHAN_GRACE:
+                continue
+            owners = [r for r in meta.get("ownerReferences") or [] if r.get("kind") == KIND]
+            if owners and self._body(owners[0]["name"], owner_uid) is not None:
+                continue  # its object exists; this operator just has not seen it yet
+            log.warning("deleting orphan namespace %s (its PreviewEnvironment %s is gone)", meta["name"], owner_uid)
+            self.kube.delete_namespace(meta["name"], meta["uid"])
+            deleted += 1
+        return deleted
+
+
+def retry_due(status: dict[str, Any], settings: Settings, now: datetime.datetime | None = None) -> bool:
+    """Whether a Failed environment is due an automatic retry (window, attempts and backoff)."""
+    if status.get("phase") != Phase.FAILED.value or status.get("permanent"):
+        return False
+    failed_at = parse_time(status.get("failedAt"))
+    if failed_at is None:
+        return False
+    now = now or datetime.datetime.now(datetime.UTC)
+    attempts = int(status.get("retries") or 0)
+    if attempts >= settings.retry_max_attempts:
+        return False
+    age = (now - failed_at).total_seconds()
+    if age > settings.retry_window:
+        return False
+    return bool(age >= settings.retry_backoff * 2**attempts)
+
+
+def retry(service: Environments, body: Obj, *, manual: str | None, logger: Any) -> None:
+    """Provision a Failed environment again, counting the attempt; a manual retry resets the count."""
+    env = Environment.from_body(body)
+    attempts = 0 if manual is not None else int(env.status.retries or 0) + 1
+    extra: dict[str, Any] = {"retries": attempts}
+    if manual is not None:
+        extra["retryRequest"] = manual
+    if manual is not None:
+        reason, message = "ManualRetry", "Retry requested through the ephemera.dev/retry annotation"
+    else:
+        reason, message = "Retry", f"Automatic retry {attempts} of {service.settings.retry_max_attempts}"
+    env = service.transition(env, Phase.PROVISIONING, reason, message, extra, logger)
+    try:
+        service.provision(env, updating=False, logger=logger)
+    except PermanentFailure as failure:
+        service.fail(env, failure, logger)
+    except Failure as failure:
+        # Counted as a failed attempt; the next one waits for the backoff.
+        service.transition(
+            env, Phase.FAILED, failure.reason, failure.message, {"failedAt": now_iso(), "permanent": False}, logger
+        )
