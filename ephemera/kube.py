@@ -6,6 +6,7 @@ The official client is synchronous: call these from kopf's sync handlers (a thre
 
 from __future__ import annotations
 
+import datetime
 import functools
 import json
 from collections.abc import Callable, Iterator
@@ -273,6 +274,34 @@ class Kube:
             if err.status in (404, 409):
                 return
             raise _wrap(err, f"deleting PreviewEnvironment {name}") from err
+
+    def create_event(self, ref: Obj, type_: str, reason: str, message: str, component: str) -> None:
+        """Post a Kubernetes Event about a cluster-scoped object (kept in `default`, as kubectl looks)."""
+        now = datetime.datetime.now(datetime.UTC).isoformat()
+        meta = ref["metadata"]
+        body = {
+            "apiVersion": "v1",
+            "kind": "Event",
+            "metadata": {"generateName": f"{meta['name']}.", "namespace": "default"},
+            "involvedObject": {
+                "apiVersion": ref["apiVersion"],
+                "kind": ref["kind"],
+                "name": meta["name"],
+                "uid": meta.get("uid"),
+            },
+            "type": type_,
+            "reason": reason,
+            "message": message,
+            "source": {"component": component},
+            "reportingComponent": component,
+            "firstTimestamp": now,
+            "lastTimestamp": now,
+            "count": 1,
+        }
+        try:
+            self.core.create_namespaced_event("default", body, _request_timeout=self.timeout)
+        except ApiException as err:
+            raise _wrap(err, f"posting an Event about {meta['name']}") from err
 
     # Namespace contents (for reporting what blocks a deletion) -------------------------------------
 

@@ -20,9 +20,6 @@ from ephemera.naming import MANAGED_BY, MANAGED_BY_LABEL, OWNER_UID_ANNOTATION
 
 log = logging.getLogger(__name__)
 
-# A namespace younger than this is never judged an orphan: its object may not be visible yet.
-ORPHAN_GRACE = datetime.timedelta(seconds=30)
-
 
 @dataclass(frozen=True)
 class Seen:
@@ -32,6 +29,12 @@ class Seen:
     phase: str
     since: str | None  # lastTransitionTime
     deleting: bool
+    failed_at: str | None = None
+    retries: int = 0
+    permanent: bool = False
+
+    def retry_status(self) -> dict[str, Any]:
+        return {"phase": self.phase, "failedAt": self.failed_at, "retries": self.retries, "permanent": self.permanent}
 
 
 @dataclass
@@ -78,6 +81,19 @@ class Sweeper:
         report.recreated = self._recreate_missing(seen, by_name)
         report.orphans = self._delete_orphans(seen, namespaces, now)
         return report
+
+    def retry_due_ones(self, seen: dict[str, Seen], logger: Any) -> int:
+        """Retry every Failed, retriable object whose backoff has passed."""
+        retried = 0
+        for name, item in list(seen.items()):
+            if item.deleting or not retry_due(item.retry_status(), self.settings):
+                continue
+            body = self._body(name, item.uid)
+            if body is None or not retry_due(dict(body.get("status") or {}), self.settings):
+                continue  # changed since the watch last told us
+            retry(self.service, body, manual=None, logger=logger)
+            retried += 1
+        return retried
 
     def _body(self, name: str, uid: str) -> Obj | None:
         body = self.kube.get_environment(name)
@@ -149,7 +165,8 @@ class Sweeper:
             if not owner_uid or owner_uid in known or meta.get("deletionTimestamp"):
                 continue  # no ownership mark (not ours to touch), or its object lives
             created = parse_time(meta.get("creationTimestamp"))
-            if created is None or now - created < ORPHAN_GRACE:
+            # A young namespace is never judged: its object may not be visible to this operator yet.
+            if created is None or (now - created).total_seconds() < self.settings.stale_threshold:
                 continue
             owners = [r for r in meta.get("ownerReferences") or [] if r.get("kind") == KIND]
             if owners and self._body(owners[0]["name"], owner_uid) is not None:

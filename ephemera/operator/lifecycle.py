@@ -47,6 +47,10 @@ def _run(
         logger.error("%s: %s", failure.reason, failure.message)
         raise kopf.PermanentError(failure.message) from failure
     log = _env_logger(logger, env)
+    if retry > 0 and env.status.phase is Phase.FAILED and env.status.reason == "Stale":
+        # The stale sweep gave up on this attempt; the retry timer owns the object from here.
+        RECONCILES.labels(handler, "handed-over").inc()
+        raise kopf.PermanentError("handed over to the retry timer after the stale sweep")
     limits = memo.settings
     elapsed = runtime.total_seconds()
     try:
@@ -161,6 +165,9 @@ def track(*, event: kopf.RawEvent, name: str, memo: kopf.Memo, **_: Any) -> None
         phase=status.get("phase") or Phase.PENDING.value,
         since=status.get("lastTransitionTime"),
         deleting=bool(obj["metadata"].get("deletionTimestamp")),
+        failed_at=status.get("failedAt"),
+        retries=int(status.get("retries") or 0),
+        permanent=bool(status.get("permanent")),
     )
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from typing import Any, cast
 
 import kopf
@@ -12,7 +13,7 @@ from ephemera.config import Settings, get_settings
 from ephemera.environments import Environments
 from ephemera.github.client import GitHubAuth
 from ephemera.github.reporter import Reporter
-from ephemera.kube import Kube, load_api_client
+from ephemera.kube import Kube, KubeError, load_api_client
 from ephemera.operator import health, timers
 from ephemera.operator.metrics import observe_transition
 from ephemera.store.engine import SchemaOutdated, check_schema, make_engine
@@ -46,7 +47,7 @@ async def configure(*, settings: kopf.OperatorSettings, memo: kopf.Memo, logger:
     memo.settings = cfg
     memo.kube = kube
     memo.transitions = transitions
-    memo.environments = Environments(kube, cfg, transitions, recorder=post_event)
+    memo.environments = Environments(kube, cfg, transitions, recorder=event_poster(kube))
     memo.records = await _records(cfg, kube, logger)
     transitions.subscribe(memo.records.listener)
     auth = await asyncio.to_thread(GitHubAuth, cfg)
@@ -78,10 +79,20 @@ async def _records(cfg: Settings, kube: Kube, logger: kopf.Logger) -> Records:
     return records
 
 
-def post_event(ref: dict[str, Any], type_: str, reason: str, message: str) -> None:
-    """Queue a Kubernetes Event about `ref` (safe from kopf's handler threads)."""
-    raw = cast(kopf.RawBody, ref)  # an object reference has all of a body that Events read
-    kopf.event(kopf.Body(raw), type=type_, reason=reason, message=message[:1024])
+def event_poster(kube: Kube) -> Callable[[dict[str, Any], str, str, str], None]:
+    """Post Events through kopf's background poster from its handlers, directly from anywhere else."""
+
+    def post(ref: dict[str, Any], type_: str, reason: str, message: str) -> None:
+        raw = cast(kopf.RawBody, ref)  # an object reference has all of a body that Events read
+        try:
+            kopf.event(kopf.Body(raw), type=type_, reason=reason, message=message[:1024])
+        except LookupError:  # not in a kopf handler's context (the periodic sweeps): post it ourselves
+            try:
+                kube.create_event(ref, type_, reason, message[:1024], component="ephemera-operator")
+            except KubeError as err:
+                logging.getLogger(__name__).warning("could not post an Event: %s", err)
+
+    return post
 
 
 @kopf.on.cleanup()

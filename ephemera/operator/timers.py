@@ -1,8 +1,9 @@
 """Timers and periodic jobs in place of Celery Beat.
 
-- Per object, only where it is cheap: a retry timer runs for Failed, retriable objects alone.
-- For the whole operator, one task each: the sweep (stale, lost namespaces, orphans), the purge of
-  old records, the records resync, and the phase gauge.
+One task each for the whole operator, working from what the watch already keeps in memory, so that
+an idle environment costs no API call: retries of Failed environments (backoff and cap), the sweep
+(stale phases, lost namespaces, orphans), the purge of old records, the records resync and the phase
+gauge. A person's retry (the `ephemera.dev/retry` annotation) is a kopf field handler.
 """
 
 from __future__ import annotations
@@ -15,40 +16,25 @@ from typing import Any
 
 import kopf
 
-from ephemera.environments import Environments, PermanentFailure
+from ephemera.environments import Environments
 from ephemera.models import GROUP, PLURAL, VERSION, Phase
 from ephemera.naming import RETRY_ANNOTATION
-from ephemera.operator.metrics import ENVIRONMENTS, RECONCILES
-from ephemera.sweeps import Seen, Sweeper, retry, retry_due
+from ephemera.operator.metrics import ENVIRONMENTS
+from ephemera.sweeps import Seen, Sweeper, retry
 
 log = logging.getLogger(__name__)
 RESOURCE = (GROUP, VERSION, PLURAL)
-RETRY_CHECK_INTERVAL = 2.0
+RETRY_CHECK_INTERVAL = 5.0
 
 
-def _retriable(status: kopf.Status, meta: kopf.Meta, **_: Any) -> bool:
-    return (
-        status.get("phase") == Phase.FAILED.value and not status.get("permanent") and not meta.get("deletionTimestamp")
-    )
+@kopf.on.event(*RESOURCE, id="manual-retry")
+def manual_retry(*, body: kopf.Body, memo: kopf.Memo, logger: kopf.Logger, **_: Any) -> None:
+    """`kubectl annotate pe NAME ephemera.dev/retry=<anything new> --overwrite` (or `ephemera environments retry`).
 
-
-@kopf.timer(*RESOURCE, id="retry", interval=RETRY_CHECK_INTERVAL, when=_retriable)
-def retry_failed(*, body: kopf.Body, status: kopf.Status, memo: kopf.Memo, logger: kopf.Logger, **_: Any) -> None:
-    """Provision a recent, retriable failure again once its backoff has passed (capped in attempts)."""
-    if not retry_due(dict(status), memo.settings):
-        return
-    RECONCILES.labels("retry", "attempt").inc()
-    try:
-        retry(memo.environments, dict(body), manual=None, logger=logger)
-    except PermanentFailure as failure:  # the object's spec no longer validates
-        logger.error("%s", failure.message)
-
-
-@kopf.on.field(*RESOURCE, id="manual-retry", field=("metadata", "annotations", RETRY_ANNOTATION))
-def manual_retry(
-    *, body: kopf.Body, new: Any, status: kopf.Status, meta: kopf.Meta, memo: kopf.Memo, logger: kopf.Logger, **_: Any
-) -> None:
-    """`kubectl annotate pe NAME ephemera.dev/retry=<anything new> --overwrite` (or `ephemera environments retry`)."""
+    An event handler, not a field handler: the annotation lives outside what kopf diffs.
+    """
+    meta, status = body.get("metadata", {}), body.get("status") or {}
+    new = (meta.get("annotations") or {}).get(RETRY_ANNOTATION)
     if not new or new == status.get("retryRequest") or meta.get("deletionTimestamp"):
         return
     if status.get("phase") not in (Phase.FAILED.value, Phase.READY.value):
@@ -73,6 +59,11 @@ def start(memo: kopf.Memo) -> list[asyncio.Task[None]]:
     cfg = memo.settings
     sweeper = Sweeper(memo.environments)
 
+    async def retries() -> None:
+        seen: dict[str, Seen] = dict(memo.phases)
+        if any(item.phase == Phase.FAILED.value for item in seen.values()):
+            await asyncio.to_thread(sweeper.retry_due_ones, seen, log)
+
     async def sweep() -> None:
         seen: dict[str, Seen] = dict(memo.phases)
         report = await asyncio.to_thread(sweeper.sweep, seen)
@@ -95,6 +86,7 @@ def start(memo: kopf.Memo) -> list[asyncio.Task[None]]:
             ENVIRONMENTS.labels(phase.value).set(counts.get(phase.value, 0))
 
     jobs = [
+        (min(cfg.retry_backoff, RETRY_CHECK_INTERVAL), retries, "retries"),
         (cfg.sweep_interval, sweep, "sweep"),
         (cfg.purge_interval, purge, "purge"),
         (cfg.resync_interval, resync, "resync"),
