@@ -8,7 +8,7 @@ CLUSTER_DIR := $(CURDIR)/.cluster
 LINT_PATHS := $(wildcard ephemera tests bench)
 export KUBECONFIG_LOCAL := $(CLUSTER_DIR)/kubeconfig
 
-.PHONY: help venv tools postgres cluster cluster-down lint format test test-fast run run-down clean
+.PHONY: help venv tools manifests postgres cluster cluster-down lint format test test-fast run run-down clean
 
 help:
 	@echo "make run           bring up a local control plane, the operator and the webhook; show a PR becoming an environment"
@@ -29,6 +29,10 @@ venv: $(STAMP)
 # ~/.cache/ephemera (a cold build takes many minutes and prints its progress).
 tools:
 	@bash hack/build-tools.sh
+
+# deploy/manifests/ephemera.yaml, rendered from the chart (tests fail when it is out of date).
+manifests: tools
+	@bash hack/render-manifests.sh
 
 cluster: venv tools
 	@$(BIN)/python -m ephemera.devtools.controlplane up $(CLUSTER_DIR)

@@ -199,6 +199,20 @@ def write_kubeconfig(path: Path, server: str, pki: Path, client: str) -> None:
     path.chmod(0o600)
 
 
+def write_token_kubeconfig(path: Path, server: str, ca: Path, token: str) -> None:
+    """A kubeconfig that authenticates with a bearer token (a ServiceAccount's, for RBAC proofs)."""
+    config = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{"name": "ephemera-local", "cluster": {"server": server, "certificate-authority": str(ca)}}],
+        "users": [{"name": "token", "user": {"token": token}}],
+        "contexts": [{"name": "ephemera-local", "context": {"cluster": "ephemera-local", "user": "token"}}],
+        "current-context": "ephemera-local",
+    }
+    path.write_text(json.dumps(config, indent=2) + "\n")
+    path.chmod(0o600)
+
+
 @dataclass
 class ControlPlane:
     """One local control plane, its processes and its files under `state_dir`."""

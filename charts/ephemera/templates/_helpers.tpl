@@ -1,0 +1,63 @@
+{{- define "ephemera.fullname" -}}
+{{- if contains .Chart.Name .Release.Name -}}{{ .Release.Name | trunc 50 | trimSuffix "-" }}{{- else -}}{{ printf "%s-%s" .Release.Name .Chart.Name | trunc 50 | trimSuffix "-" }}{{- end -}}
+{{- end -}}
+
+{{- define "ephemera.labels" -}}
+app.kubernetes.io/name: ephemera
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
+{{- end -}}
+
+{{- define "ephemera.selector" -}}
+app.kubernetes.io/name: ephemera
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}
+
+{{- define "ephemera.image" -}}
+{{ .Values.image.repository }}:{{ .Values.image.tag | default .Chart.AppVersion }}
+{{- end -}}
+
+{{- define "ephemera.secretName" -}}
+{{ .Values.secrets.existingSecret | default (printf "%s-secrets" (include "ephemera.fullname" .)) }}
+{{- end -}}
+
+{{/* A secret-backed variable, optional so that a missing key leaves the setting unset. */}}
+{{- define "ephemera.secretEnv" -}}
+- name: {{ .name }}
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "ephemera.secretName" .root }}
+      key: {{ .key }}
+      optional: true
+{{- end -}}
+
+{{- define "ephemera.commonEnv" -}}
+- name: EPHEMERA_LOG_LEVEL
+  value: {{ .Values.config.logLevel | quote }}
+- name: EPHEMERA_NAMESPACE_PREFIX
+  value: {{ .Values.config.namespacePrefix | quote }}
+{{- range $name, $value := .Values.config.extraEnv }}
+- name: {{ $name }}
+  value: {{ $value | quote }}
+{{- end }}
+{{- end -}}
+
+{{- define "ephemera.podSecurity" -}}
+securityContext:
+  runAsNonRoot: true
+  runAsUser: 10001
+  runAsGroup: 10001
+  fsGroup: 10001
+  seccompProfile:
+    type: RuntimeDefault
+{{- end -}}
+
+{{- define "ephemera.containerSecurity" -}}
+securityContext:
+  allowPrivilegeEscalation: false
+  readOnlyRootFilesystem: true
+  capabilities:
+    drop: ["ALL"]
+{{- end -}}
