@@ -8,7 +8,7 @@ CLUSTER_DIR := $(CURDIR)/.cluster
 LINT_PATHS := $(wildcard ephemera tests bench)
 export KUBECONFIG_LOCAL := $(CLUSTER_DIR)/kubeconfig
 
-.PHONY: help venv tools manifests postgres cluster cluster-down lint format test test-fast run run-down clean
+.PHONY: help venv tools manifests postgres soak bench cluster cluster-down lint format test test-fast run run-down clean
 
 help:
 	@echo "make run           bring up a local control plane, the operator and the webhook; show a PR becoming an environment"
@@ -54,6 +54,16 @@ postgres:
 
 test: lint tools postgres
 	$(BIN)/pytest -q -ra
+
+# The long reliability scenarios (100 environments, 10 operator kills, more storms) and their summary.
+soak: venv tools postgres
+	EPHEMERA_SOAK=1 $(BIN)/pytest -q -ra tests/test_reliability.py
+
+# Benchmarks against a fresh local control plane; each prints a table and writes bench/results/*.json.
+bench: venv tools
+	$(BIN)/python -m bench.webhook_latency
+	$(BIN)/python -m bench.pr_to_ready
+	$(BIN)/python -m bench.footprint
 
 run: venv tools
 	@$(BIN)/python -m ephemera.devtools.demo up

@@ -258,19 +258,20 @@ class Environments:
             existing = self.kube.get_namespace(namespace)
             if existing is None:  # deleted between the two calls
                 raise TemporaryFailure("NamespaceRace", f"namespace {namespace} vanished while checked", delay=1)
+            labels = existing["metadata"].get("labels") or {}
+            if existing["metadata"].get("deletionTimestamp") and labels.get(MANAGED_BY_LABEL) == MANAGED_BY:
+                raise TemporaryFailure(
+                    "NamespaceTerminating",
+                    f"Namespace {namespace} is still terminating from an earlier environment; waiting",
+                    delay=2,
+                    backoff=False,
+                )
             if not self.owns(env, existing):
                 raise PermanentFailure(
                     "NamespaceConflict",
                     f"Namespace {namespace} already exists and was not created by this PreviewEnvironment; "
                     "Ephemera leaves it untouched. Delete or rename that namespace, then retry "
                     f"(kubectl annotate pe {env.name} ephemera.dev/retry=$(date +%s) --overwrite).",
-                )
-            if existing["metadata"].get("deletionTimestamp"):
-                raise TemporaryFailure(
-                    "NamespaceTerminating",
-                    f"Namespace {namespace} is still terminating from an earlier environment; waiting",
-                    delay=2,
-                    backoff=False,
                 )
         elif env.status.namespace:
             notes.append(f"namespace {namespace} had vanished and was re-created")

@@ -10,13 +10,14 @@ import tempfile
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from ephemera.devtools.controlplane import REPO_ROOT, ControlPlane, running
 from tests.fakegithub import FakeGitHub, Server
 from tests.postgres import Postgres
-from tests.support import Kubectl, Process, process_env, wait_for
+from tests.support import SOAK, Kubectl, Process, process_env, wait_for
 
 CRD = REPO_ROOT / "crds" / "previewenvironments.yaml"
 
@@ -128,3 +129,13 @@ def http_ok(proc: Process, path: str) -> bool:
             return bool(response.status == 200)
     except OSError:
         return False
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """The soak summary: what the reliability scenarios did, and what was lost or leaked."""
+    if not SOAK:
+        return
+    keys = ["runs", "kills", "events sent", "faults injected", "bad inputs tried", "records lost", "namespaces leaked"]
+    terminalreporter.section("reliability summary")
+    for key in keys:
+        terminalreporter.write_line(f"{key:>18}: {SOAK[key]}")

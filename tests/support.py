@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -109,6 +110,9 @@ def process_env(kubeconfig: Path, tmp: Path, **overrides: str) -> dict[str, str]
     env.update(overrides)
     return env
 
+
+# What the reliability scenarios did and found, printed by `make soak` (tests/conftest.py).
+SOAK: Counter[str] = Counter()
 
 FIXTURES = REPO_ROOT.parent / "shared" / "fixtures" / "github"
 

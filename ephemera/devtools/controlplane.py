@@ -220,6 +220,7 @@ class ControlPlane:
     state_dir: Path
     bin_dir: Path
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    args: dict[str, list[str]] = field(default_factory=dict)
     api_port: int = 0
 
     @property
@@ -235,6 +236,7 @@ class ControlPlane:
         return self.state_dir / "pki"
 
     def _spawn(self, name: str, args: list[str]) -> None:
+        self.args[name] = args
         log = (self.state_dir / f"{name}.log").open("ab")
         proc = subprocess.Popen(
             [str(self.bin_dir / args[0]), *args[1:]],
@@ -346,6 +348,20 @@ class ControlPlane:
     def stop(self) -> None:
         stop_state_dir(self.state_dir)
         self.processes.clear()
+
+    def kill(self, *names: str) -> None:
+        """Stop some of the processes abruptly (SIGKILL), as a crash would."""
+        for name in names:
+            proc = self.processes.pop(name)
+            proc.kill()
+            proc.wait()
+            (self.state_dir / f"{name}.pid").unlink(missing_ok=True)
+
+    def revive(self, *names: str, timeout: float = 120.0) -> None:
+        """Start killed processes again with their old flags (same ports and data), and wait for /readyz."""
+        for name in names:
+            self._spawn(name, self.args[name])
+        self.wait_ready(timeout)
 
 
 def _alive(pid: int) -> bool:

@@ -8,6 +8,7 @@ so that two webhook replicas racing on one PR cannot roll each other back.
 from __future__ import annotations
 
 import logging
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
@@ -51,6 +52,11 @@ class Tombstones:
         while len(self._closed) > self._size:
             self._closed.popitem(last=False)
 
+    def closed_before(self, name: str, updated_at: str) -> bool:
+        """The PR is known to have been closed before this event (so the event means it was reopened)."""
+        closed = self._closed.get(name)
+        return closed is not None and _newer(updated_at, closed)
+
     def blocks(self, name: str, updated_at: str) -> bool:
         closed = self._closed.get(name)
         return closed is not None and not _newer(updated_at, closed)
@@ -65,8 +71,11 @@ def _newer(a: str, b: str | None) -> bool:
 class Intake:
     """Apply pull_request events to PreviewEnvironments."""
 
-    def __init__(self, kube: Kube, *, prefix: str, draft_prs: bool, tombstones: int = 10000) -> None:
+    def __init__(
+        self, kube: Kube, *, prefix: str, draft_prs: bool, tombstones: int = 10000, reopen_wait: float = 30.0
+    ) -> None:
         self.kube = kube
+        self.reopen_wait = reopen_wait
         self.prefix = prefix
         self.draft_prs = draft_prs
         self.tombstones = Tombstones(tombstones)
@@ -124,9 +133,11 @@ class Intake:
         if obj is None:
             return None
         meta = obj["metadata"]
-        if meta.get("deletionTimestamp"):
-            return "the environment is being torn down (the PR was closed)"
         seen = (meta.get("annotations") or {}).get(UPDATED_AT)
+        if meta.get("deletionTimestamp"):
+            if _newer(pr.updated_at, seen):
+                return None  # newer than the close, so reopened: a new environment once the old one is gone
+            return "the environment is being torn down (the PR was closed)"
         if _newer(pr.updated_at, seen):
             return None
         same_commit = obj.get("spec", {}).get("commitSha") == pr.head.sha
@@ -142,6 +153,11 @@ class Intake:
         if stale:
             return Outcome("ignored", name, stale)
         annotations = {UPDATED_AT: event.pull_request.updated_at, DELIVERY: delivery}
+        if obj is not None and obj["metadata"].get("deletionTimestamp"):
+            obj = self._wait_gone(name)
+            create = True  # GitHub sends pushes for open PRs only: one newer than the close means reopened
+        elif obj is None and self.tombstones.closed_before(name, event.pull_request.updated_at):
+            create = True
         if obj is None:
             if not create:
                 return Outcome("ignored", name, "no environment for this PR (it was never opened or is closed)")
@@ -164,6 +180,19 @@ class Intake:
         }
         self.kube.patch_environment(name, patch, missing_ok=False)
         return Outcome("updated", name, f"{event.action}: commit {event.pull_request.head.sha[:7]}")
+
+    def _wait_gone(self, name: str) -> Obj | None:
+        """Wait (bounded) for a torn-down environment to be gone, so that a reopen can start anew."""
+        deadline = time.monotonic() + self.reopen_wait
+        while time.monotonic() < deadline:
+            obj = self.kube.get_environment(name)
+            if obj is None or not obj["metadata"].get("deletionTimestamp"):
+                return obj
+            time.sleep(0.2)
+        raise KubeError(
+            f"the previous environment {name} is still being torn down; redeliver the event in a minute",
+            status=503,
+        )
 
     def _delete(self, event: PullRequestEvent, name: str, delivery: str, reason: str) -> Outcome:
         self.tombstones.add(name, event.pull_request.updated_at)

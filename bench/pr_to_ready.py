@@ -1,0 +1,135 @@
+"""PR opened -> Ready (one at a time, bursts of 100 and 500) and PR closed -> namespace gone,
+through the webhook and the operator with GitHub reporting to the local server, next to the floor:
+a minimal script that makes the same namespaces, quotas, limit ranges and policies directly."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import sys
+import time
+import urllib.request
+
+from bench.harness import Stack, Watcher, pr_event, report, signed, stack, summary
+from ephemera import children
+from ephemera.config import Settings
+from ephemera.kube import Kube, load_api_client
+from ephemera.models import PreviewEnvironmentSpec
+from ephemera.naming import environment_name
+from tests.support import wait_for
+
+SINGLES = 30
+BURSTS = (100, 500)
+
+
+def send(port: int, event: dict[str, object]) -> None:
+    body, headers = signed(event)
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/webhook", data=body, headers=headers, method="POST")
+    with urllib.request.urlopen(request, timeout=30) as response:
+        assert response.status == 202, response.status
+
+
+def open_prs(s: Stack, watcher: Watcher, repo: str, numbers: list[int], concurrency: int) -> dict[str, float]:
+    """Send `opened` for each PR; return each environment's seconds from its request to Ready."""
+    assert s.webhook is not None
+    sent: dict[str, float] = {}
+
+    def one(number: int) -> None:
+        sent[environment_name(repo, number)] = time.perf_counter()
+        send(s.webhook.port, pr_event("opened", repo, number, "a" * 40, "2026-01-01T00:00:00Z"))  # type: ignore[union-attr]
+
+    with concurrent.futures.ThreadPoolExecutor(concurrency) as pool:
+        list(pool.map(one, numbers))
+    wait_for(lambda: all(n in watcher.ready for n in sent), timeout=900, interval=0.01, what="Ready")
+    return {n: watcher.ready[n] - t for n, t in sent.items()}
+
+
+def close_prs(s: Stack, ns_watcher: Watcher, repo: str, numbers: list[int], concurrency: int) -> dict[str, float]:
+    sent: dict[str, float] = {}
+
+    def one(number: int) -> None:
+        sent[environment_name(repo, number)] = time.perf_counter()
+        send(s.webhook.port, pr_event("closed", repo, number, "a" * 40, "2026-01-01T00:10:00Z"))  # type: ignore[union-attr]
+
+    with concurrent.futures.ThreadPoolExecutor(concurrency) as pool:
+        list(pool.map(one, numbers))
+    wait_for(lambda: all(n in ns_watcher.gone for n in sent), timeout=1800, interval=0.05, what="namespaces gone")
+    return {n: ns_watcher.gone[n] - t for n, t in sent.items()}
+
+
+def floor(kube: Kube, repo: str, count: int, concurrency: int) -> float:
+    """The same Kubernetes writes made directly, with nothing in between."""
+    settings = Settings()
+
+    def one(number: int) -> None:
+        spec = PreviewEnvironmentSpec.model_validate(
+            {"repository": repo, "pullRequest": number, "commitSha": "a" * 40, "branch": "f"}
+        )
+        quota = children.resolve_quota(spec, settings)
+        namespace = environment_name(repo, number)
+        kube.create_namespace(children.build_namespace(namespace, namespace, "floor", spec))
+        kube.create_child(children.build_resource_quota(namespace, namespace, spec, quota))
+        kube.create_child(children.build_limit_range(namespace, namespace, spec, quota))
+        kube.create_child(children.build_network_policy(namespace, namespace, spec))
+
+    started = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(concurrency) as pool:
+        list(pool.map(one, range(1, count + 1)))
+    return time.perf_counter() - started
+
+
+def main() -> None:
+    bursts = tuple(int(a) for a in sys.argv[1:]) or BURSTS
+    rows = []
+    with stack() as s:
+        s.start_operator()
+        s.start_webhook()
+        watcher, ns_watcher = Watcher(s.plane), Watcher(s.plane, kind="namespaces")
+        kube = Kube(load_api_client(s.plane.kubeconfig, pool_size=64))
+
+        singles: list[float] = []
+        for number in range(1, SINGLES + 1):
+            singles += open_prs(s, watcher, "bench/single", [number], 1).values()
+        one = summary(singles)
+        rows.append({"case": "1 PR at a time -> Ready", "n": SINGLES, "p50_s": one["p50"], "p99_s": one["p99"]})
+        closes = list(close_prs(s, ns_watcher, "bench/single", list(range(1, 11)), 1).values())
+        c = summary(closes)
+        rows.append({"case": "1 PR closed -> namespace gone", "n": 10, "p50_s": c["p50"], "p99_s": c["p99"]})
+
+        for size in bursts:
+            repo = f"bench/burst{size}"
+            started = time.perf_counter()
+            times = open_prs(s, watcher, repo, list(range(1, size + 1)), 32)
+            wall = time.perf_counter() - started
+            floor_wall = floor(kube, f"bench/floor{size}", size, 32)
+            b = summary(list(times.values()))
+            rows.append(
+                {
+                    "case": f"burst of {size} -> all Ready",
+                    "n": size,
+                    "p50_s": b["p50"],
+                    "p99_s": b["p99"],
+                    "wall_s": wall,
+                    "floor_wall_s": floor_wall,
+                    "ratio": wall / floor_wall,
+                }
+            )
+            started = time.perf_counter()
+            close_prs(s, ns_watcher, repo, list(range(1, size + 1)), 32)
+            rows.append(
+                {
+                    "case": f"burst of {size} closed -> namespaces gone",
+                    "n": size,
+                    "wall_s": time.perf_counter() - started,
+                }
+            )
+        watcher.stop()
+        ns_watcher.stop()
+        reports = len(s.github.calls)
+        kube.close()
+    print(json.dumps({"github_calls": reports}))
+    report("pr_to_ready", rows, ["case", "n", "p50_s", "p99_s", "wall_s", "floor_wall_s", "ratio"])
+
+
+if __name__ == "__main__":
+    main()
