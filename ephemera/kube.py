@@ -250,7 +250,9 @@ class Kube:
 
     def create_environment(self, body: Obj) -> None:
         try:
-            self.custom.create_cluster_custom_object(GROUP, VERSION, PLURAL, body, _request_timeout=self.timeout)
+            self.custom.create_cluster_custom_object(
+                GROUP, VERSION, PLURAL, body, _preload_content=False, _request_timeout=self.timeout
+            )
         except ApiException as err:
             raise _wrap(err, f"creating PreviewEnvironment {body['metadata']['name']}") from err
 

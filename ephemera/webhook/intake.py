@@ -146,6 +146,14 @@ class Intake:
         return "the environment already reflects this or a newer event"
 
     def _upsert(self, event: PullRequestEvent, name: str, delivery: str, *, create: bool) -> Outcome:
+        if create and not self.tombstones.blocks(name, event.pull_request.updated_at):
+            # The common case, a new PR: one call. An existing object (409) takes the careful path.
+            try:
+                self.kube.create_environment(self._body(event, name, delivery))
+                return Outcome("created", name, f"{event.action}: environment requested")
+            except KubeError as err:
+                if err.status != 409:
+                    raise
         obj = self.kube.get_environment(name)
         if obj is not None and not _ours(obj, event):
             return Outcome("ignored", name, "an object of that name belongs to another PR")
@@ -161,17 +169,7 @@ class Intake:
         if obj is None:
             if not create:
                 return Outcome("ignored", name, "no environment for this PR (it was never opened or is closed)")
-            body = {
-                "apiVersion": API_VERSION,
-                "kind": KIND,
-                "metadata": {
-                    "name": name,
-                    "labels": environment_labels(name, event.repo, event.pr),
-                    "annotations": annotations,
-                },
-                "spec": self.spec(event),
-            }
-            self.kube.create_environment(body)
+            self.kube.create_environment(self._body(event, name, delivery))
             return Outcome("created", name, f"{event.action}: environment requested")
         spec = self.spec(event) if create else {"commitSha": event.pull_request.head.sha}
         patch = {
@@ -180,6 +178,18 @@ class Intake:
         }
         self.kube.patch_environment(name, patch, missing_ok=False)
         return Outcome("updated", name, f"{event.action}: commit {event.pull_request.head.sha[:7]}")
+
+    def _body(self, event: PullRequestEvent, name: str, delivery: str) -> Obj:
+        return {
+            "apiVersion": API_VERSION,
+            "kind": KIND,
+            "metadata": {
+                "name": name,
+                "labels": environment_labels(name, event.repo, event.pr),
+                "annotations": {UPDATED_AT: event.pull_request.updated_at, DELIVERY: delivery},
+            },
+            "spec": self.spec(event),
+        }
 
     def _wait_gone(self, name: str) -> Obj | None:
         """Wait (bounded) for a torn-down environment to be gone, so that a reopen can start anew."""
