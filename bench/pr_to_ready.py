@@ -67,7 +67,9 @@ def floor(kube: Kube, repo: str, count: int, concurrency: int) -> float:
         )
         quota = children.resolve_quota(spec, settings)
         namespace = environment_name(repo, number)
-        kube.create_namespace(children.build_namespace(namespace, namespace, "floor", spec))
+        # A plain namespace: no owner reference to an object that does not exist (the garbage collector
+        # would take it) and no Ephemera label (the operator's sweep would).
+        kube.create_namespace({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}})
         kube.create_child(children.build_resource_quota(namespace, namespace, spec, quota))
         kube.create_child(children.build_limit_range(namespace, namespace, spec, quota))
         kube.create_child(children.build_network_policy(namespace, namespace, spec))

@@ -133,6 +133,7 @@ class Reporter:
         self._queue: asyncio.Queue[str] = asyncio.Queue()
         self._newest: dict[str, int] = {}  # uid -> seq of the newest state seen
         self._waiting: dict[str, int] = {}  # uid -> retries scheduled for later
+        self._known: dict[str, dict[str, Any]] = {}  # uid -> what was reported (mirrors status.reported)
         self._seq = itertools.count()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -252,6 +253,8 @@ class Reporter:
                 REPORTS.labels(kind, "success").inc()
                 reported.update(update)
                 self._record(t, update)
+        if t.phase == "Destroyed":
+            self._known.pop(t.uid, None)  # the object is gone: nothing more to report
 
     def _raise_retry(self, kind: str, err: GithubException, spec: dict[str, Any]) -> None:
         if err.status == 401:
@@ -275,14 +278,21 @@ class Reporter:
             RATE_LIMIT.set(remaining)
 
     def _reported(self, t: Transition) -> dict[str, Any]:
-        """What the object says was reported already (fresh from the API, so restarts never repost)."""
+        """What was reported already: known here since the first report, else read from the object
+        (so that a restarted operator never reposts)."""
+        known = self._known.get(t.uid)
+        if known is not None:
+            return known
         try:
             obj = self.kube.get_environment(t.name)
         except KubeError as err:
             raise RetryLater(2, f"cannot read {t.name}: {err}") from err
         if obj is not None and obj["metadata"]["uid"] == t.uid:
-            return dict((obj.get("status") or {}).get("reported") or {})
-        return dict(t.status.get("reported") or {})
+            reported = dict((obj.get("status") or {}).get("reported") or {})
+        else:
+            reported = dict(t.status.get("reported") or {})
+        self._known[t.uid] = reported
+        return reported
 
     def _record(self, t: Transition, update: dict[str, Any]) -> None:
         try:
