@@ -29,30 +29,32 @@ def send(port: int, event: dict[str, object]) -> None:
         assert response.status == 202, response.status
 
 
-def open_prs(s: Stack, watcher: Watcher, repo: str, numbers: list[int], concurrency: int) -> dict[str, float]:
-    """Send `opened` for each PR; return each environment's seconds from its request to Ready."""
+def send_all(s: Stack, action: str, repo: str, numbers: list[int], concurrency: int) -> dict[str, float]:
+    """Send `action` for each PR; return when each environment's request was sent."""
     assert s.webhook is not None
+    port = s.webhook.port
+    at = "2026-01-01T00:00:00Z" if action == "opened" else "2026-01-01T00:10:00Z"
     sent: dict[str, float] = {}
 
     def one(number: int) -> None:
         sent[environment_name(repo, number)] = time.perf_counter()
-        send(s.webhook.port, pr_event("opened", repo, number, "a" * 40, "2026-01-01T00:00:00Z"))  # type: ignore[union-attr]
+        send(port, pr_event(action, repo, number, "a" * 40, at))
 
     with concurrent.futures.ThreadPoolExecutor(concurrency) as pool:
         list(pool.map(one, numbers))
+    return sent
+
+
+def open_prs(s: Stack, watcher: Watcher, repo: str, numbers: list[int], concurrency: int) -> dict[str, float]:
+    """Seconds from each PR's `opened` request to its environment's Ready."""
+    sent = send_all(s, "opened", repo, numbers, concurrency)
     wait_for(lambda: all(n in watcher.ready for n in sent), timeout=900, interval=0.01, what="Ready")
     return {n: watcher.ready[n] - t for n, t in sent.items()}
 
 
 def close_prs(s: Stack, ns_watcher: Watcher, repo: str, numbers: list[int], concurrency: int) -> dict[str, float]:
-    sent: dict[str, float] = {}
-
-    def one(number: int) -> None:
-        sent[environment_name(repo, number)] = time.perf_counter()
-        send(s.webhook.port, pr_event("closed", repo, number, "a" * 40, "2026-01-01T00:10:00Z"))  # type: ignore[union-attr]
-
-    with concurrent.futures.ThreadPoolExecutor(concurrency) as pool:
-        list(pool.map(one, numbers))
+    """Seconds from each PR's `closed` request to its namespace being gone."""
+    sent = send_all(s, "closed", repo, numbers, concurrency)
     wait_for(lambda: all(n in ns_watcher.gone for n in sent), timeout=1800, interval=0.05, what="namespaces gone")
     return {n: ns_watcher.gone[n] - t for n, t in sent.items()}
 

@@ -76,6 +76,25 @@ class Environment:
             created=meta.get("creationTimestamp"),
         )
 
+    def announcement(
+        self, *, old_phase: str | None, phase: str, reason: str, message: str, at: str, status: dict[str, Any]
+    ) -> Transition:
+        """The Transition that tells the listeners this object reached `phase`."""
+        return Transition(
+            name=self.name,
+            uid=self.uid,
+            generation=self.generation,
+            spec=self.spec.to_k8s(),
+            old_phase=old_phase,
+            phase=phase,
+            reason=reason,
+            message=message,
+            at=at,
+            status=status,
+            created=self.created,
+            annotations=self.annotations,
+        )
+
     def ref(self) -> dict[str, Any]:
         """A reference to the object, for Events."""
         return {"apiVersion": API_VERSION, "kind": KIND, "metadata": {"name": self.name, "uid": self.uid}}
@@ -160,23 +179,13 @@ class Environments:
             level = logging.WARNING if phase is Phase.FAILED else logging.INFO
             logger.log(level, "%s: %s", phase.value, message)
         self.recorder(env.ref(), "Warning" if phase is Phase.FAILED else "Normal", reason, message)
+        merged = {**env.status.model_dump(by_alias=True, exclude_none=True), **status}
+        old_phase = env.status.phase.value if env.status.phase else None
         self.transitions.publish(
-            Transition(
-                name=env.name,
-                uid=env.uid,
-                generation=env.generation,
-                spec=env.spec.to_k8s(),
-                old_phase=env.status.phase.value if env.status.phase else None,
-                phase=phase.value,
-                reason=reason,
-                message=message,
-                at=at,
-                status={**env.status.model_dump(by_alias=True, exclude_none=True), **status},
-                created=env.created,
-                annotations=env.annotations,
+            env.announcement(
+                old_phase=old_phase, phase=phase.value, reason=reason, message=message, at=at, status=merged
             )
         )
-        merged = {**env.status.model_dump(by_alias=True, exclude_none=True), **status}
         return replace(env, status=PreviewEnvironmentStatus.model_validate(merged))
 
     def fail(
@@ -323,19 +332,13 @@ class Environments:
     def _destroyed(self, env: Environment) -> None:
         """Announce the end (the object goes once its finalizer is released; no status to write)."""
         self.transitions.publish(
-            Transition(
-                name=env.name,
-                uid=env.uid,
-                generation=env.generation,
-                spec=env.spec.to_k8s(),
+            env.announcement(
                 old_phase=Phase.DESTROYING.value,
                 phase=DESTROYED,
                 reason="Destroyed",
                 message="The environment's namespace is gone",
                 at=now_iso(),
                 status=env.status.model_dump(by_alias=True, exclude_none=True),
-                created=env.created,
-                annotations=env.annotations,
             )
         )
 

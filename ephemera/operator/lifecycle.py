@@ -15,7 +15,6 @@ from ephemera.models import GROUP, KIND, PLURAL, VERSION, Phase
 from ephemera.naming import MANAGED_BY, MANAGED_BY_LABEL
 from ephemera.operator.metrics import RECONCILES
 from ephemera.sweeps import Seen
-from ephemera.transitions import Transition
 
 Logger = logging.Logger | logging.LoggerAdapter[Any]
 RESOURCE = (GROUP, VERSION, PLURAL)
@@ -204,22 +203,19 @@ def _report_outdated(status: kopf.Status, spec: kopf.Spec, **_: Any) -> bool:
 @kopf.on.resume(*RESOURCE, id="report-resume", when=_report_outdated)
 def report_resume(*, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     """After a restart: report a state that was reached but not yet reported (the object says which)."""
-    env = Environment.from_body(dict(body))
+    try:
+        env = Environment.from_body(dict(body))
+    except PermanentFailure:
+        return  # an invalid spec has nothing to report; its Failed status says why
     status = dict(body.get("status") or {})
     conditions = status.get("conditions") or [{}]
     memo.reporter.listener(
-        Transition(
-            name=env.name,
-            uid=env.uid,
-            generation=env.generation,
-            spec=env.spec.to_k8s(),
+        env.announcement(
             old_phase=None,
             phase=str(status.get("phase")),
             reason=str(status.get("reason") or ""),
             message=str(status.get("message") or ""),
             at=str(conditions[0].get("lastTransitionTime") or ""),
             status=status,
-            created=env.created,
-            annotations=env.annotations,
         )
     )
