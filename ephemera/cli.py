@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import datetime
 import json
+import secrets
 import sys
 from typing import Any
 
@@ -30,10 +31,15 @@ def run_operator(args: argparse.Namespace) -> int:
     logs.configure(settings.log_level, settings.log_format)
     import ephemera.operator  # noqa: F401  (registers the handlers)
 
+    # Replicas with equal priorities would all freeze: each picks its own unless told.
+    priority = settings.peering_priority
+    if priority is None:
+        priority = secrets.randbelow(1_000_000) + 1
     kopf.run(
         clusterwide=True,
         standalone=settings.peering is None,
         peering_name=settings.peering,
+        priority=priority,
     )
     return 0
 

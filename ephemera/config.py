@@ -66,6 +66,12 @@ class Settings(BaseSettings):
     peering: str | None = Field(
         None, description="kopf peering name for several replicas (one active); unset runs standalone."
     )
+    peering_priority: int | None = Field(
+        None, description="This replica's peering priority (highest is active); unset picks a random one."
+    )
+    peering_lifetime: int = Field(
+        60, ge=10, description="Seconds a silent replica counts as alive before a standby takes over."
+    )
     workers: int = Field(50, ge=1, description="Most objects reconciled at once.")
     environment_url: str | None = Field(
         None, description="Template of an environment's URL, e.g. https://{namespace}.preview.example.com."

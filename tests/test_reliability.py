@@ -17,13 +17,13 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ephemera.devtools.controlplane import ControlPlane
+from ephemera.devtools.controlplane import REPO_ROOT, ControlPlane
 from ephemera.models import REPOSITORY_PATTERN
 from ephemera.naming import MANAGED_BY_LABEL, environment_name
 from tests.conftest import WEBHOOK_SECRET
 from tests.fakegithub import FakeGitHub
 from tests.postgres import Postgres
-from tests.support import SOAK, Kubectl, Process, post_webhook, wait_for
+from tests.support import SOAK, Kubectl, Process, post_webhook, process_env, wait_for
 from tests.test_github import comments, statuses
 from tests.test_operator import make_env, status, wait_phase
 from tests.test_records import phases
@@ -262,3 +262,44 @@ def test_event_storms_end_in_the_state_of_the_last_real_event(
         assert obj["spec"]["commitSha"] == head
     if obj is not None:
         kubectl.run("delete", "pe", name, "--wait=false")
+
+
+def test_two_replicas_one_active_and_a_standby_takes_over(
+    operator: Process, kubectl: Kubectl, control_plane: ControlPlane, tmp_path: Any
+) -> None:
+    """kopf peering: the higher priority reconciles, the other waits; killing the active hands over."""
+    from tests.conftest import db_upgrade, http_ok
+    from tests.test_chart import paused
+
+    kubectl.run("apply", "-f", str(REPO_ROOT / "crds" / "clusterkopfpeerings.yaml"))
+    kubectl.apply({"apiVersion": "kopf.dev/v1", "kind": "ClusterKopfPeering", "metadata": {"name": "reliability"}})
+    replicas = []
+    with paused(operator):
+        for priority in (200, 100):
+            env = process_env(
+                control_plane.kubeconfig,
+                tmp_path,
+                EPHEMERA_PEERING="reliability",
+                EPHEMERA_PEERING_PRIORITY=str(priority),
+                EPHEMERA_PEERING_LIFETIME="10",
+            )
+            db_upgrade(env)
+            proc = Process(["operator"], env, tmp_path / f"operator-{priority}.log", int(env["EPHEMERA_OPERATOR_PORT"]))
+            replicas.append(proc.start())
+        active, standby = replicas
+        try:
+            wait_for(lambda: all(http_ok(p, "/healthz") for p in replicas), timeout=60, what="both replicas")
+            first, second = f"peer-{uuid.uuid4().hex[:4]}", f"peer-{uuid.uuid4().hex[:4]}"
+            kubectl.apply(make_env(first, 1, repo="octo/peering"))
+            wait_phase(kubectl, first, "Ready")
+            assert first in active.log()
+            assert first not in standby.log()
+            active.kill()
+            SOAK["kills"] += 1
+            kubectl.apply(make_env(second, 2, repo="octo/peering"))
+            wait_phase(kubectl, second, "Ready", timeout=90)
+            assert second in standby.log()
+            kubectl.run("delete", "pe", first, second, "--wait=true", "--timeout=90s")
+        finally:
+            for proc in replicas:
+                proc.stop()

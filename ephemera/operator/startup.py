@@ -39,6 +39,8 @@ async def configure(*, settings: kopf.OperatorSettings, memo: kopf.Memo, logger:
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
     settings.networking.request_timeout = 60
+    settings.peering.lifetime = cfg.peering_lifetime
+    settings.peering.mandatory = cfg.peering is not None
     # Our own /healthz serves liveness; kopf's probes need nothing else.
 
     kube = Kube(await asyncio.to_thread(load_api_client, cfg.kubeconfig, cfg.workers + 10))
