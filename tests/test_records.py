@@ -189,3 +189,34 @@ async def test_purge_removes_only_old_destroyed_records(sqlite_url: str) -> None
     assert purged == 2
     listed = json.loads(cli(sqlite_url, "environments", "list", "-o", "json").stdout)
     assert sorted(r["uid"] for r in listed) == ["alive", "recent"]
+
+
+async def test_resync_writes_what_is_missing_and_nothing_twice(sqlite_url: str) -> None:
+    from ephemera.store.records import _Resync
+
+    records = Records(make_engine(sqlite_url))
+    await records.write(_transition("kept", None, "Ready", "2026-01-01T00:00:05Z"))
+    await records.write(_transition("behind", None, "Provisioning", "2026-01-01T00:00:01Z"))
+    await records.write(_transition("vanished", None, "Ready", "2026-01-01T00:00:01Z"))
+
+    def obj(uid: str, phase: str, at: str) -> dict[str, Any]:
+        return {
+            "metadata": {"name": f"name-{uid}", "uid": uid, "generation": 1},
+            "spec": {"repository": "octo/unit", "pullRequest": 1, "commitSha": "a" * 40},
+            "status": {"phase": phase, "conditions": [{"type": "Ready", "lastTransitionTime": at}]},
+        }
+
+    cluster = [obj("kept", "Ready", "2026-01-01T00:00:05Z"), obj("behind", "Ready", "2026-01-01T00:00:09Z")]
+    listed_at = datetime.datetime.now(datetime.UTC)
+    for _ in range(2):  # the second resync finds nothing left to write
+        await records._resync(_Resync(cluster, listed_at))
+    await records.engine.dispose()
+    (behind,) = history(sqlite_url, "name-behind")
+    assert [(e["to_phase"], e["reason"]) for e in behind["events"]] == [
+        ("Provisioning", "Provisioning"),
+        ("Ready", "Resync"),
+    ]
+    others = {row["uid"]: row for row in history(sqlite_url, "pr-1-octo-unit")}
+    assert [e["to_phase"] for e in others["kept"]["events"]] == ["Ready"]  # up to date: untouched
+    assert [e["to_phase"] for e in others["vanished"]["events"]] == ["Ready", "Destroyed"]
+    assert others["vanished"]["destroyed_at"]

@@ -45,6 +45,19 @@ def _time(value: str | None) -> datetime.datetime | None:
     return parse_time(value)
 
 
+def _aware(value: datetime.datetime) -> datetime.datetime:
+    """SQLite hands back naive datetimes; they are UTC."""
+    return value if value.tzinfo else value.replace(tzinfo=datetime.UTC)
+
+
+def _up_to_date(row_phase: str, latest: datetime.datetime | None, phase: str, at: datetime.datetime | None) -> bool:
+    """Whether the rows already hold the object's last transition (Kubernetes keeps seconds only)."""
+    if latest is None or at is None:
+        return latest is not None
+    latest = _aware(latest).replace(microsecond=0)
+    return latest > at or (latest == at and row_phase == phase)
+
+
 def _now() -> datetime.datetime:
     return datetime.datetime.now(datetime.UTC)
 
@@ -170,6 +183,16 @@ class Records:
         return dialect.insert(EventRow).values(**values).on_conflict_do_nothing(index_elements=["id"])
 
     async def _resync(self, job: _Resync) -> None:
+        """Write what the rows miss; one query for all the live rows, whatever their number."""
+        async with AsyncSession(self.engine) as session:
+            latest_at = func.max(EventRow.at)
+            query = (
+                select(EnvironmentRow.uid, EnvironmentRow.phase, EnvironmentRow.updated_at, latest_at)
+                .join(EventRow, col(EventRow.environment_uid) == col(EnvironmentRow.uid), isouter=True)
+                .where(col(EnvironmentRow.destroyed_at).is_(None))
+                .group_by(col(EnvironmentRow.uid), col(EnvironmentRow.phase), col(EnvironmentRow.updated_at))
+            )
+            rows = {uid: (phase, updated, latest) for uid, phase, updated, latest in await session.execute(query)}
         seen: set[str] = set()
         written = 0
         for obj in job.objects:
@@ -180,35 +203,20 @@ class Records:
             at_text = conditions[0].get("lastTransitionTime") or status.get("lastTransitionTime")
             if not phase or not at_text:
                 continue
-            if await self._up_to_date(meta["uid"], phase, _time(at_text)):
+            row = rows.get(meta["uid"])
+            if row is not None and _up_to_date(row[0], row[2], phase, _time(at_text)):
                 continue
             await self.write(_resync_transition(obj, phase, at_text))
             written += 1
-        async with AsyncSession(self.engine) as session:
-            stale = await session.execute(
-                select(EnvironmentRow).where(
-                    col(EnvironmentRow.destroyed_at).is_(None),
-                    col(EnvironmentRow.updated_at) < job.listed_at,
-                )
-            )
-            gone = [row for row in stale.scalars() if row.uid not in seen]
-        for row in gone:
-            await self.write(_destroyed_transition(row, job.listed_at))
-            written += 1
+        gone = [uid for uid, (_, updated, _) in rows.items() if uid not in seen and _aware(updated) < job.listed_at]
+        for uid in gone:
+            async with AsyncSession(self.engine) as session:
+                row_obj = await session.get(EnvironmentRow, uid)
+            if row_obj is not None:
+                await self.write(_destroyed_transition(row_obj, job.listed_at))
+                written += 1
         if written:
             log.info("resync wrote %d missing transition(s)", written)
-
-    async def _up_to_date(self, uid: str, phase: str, at: datetime.datetime | None) -> bool:
-        async with AsyncSession(self.engine) as session:
-            row = await session.get(EnvironmentRow, uid)
-            if row is None or at is None:
-                return row is not None
-            latest = await session.scalar(select(func.max(EventRow.at)).where(col(EventRow.environment_uid) == uid))
-        if latest is None:
-            return False
-        # Kubernetes keeps seconds only: compare at that precision.
-        latest = (latest if latest.tzinfo else latest.replace(tzinfo=datetime.UTC)).replace(microsecond=0)
-        return latest > at or (latest == at and row.phase == phase)
 
     async def purge(self, older_than: datetime.timedelta, batch: int) -> int:
         """Delete destroyed environments (and their events) older than the retention, `batch` at a time."""
