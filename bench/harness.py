@@ -200,16 +200,22 @@ class Watcher:
         custom, core = client.CustomObjectsApi(api), client.CoreV1Api(api)
 
         def run() -> None:
+            # One watch resumed from its last resourceVersion, so that no event falls between two.
+            w = watch.Watch()
+            version: str | None = None
             while not self._stop:
-                w = watch.Watch()
                 lister = (
                     (custom.list_cluster_custom_object, ("ephemera.dev", "v1alpha1", "previewenvironments"))
                     if kind == "previewenvironments"
                     else (core.list_namespace, ())
                 )
-                for event in w.stream(lister[0], *lister[1], timeout_seconds=5):
+                kwargs: dict[str, Any] = {"timeout_seconds": 60}
+                if version:
+                    kwargs["resource_version"] = version
+                for event in w.stream(lister[0], *lister[1], **kwargs):
                     obj = event["object"]
                     meta = obj["metadata"] if isinstance(obj, dict) else obj.metadata.to_dict()
+                    version = meta.get("resource_version") or meta.get("resourceVersion") or version
                     name = meta["name"]
                     now = time.perf_counter()
                     if event["type"] == "DELETED":

@@ -82,6 +82,22 @@ def floor(kube: Kube, repo: str, count: int, concurrency: int) -> float:
     return time.perf_counter() - started
 
 
+def floor_teardown(kube: Kube, ns_watcher: Watcher, repo: str, count: int, concurrency: int) -> float:
+    """Delete the floor's namespaces directly and wait until they are gone."""
+    names = [environment_name(repo, n) for n in range(1, count + 1)]
+
+    def one(name: str) -> None:
+        namespace = kube.get_namespace(name)
+        if namespace is not None:
+            kube.delete_namespace(name, namespace["metadata"]["uid"])
+
+    started = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(concurrency) as pool:
+        list(pool.map(one, names))
+    wait_for(lambda: all(n in ns_watcher.gone for n in names), timeout=1800, interval=0.05, what="floor teardown")
+    return time.perf_counter() - started
+
+
 def main() -> None:
     bursts = tuple(int(a) for a in sys.argv[1:]) or BURSTS
     rows = []
