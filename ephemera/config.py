@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from functools import lru_cache
 from pathlib import Path
 
@@ -9,6 +10,9 @@ from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from ephemera.quantity import parse_quantity
+
+# EPHEMERA_* variables that belong to the development tools, not to the processes.
+NOT_SETTINGS = frozenset({"EPHEMERA_CACHE", "EPHEMERA_SOAK"})
 
 
 class Settings(BaseSettings):
@@ -95,6 +99,15 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _check(self) -> Settings:
+        unknown = sorted(
+            key
+            for key in os.environ
+            if key.upper().startswith("EPHEMERA_")
+            and key.upper() not in NOT_SETTINGS
+            and key[len("EPHEMERA_") :].lower() not in type(self).model_fields
+        )
+        if unknown:
+            raise ValueError(f"unknown setting(s) {', '.join(unknown)}: see the README's configuration table")
         for name in ("default_cpu", "default_memory", "max_cpu", "max_memory"):
             try:
                 parse_quantity(getattr(self, name))
