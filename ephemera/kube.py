@@ -277,6 +277,19 @@ class Kube:
                 return
             raise _wrap(err, f"deleting PreviewEnvironment {name}") from err
 
+    def get_peering(self, name: str) -> Obj | None:
+        """kopf's ClusterKopfPeering object: the live replicas and their priorities."""
+        try:
+            return self._json(
+                self.custom.get_cluster_custom_object(
+                    "kopf.dev", "v1", "clusterkopfpeerings", name, _preload_content=False, _request_timeout=self.timeout
+                )
+            )
+        except ApiException as err:
+            if err.status == 404:
+                return None
+            raise _wrap(err, f"reading ClusterKopfPeering {name}") from err
+
     def create_event(self, ref: Obj, type_: str, reason: str, message: str, component: str) -> None:
         """Post a Kubernetes Event about a cluster-scoped object (kept in `default`, as kubectl looks)."""
         now = datetime.datetime.now(datetime.UTC).isoformat()

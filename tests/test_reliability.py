@@ -6,6 +6,7 @@ and prints a summary of what was done and what was lost or leaked.
 
 from __future__ import annotations
 
+import datetime
 import itertools
 import json
 import os
@@ -303,3 +304,34 @@ def test_two_replicas_one_active_and_a_standby_takes_over(
         finally:
             for proc in replicas:
                 proc.stop()
+
+
+def test_only_the_highest_live_priority_runs_the_operator_wide_jobs() -> None:
+    from ephemera.operator.timers import is_active
+
+    now = datetime.datetime.now(datetime.UTC)
+    fresh, stale = now.isoformat(), (now - datetime.timedelta(minutes=5)).isoformat()
+
+    class Peering:
+        def __init__(self, status: dict[str, Any]) -> None:
+            self.status = status
+
+        def get_peering(self, name: str) -> dict[str, Any]:
+            return {"status": self.status}
+
+    peers = Peering(
+        {
+            "a": {"priority": 200, "lifetime": 60, "lastseen": fresh},
+            "b": {"priority": 100, "lifetime": 60, "lastseen": fresh},
+        }
+    )
+    assert is_active(peers, "p", 200)  # type: ignore[arg-type]
+    assert not is_active(peers, "p", 100)  # type: ignore[arg-type]
+    dead_leader = Peering(
+        {
+            "a": {"priority": 200, "lifetime": 60, "lastseen": stale},
+            "b": {"priority": 100, "lifetime": 60, "lastseen": fresh},
+        }
+    )
+    assert is_active(dead_leader, "p", 100)  # type: ignore[arg-type]
+    assert is_active(peers, None, 0)  # type: ignore[arg-type]  # standalone

@@ -60,7 +60,7 @@ async def configure(*, settings: kopf.OperatorSettings, memo: kopf.Memo, logger:
     transitions.subscribe(memo.reporter.listener)
     memo.phases = {}  # name -> phase, kept by lifecycle.track
     memo.warned = set()  # uids already warned about the soft time limit
-    memo.periodic = timers.start(memo)
+    memo.periodic = timers.start(memo, settings.peering.priority)
     memo.health = await health.start(cfg.operator_host, cfg.operator_port)
     logger.info("Operator started; health and metrics on %s:%d", cfg.operator_host, cfg.operator_port)
 

@@ -17,7 +17,8 @@ from typing import Any
 import kopf
 
 from ephemera.environments import Environments
-from ephemera.models import GROUP, PLURAL, VERSION, Phase
+from ephemera.kube import Kube, KubeError
+from ephemera.models import GROUP, PLURAL, VERSION, Phase, parse_time
 from ephemera.naming import RETRY_ANNOTATION
 from ephemera.operator.metrics import ENVIRONMENTS
 from ephemera.sweeps import Seen, Sweeper, retry
@@ -43,10 +44,30 @@ def manual_retry(*, body: kopf.Body, memo: kopf.Memo, logger: kopf.Logger, **_: 
     retry(service, dict(body), manual=str(new), logger=logger)
 
 
-async def _every(seconds: float, job: Callable[[], Awaitable[None]], name: str) -> None:
+def is_active(kube: Kube, peering: str | None, priority: int) -> bool:
+    """Whether this replica is the active one: standalone, or no live peer has a priority as high."""
+    if peering is None:
+        return True
+    body = kube.get_peering(peering)
+    now = datetime.datetime.now(datetime.UTC)
+    rivals = 0
+    for peer in ((body or {}).get("status") or {}).values():
+        if not isinstance(peer, dict):
+            continue
+        seen = parse_time(peer.get("lastseen"))
+        alive = seen is not None and (now - seen).total_seconds() < float(peer.get("lifetime", 60))
+        if alive and int(peer.get("priority", 0)) >= priority:
+            rivals += 1
+    return rivals <= 1  # ourselves
+
+
+async def _every(
+    seconds: float, job: Callable[[], Awaitable[None]], name: str, active: Callable[[], Awaitable[bool]]
+) -> None:
     while True:
         try:
-            await job()
+            if await active():  # a standby replica leaves the operator-wide jobs to the active one
+                await job()
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -54,10 +75,17 @@ async def _every(seconds: float, job: Callable[[], Awaitable[None]], name: str) 
         await asyncio.sleep(seconds)
 
 
-def start(memo: kopf.Memo) -> list[asyncio.Task[None]]:
+def start(memo: kopf.Memo, priority: int) -> list[asyncio.Task[None]]:
     """Start the operator-wide jobs; they stop with the operator."""
     cfg = memo.settings
     sweeper = Sweeper(memo.environments)
+
+    async def active() -> bool:
+        try:
+            return await asyncio.to_thread(is_active, memo.kube, cfg.peering, priority)
+        except KubeError as err:
+            log.warning("cannot tell whether this replica is the active one (%s); skipping this round", err)
+            return False
 
     async def retries() -> None:
         seen: dict[str, Seen] = dict(memo.phases)
@@ -92,4 +120,4 @@ def start(memo: kopf.Memo) -> list[asyncio.Task[None]]:
         (cfg.resync_interval, resync, "resync"),
         (10.0, gauge, "phase-gauge"),
     ]
-    return [asyncio.create_task(_every(seconds, job, name), name=name) for seconds, job, name in jobs]
+    return [asyncio.create_task(_every(seconds, job, name, active), name=name) for seconds, job, name in jobs]
