@@ -329,6 +329,11 @@ class FakeGitHub:
         self.deployment_statuses[did].append(body)
         return self._answer(201, body)
 
+    async def rate_limit_view(self, _: web.Request) -> web.Response:
+        reset = int(time.time()) + 3600
+        core = {"limit": 5000, "remaining": self.rate_remaining, "reset": reset, "used": 5000 - self.rate_remaining}
+        return self._answer(200, {"resources": {"core": core}, "rate": core})
+
     async def dump_calls(self, _: web.Request) -> web.Response:
         with self._lock:
             calls = [c.__dict__ for c in self.calls]
@@ -349,6 +354,7 @@ class FakeGitHub:
         app.router.add_post(repo + "/deployments", self.create_deployment)
         app.router.add_get(repo + "/deployments/{id}", self.get_deployment)
         app.router.add_post(repo + "/deployments/{id}/statuses", self.create_deployment_status)
+        app.router.add_get("/rate_limit", self.rate_limit_view)
         app.router.add_get("/_calls", self.dump_calls)
         return app
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import uuid
 from pathlib import Path
 from typing import Any
@@ -217,3 +218,26 @@ def test_fifty_objects_at_once_all_reach_ready(operator: Process, kubectl: Kubec
         return all(phases.get(n) == "Ready" for n in names)
 
     wait_for(all_ready, timeout=180, interval=0.5, what="50 environments Ready")
+
+
+def test_health_and_metrics(operator: Process, kubectl: Kubectl) -> None:
+    import urllib.request
+
+    name = unique("metrics")
+    kubectl.apply(make_env(name, 108))
+    wait_phase(kubectl, name, "Ready")
+
+    def metrics() -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{operator.port}/metrics", timeout=5) as response:
+            return str(response.read().decode())
+
+    def ready_gauge() -> float:
+        found = re.search(r'ephemera_environments\{phase="Ready"\} (\S+)', metrics())
+        return float(found.group(1)) if found else 0.0
+
+    wait_for(lambda: ready_gauge() >= 1, timeout=30, what="the phase gauge to count Ready environments")
+    text = metrics()
+    assert 'ephemera_reconciles_total{handler="provision",outcome="success"}' in text
+    assert "ephemera_time_to_ready_seconds_bucket" in text
+    assert 'ephemera_transitions_total{phase="Ready"}' in text
+    assert "ephemera_record_writes_total" in text

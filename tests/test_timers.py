@@ -30,6 +30,7 @@ SHORT = {
     "EPHEMERA_RETRY_WINDOW": "300",
     "EPHEMERA_PURGE_INTERVAL": "1",
     "EPHEMERA_RECORD_RETENTION": "3",
+    "EPHEMERA_SOFT_TIME_LIMIT": "2",
 }
 
 
@@ -87,6 +88,7 @@ def test_stale_update_fails_then_retry_succeeds_once_the_cause_is_gone(
     )
     assert st["permanent"] is False
     wait_for(lambda: "Stale" in events_of(kubectl, name), timeout=30, what="a Stale event")
+    assert "SoftTimeLimit" in events_of(kubectl, name)  # warned before the sweep gave up on it
     release_namespace(kubectl, namespace)
     wait_for(lambda: not exists(kubectl, "namespace", namespace), timeout=60, what="the old namespace to go")
     st = wait_phase(kubectl, name, "Ready", timeout=60)

@@ -10,6 +10,7 @@ operator restarts.
 from __future__ import annotations
 
 import asyncio
+import datetime
 import itertools
 import logging
 import time
@@ -36,6 +37,7 @@ RATE_LIMIT = Gauge(
     "ephemera_github_rate_limit_remaining", "GitHub API requests left in the current window.", registry=REGISTRY
 )
 MAX_ATTEMPTS = 12
+SETTLE = 1.0  # seconds a new state waits, in case a newer one overtakes it
 CLOSED_REASON = "ephemera.dev/closed-reason"
 
 COMMIT_STATES = {
@@ -178,6 +180,13 @@ class Reporter:
     async def _worker(self) -> None:
         while True:
             uid = await self._queue.get()
+            job = self._pending.get(uid)
+            if job is not None and job.attempt == 0:
+                # A state that lasts under SETTLE seconds (Provisioning, usually) is overtaken before it is
+                # posted: one report instead of two, and fewer writes to the object.
+                wait = SETTLE - (datetime.datetime.now(datetime.UTC) - job.transition.occurred).total_seconds()
+                if wait > 0:
+                    await asyncio.sleep(wait)
             self._queued.discard(uid)
             job = self._pending.pop(uid, None)
             if job is None:
@@ -198,7 +207,14 @@ class Reporter:
                 self._waiting[uid] = self._waiting.get(uid, 0) + 1
                 self._loop.call_later(delay, self._retry, job)
             except Exception:
-                log.exception("GitHub report for %s failed", job.transition.name)
+                # Not a GitHub answer we know: retried like a 5xx, so that no report is dropped.
+                log.exception("GitHub report for %s failed unexpectedly", job.transition.name)
+                job.attempt += 1
+                if job.attempt < MAX_ATTEMPTS:
+                    assert self._loop is not None
+                    self._waiting[uid] = self._waiting.get(uid, 0) + 1
+                    delay = min(2.0**job.attempt, self.settings.github_retry_max_delay)
+                    self._loop.call_later(delay, self._retry, job)
             finally:
                 self._active.discard(uid)
                 self._schedule(uid)  # a newer state that arrived meanwhile
@@ -273,7 +289,9 @@ class Reporter:
         raise RetryLater(later.delay, f"{kind}: {later}", backoff=later.backoff)
 
     def _observe_rate_limit(self, client: Any) -> None:
-        remaining = getattr(client, "rate_limiting", (-1, -1))[0]
+        # What the last answer's X-RateLimit-* headers said; `client.rate_limiting` would make a request.
+        requester = getattr(client, "_Github__requester", None)
+        remaining = getattr(requester, "rate_limiting", (-1, -1))[0]
         if remaining >= 0:
             RATE_LIMIT.set(remaining)
 
@@ -377,12 +395,21 @@ class Reporter:
 
 
 def reported_is_current(status: dict[str, Any], spec: dict[str, Any]) -> bool:
-    """Whether `status.reported` already reflects the object's phase (checked at start-up, no API call)."""
+    """Whether `status.reported` already reflects the object's phase in all three reports (checked at
+    start-up, with no API call): the commit status, the deployment's status and the comment."""
     reported = status.get("reported") or {}
     phase = status.get("phase")
-    if phase not in COMMIT_STATES:
+    sha = spec.get("commitSha")
+    if phase not in COMMIT_STATES and phase not in DEPLOYMENT_STATES:
         return True
-    state = COMMIT_STATES[phase][0]
-    if phase == "Failed" and not status.get("permanent"):
-        state = "error"
-    return bool(reported.get("commitStatus") == f"{state}@{spec.get('commitSha')}")
+    if phase in COMMIT_STATES:
+        state = COMMIT_STATES[phase][0]
+        if phase == "Failed" and not status.get("permanent"):
+            state = "error"
+        if reported.get("commitStatus") != f"{state}@{sha}":
+            return False
+    deployment = DEPLOYMENT_STATES.get(phase)
+    deployed = str(reported.get("deploymentState", ""))
+    if deployment is not None and reported.get("deploymentSha") == sha and not deployed.startswith(f"{deployment}@"):
+        return False
+    return bool(reported.get("comment") == f"{phase}@{sha}")
