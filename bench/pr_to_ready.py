@@ -136,11 +136,15 @@ def main() -> None:
             )
             started = time.perf_counter()
             close_prs(s, ns_watcher, repo, list(range(1, size + 1)), 32)
+            wall = time.perf_counter() - started
+            floor_wall = floor_teardown(kube, ns_watcher, f"bench/floor{size}", size, 32)
             rows.append(
                 {
                     "case": f"burst of {size} closed -> namespaces gone",
                     "n": size,
-                    "wall_s": time.perf_counter() - started,
+                    "wall_s": wall,
+                    "floor_wall_s": floor_wall,
+                    "ratio": wall / floor_wall,
                 }
             )
         watcher.stop()
