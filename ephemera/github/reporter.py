@@ -174,9 +174,6 @@ class Reporter:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
-    def idle(self) -> bool:
-        return not self._pending and not self._active
-
     async def _worker(self) -> None:
         while True:
             uid = await self._queue.get()

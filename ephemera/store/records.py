@@ -105,13 +105,6 @@ class Records:
             await asyncio.gather(self._task, return_exceptions=True)
         await self.engine.dispose()
 
-    def pending(self) -> int:
-        return self._queue.qsize()
-
-    async def drain(self) -> None:
-        """Wait until everything queued so far is written (for tests and shutdown)."""
-        await self._queue.join()
-
     async def _run(self) -> None:
         while True:
             item = await self._queue.get()
