@@ -152,7 +152,7 @@ def destroy(
 
 
 @kopf.on.event(*RESOURCE, id="track")
-def track(*, event: kopf.RawEvent, name: str, memo: kopf.Memo, **_: Any) -> None:
+async def track(*, event: kopf.RawEvent, name: str, memo: kopf.Memo, **_: Any) -> None:
     """Keep every object's phase in memory: feeds the phase gauge and the sweeps with no API call."""
     if event.get("type") == "DELETED":
         memo.phases.pop(name, None)
@@ -170,11 +170,13 @@ def track(*, event: kopf.RawEvent, name: str, memo: kopf.Memo, **_: Any) -> None
     )
 
 
-@kopf.on.event("v1", "namespaces", id="namespace-gone", labels={MANAGED_BY_LABEL: MANAGED_BY})
+def _deleted(event: kopf.RawEvent, **_: Any) -> bool:
+    return event.get("type") == "DELETED"
+
+
+@kopf.on.event("v1", "namespaces", id="namespace-gone", labels={MANAGED_BY_LABEL: MANAGED_BY}, when=_deleted)
 def namespace_gone(*, event: kopf.RawEvent, memo: kopf.Memo, logger: Logger, **_: Any) -> None:
     """A namespace of ours vanished while its environment lives on: re-create it at once."""
-    if event.get("type") != "DELETED":
-        return
     obj: dict[str, Any] = dict(event.get("object") or {})
     refs: list[dict[str, Any]] = obj.get("metadata", {}).get("ownerReferences") or []
     owners = [ref for ref in refs if ref.get("kind") == KIND]

@@ -28,7 +28,14 @@ RESOURCE = (GROUP, VERSION, PLURAL)
 RETRY_CHECK_INTERVAL = 5.0
 
 
-@kopf.on.event(*RESOURCE, id="manual-retry")
+def _retry_requested(body: kopf.Body, **_: Any) -> bool:
+    meta, status = body.get("metadata", {}), body.get("status") or {}
+    new = (meta.get("annotations") or {}).get(RETRY_ANNOTATION)
+    return bool(new) and new != status.get("retryRequest") and not meta.get("deletionTimestamp")
+
+
+# Filtered by `when`, so that the many events of the objects nobody asked to retry cost no thread.
+@kopf.on.event(*RESOURCE, id="manual-retry", when=_retry_requested)
 def manual_retry(*, body: kopf.Body, memo: kopf.Memo, logger: kopf.Logger, **_: Any) -> None:
     """`kubectl annotate pe NAME ephemera.dev/retry=<anything new> --overwrite` (or `ephemera environments retry`).
 
