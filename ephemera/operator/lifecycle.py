@@ -42,8 +42,11 @@ def _run(
     try:
         env = Environment.from_body(dict(body))
     except PermanentFailure as failure:
+        # A spec the API server let through but that cannot work: say so on the object.
         RECONCILES.labels(handler, "failure").inc()
         logger.error("%s: %s", failure.reason, failure.message)
+        status = {"phase": Phase.FAILED.value, "reason": failure.reason, "message": failure.message, "permanent": True}
+        service.kube.patch_environment_status(body.metadata["name"], status)
         raise kopf.PermanentError(failure.message) from failure
     log = _env_logger(logger, env)
     if retry > 0 and env.status.phase is Phase.FAILED and env.status.reason == "Stale":
