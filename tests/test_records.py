@@ -201,12 +201,21 @@ async def test_resync_writes_what_is_missing_and_nothing_twice(sqlite_url: str) 
 
     def obj(uid: str, phase: str, at: str) -> dict[str, Any]:
         return {
-            "metadata": {"name": f"name-{uid}", "uid": uid, "generation": 1},
+            "metadata": {
+                "name": f"name-{uid}",
+                "uid": uid,
+                "generation": 1,
+                "creationTimestamp": "2026-01-01T00:00:00Z",
+            },
             "spec": {"repository": "octo/unit", "pullRequest": 1, "commitSha": "a" * 40},
             "status": {"phase": phase, "conditions": [{"type": "Ready", "lastTransitionTime": at}]},
         }
 
-    cluster = [obj("kept", "Ready", "2026-01-01T00:00:05Z"), obj("behind", "Ready", "2026-01-01T00:00:09Z")]
+    cluster = [
+        obj("kept", "Ready", "2026-01-01T00:00:05Z"),
+        obj("behind", "Ready", "2026-01-01T00:00:09Z"),
+        obj("unknown", "Ready", "2026-01-01T00:00:07Z"),  # every transition of it was lost
+    ]
     listed_at = datetime.datetime.now(datetime.UTC)
     for _ in range(2):  # the second resync finds nothing left to write
         await records._resync(_Resync(cluster, listed_at))
@@ -216,7 +225,15 @@ async def test_resync_writes_what_is_missing_and_nothing_twice(sqlite_url: str) 
         ("Provisioning", "Provisioning"),
         ("Ready", "Resync"),
     ]
+    (unknown,) = history(sqlite_url, "name-unknown")
+    assert [e["to_phase"] for e in unknown["events"]] == ["Provisioning", "Ready"]
+    assert unknown["phase"] == "Ready"
     others = {row["uid"]: row for row in history(sqlite_url, "pr-1-octo-unit")}
-    assert [e["to_phase"] for e in others["kept"]["events"]] == ["Ready"]  # up to date: untouched
-    assert [e["to_phase"] for e in others["vanished"]["events"]] == ["Ready", "Destroyed"]
+    # Up to date but with no provisioning on record: that gap is filled, the rest untouched.
+    assert [(e["to_phase"], e["reason"]) for e in others["kept"]["events"]] == [
+        ("Provisioning", "Resync"),
+        ("Ready", "Ready"),
+    ]
+    # Its teardown was never recorded (an operator killed at the wrong moment): the resync fills the gap.
+    assert [e["to_phase"] for e in others["vanished"]["events"]] == ["Ready", "Destroying", "Destroyed"]
     assert others["vanished"]["destroyed_at"]

@@ -17,7 +17,8 @@ from collections.abc import Iterable
 from typing import Any
 
 from prometheus_client import Counter, Gauge
-from sqlalchemy import delete, func
+from sqlalchemy import case, delete, func
+from sqlalchemy import select as sa_select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 from sqlmodel import col, select
@@ -131,11 +132,16 @@ class Records:
             self._queue.task_done()
             BACKLOG.set(self._queue.qsize())
 
-    async def write(self, t: Transition) -> None:
-        """Upsert the environment's row and add the event row (a no-op if written before)."""
+    async def write(self, t: Transition, *, history_only: bool = False) -> None:
+        """Upsert the environment's row and add the event row (a no-op if written before).
+
+        `history_only` adds the event to an existing row without changing it (a gap filled later)."""
         at = t.occurred
         async with AsyncSession(self.engine) as session, session.begin():
             row = await session.get(EnvironmentRow, t.uid)
+            if row is not None and history_only:
+                await session.execute(self._insert_event(t, at))
+                return
             if row is None:
                 row = EnvironmentRow(
                     uid=t.uid,
@@ -179,13 +185,22 @@ class Records:
         """Write what the rows miss; one query for all the live rows, whatever their number."""
         async with AsyncSession(self.engine) as session:
             latest_at = func.max(EventRow.at)
+            provisioned = func.sum(case((col(EventRow.to_phase) == "Provisioning", 1), else_=0))
             query = (
-                select(EnvironmentRow.uid, EnvironmentRow.phase, EnvironmentRow.updated_at, latest_at)
+                sa_select(  # sqlmodel's select takes at most four columns
+                    col(EnvironmentRow.uid),
+                    col(EnvironmentRow.phase),
+                    col(EnvironmentRow.updated_at),
+                    latest_at,
+                    provisioned,
+                )
                 .join(EventRow, col(EventRow.environment_uid) == col(EnvironmentRow.uid), isouter=True)
                 .where(col(EnvironmentRow.destroyed_at).is_(None))
                 .group_by(col(EnvironmentRow.uid), col(EnvironmentRow.phase), col(EnvironmentRow.updated_at))
             )
-            rows = {uid: (phase, updated, latest) for uid, phase, updated, latest in await session.execute(query)}
+            found = list(await session.execute(query))
+            rows = {uid: (phase, updated, latest) for uid, phase, updated, latest, _ in found}
+            begun = {uid for uid, _, _, _, count in found if count}
         seen: set[str] = set()
         written = 0
         for obj in job.objects:
@@ -197,6 +212,12 @@ class Records:
             if not phase or not at_text:
                 continue
             row = rows.get(meta["uid"])
+            if meta["uid"] not in begun and phase != "Provisioning" and meta.get("creationTimestamp"):
+                # Its first transitions died with a killed operator: its life began with provisioning
+                # when it was created.
+                first = _resync_transition(obj, "Provisioning", meta["creationTimestamp"])
+                await self.write(first, history_only=row is not None)
+                written += 1
             if row is not None and _up_to_date(row[0], row[2], phase, _time(at_text)):
                 continue
             await self.write(_resync_transition(obj, phase, at_text))
@@ -206,6 +227,11 @@ class Records:
             async with AsyncSession(self.engine) as session:
                 row_obj = await session.get(EnvironmentRow, uid)
             if row_obj is not None:
+                if row_obj.phase != "Destroying":  # its teardown began before the end was recorded
+                    began = job.listed_at - datetime.timedelta(milliseconds=1)  # so that it sorts first
+                    await self.write(_destroyed_transition(row_obj, began, "Destroying"))
+                    row_obj.phase = "Destroying"
+                    written += 1
                 await self.write(_destroyed_transition(row_obj, job.listed_at))
                 written += 1
         if written:
@@ -255,7 +281,7 @@ def _resync_transition(obj: dict[str, Any], phase: str, at: str) -> Transition:
     )
 
 
-def _destroyed_transition(row: EnvironmentRow, at: datetime.datetime) -> Transition:
+def _destroyed_transition(row: EnvironmentRow, at: datetime.datetime, phase: str = DESTROYED) -> Transition:
     stamp = at.replace(microsecond=0).isoformat().replace("+00:00", "Z")
     return Transition(
         name=row.name,
@@ -263,7 +289,7 @@ def _destroyed_transition(row: EnvironmentRow, at: datetime.datetime) -> Transit
         generation=0,
         spec={"repository": row.repository, "pullRequest": row.pull_request, "commitSha": row.commit_sha},
         old_phase=row.phase,
-        phase=DESTROYED,
+        phase=phase,
         reason="Resync",
         message="The object is gone from the cluster",
         at=stamp,
