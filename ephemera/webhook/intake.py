@@ -47,15 +47,13 @@ class Tombstones:
         self._size = size
 
     def add(self, name: str, updated_at: str) -> None:
-        self._closed[name] = updated_at
+        """Note a close; the latest one counts (closes can be delivered in any order)."""
+        known = self._closed.get(name)
+        if known is None or _newer(updated_at, known):
+            self._closed[name] = updated_at
         self._closed.move_to_end(name)
         while len(self._closed) > self._size:
             self._closed.popitem(last=False)
-
-    def closed_before(self, name: str, updated_at: str) -> bool:
-        """The PR is known to have been closed before this event (so the event means it was reopened)."""
-        closed = self._closed.get(name)
-        return closed is not None and _newer(updated_at, closed)
 
     def blocks(self, name: str, updated_at: str) -> bool:
         closed = self._closed.get(name)
@@ -104,9 +102,9 @@ class Intake:
         if action in UPSERT_ACTIONS and pr.draft and not self.draft_prs:
             return Outcome("ignored", name, "draft PRs get no environment (EPHEMERA_WEBHOOK_DRAFT_PRS=false)")
         if action in UPSERT_ACTIONS:
-            return self._retrying(lambda: self._upsert(event, name, delivery, create=True))
+            return self._retrying(lambda: self._upsert(event, name, delivery, opening=True))
         if action == "synchronize":
-            return self._retrying(lambda: self._upsert(event, name, delivery, create=False))
+            return self._retrying(lambda: self._upsert(event, name, delivery, opening=False))
         if action == "closed" or (action == "converted_to_draft" and not self.draft_prs):
             reason = "merged" if pr.merged else ("closed" if action == "closed" else "converted to draft")
             return self._retrying(lambda: self._delete(event, name, delivery, reason))
@@ -145,8 +143,8 @@ class Intake:
             return None  # two changes in one second: take the new commit
         return "the environment already reflects this or a newer event"
 
-    def _upsert(self, event: PullRequestEvent, name: str, delivery: str, *, create: bool) -> Outcome:
-        if create and not self.tombstones.blocks(name, event.pull_request.updated_at):
+    def _upsert(self, event: PullRequestEvent, name: str, delivery: str, *, opening: bool) -> Outcome:
+        if opening and not self.tombstones.blocks(name, event.pull_request.updated_at):
             # The common case, a new PR: one call. An existing object (409) takes the careful path.
             try:
                 self.kube.create_environment(self._body(event, name, delivery))
@@ -162,16 +160,13 @@ class Intake:
             return Outcome("ignored", name, stale)
         annotations = {UPDATED_AT: event.pull_request.updated_at, DELIVERY: delivery}
         if obj is not None and obj["metadata"].get("deletionTimestamp"):
-            obj = self._wait_gone(name)
-            create = True  # GitHub sends pushes for open PRs only: one newer than the close means reopened
-        elif obj is None and self.tombstones.closed_before(name, event.pull_request.updated_at):
-            create = True
+            obj = self._wait_gone(name)  # newer than the close: the PR was reopened
         if obj is None:
-            if not create:
-                return Outcome("ignored", name, "no environment for this PR (it was never opened or is closed)")
+            # A push for a PR with no environment (its `opened` was lost or is still on its way) creates
+            # one; a push older than a known close was refused above.
             self.kube.create_environment(self._body(event, name, delivery))
             return Outcome("created", name, f"{event.action}: environment requested")
-        spec = self.spec(event) if create else {"commitSha": event.pull_request.head.sha}
+        spec = self.spec(event) if opening else {"commitSha": event.pull_request.head.sha}
         patch = {
             "metadata": {"resourceVersion": obj["metadata"]["resourceVersion"], "annotations": annotations},
             "spec": spec,
