@@ -200,22 +200,24 @@ class Reporter:
                 if later.backoff:
                     delay = min(delay * 2 ** (job.attempt - 1), self.settings.github_retry_max_delay)
                 log.warning("GitHub report for %s retried in %.1f s: %s", job.transition.name, delay, later)
-                assert self._loop is not None
-                self._waiting[uid] = self._waiting.get(uid, 0) + 1
-                self._loop.call_later(delay, self._retry, job)
+                self._later(job, delay)
             except Exception:
                 # Not a GitHub answer we know: retried like a 5xx, so that no report is dropped.
                 log.exception("GitHub report for %s failed unexpectedly", job.transition.name)
                 job.attempt += 1
                 if job.attempt < MAX_ATTEMPTS:
-                    assert self._loop is not None
-                    self._waiting[uid] = self._waiting.get(uid, 0) + 1
-                    delay = min(2.0**job.attempt, self.settings.github_retry_max_delay)
-                    self._loop.call_later(delay, self._retry, job)
+                    self._later(job, min(2.0**job.attempt, self.settings.github_retry_max_delay))
             finally:
                 self._active.discard(uid)
                 self._schedule(uid)  # a newer state that arrived meanwhile
                 self._forget(uid)
+
+    def _later(self, job: _Job, delay: float) -> None:
+        """Try `job` again after `delay` seconds (unless a newer state supersedes it meanwhile)."""
+        assert self._loop is not None
+        uid = job.transition.uid
+        self._waiting[uid] = self._waiting.get(uid, 0) + 1
+        self._loop.call_later(delay, self._retry, job)
 
     def _retry(self, job: _Job) -> None:
         uid = job.transition.uid

@@ -34,7 +34,7 @@ async def configure(*, settings: kopf.OperatorSettings, memo: kopf.Memo, logger:
     )
     settings.persistence.finalizer = f"{PREFIX}/finalizer"
     settings.execution.max_workers = cfg.workers
-    settings.batching.worker_limit = cfg.workers
+    settings.queueing.worker_limit = cfg.workers
     settings.posting.level = logging.INFO
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
