@@ -230,3 +230,34 @@ class Watcher:
 
     def stop(self) -> None:
         self._stop = True
+
+
+def cpu_by_process(s: Stack) -> dict[str, float]:
+    """CPU seconds used so far by each process of the stack (this process holds the local GitHub)."""
+    pids = {name: proc.pid for name, proc in s.plane.processes.items()}
+    for name, proc in (("operator", s.operator), ("webhook", s.webhook)):
+        if proc is not None and proc.proc is not None:
+            pids[name] = proc.proc.pid
+    pids["bench+github"] = os.getpid()
+    return {name: process_usage(pid)[0] for name, pid in pids.items()}
+
+
+def api_requests(s: Stack) -> dict[str, float]:
+    """The API server's own count of requests so far, by verb and resource (apiserver_request_total)."""
+    text = s.kubectl.run("get", "--raw", "/metrics").stdout
+    counts: dict[str, float] = {}
+    for line in text.splitlines():
+        if not line.startswith("apiserver_request_total{"):
+            continue
+        labels, value = line.rsplit(" ", 1)
+        fields = dict(part.split("=", 1) for part in labels[len("apiserver_request_total{") : -1].split(","))
+        if fields.get("verb", '""') in ('"WATCH"', '"LIST"', '"GET"') and "metrics" in labels:
+            continue
+        key = f"{fields['verb'].strip(chr(34))} {fields.get('resource', '').strip(chr(34))}"
+        key += "/" + fields["subresource"].strip(chr(34)) if fields.get("subresource", '""') != '""' else ""
+        counts[key] = counts.get(key, 0.0) + float(value)
+    return counts
+
+
+def delta(after: dict[str, float], before: dict[str, float]) -> dict[str, float]:
+    return {k: round(v - before.get(k, 0.0), 2) for k, v in after.items() if v - before.get(k, 0.0) > 0}

@@ -10,7 +10,18 @@ import sys
 import time
 import urllib.request
 
-from bench.harness import Stack, Watcher, pr_event, report, signed, stack, summary
+from bench.harness import (
+    Stack,
+    Watcher,
+    api_requests,
+    cpu_by_process,
+    delta,
+    pr_event,
+    report,
+    signed,
+    stack,
+    summary,
+)
 from ephemera import children
 from ephemera.config import Settings
 from ephemera.kube import Kube, load_api_client
@@ -99,7 +110,10 @@ def floor_teardown(kube: Kube, ns_watcher: Watcher, repo: str, count: int, concu
 
 
 def main() -> None:
-    bursts = tuple(int(a) for a in sys.argv[1:]) or BURSTS
+    args = sys.argv[1:]
+    singles_wanted = "--no-singles" not in args
+    bursts = tuple(int(a) for a in args if a.isdigit()) or BURSTS
+    costs: dict[str, object] = {}
     rows = []
     with stack() as s:
         s.start_operator()
@@ -107,21 +121,30 @@ def main() -> None:
         watcher, ns_watcher = Watcher(s.plane), Watcher(s.plane, kind="namespaces")
         kube = Kube(load_api_client(s.plane.kubeconfig, pool_size=64))
 
-        singles: list[float] = []
-        for number in range(1, SINGLES + 1):
-            singles += open_prs(s, watcher, "bench/single", [number], 1).values()
-        one = summary(singles)
-        rows.append({"case": "1 PR at a time -> Ready", "n": SINGLES, "p50_s": one["p50"], "p99_s": one["p99"]})
-        closes = list(close_prs(s, ns_watcher, "bench/single", list(range(1, 11)), 1).values())
-        c = summary(closes)
-        rows.append({"case": "1 PR closed -> namespace gone", "n": 10, "p50_s": c["p50"], "p99_s": c["p99"]})
+        if singles_wanted:
+            singles: list[float] = []
+            for number in range(1, SINGLES + 1):
+                singles += open_prs(s, watcher, "bench/single", [number], 1).values()
+            one = summary(singles)
+            rows.append({"case": "1 PR at a time -> Ready", "n": SINGLES, "p50_s": one["p50"], "p99_s": one["p99"]})
+            closes = list(close_prs(s, ns_watcher, "bench/single", list(range(1, 11)), 1).values())
+            c = summary(closes)
+            rows.append({"case": "1 PR closed -> namespace gone", "n": 10, "p50_s": c["p50"], "p99_s": c["p99"]})
 
         for size in bursts:
             repo = f"bench/burst{size}"
+            # The floor first, while Ephemera is idle (after a burst its GitHub reports run on for a while).
+            cpu = cpu_by_process(s)
+            floor_wall = floor(kube, f"bench/floor{size}", size, 32)
+            costs[f"floor {size}: CPU seconds"] = delta(cpu_by_process(s), cpu)
+            cpu, requests = cpu_by_process(s), api_requests(s)
             started = time.perf_counter()
             times = open_prs(s, watcher, repo, list(range(1, size + 1)), 32)
             wall = time.perf_counter() - started
-            floor_wall = floor(kube, f"bench/floor{size}", size, 32)
+            costs[f"burst {size}: CPU seconds"] = delta(cpu_by_process(s), cpu)
+            costs[f"burst {size}: API requests per environment"] = {
+                k: round(v / size, 2) for k, v in delta(api_requests(s), requests).items()
+            }
             b = summary(list(times.values()))
             rows.append(
                 {
@@ -151,7 +174,7 @@ def main() -> None:
         ns_watcher.stop()
         reports = len(s.github.calls)
         kube.close()
-    print(json.dumps({"github_calls": reports}))
+    print(json.dumps({"github_calls": reports, **costs}, indent=1))
     report("pr_to_ready", rows, ["case", "n", "p50_s", "p99_s", "wall_s", "floor_wall_s", "ratio"])
 
 

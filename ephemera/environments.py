@@ -77,7 +77,15 @@ class Environment:
         )
 
     def announcement(
-        self, *, old_phase: str | None, phase: str, reason: str, message: str, at: str, status: dict[str, Any]
+        self,
+        *,
+        old_phase: str | None,
+        phase: str,
+        reason: str,
+        message: str,
+        at: str,
+        status: dict[str, Any],
+        resumed: bool = False,
     ) -> Transition:
         """The Transition that tells the listeners this object reached `phase`."""
         return Transition(
@@ -93,6 +101,7 @@ class Environment:
             status=status,
             created=self.created,
             annotations=self.annotations,
+            resumed=resumed,
         )
 
     def ref(self) -> dict[str, Any]:
@@ -119,6 +128,15 @@ def _same(desired: Any, actual: Any) -> bool:
         except ValueError:
             return False
     return bool(desired == actual)
+
+
+@dataclass(frozen=True)
+class Terminating:
+    """A namespace deleted by a teardown and not gone yet."""
+
+    env: Environment
+    namespace: str
+    uid: str
 
 
 # Posts a Kubernetes Event about an object: (object reference, type, reason, message).
@@ -178,7 +196,8 @@ class Environments:
         if logger is not None:
             level = logging.WARNING if phase is Phase.FAILED else logging.INFO
             logger.log(level, "%s: %s", phase.value, message)
-        self.recorder(env.ref(), "Warning" if phase is Phase.FAILED else "Normal", reason, message)
+        if phase is not Phase.PROVISIONING:  # a new object's first step: its Ready (or Failed) says enough
+            self.recorder(env.ref(), "Warning" if phase is Phase.FAILED else "Normal", reason, message)
         merged = {**env.status.model_dump(by_alias=True, exclude_none=True), **status}
         old_phase = env.status.phase.value if env.status.phase else None
         self.transitions.publish(
@@ -307,29 +326,39 @@ class Environments:
                     notes.append(f"{child['kind']} {name} updated")
         return notes
 
-    def destroy(self, env: Environment, logger: logging.Logger | logging.LoggerAdapter[Any]) -> None:
-        """Delete the environment's namespace (only if ours) and wait until it is gone."""
+    def destroy(self, env: Environment, logger: logging.Logger | logging.LoggerAdapter[Any]) -> Terminating | None:
+        """Delete the environment's namespace (only if ours). None once nothing is left (the end is
+        announced); else the namespace still terminating, for the caller to wait on and `finish`."""
         if env.status.phase is not Phase.DESTROYING:
-            self.transition(env, Phase.DESTROYING, "Destroying", "Deleting the environment's namespace")
+            env = self.transition(env, Phase.DESTROYING, "Destroying", "Deleting the environment's namespace")
         namespace = env.status.namespace or env.namespace(self.settings.namespace_prefix)
         try:
             existing = self.kube.get_namespace(namespace)
             if existing is None:
-                self._destroyed(env)
-                return
+                self.destroyed(env)
+                return None
             if not self.owns(env, existing):
                 logger.info("Namespace %s is not ours; left untouched", namespace)
-                self._destroyed(env)
-                return
+                self.destroyed(env)
+                return None
             if not existing["metadata"].get("deletionTimestamp"):
                 self.kube.delete_namespace(namespace, existing["metadata"]["uid"])
         except KubeError as err:
             raise TemporaryFailure("KubernetesError", f"{err}; retrying") from err
-        raise TemporaryFailure(
-            "NamespaceTerminating", f"waiting for namespace {namespace} to be gone", delay=1, backoff=False
-        )
+        return Terminating(env, namespace, existing["metadata"]["uid"])
 
-    def _destroyed(self, env: Environment) -> None:
+    def finish(self, terminating: Terminating) -> bool:
+        """Whether the namespace is gone now (the end is announced then)."""
+        try:
+            existing = self.kube.get_namespace(terminating.namespace)
+        except KubeError as err:
+            raise TemporaryFailure("KubernetesError", f"{err}; retrying") from err
+        if existing is not None and existing["metadata"]["uid"] == terminating.uid:
+            return False
+        self.destroyed(terminating.env)
+        return True
+
+    def destroyed(self, env: Environment) -> None:
         """Announce the end (the object goes once its finalizer is released; no status to write)."""
         self.transitions.publish(
             env.announcement(

@@ -15,6 +15,8 @@ ENVIRONMENT_LABEL = "ephemera.dev/environment"
 OWNER_UID_ANNOTATION = "ephemera.dev/owner-uid"
 REPOSITORY_ANNOTATION = "ephemera.dev/repository"
 RETRY_ANNOTATION = "ephemera.dev/retry"
+# The operator's finalizer: objects the webhook makes carry it from birth (one patch less for each).
+FINALIZER = "ephemera.dev/finalizer"
 
 _NOT_DNS = re.compile(r"[^a-z0-9]+")
 _NOT_LABEL = re.compile(r"[^A-Za-z0-9._-]+")

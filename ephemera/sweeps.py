@@ -30,6 +30,7 @@ class Seen:
     since: str | None  # lastTransitionTime
     deleting: bool
     failed_at: str | None = None
+    deleted_at: str | None = None  # deletionTimestamp
     retries: int = 0
     permanent: bool = False
 
@@ -68,7 +69,9 @@ class Sweeper:
                 if item.phase in (Phase.PROVISIONING.value, Phase.UPDATING.value) and not item.deleting:
                     if _age(item.since, now) > threshold:
                         report.stale += self._fail_stale(name, item)
-                elif item.deleting and item.phase == Phase.DESTROYING.value and _age(item.since, now) > threshold:
+                elif item.deleting and _age(item.deleted_at, now) > threshold:
+                    # Timed from the deletion itself: while a teardown waits for its namespace, its
+                    # object's later events (the Destroying status) reach the watch only afterwards.
                     report.stuck_deletions += self._unstick(name)
             except (KubeError, Failure) as err:
                 log.warning("sweep of %s failed: %s", name, err)

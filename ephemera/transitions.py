@@ -29,6 +29,8 @@ class Transition:
     status: dict[str, Any]
     created: str | None = None
     annotations: dict[str, str] = field(default_factory=dict)
+    # Announced again after a restart: what was posted for it may not all have been recorded.
+    resumed: bool = False
     # When it happened, to the microsecond: `at` (as Kubernetes writes times) has only seconds.
     occurred: datetime.datetime = field(default_factory=lambda: datetime.datetime.now(datetime.UTC))
 

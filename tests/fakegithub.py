@@ -245,6 +245,10 @@ class FakeGitHub:
         self.statuses.setdefault(key, []).append(body)
         return self._answer(201, body)
 
+    async def list_statuses(self, request: web.Request) -> web.Response:
+        key = f"{self._repo(request)}@{request.match_info['sha']}"
+        return self._answer(200, list(reversed(self.statuses.get(key, []))))  # newest first, as GitHub
+
     async def get_commit(self, request: web.Request) -> web.Response:
         sha = request.match_info["sha"]
         return self._answer(200, {"sha": sha, "url": self.url(request.path)})
@@ -309,6 +313,23 @@ class FakeGitHub:
         self.deployment_statuses[did] = []
         return self._answer(201, body)
 
+    async def list_deployments(self, request: web.Request) -> web.Response:
+        sha, environment = request.query.get("sha"), request.query.get("environment")
+        found = [
+            d
+            for d in reversed(self.deployments.values())  # newest first, as GitHub
+            if d["repository"] == self._repo(request)
+            and (sha is None or d["sha"] == sha)
+            and (environment is None or d["environment"] == environment)
+        ]
+        return self._answer(200, found)
+
+    async def list_deployment_statuses(self, request: web.Request) -> web.Response:
+        did = int(request.match_info["id"])
+        if did not in self.deployments:
+            return self._answer(404, {"message": "Not Found"})
+        return self._answer(200, list(reversed(self.deployment_statuses[did])))
+
     async def get_deployment(self, request: web.Request) -> web.Response:
         deployment = self.deployments.get(int(request.match_info["id"]))
         return self._answer(200, deployment) if deployment else self._answer(404, {"message": "Not Found"})
@@ -346,13 +367,17 @@ class FakeGitHub:
         app.router.add_get(repo, self.get_repo)
         app.router.add_post(repo + "/statuses/{sha}", self.create_status)
         app.router.add_get(repo + "/commits/{sha}", self.get_commit)
+        app.router.add_get(repo + "/commits/{sha}/statuses", self.list_statuses)
+        app.router.add_get(repo + "/statuses/{sha}", self.list_statuses)  # the older path PyGithub reads
         app.router.add_get(repo + "/issues/{number:\\d+}", self.get_issue)
         app.router.add_get(repo + "/issues/{number:\\d+}/comments", self.list_comments)
         app.router.add_post(repo + "/issues/{number:\\d+}/comments", self.create_comment)
         app.router.add_get(repo + "/issues/comments/{id}", self.get_comment)
         app.router.add_patch(repo + "/issues/comments/{id}", self.edit_comment)
         app.router.add_post(repo + "/deployments", self.create_deployment)
+        app.router.add_get(repo + "/deployments", self.list_deployments)
         app.router.add_get(repo + "/deployments/{id}", self.get_deployment)
+        app.router.add_get(repo + "/deployments/{id}/statuses", self.list_deployment_statuses)
         app.router.add_post(repo + "/deployments/{id}/statuses", self.create_deployment_status)
         app.router.add_get("/rate_limit", self.rate_limit_view)
         app.router.add_get("/_calls", self.dump_calls)

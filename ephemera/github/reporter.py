@@ -3,8 +3,9 @@
 A transition listener hands the newest state of each object to a queue; workers report it off the
 reconcile path, in threads (PyGithub is synchronous). Only the newest state of an object is ever
 reported, failures are retried with backoff (honouring Retry-After and X-RateLimit-Reset), and what
-was reported is recorded in the object's `status.reported`, so nothing is posted twice, even across
-operator restarts.
+was reported is recorded in the object's `status.reported`, in one write per report. After a restart
+the reports still owed are first checked against GitHub itself (what a report cut short posted but
+did not record), so nothing is posted twice.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import datetime
 import itertools
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -114,6 +116,14 @@ def _retry(err: GithubException, max_delay: float) -> RetryLater | None:
     return None
 
 
+# One step of a report: (repository, transition, what was reported) -> what it posted, if anything.
+Step = Callable[[Repository, Transition, dict[str, Any]], dict[str, Any] | None]
+
+
+class Refused(Exception):
+    """GitHub refused a step for good (logged); the rest of that report is dropped."""
+
+
 @dataclass
 class _Job:
     transition: Transition
@@ -136,6 +146,7 @@ class Reporter:
         self._newest: dict[str, int] = {}  # uid -> seq of the newest state seen
         self._waiting: dict[str, int] = {}  # uid -> retries scheduled for later
         self._known: dict[str, dict[str, Any]] = {}  # uid -> what was reported (mirrors status.reported)
+        self._unsure: set[str] = set()  # uids resumed after a restart: read GitHub before posting
         self._seq = itertools.count()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -147,6 +158,8 @@ class Reporter:
             self._loop.call_soon_threadsafe(self._arrive, transition)
 
     def _arrive(self, transition: Transition) -> None:
+        if transition.resumed:
+            self._unsure.add(transition.uid)
         job = _Job(transition, next(self._seq))
         self._newest[transition.uid] = job.seq
         self._enqueue(job)
@@ -249,27 +262,47 @@ class Reporter:
         except requests.RequestException as err:
             raise RetryLater(5, f"GitHub unreachable: {err}") from err
         reported = self._reported(t)
-        repo = client.get_repo(str(spec["repository"]), lazy=True)
-        steps = (self._commit_status, self._deployment, self._comment)
-        for step in steps:
-            kind = step.__name__.lstrip("_")
-            try:
-                update = step(repo, t, reported)
-            except GithubException as err:
-                REPORTS.labels(kind, "error").inc()
-                self._raise_retry(kind, err, spec)
-                return
-            except requests.RequestException as err:
-                REPORTS.labels(kind, "error").inc()
-                raise RetryLater(5, f"GitHub unreachable: {err}") from err
-            finally:
-                self._observe_rate_limit(client)
-            if update:
-                REPORTS.labels(kind, "success").inc()
-                reported.update(update)
-                self._record(t, update)
+        repo = client.get_repo(str(spec["repository"]))  # lazy: the client is
+        done: dict[str, Any] = {}  # what this report posted: recorded on the object in one write
+        try:
+            steps = (self._commit_status, self._deployment, self._comment)
+            for step in ((self._reconcile,) if t.uid in self._unsure else ()) + steps:
+                self._step(step, repo, t, client, reported, done)
+            self._unsure.discard(t.uid)
+        except Refused:
+            return  # logged and counted; a newer state is reported afresh
+        finally:
+            if done:
+                self._record(t, done)
         if t.phase == "Destroyed":
             self._known.pop(t.uid, None)  # the object is gone: nothing more to report
+
+    def _step(
+        self,
+        step: Step,
+        repo: Repository,
+        t: Transition,
+        client: Any,
+        reported: dict[str, Any],
+        done: dict[str, Any],
+    ) -> None:
+        """Run one step of a report; what it posted (or found) goes into `reported` and `done`."""
+        kind, spec = step.__name__.lstrip("_"), t.spec
+        try:
+            update = step(repo, t, reported)
+        except GithubException as err:
+            REPORTS.labels(kind, "error").inc()
+            self._raise_retry(kind, err, spec)
+            raise Refused(kind) from err  # not retried: the report stops here
+        except requests.RequestException as err:
+            REPORTS.labels(kind, "error").inc()
+            raise RetryLater(5, f"GitHub unreachable: {err}") from err
+        finally:
+            self._observe_rate_limit(client)
+        if update:
+            REPORTS.labels(kind, "success").inc()
+            reported.update(update)
+            done.update(update)
 
     def _raise_retry(self, kind: str, err: GithubException, spec: dict[str, Any]) -> None:
         if err.status == 401:
@@ -295,21 +328,12 @@ class Reporter:
             RATE_LIMIT.set(remaining)
 
     def _reported(self, t: Transition) -> dict[str, Any]:
-        """What was reported already: known here since the first report, else read from the object
-        (so that a restarted operator never reposts)."""
+        """What was reported already: known here since the first report, else what the object said
+        when the transition was made (a restarted operator's first reports are `resumed`: see _reconcile)."""
         known = self._known.get(t.uid)
-        if known is not None:
-            return known
-        try:
-            obj = self.kube.get_environment(t.name)
-        except KubeError as err:
-            raise RetryLater(2, f"cannot read {t.name}: {err}") from err
-        if obj is not None and obj["metadata"]["uid"] == t.uid:
-            reported = dict((obj.get("status") or {}).get("reported") or {})
-        else:
-            reported = dict(t.status.get("reported") or {})
-        self._known[t.uid] = reported
-        return reported
+        if known is None:
+            known = self._known[t.uid] = dict(t.status.get("reported") or {})
+        return known
 
     def _record(self, t: Transition, update: dict[str, Any]) -> None:
         try:
@@ -318,6 +342,23 @@ class Reporter:
             log.warning("could not record the GitHub report on %s: %s", t.name, err)
 
     # The three reports ---------------------------------------------------------------------------------
+
+    def _reconcile(self, repo: Repository, t: Transition, reported: dict[str, Any]) -> dict[str, Any] | None:
+        """Read back from GitHub what was posted for this commit: after a restart, a report cut short
+        may have posted a status or created a deployment without recording it on the object."""
+        sha = str(t.spec["commitSha"])
+        found: dict[str, Any] = {}
+        for status in repo.get_commit(sha).get_statuses():  # newest first
+            if status.context == self._context:
+                found["commitStatus"] = f"{status.state}@{sha}"
+                break
+        for deployment in repo.get_deployments(sha=sha, environment=f"pr-{t.spec['pullRequest']}"):  # newest first
+            found.update(deploymentId=deployment.id, deploymentSha=sha)
+            latest = next(iter(deployment.get_statuses()), None)
+            if latest is not None:
+                found["deploymentState"] = f"{latest.state}@{deployment.id}"
+            break
+        return found
 
     def _commit_status(self, repo: Repository, t: Transition, reported: dict[str, Any]) -> dict[str, Any] | None:
         if t.phase not in COMMIT_STATES:
@@ -360,9 +401,8 @@ class Reporter:
             )
             deployment_id = deployment.id
             update = {"deploymentId": deployment_id, "deploymentSha": sha}
-            # Recorded at once: a retry of the status below must not create a second deployment.
+            # Known at once: a retry of the status below must not create a second deployment.
             reported.update(update)
-            self._record(t, update)
         key = f"{state}@{deployment_id}"
         if reported.get("deploymentState") == key:
             return update or None

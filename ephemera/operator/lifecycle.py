@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import datetime
 import logging
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import kopf
 
-from ephemera.environments import Environment, Environments, Failure, PermanentFailure
+from ephemera.environments import Environment, Environments, Failure, PermanentFailure, Terminating
 from ephemera.github.reporter import reported_is_current
 from ephemera.models import GROUP, KIND, PLURAL, VERSION, Phase
 from ephemera.naming import MANAGED_BY, MANAGED_BY_LABEL
@@ -19,11 +21,50 @@ from ephemera.sweeps import Seen
 Logger = logging.Logger | logging.LoggerAdapter[Any]
 RESOURCE = (GROUP, VERSION, PLURAL)
 MAX_DELAY = 60.0
+NAMESPACE_WAIT = 60.0  # a teardown re-checks its namespace at least this often while it terminates
+T = TypeVar("T")
+
+
+class Vanishing:
+    """Namespaces the watch saw deleted, by uid: a teardown waits on them instead of polling."""
+
+    def __init__(self, remember: int = 10_000) -> None:
+        self._gone: collections.OrderedDict[str, None] = collections.OrderedDict()
+        self._waiters: dict[str, list[asyncio.Future[None]]] = {}
+        self._remember = remember
+
+    def gone(self, uid: str) -> None:
+        self._gone[uid] = None
+        while len(self._gone) > self._remember:
+            self._gone.popitem(last=False)
+        for waiter in self._waiters.pop(uid, []):
+            if not waiter.done():
+                waiter.set_result(None)
+
+    async def wait(self, uid: str, within: float) -> bool:
+        """Whether the namespace with `uid` went within `within` seconds (or had gone already)."""
+        if uid in self._gone:
+            return True
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.setdefault(uid, []).append(waiter)
+        try:
+            await asyncio.wait_for(waiter, within)
+            return True
+        except TimeoutError:
+            return False
+        finally:
+            waiters = self._waiters.get(uid, [])
+            if waiter in waiters:
+                waiters.remove(waiter)
+            if not waiters:
+                self._waiters.pop(uid, None)
 
 
 def _env_logger(logger: Logger, env: Environment) -> Logger:
-    """kopf's per-object logger (which posts Events), with the repository and PR in every line."""
-    return logging.LoggerAdapter(logger, {"repository": env.spec.repository, "pr": env.spec.pull_request})
+    """kopf's per-object logger with the repository and PR in every line; its lines are not posted as
+    Events (k8s_skip): every one that matters is posted by the service's recorder, with a reason."""
+    extra = {"repository": env.spec.repository, "pr": env.spec.pull_request, "k8s_skip": True}
+    return logging.LoggerAdapter(logger, extra)
 
 
 def _run(
@@ -33,10 +74,10 @@ def _run(
     logger: Logger,
     retry: int,
     runtime: datetime.timedelta,
-    work: Callable[[Environments, Environment, Logger], None],
+    work: Callable[[Environments, Environment, Logger], T],
     *,
     time_limited: bool = True,
-) -> None:
+) -> T:
     """Run `work`, turning failures into kopf's retry or stop, the status and an Event."""
     service: Environments = memo.environments
     try:
@@ -66,7 +107,7 @@ def _run(
             memo.warned.add(env.uid)
             log.warning("Still not Ready after %.0f s (soft time limit)", elapsed)
             service.recorder(env.ref(), "Warning", "SoftTimeLimit", f"Still not Ready after {elapsed:.0f} s")
-        work(service, env, log)
+        result = work(service, env, log)
     except Failure as error:
         if error.permanent:
             RECONCILES.labels(handler, "failure").inc()
@@ -81,6 +122,7 @@ def _run(
         raise kopf.TemporaryError(error.message, delay=delay) from error
     RECONCILES.labels(handler, "success").inc()
     memo.warned.discard(env.uid)
+    return result
 
 
 @kopf.on.create(*RESOURCE, id="provision")
@@ -139,10 +181,12 @@ def resume(
 
 
 @kopf.on.delete(*RESOURCE, id="destroy")
-def destroy(
+async def destroy(
     *, body: kopf.Body, memo: kopf.Memo, logger: Logger, retry: int, runtime: datetime.timedelta, **_: Any
 ) -> None:
-    _run(
+    """Delete the namespace, then wait for the watch to see it go: no polling while it terminates."""
+    terminating: Terminating | None = await asyncio.to_thread(
+        _run,
         "destroy",
         body,
         memo,
@@ -152,6 +196,17 @@ def destroy(
         lambda service, env, log: service.destroy(env, logger=log),
         time_limited=False,
     )
+    if terminating is None:
+        return
+    vanishing: Vanishing = memo.vanishing
+    await vanishing.wait(terminating.uid, NAMESPACE_WAIT)
+    service: Environments = memo.environments
+    try:
+        finished = await asyncio.to_thread(service.finish, terminating)
+    except Failure as error:
+        raise kopf.TemporaryError(error.message, delay=1) from error
+    if not finished:
+        raise kopf.TemporaryError(f"waiting for namespace {terminating.namespace} to be gone", delay=1)
 
 
 @kopf.on.event(*RESOURCE, id="track")
@@ -167,6 +222,7 @@ async def track(*, event: kopf.RawEvent, name: str, memo: kopf.Memo, **_: Any) -
         phase=status.get("phase") or Phase.PENDING.value,
         since=status.get("lastTransitionTime"),
         deleting=bool(obj["metadata"].get("deletionTimestamp")),
+        deleted_at=obj["metadata"].get("deletionTimestamp"),
         failed_at=status.get("failedAt"),
         retries=int(status.get("retries") or 0),
         permanent=bool(status.get("permanent")),
@@ -178,20 +234,26 @@ def _deleted(event: kopf.RawEvent, **_: Any) -> bool:
 
 
 @kopf.on.event("v1", "namespaces", id="namespace-gone", labels={MANAGED_BY_LABEL: MANAGED_BY}, when=_deleted)
-def namespace_gone(*, event: kopf.RawEvent, memo: kopf.Memo, logger: Logger, **_: Any) -> None:
-    """A namespace of ours vanished while its environment lives on: re-create it at once."""
+async def namespace_gone(*, event: kopf.RawEvent, memo: kopf.Memo, logger: Logger, **_: Any) -> None:
+    """A namespace of ours is gone: wake the teardown waiting for it, or, while its environment
+    lives on, re-create it at once."""
     obj: dict[str, Any] = dict(event.get("object") or {})
+    vanishing: Vanishing = memo.vanishing
+    vanishing.gone(obj["metadata"]["uid"])
     refs: list[dict[str, Any]] = obj.get("metadata", {}).get("ownerReferences") or []
     owners = [ref for ref in refs if ref.get("kind") == KIND]
-    if not owners:
-        return
-    env_name = owners[0]["name"]
+    seen: Seen | None = memo.phases.get(owners[0]["name"]) if owners else None
+    if owners and not (seen is not None and seen.deleting):  # a teardown needs nothing more
+        await asyncio.to_thread(_recreate, owners[0]["name"], obj["metadata"]["name"], memo, logger)
+
+
+def _recreate(env_name: str, namespace: str, memo: kopf.Memo, logger: Logger) -> None:
     service: Environments = memo.environments
     body = service.kube.get_environment(env_name)
     if body is None or body["metadata"].get("deletionTimestamp"):
         return  # torn down on purpose
     status = body.get("status") or {}
-    if status.get("phase") != Phase.READY.value or status.get("namespace") != obj["metadata"]["name"]:
+    if status.get("phase") != Phase.READY.value or status.get("namespace") != namespace:
         return  # not settled: the running handlers will see it
     env = Environment.from_body(body)
     try:
@@ -222,5 +284,6 @@ def report_resume(*, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
             message=str(status.get("message") or ""),
             at=str(conditions[0].get("lastTransitionTime") or ""),
             status=status,
+            resumed=True,
         )
     )

@@ -14,7 +14,8 @@ from ephemera.environments import Environments
 from ephemera.github.client import GitHubAuth
 from ephemera.github.reporter import Reporter
 from ephemera.kube import Kube, KubeError, load_api_client
-from ephemera.operator import health, timers
+from ephemera.naming import FINALIZER
+from ephemera.operator import health, lifecycle, timers
 from ephemera.operator.metrics import observe_transition
 from ephemera.store.engine import SchemaOutdated, check_schema, make_engine
 from ephemera.store.records import Records
@@ -32,10 +33,15 @@ async def configure(*, settings: kopf.OperatorSettings, memo: kopf.Memo, logger:
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
         prefix=PREFIX, key="last-handled-configuration"
     )
-    settings.persistence.finalizer = f"{PREFIX}/finalizer"
+    settings.persistence.finalizer = FINALIZER
+    # Handlers run in a pool of `workers` threads. kopf's per-object workers are not limited: each
+    # holds its slot for idle_timeout (5 s) after its object's last event, so a limit of N would let
+    # only N objects a few seconds through (a burst of 500 took 12x longer with a limit of 50).
     settings.execution.max_workers = cfg.workers
-    settings.queueing.worker_limit = cfg.workers
-    settings.posting.level = logging.INFO
+    settings.queueing.worker_limit = None
+    # Events: ours are posted explicitly, with their own reasons (our log lines are not posted again,
+    # see lifecycle._env_logger); of kopf's own lines only warnings and errors, not "Handler succeeded".
+    settings.posting.level = logging.WARNING
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
     settings.networking.request_timeout = 60
@@ -59,6 +65,7 @@ async def configure(*, settings: kopf.OperatorSettings, memo: kopf.Memo, logger:
     memo.reporter.start()
     transitions.subscribe(memo.reporter.listener)
     memo.phases = {}  # name -> phase, kept by lifecycle.track
+    memo.vanishing = lifecycle.Vanishing()  # namespaces seen gone, for teardowns waiting on them
     memo.warned = set()  # uids already warned about the soft time limit
     memo.periodic = timers.start(memo, settings.peering.priority)
     memo.health = await health.start(cfg.operator_host, cfg.operator_port)

@@ -116,7 +116,8 @@ def start(memo: kopf.Memo, priority: int) -> list[asyncio.Task[None]]:
     async def gauge() -> None:
         counts: dict[str, int] = {}
         for seen in list(memo.phases.values()):
-            counts[seen.phase] = counts.get(seen.phase, 0) + 1
+            phase = Phase.DESTROYING.value if seen.deleting else seen.phase  # deleted: its teardown is under way
+            counts[phase] = counts.get(phase, 0) + 1
         for phase in Phase:
             ENVIRONMENTS.labels(phase.value).set(counts.get(phase.value, 0))
 

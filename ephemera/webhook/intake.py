@@ -15,7 +15,7 @@ from typing import Any
 
 from ephemera.kube import Kube, KubeError, Obj
 from ephemera.models import API_VERSION, KIND, parse_time
-from ephemera.naming import environment_labels, environment_name
+from ephemera.naming import FINALIZER, environment_labels, environment_name
 from ephemera.webhook.events import PullRequestEvent
 
 UPDATED_AT = "ephemera.dev/pr-updated-at"
@@ -182,6 +182,9 @@ class Intake:
                 "name": name,
                 "labels": environment_labels(name, event.repo, event.pr),
                 "annotations": {UPDATED_AT: event.pull_request.updated_at, DELIVERY: delivery},
+                # Born protected: the operator need not add it (one request less for each new PR), and
+                # an object deleted before the operator saw it still passes through its teardown.
+                "finalizers": [FINALIZER],
             },
             "spec": self.spec(event),
         }
