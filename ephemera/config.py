@@ -76,7 +76,9 @@ class Settings(BaseSettings):
     peering_lifetime: int = Field(
         60, ge=10, description="Seconds a silent replica counts as alive before a standby takes over."
     )
-    workers: int = Field(50, ge=1, description="Most objects reconciled at once.")
+    workers: int = Field(
+        50, ge=1, description="Threads for the operator's handlers: most objects provisioned or mended at once."
+    )
     environment_url: str | None = Field(
         None, description="Template of an environment's URL, e.g. https://{namespace}.preview.example.com."
     )
