@@ -1,17 +1,21 @@
-"""Where the operator's CPU goes during a burst of PRs: py-spy samples of the threads holding the GIL,
-summed by function (own time and inclusive time). Usage: python -m bench.profile [burst size]."""
+"""Where the operator's CPU goes during a burst of PRs, or the webhook's under load at concurrency 16:
+py-spy samples of the threads holding the GIL, summed by function (own and inclusive time).
+Usage: python -m bench.profile [burst size] | python -m bench.profile webhook [requests]."""
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import shutil
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 from bench.harness import RESULTS, Watcher, stack
 from bench.pr_to_ready import open_prs
+from bench.webhook_latency import webhook_round
 
 TOP = 35
 
@@ -39,41 +43,43 @@ def summarise(raw: str) -> tuple[collections.Counter[str], collections.Counter[s
     return own, inclusive, total
 
 
+def record(spy: str, pid: int, out: Path) -> subprocess.Popen[bytes]:
+    options = ["--gil", "--format", "raw", "--rate", "200", "--nonblocking"]
+    recorder = subprocess.Popen(
+        [spy, "record", *options, "--pid", str(pid), "--output", str(out)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    time.sleep(1)  # py-spy attaches
+    return recorder
+
+
 def main() -> None:
-    size = int(sys.argv[1]) if len(sys.argv) > 1 else 200
-    spy = shutil.which("py-spy") or str(__import__("pathlib").Path(sys.executable).parent / "py-spy")
+    args = sys.argv[1:]
+    target = "webhook" if args[:1] == ["webhook"] else "operator"
+    numbers = [int(a) for a in args if a.isdigit()]
+    size = numbers[0] if numbers else (2000 if target == "webhook" else 200)
+    spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / "operator-profile.txt"
+    out = RESULTS / f"{target}-profile.txt"
     with stack() as s:
-        operator = s.start_operator()
-        s.start_webhook()
-        watcher = Watcher(s.plane)
-        assert operator.proc is not None
-        recorder = subprocess.Popen(
-            [
-                spy,
-                "record",
-                "--gil",
-                "--format",
-                "raw",
-                "--rate",
-                "200",
-                "--nonblocking",
-                "--pid",
-                str(operator.proc.pid),
-                "--output",
-                str(out),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        time.sleep(1)  # py-spy attaches
-        started = time.perf_counter()
-        open_prs(s, watcher, "bench/profile", list(range(1, size + 1)), 32)
-        print(f"burst of {size}: all Ready in {time.perf_counter() - started:.1f} s")
+        webhook = s.start_webhook()
+        if target == "webhook":
+            assert webhook.proc is not None
+            recorder = record(spy, webhook.proc.pid, out)
+            _, wall = asyncio.run(webhook_round(webhook.port, 16, size, "bench/profile"))
+            print(f"{size} requests at concurrency 16 in {wall:.1f} s")
+        else:
+            operator = s.start_operator()
+            watcher = Watcher(s.plane)
+            assert operator.proc is not None
+            recorder = record(spy, operator.proc.pid, out)
+            started = time.perf_counter()
+            open_prs(s, watcher, "bench/profile", list(range(1, size + 1)), 32)
+            print(f"burst of {size}: all Ready in {time.perf_counter() - started:.1f} s")
+            watcher.stop()
         recorder.send_signal(signal.SIGINT)
         recorder.wait(timeout=60)
-        watcher.stop()
     own, inclusive, total = summarise(out.read_text())
     print(f"{total} samples holding the GIL")
     for title, counter in (("own", own), ("inclusive", inclusive)):
