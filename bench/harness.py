@@ -61,10 +61,13 @@ def report(name: str, rows: list[dict[str, Any]], columns: list[str]) -> None:
     print("  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)))
     for row in rows:
         print("  ".join(_fmt(row.get(c)).ljust(w) for c, w in zip(columns, widths, strict=True)))
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    runs = RESULTS / name
+    runs.mkdir(parents=True, exist_ok=True)
+    text = json.dumps({"machine": machine(), "at": time.time(), "rows": rows}, indent=2)
     out = RESULTS / f"{name}.json"
-    out.write_text(json.dumps({"machine": machine(), "at": time.time(), "rows": rows}, indent=2))
-    print(f"(written to {out.relative_to(REPO_ROOT)})")
+    out.write_text(text)
+    (runs / f"{time.strftime('%Y%m%dT%H%M%S')}.json").write_text(text)  # every run, for bench.summary
+    print(f"(written to {out.relative_to(REPO_ROOT)} and {runs.relative_to(REPO_ROOT)}/)")
 
 
 def _fmt(value: Any) -> str:

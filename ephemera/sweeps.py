@@ -21,7 +21,7 @@ from ephemera.naming import MANAGED_BY, MANAGED_BY_LABEL, OWNER_UID_ANNOTATION
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # one per environment: thousands of them
 class Seen:
     """What the operator knows of one object from its watch, without asking the API."""
 
