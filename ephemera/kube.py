@@ -80,6 +80,17 @@ CHILD_PATHS = {
 }
 ENVIRONMENTS = f"/apis/{GROUP}/{VERSION}/{PLURAL}"
 MERGE_PATCH = "application/merge-patch+json"
+# Lists of metadata only (no spec or status), and the fields of a namespace the operator reads.
+METADATA = "application/json;as=PartialObjectMetadataList;v=v1;g=meta.k8s.io,application/json"
+NAMESPACE_FIELDS = (
+    "name",
+    "uid",
+    "labels",
+    "annotations",
+    "ownerReferences",
+    "creationTimestamp",
+    "deletionTimestamp",
+)
 
 
 class Kube:
@@ -105,13 +116,14 @@ class Kube:
         body: Any = None,
         query: list[tuple[str, Any]] | None = None,
         content_type: str = "application/json",
+        accept: str = "application/json",
     ) -> Obj:
         """One API request; the decoded JSON answer, or ApiException as the generated client raises it."""
         _, url, headers, data, _ = self.api_client.param_serialize(
             method,
             path,
             query_params=query or None,
-            header_params={"Accept": "application/json", "Content-Type": content_type},
+            header_params={"Accept": accept, "Content-Type": content_type},
             body=body,
             auth_settings=["BearerToken"],
         )
@@ -136,13 +148,25 @@ class Kube:
     def get_namespace(self, name: str) -> Obj | None:
         return self._get(f"/api/v1/namespaces/{name}", f"namespace {name}")
 
-    def list_namespaces(self, label_selector: str) -> list[Obj]:
-        try:
-            data = self._request("GET", "/api/v1/namespaces", query=[("labelSelector", label_selector)])
-        except ApiException as err:
-            raise _wrap(err, "listing namespaces") from err
-        items: list[Obj] = data.get("items", [])
-        return items
+    def list_namespaces(self, label_selector: str, page_size: int = 500) -> list[Obj]:
+        """The namespaces with the labels, metadata only and trimmed to what is read of them: with
+        thousands of environments a whole list (managed fields and all) would weigh tens of megabytes."""
+        found: list[Obj] = []
+        token: str | None = None
+        while True:
+            query: list[tuple[str, Any]] = [("labelSelector", label_selector), ("limit", page_size)]
+            try:
+                data = self._request(
+                    "GET", "/api/v1/namespaces", query=query + ([("continue", token)] if token else []), accept=METADATA
+                )
+            except ApiException as err:
+                raise _wrap(err, "listing namespaces") from err
+            for item in data.get("items", []):
+                meta = item.get("metadata", {})
+                found.append({"metadata": {k: meta[k] for k in NAMESPACE_FIELDS if k in meta}})
+            token = data.get("metadata", {}).get("continue")
+            if not token:
+                return found
 
     def create_namespace(self, body: Obj) -> Obj | None:
         """Create it; None if a namespace of that name already exists."""
