@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import json
 import re
@@ -10,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ephemera.naming import MANAGED_BY_LABEL, OWNER_UID_ANNOTATION, PR_LABEL, environment_name
+from ephemera.operator.lifecycle import Vanishing
 from tests.support import Kubectl, Process, wait_for
 
 SHA_A = "a" * 40
@@ -244,3 +246,20 @@ def test_health_and_metrics(operator: Process, kubectl: Kubectl) -> None:
     assert "ephemera_time_to_ready_seconds_bucket" in text
     assert 'ephemera_transitions_total{phase="Ready"}' in text
     assert "ephemera_record_writes_total" in text
+
+
+async def test_a_teardown_waiting_on_its_namespace_wakes_when_the_watch_sees_it_go() -> None:
+    vanishing = Vanishing(remember=2)
+    # Gone before anyone waits (the DELETED event came first): no wait at all.
+    vanishing.gone("uid-early")
+    assert await vanishing.wait("uid-early", within=0)
+    # Gone while waited on: the waiter wakes at once, long before its bound.
+    waiter = asyncio.create_task(vanishing.wait("uid-late", within=30))
+    await asyncio.sleep(0)
+    vanishing.gone("uid-late")
+    assert await asyncio.wait_for(waiter, 5)
+    # Never gone: the wait ends at its bound and says so (the handler then re-checks the API).
+    assert not await vanishing.wait("uid-stuck", within=0.01)
+    # Only the last `remember` uids are kept.
+    vanishing.gone("uid-3")
+    assert not await vanishing.wait("uid-early", within=0.01)

@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ephemera.devtools.controlplane import REPO_ROOT, ControlPlane, free_port, write_kubeconfig
-from ephemera.naming import environment_name
+from ephemera.naming import FINALIZER, environment_name
 from ephemera.webhook.intake import DELIVERY, UPDATED_AT
 from tests.conftest import WEBHOOK_SECRET, http_ok
 from tests.support import FIXTURES, Kubectl, Process, fixture_payload, post_webhook, process_env, wait_for
@@ -99,6 +99,16 @@ def test_form_encoded_delivery_is_accepted(webhook: Process, kubectl: Kubectl) -
     )
     assert (answer.status, answer.body["result"]) == (202, "created")
     assert get_pe(kubectl, environment_name("octo/form", 5)) is not None
+
+
+def test_a_new_environment_is_born_with_the_operators_finalizer(webhook: Process, kubectl: Kubectl) -> None:
+    # Protected from its first moment (and the operator need not add it: one request less per PR).
+    event = pr_event("opened", repo="octo/born", number=6, sha="1" * 40, updated_at="2026-01-01T00:00:00Z")
+    answer = post_webhook(webhook.port, "pull_request", event, secret=WEBHOOK_SECRET)
+    assert (answer.status, answer.body["result"]) == (202, "created")
+    obj = get_pe(kubectl, environment_name("octo/born", 6))
+    assert obj is not None
+    assert FINALIZER in obj["metadata"]["finalizers"]
 
 
 @pytest.mark.parametrize(
