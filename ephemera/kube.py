@@ -80,6 +80,7 @@ CHILD_PATHS = {
 }
 ENVIRONMENTS = f"/apis/{GROUP}/{VERSION}/{PLURAL}"
 MERGE_PATCH = "application/merge-patch+json"
+PAGE_SIZE = 500  # items a list reads at a time
 # Lists of metadata only (no spec or status), and the fields of a namespace the operator reads.
 METADATA = "application/json;as=PartialObjectMetadataList;v=v1;g=meta.k8s.io,application/json"
 NAMESPACE_FIELDS = (
@@ -143,30 +144,35 @@ class Kube:
                 return None
             raise _wrap(err, f"reading {what}") from err
 
+    def _pages(
+        self, path: str, what: str, query: list[tuple[str, Any]] | None = None, accept: str = "application/json"
+    ) -> Iterator[Obj]:
+        """Every item of a list, read in pages of PAGE_SIZE."""
+        token: str | None = None
+        while True:
+            paging: list[tuple[str, Any]] = [("limit", PAGE_SIZE)] + ([("continue", token)] if token else [])
+            try:
+                data = self._request("GET", path, query=(query or []) + paging, accept=accept)
+            except ApiException as err:
+                raise _wrap(err, f"listing {what}") from err
+            except (urllib3.exceptions.HTTPError, OSError) as err:  # a generator: the decorator cannot see these
+                raise KubeError(f"listing {what}: Kubernetes API unreachable: {err}", status=0) from err
+            yield from data.get("items", [])
+            token = data.get("metadata", {}).get("continue")
+            if not token:
+                return
+
     # Namespaces ---------------------------------------------------------------------------------
 
     def get_namespace(self, name: str) -> Obj | None:
         return self._get(f"/api/v1/namespaces/{name}", f"namespace {name}")
 
-    def list_namespaces(self, label_selector: str, page_size: int = 500) -> list[Obj]:
+    def list_namespaces(self, label_selector: str) -> list[Obj]:
         """The namespaces with the labels, metadata only and trimmed to what is read of them: with
         thousands of environments a whole list (managed fields and all) would weigh tens of megabytes."""
-        found: list[Obj] = []
-        token: str | None = None
-        while True:
-            query: list[tuple[str, Any]] = [("labelSelector", label_selector), ("limit", page_size)]
-            try:
-                data = self._request(
-                    "GET", "/api/v1/namespaces", query=query + ([("continue", token)] if token else []), accept=METADATA
-                )
-            except ApiException as err:
-                raise _wrap(err, "listing namespaces") from err
-            for item in data.get("items", []):
-                meta = item.get("metadata", {})
-                found.append({"metadata": {k: meta[k] for k in NAMESPACE_FIELDS if k in meta}})
-            token = data.get("metadata", {}).get("continue")
-            if not token:
-                return found
+        pages = self._pages("/api/v1/namespaces", "namespaces", [("labelSelector", label_selector)], accept=METADATA)
+        metas = (item.get("metadata", {}) for item in pages)
+        return [{"metadata": {k: meta[k] for k in NAMESPACE_FIELDS if k in meta}} for meta in metas]
 
     def create_namespace(self, body: Obj) -> Obj | None:
         """Create it; None if a namespace of that name already exists."""
@@ -222,21 +228,9 @@ class Kube:
     def get_environment(self, name: str) -> Obj | None:
         return self._get(f"{ENVIRONMENTS}/{name}", f"PreviewEnvironment {name}")
 
-    def list_environments(self, page_size: int = 500) -> Iterator[Obj]:
+    def list_environments(self) -> Iterator[Obj]:
         """Every PreviewEnvironment, in pages, so that thousands never load at once."""
-        token: str | None = None
-        while True:
-            query: list[tuple[str, Any]] = [("limit", page_size)] + ([("continue", token)] if token else [])
-            try:
-                data = self._request("GET", ENVIRONMENTS, query=query)
-            except ApiException as err:
-                raise _wrap(err, "listing PreviewEnvironments") from err
-            except (urllib3.exceptions.HTTPError, OSError) as err:  # a generator: the decorator cannot see these
-                raise KubeError(f"listing PreviewEnvironments: Kubernetes API unreachable: {err}", status=0) from err
-            yield from data.get("items", [])
-            token = data.get("metadata", {}).get("continue")
-            if not token:
-                return
+        return self._pages(ENVIRONMENTS, "PreviewEnvironments")
 
     def patch_environment_status(self, name: str, status: Obj) -> Obj | None:
         """Merge `status` into the object's status; None if the object is gone."""

@@ -28,11 +28,14 @@ class Seen:
     uid: str
     phase: str
     since: str | None  # lastTransitionTime
-    deleting: bool
+    deleted_at: str | None  # deletionTimestamp
     failed_at: str | None = None
-    deleted_at: str | None = None  # deletionTimestamp
     retries: int = 0
     permanent: bool = False
+
+    @property
+    def deleting(self) -> bool:
+        return self.deleted_at is not None
 
     def retry_status(self) -> dict[str, Any]:
         return {"phase": self.phase, "failedAt": self.failed_at, "retries": self.retries, "permanent": self.permanent}

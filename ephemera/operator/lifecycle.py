@@ -221,7 +221,6 @@ async def track(*, event: kopf.RawEvent, name: str, memo: kopf.Memo, **_: Any) -
         uid=obj["metadata"]["uid"],
         phase=status.get("phase") or Phase.PENDING.value,
         since=status.get("lastTransitionTime"),
-        deleting=bool(obj["metadata"].get("deletionTimestamp")),
         deleted_at=obj["metadata"].get("deletionTimestamp"),
         failed_at=status.get("failedAt"),
         retries=int(status.get("retries") or 0),
