@@ -174,6 +174,16 @@ def test_plain_manifests_are_rendered_from_the_chart(tmp_path: Path) -> None:
     assert fresh.read_text() == committed.read_text(), "run `make manifests` and commit the result"
 
 
+def test_the_kustomization_keeps_the_events_role_in_default(kubectl: Kubectl) -> None:
+    """`kubectl apply -k deploy/` puts the release in `ephemera`; Events of cluster-scoped objects live in `default`."""
+    built = kubectl.run("kustomize", str(REPO_ROOT / "deploy")).stdout
+    where = {f"{d['kind']}/{d['metadata']['name']}": d["metadata"].get("namespace") for d in yaml.safe_load_all(built)}
+    assert where["Role/ephemera-operator-events"] == "default"
+    assert where["RoleBinding/ephemera-operator-events"] == "default"
+    assert where["Deployment/ephemera-operator"] == "ephemera"
+    assert where["ServiceAccount/ephemera-operator"] == "ephemera"
+
+
 @pytest.fixture(scope="module")
 def installed(control_plane: ControlPlane, kubectl: Kubectl, crd: Path) -> Iterator[str]:
     """The chart, installed into the local control plane (after a server-side dry run of the kustomization)."""
