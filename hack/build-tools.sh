@@ -101,6 +101,7 @@ fi
 # Kubernetes v1.20.0 and refuses charts that need newer. The git commit is left out: a module
 # download carries none.
 client_go="$(awk '$1 == "k8s.io/client-go" { print $2 }' "$here/tools/helm/go.mod")"
+[[ "$client_go" =~ ^v0\.[0-9]+\. ]] || { log "no k8s.io/client-go v0.N in hack/tools/helm/go.mod"; exit 1; }
 client_go="${client_go#v}"
 helm_k8s_major=$(( ${client_go%%.*} + 1 ))
 helm_k8s_minor="${client_go#*.}"; helm_k8s_minor="${helm_k8s_minor%%.*}"
