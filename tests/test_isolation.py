@@ -221,3 +221,31 @@ def test_an_environment_made_before_the_egress_policy_gets_it_on_its_next_reconc
         what="the egress policy mended on the next reconcile",
     )
     wait_phase(kubectl, name, "Ready")
+
+
+def pod(name: str, resources: dict[str, Any] | None = None) -> dict[str, Any]:
+    container: dict[str, Any] = {"name": "app", "image": "registry.example.com/app:1"}
+    if resources is not None:
+        container["resources"] = resources
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name}, "spec": {"containers": [container]}}
+
+
+def test_pods_that_ask_for_no_disk_get_a_share_of_the_ephemeral_storage_quota(
+    environment: tuple[str, str], kubectl: Kubectl
+) -> None:
+    _, namespace = environment
+    wait_for(lambda: quota_counted(kubectl, namespace), timeout=60, what="the quota counted")
+    wait_for(
+        lambda: kubectl.run("-n", namespace, "get", "serviceaccount", "default", check=False).returncode == 0,
+        timeout=60,
+        what="the namespace's default ServiceAccount",
+    )
+    # With ephemeral storage in the quota, a pod that names none is admitted only through the
+    # LimitRange's defaults.
+    made = create(kubectl, namespace, pod("plain"))
+    assert made.returncode == 0, made.stderr
+    limits = kubectl.json("-n", namespace, "get", "pod", "plain")["spec"]["containers"][0]["resources"]["limits"]
+    assert limits["ephemeral-storage"] == "1Gi"
+    greedy = create(kubectl, namespace, pod("greedy", {"limits": {"ephemeral-storage": "11Gi"}}))
+    assert greedy.returncode != 0
+    assert "ephemeral-storage" in greedy.stderr, greedy.stderr
