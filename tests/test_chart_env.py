@@ -10,7 +10,10 @@ taken from the rendered Secret (or, with `secrets.existingSecret`, the Secret a 
 Two things are added, because a pod gets them from the cluster and the image: EPHEMERA_KUBECONFIG
 (a token of the rendered ServiceAccount, standing in for in-cluster config) and the image's PATH.
 The rendered ports are used as they are unless already taken on this machine; then the test moves
-that process to a free port by rewriting its EPHEMERA_*_PORT (and says so in the failure output).
+that process to a free port by rewriting its EPHEMERA_*_PORT (noted at the top of its log). One
+value differs from the install: `config.githubApiUrl` points at the local GitHub server.
+Once both are healthy, a signed `opened` event must become a Ready environment reported on GitHub,
+and `closed` must tear it down, all under the rendered RBAC and admission policies.
 """
 
 from __future__ import annotations
@@ -30,9 +33,11 @@ import pytest
 import yaml
 
 from ephemera.devtools.controlplane import REPO_ROOT, ControlPlane, free_port, write_token_kubeconfig
-from tests.fakegithub import FakeGitHub
+from ephemera.naming import environment_name
+from tests.fakegithub import FakeGitHub, Server
 from tests.postgres import Postgres
-from tests.support import Kubectl, wait_for
+from tests.support import Kubectl, post_webhook, wait_for
+from tests.test_webhook import get_pe, pr_event
 
 CHART = REPO_ROOT / "charts" / "ephemera"
 EVERY_OPTION = REPO_ROOT / "tests" / "chart" / "every-option.yaml"
@@ -217,15 +222,23 @@ def start(container: Container, kubeconfig: Path, tmp: Path) -> Running:
     return Running(container, ephemera(container, env, log), log, remapped)
 
 
-@pytest.fixture
-def private_key() -> str:
-    return FakeGitHub(app_id=1234567).private_key_pem
+@pytest.fixture(scope="module")
+def app() -> Iterator[FakeGitHub]:
+    """The local GitHub API server, for an App whose id has 7 digits (a float in the values otherwise)."""
+    server = Server(FakeGitHub(app_id=1234567))
+    fake = server.start()
+    yield fake
+    server.stop()
 
 
-def render_cases(postgres: Postgres, private_key: str, tmp: Path) -> dict[str, tuple[list[str], dict[str, Any]]]:
-    """Each case: helm arguments, and the Secrets a user creates beforehand (for existingSecret)."""
+def render_cases(postgres: Postgres, app: FakeGitHub, tmp: Path) -> dict[str, tuple[list[str], dict[str, Any]]]:
+    """Each case: helm arguments, and the Secrets a user creates beforehand (for existingSecret).
+
+    Both point the operator at the local GitHub server instead of GitHub (the one value changed
+    from the README's install and from the every-option file): tests never call the real GitHub."""
     key_file = tmp / "app.private-key.pem"
-    key_file.write_text(private_key)
+    key_file.write_text(app.private_key_pem)
+    github = ["--set", f"config.githubApiUrl={app.url('')}"]
     readme_install = [
         "--set", "image.repository=registry.example.com/ephemera",
         "--set", "config.githubAppId=1234567",
@@ -238,14 +251,14 @@ def render_cases(postgres: Postgres, private_key: str, tmp: Path) -> dict[str, t
     existing = {
         "my-ephemera-secrets": {
             "hook-secret": WEBHOOK_SECRET,
-            "app-key": private_key,
+            "app-key": app.private_key_pem,
             "plain-token": "ghp_" + "x" * 36,
             "records-url": postgres.url,
         }
     }
     return {
-        "defaults": (readme_install, {}),
-        "every-option": (["-f", str(EVERY_OPTION)], existing),
+        "defaults": (readme_install + github, {}),
+        "every-option": (["-f", str(EVERY_OPTION), *github], existing),
     }
 
 
@@ -264,11 +277,11 @@ def test_each_process_is_healthy_with_the_environment_its_deployment_gives_it(
     control_plane: ControlPlane,
     kubectl: Kubectl,
     postgres: Postgres,
-    private_key: str,
+    app: FakeGitHub,
     applied: list[dict[str, Any]],
     tmp_path: Path,
 ) -> None:
-    args, user_secrets = render_cases(postgres, private_key, tmp_path)[case]
+    args, user_secrets = render_cases(postgres, app, tmp_path)[case]
     namespace, release = f"chart-env-{uuid.uuid4().hex[:6]}", "envtest"
     rendered = helm(control_plane, "template", release, str(CHART), "--namespace", namespace, *args)
     docs = [d for d in yaml.safe_load_all(rendered) if d]
@@ -321,6 +334,27 @@ def test_each_process_is_healthy_with_the_environment_its_deployment_gives_it(
             timeout=60,
             what="the operator in its peering object",
         )
+        # And they work together: a signed PR event becomes a Ready environment, reported on GitHub,
+        # and its close tears it down (under the chart's RBAC and admission policies).
+        operator, webhook = running
+        port = int(webhook.container.env["EPHEMERA_WEBHOOK_PORT"])
+        port = webhook.remapped.get(port, port)
+        repo, number, sha = f"octo-org/chart-{case}", 4242, uuid.uuid4().hex + "0" * 8
+        opened = pr_event("opened", repo=repo, number=number, sha=sha, updated_at="2026-01-01T00:00:00Z")
+        answer = post_webhook(port, "pull_request", opened, secret=WEBHOOK_SECRET)
+        assert (answer.status, answer.body.get("result")) == (202, "created"), answer
+        prefix = operator.container.env["EPHEMERA_NAMESPACE_PREFIX"]
+        name = environment_name(repo, number, prefix)
+        ready = wait_for(
+            lambda: (s := (get_pe(kubectl, name) or {}).get("status") or {}).get("phase") == "Ready" and s,
+            timeout=90,
+            what=f"{name} Ready",
+        )
+        assert ready["namespace"].startswith(f"{prefix}-")
+        wait_for(lambda: app.calls_to("POST", rf"/repos/{repo}/statuses/{sha}"), timeout=60, what="a commit status")
+        closed = pr_event("closed", repo=repo, number=number, sha=sha, updated_at="2026-01-01T00:01:00Z")
+        assert post_webhook(port, "pull_request", closed, secret=WEBHOOK_SECRET).body.get("result") == "deleted"
+        wait_for(lambda: get_pe(kubectl, name) is None, timeout=90, what=f"{name} torn down")
         for proc in running:
             assert proc.healthy()
             assert "forbidden" not in proc.output().lower(), proc.output()
