@@ -303,10 +303,12 @@ class Kube:
     # Namespace contents (for reporting what blocks a deletion) -------------------------------------
 
     def namespace_blockers(self, namespace: str) -> list[str]:
-        """A short list of what still lives in a terminating namespace, as `Kind/name`."""
+        """A short list of Ephemera's own objects still in a terminating namespace, as `Kind/name`.
+
+        Not pods: the operator may not read pods at all (RBAC cannot limit that to its namespaces),
+        and the namespace's status conditions already count what else remains."""
         found: list[str] = []
         kinds = {kind: self._child_path(kind, namespace) for kind in CHILD_PATHS}
-        kinds["Pod"] = f"/api/v1/namespaces/{namespace}/pods"
         for kind, path in kinds.items():
             try:
                 data = self._request("GET", path)

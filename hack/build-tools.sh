@@ -49,12 +49,24 @@ binname() {
   echo "$name"
 }
 
+# Each build records its -ldflags in $bindir/.NAME.ldflags, and a binary built with other flags
+# than today's is built again. A binary without a record counts as current, except for the tools
+# named in STAMP_REQUIRED, whose flags changed after caches were first filled (helm was built
+# without Helm's own version flags, so it assumed Kubernetes v1.20.0).
+STAMP_REQUIRED=" helm "
 build() {
   local name="$1" module="$2"; shift 2
   local ldflags="$1"; shift
-  local missing=()
+  local stamp="$bindir/.$name.ldflags" current=1 missing=()
+  if [[ -f "$stamp" ]]; then
+    [[ "$(cat "$stamp")" == "$ldflags" ]] || current=0
+  elif [[ "$STAMP_REQUIRED" == *" $name "* ]]; then
+    current=0
+  fi
   for pkg in "$@"; do
-    [[ -x "$bindir/$(binname "$pkg")" ]] || missing+=("$pkg")
+    if [[ $current -eq 0 || ! -x "$bindir/$(binname "$pkg")" ]]; then
+      missing+=("$pkg")
+    fi
   done
   [[ ${#missing[@]} -eq 0 ]] && return 0
   log "building $name; a cold build takes many minutes"
@@ -68,6 +80,7 @@ build() {
   mkdir -p "$bindir"
   mv "$bindir.tmp"/* "$bindir/"
   rmdir "$bindir.tmp"
+  printf '%s\n' "$ldflags" > "$stamp"
   log "$name built in $((SECONDS - start)) s"
 }
 
@@ -82,7 +95,24 @@ if [[ ! -x "$bindir/etcd" ]]; then
   build etcd etcd "-s -w" go.etcd.io/etcd/server/v3
   mv "$bindir/server" "$bindir/etcd"
 fi
-build helm helm "-s -w -X helm.sh/helm/v3/internal/version.version=$HELM_VERSION" helm.sh/helm/v3/cmd/helm
+# Stamped as Helm's own Makefile stamps a release (v3.22): the version, an empty build metadata
+# (a tagged build), a clean tree, and the default Kubernetes version of `helm template` and
+# `helm lint` from the client-go it is built with (v0.N -> v1.N). Without the last two it assumes
+# Kubernetes v1.20.0 and refuses charts that need newer. The git commit is left out: a module
+# download carries none.
+client_go="$(awk '$1 == "k8s.io/client-go" { print $2 }' "$here/tools/helm/go.mod")"
+[[ "$client_go" =~ ^v0\.[0-9]+\. ]] || { log "no k8s.io/client-go v0.N in hack/tools/helm/go.mod"; exit 1; }
+client_go="${client_go#v}"
+helm_k8s_major=$(( ${client_go%%.*} + 1 ))
+helm_k8s_minor="${client_go#*.}"; helm_k8s_minor="${helm_k8s_minor%%.*}"
+helm_ldflags="-s -w"
+helm_ldflags+=" -X helm.sh/helm/v3/internal/version.version=$HELM_VERSION"
+helm_ldflags+=" -X helm.sh/helm/v3/internal/version.metadata="
+helm_ldflags+=" -X helm.sh/helm/v3/internal/version.gitTreeState=clean"
+for pkg in helm.sh/helm/v3/pkg/lint/rules helm.sh/helm/v3/pkg/chartutil; do
+  helm_ldflags+=" -X $pkg.k8sVersionMajor=$helm_k8s_major -X $pkg.k8sVersionMinor=$helm_k8s_minor"
+done
+build helm helm "$helm_ldflags" helm.sh/helm/v3/cmd/helm
 build kubernetes kubernetes "$k8s_ldflags" \
   k8s.io/kubernetes/cmd/kube-apiserver \
   k8s.io/kubernetes/cmd/kube-controller-manager \
