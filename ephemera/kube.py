@@ -17,7 +17,7 @@ import urllib3
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
-from ephemera.models import GROUP, PLURAL, VERSION
+from ephemera.models import GROUP, PLURAL, TEMPLATE_PLURAL, VERSION
 
 Obj = dict[str, Any]
 P = ParamSpec("P")
@@ -79,6 +79,7 @@ CHILD_PATHS = {
     "NetworkPolicy": "/apis/networking.k8s.io/v1/namespaces/{namespace}/networkpolicies",
 }
 ENVIRONMENTS = f"/apis/{GROUP}/{VERSION}/{PLURAL}"
+TEMPLATES = f"/apis/{GROUP}/{VERSION}/{TEMPLATE_PLURAL}"
 MERGE_PATCH = "application/merge-patch+json"
 APPLY_PATCH = "application/apply-patch+yaml"  # JSON is YAML: bodies are sent as JSON
 PAGE_SIZE = 500  # items a list reads at a time
@@ -308,6 +309,10 @@ class Kube:
     def list_objects(self, api_version: str, plural: str, namespace: str) -> list[Obj]:
         """Every object of one kind in a namespace."""
         return list(self._pages(self._objects_path(api_version, plural, namespace), f"{plural} in {namespace}"))
+
+    def list_templates(self) -> Iterator[Obj]:
+        """Every PreviewTemplate."""
+        return self._pages(TEMPLATES, "PreviewTemplates")
 
     def get_peering(self, name: str) -> Obj | None:
         """kopf's ClusterKopfPeering object: the live replicas and their priorities."""
