@@ -277,3 +277,15 @@ def test_every_crd_field_has_a_description() -> None:
         return missing
 
     assert walk(schema, "") == []
+
+
+def test_the_sample_template_applies_and_renders(template_crd: Path, kubectl: Kubectl) -> None:
+    sample = REPO_ROOT / "deploy" / "samples" / "previewtemplate.yaml"
+    kubectl.run("apply", "--validate=strict", "-f", str(sample))
+    stored = Template.from_body(kubectl.json("get", "pt", "shop"))
+    kubectl.run("delete", "pt", "shop")
+    objects, url = render(stored, values())
+    assert url == "https://pr-42.preview.test/"
+    checked = check_objects(objects, "pr-42-octo-org-shop-abc", lambda api, kind: kind != "Namespace")
+    assert [o["kind"] for o in checked] == ["Deployment", "Service", "Ingress"]
+    assert checked[2]["spec"]["rules"][0]["host"] == "pr-42.preview.test"
