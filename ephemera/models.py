@@ -15,6 +15,8 @@ VERSION = "v1alpha1"
 PLURAL = "previewenvironments"
 KIND = "PreviewEnvironment"
 API_VERSION = f"{GROUP}/{VERSION}"
+TEMPLATE_KIND = "PreviewTemplate"
+TEMPLATE_PLURAL = "previewtemplates"
 
 REPOSITORY_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9-]{0,38}/[A-Za-z0-9._-]{1,100}$"
 SHA_PATTERN = r"^[0-9a-f]{40}$"
@@ -62,6 +64,7 @@ class PreviewEnvironmentSpec(BaseModel):
     branch: str = Field(min_length=1, max_length=255)
     installation_id: int | None = Field(None, alias="installationId", ge=1, strict=True)
     author: str | None = Field(None, max_length=39)
+    title: str | None = Field(None, max_length=1024)
     resources: Resources = Field(default_factory=Resources)
 
     def to_k8s(self) -> dict[str, Any]:
@@ -106,6 +109,8 @@ class PreviewEnvironmentStatus(BaseModel):
     retries: int | None = None
     retry_request: str | None = Field(None, alias="retryRequest")
     url: str | None = None
+    template: dict[str, Any] | None = None
+    inventory: list[dict[str, str]] | None = None
     reported: dict[str, Any] | None = None
     conditions: list[Condition] = Field(default_factory=list)
 

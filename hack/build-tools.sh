@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Build the local control plane (etcd, kube-apiserver, kube-controller-manager, kubectl) and helm
-# from Go modules, once per version, into a cache outside the checkout.
+# Build the local control plane (etcd, kube-apiserver, kube-controller-manager, kube-scheduler,
+# kubectl), kwok (a simulated kubelet) and helm from Go modules, once per version, into a cache
+# outside the checkout.
 #
 # Usage: hack/build-tools.sh            build whatever is missing, print the bin directory
 #        hack/build-tools.sh --print    print the bin directory only (no build)
@@ -70,17 +71,20 @@ build() {
   done
   [[ ${#missing[@]} -eq 0 ]] && return 0
   log "building $name; a cold build takes many minutes"
-  local start=$SECONDS dir
+  local start=$SECONDS dir out
   dir="$(workdir "$module")"
-  mkdir -p "$bindir.tmp"
-  (cd "$dir" && go build -v -ldflags "$ldflags" -o "$bindir.tmp/" "${missing[@]}") 2>&1 | progress "$name"
+  # A scratch output folder of this build's own, so that a build beside it never moves its files.
+  mkdir -p "$(dirname "$bindir")"
+  out="$(mktemp -d "$bindir.tmp.XXXXXX")"
+  (cd "$dir" && go build -v -ldflags "$ldflags" -o "$out/" "${missing[@]}") 2>&1 | progress "$name"
   local rc=${PIPESTATUS[0]}
   rm -rf "$dir"
-  [[ $rc -eq 0 ]] || { log "build of $name failed"; exit "$rc"; }
+  [[ $rc -eq 0 ]] || { rm -rf "$out"; log "build of $name failed"; exit "$rc"; }
   mkdir -p "$bindir"
-  mv "$bindir.tmp"/* "$bindir/"
-  rmdir "$bindir.tmp"
-  printf '%s\n' "$ldflags" > "$stamp"
+  mv "$out"/* "$bindir/"
+  rmdir "$out"
+  printf '%s
+' "$ldflags" > "$stamp"
   log "$name built in $((SECONDS - start)) s"
 }
 
@@ -116,6 +120,24 @@ build helm helm "$helm_ldflags" helm.sh/helm/v3/cmd/helm
 build kubernetes kubernetes "$k8s_ldflags" \
   k8s.io/kubernetes/cmd/kube-apiserver \
   k8s.io/kubernetes/cmd/kube-controller-manager \
+  k8s.io/kubernetes/cmd/kube-scheduler \
   k8s.io/kubernetes/cmd/kubectl
+
+# kwok plays the kubelet: it marks scheduled pods Running and Ready through its Stage resources. Its
+# own stages for nodes and pods are data in its module; they are read from Go's module cache here,
+# next to the binary, at the version built (the project's own stages are in hack/kwok/).
+if [[ ! -x "$bindir/kwok" || "$(cat "$bindir/kwok.version" 2>/dev/null)" != "$KWOK_VERSION" ]]; then
+  rm -f "$bindir/kwok"
+  build kwok kwok "-s -w" sigs.k8s.io/kwok/cmd/kwok
+  dir="$(workdir kwok)"
+  src="$(cd "$dir" && go list -m -f '{{.Dir}}' sigs.k8s.io/kwok)/kustomize/stage"
+  rm -rf "$dir" "$bindir/kwok-stages"
+  mkdir -p "$bindir/kwok-stages"
+  for stage in node/fast/node-initialize node/heartbeat/node-heartbeat pod/fast/pod-ready pod/fast/pod-complete \
+               pod/fast/pod-delete; do
+    cp "$src/$stage.yaml" "$bindir/kwok-stages/"
+  done
+  echo "$KWOK_VERSION" > "$bindir/kwok.version"
+fi
 
 echo "$bindir"
