@@ -15,7 +15,7 @@ from typing import Any
 
 from ephemera.kube import Kube, KubeError, Obj
 from ephemera.models import API_VERSION, KIND, parse_time
-from ephemera.naming import FINALIZER, environment_labels, environment_name
+from ephemera.naming import FINALIZER, environment_labels, environment_name, legacy_environment_name
 from ephemera.webhook.events import PullRequestEvent
 
 UPDATED_AT = "ephemera.dev/pr-updated-at"
@@ -81,6 +81,13 @@ class Intake:
     def name(self, event: PullRequestEvent) -> str:
         return environment_name(event.repo, event.pr, self.prefix)
 
+    def _existing_name(self, event: PullRequestEvent) -> str:
+        """The name of the PR's object: the legacy (8-hex) one while an object made under it exists for
+        this PR, so that its pushes and close reach it; else the current one."""
+        legacy = legacy_environment_name(event.repo, event.pr, self.prefix)
+        obj = self.kube.get_environment(legacy)
+        return legacy if obj is not None and _ours(obj, event) else self.name(event)
+
     def spec(self, event: PullRequestEvent) -> dict[str, Any]:
         pr = event.pull_request
         spec: dict[str, Any] = {
@@ -101,6 +108,8 @@ class Intake:
         pr = event.pull_request
         if action in UPSERT_ACTIONS and pr.draft and not self.draft_prs:
             return Outcome("ignored", name, "draft PRs get no environment (EPHEMERA_WEBHOOK_DRAFT_PRS=false)")
+        if action in UPSERT_ACTIONS or action in ("synchronize", "closed", "converted_to_draft"):
+            name = self._existing_name(event)
         if action in UPSERT_ACTIONS:
             return self._retrying(lambda: self._upsert(event, name, delivery, opening=True))
         if action == "synchronize":
@@ -144,7 +153,7 @@ class Intake:
         return "the environment already reflects this or a newer event"
 
     def _upsert(self, event: PullRequestEvent, name: str, delivery: str, *, opening: bool) -> Outcome:
-        if opening and not self.tombstones.blocks(name, event.pull_request.updated_at):
+        if opening and not self.tombstones.blocks(self.name(event), event.pull_request.updated_at):
             # The common case, a new PR: one call. An existing object (409) takes the careful path.
             try:
                 self.kube.create_environment(self._body(event, name, delivery))
@@ -163,7 +172,8 @@ class Intake:
             obj = self._wait_gone(name)  # newer than the close: the PR was reopened
         if obj is None:
             # A push for a PR with no environment (its `opened` was lost or is still on its way) creates
-            # one; a push older than a known close was refused above.
+            # one; a push older than a known close was refused above. New objects get the current name.
+            name = self.name(event)
             self.kube.create_environment(self._body(event, name, delivery))
             return Outcome("created", name, f"{event.action}: environment requested")
         spec = self.spec(event) if opening else {"commitSha": event.pull_request.head.sha}
@@ -203,7 +213,7 @@ class Intake:
         )
 
     def _delete(self, event: PullRequestEvent, name: str, delivery: str, reason: str) -> Outcome:
-        self.tombstones.add(name, event.pull_request.updated_at)
+        self.tombstones.add(self.name(event), event.pull_request.updated_at)
         obj = self.kube.get_environment(name)
         if obj is None:
             return Outcome("ignored", name, "no environment for this PR")
