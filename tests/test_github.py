@@ -246,6 +246,7 @@ class LoopThread:
         return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout=30)
 
     def close(self) -> None:
+        self.wait(self.loop.shutdown_default_executor())  # reports still running in threads end first
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(timeout=10)
         self.loop.close()
@@ -304,8 +305,8 @@ def test_secondary_rate_limit_waits_at_least_a_minute_by_default(
         (limited,) = [c for c in github.calls if c.path.startswith(f"/repos/{repo}/statuses/")]
         assert limited.status == 403
         assert due - limited.at >= GITHUB_SECONDARY_RATE_LIMIT_DELAY
-        loop.wait(reporter.stop())
     finally:
+        loop.wait(reporter.stop())
         loop.close()
 
 
