@@ -389,6 +389,12 @@ def test_with_a_token_only_the_token_users_comments_are_edited(control_plane: Co
     assert github.comments[ours]["edits"] == 2
     assert len(comments(github, repo, pr)) == 2
     assert [c.status for c in github.calls if c.path == "/user"][-1:] == [200]
+    # Its own comment, deleted by a maintainer while no report ran (say, the operator was restarting).
+    as_user(github, github.user_token("a-maintainer"), "DELETE", f"/repos/{repo}/issues/comments/{ours}")
+    reporter.report(transition(repo, pr, reported={"commentId": ours}))
+    (made,) = [c for c in comments(github, repo, pr) if c["id"] != theirs]
+    assert made["id"] != ours
+    assert made["user"]["login"] == "ephemera-ci"
 
 
 def test_the_installation_must_cover_the_repository(operator: Process, kubectl: Kubectl, github: FakeGitHub) -> None:

@@ -197,6 +197,7 @@ class Reporter:
         self._newest: dict[str, int] = {}  # uid -> seq of the newest state seen
         self._waiting: dict[str, list[float]] = {}  # uid -> when retries are due (loop time)
         self._known: dict[str, dict[str, Any]] = {}  # uid -> what was reported (mirrors status.reported)
+        self._own_comments: dict[str, int] = {}  # uid -> id of its comment, known to be Ephemera's
         self._unsure: set[str] = set()  # uids resumed after a restart: read GitHub before posting
         self._seq = itertools.count()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -352,6 +353,7 @@ class Reporter:
                 self._record(t, done)
         if t.phase == "Destroyed":
             self._known.pop(t.uid, None)  # the object is gone: nothing more to report
+            self._own_comments.pop(t.uid, None)
 
     def _step(
         self,
@@ -498,24 +500,41 @@ class Reporter:
             return None
         body = comment_body(t)
         issue = repo.get_issue(int(t.spec["pullRequest"]))
-        me = who()
+        found = self._existing_comment(issue, t, reported, who)
         comment = None
-        if reported.get("commentId"):
-            comment = self._own_comment(issue, int(reported["commentId"]), me, t)
-        if comment is None:
-            # Ours, found by the marker: someone else's comment that quotes the marker is left alone.
-            tag = marker(str(t.spec["repository"]), int(t.spec["pullRequest"]))
-            comment = next((c for c in issue.get_comments() if tag in (c.body or "") and _wrote(me, c)), None)
-        if comment is not None:
+        if found is not None:
+            comment_id, comment = found
             try:
                 comment.edit(body)
             except GithubException as err:
                 if err.status not in (404, 410):
                     raise
-                comment = None  # deleted since it was read
+                log.info("comment %d on %s was deleted on GitHub; a new one is made", comment_id, t.name)
+                comment = None
         if comment is None:
             comment = issue.create_comment(body)
+        self._own_comments[t.uid] = comment.id
         return {"commentId": comment.id, "comment": key}
+
+    def _existing_comment(
+        self, issue: Issue, t: Transition, reported: dict[str, Any], who: Who
+    ) -> tuple[int, IssueComment] | None:
+        """Ephemera's comment on the PR (its id and a handle to it), if it has one; None to make one."""
+        comment_id = int(reported.get("commentId") or 0)
+        if comment_id and self._own_comments.get(t.uid) == comment_id:
+            # Made or checked by this process: not read again (an edit answers 404 if it was deleted).
+            return comment_id, issue.get_comment(comment_id)
+        me = who()
+        if comment_id:
+            comment = self._own_comment(issue, comment_id, me, t)
+            if comment is not None:
+                return comment_id, comment
+        # Ours, found by the marker: someone else's comment that quotes the marker is left alone.
+        tag = marker(str(t.spec["repository"]), int(t.spec["pullRequest"]))
+        for listed in issue.get_comments():
+            if tag in (listed.body or "") and _wrote(me, listed):
+                return listed.id, listed
+        return None
 
     def _own_comment(self, issue: Issue, comment_id: int, who: Identity, t: Transition) -> IssueComment | None:
         """The comment Ephemera made earlier, if it still exists and is still its own."""
