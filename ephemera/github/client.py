@@ -28,9 +28,8 @@ class NoCredentials(Exception):
 class NotInstalled(Exception):
     """The object's installation does not cover its repository: nothing may be posted for it.
 
-    `spec.installationId`, `spec.repository` and `spec.commitSha` are written by whoever may create
-    PreviewEnvironments; without this check they could make the App post to any repository it is
-    installed on, under another account's installation."""
+    `spec.installationId` and `spec.repository` are written by whoever may create PreviewEnvironments;
+    without this check they could point one account's installation at another account's repository."""
 
 
 @dataclass(frozen=True)
