@@ -16,6 +16,9 @@ from ephemera.quantity import parse_quantity
 # EPHEMERA_* variables that belong to the development tools, not to the processes.
 NOT_SETTINGS = frozenset({"EPHEMERA_CACHE", "EPHEMERA_SOAK"})
 
+# After a secondary rate limit that names no Retry-After, GitHub asks for "at least one minute".
+GITHUB_SECONDARY_RATE_LIMIT_DELAY = 60.0
+
 
 class Settings(BaseSettings):
     """Settings of both processes. Defaults run locally; the README's table documents each one."""
@@ -116,6 +119,15 @@ class Settings(BaseSettings):
     github_status_context: str = Field("ephemera/preview", description="Context of the commit status.")
     github_timeout: float = Field(15.0, gt=0, description="Seconds per GitHub request.")
     github_retry_max_delay: float = Field(300.0, gt=0, description="Longest wait between report retries.")
+    github_secondary_rate_limit_delay: float = Field(
+        GITHUB_SECONDARY_RATE_LIMIT_DELAY,
+        gt=0,
+        description="First wait after a secondary rate limit without Retry-After (doubles; never shortened "
+        "by EPHEMERA_GITHUB_RETRY_MAX_DELAY). GitHub asks for at least 60; lower it only in tests.",
+    )
+    github_installation_cache_ttl: float = Field(
+        600.0, gt=0, description="Seconds GitHub's answer to which installation covers a repository is kept."
+    )
 
     @model_validator(mode="after")
     def _check(self) -> Settings:

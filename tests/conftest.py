@@ -97,6 +97,8 @@ def operator(
         EPHEMERA_GITHUB_APP_ID=str(github.app_id),
         EPHEMERA_GITHUB_PRIVATE_KEY=github.private_key_pem,
         EPHEMERA_GITHUB_RETRY_MAX_DELAY="5",
+        # 60 s by default (GitHub's minimum); tests/test_github.py checks the default path in-process.
+        EPHEMERA_GITHUB_SECONDARY_RATE_LIMIT_DELAY="1",
     )
     db_upgrade(env)
     proc = Process(["operator"], env, tmp / "operator.log", int(env["EPHEMERA_OPERATOR_PORT"])).start()
