@@ -41,7 +41,8 @@ ROLLING_OUT = "RollingOut"
 
 
 def _rollout_failed(verdict: Assessment) -> str:
-    return f"The app cannot become ready: {verdict.summary().rstrip('.')}. Fix the PreviewTemplate (or the image), then retry."
+    cause = verdict.summary().rstrip(".")
+    return f"The app cannot become ready: {cause}. Fix the PreviewTemplate (or the image), then retry."
 
 
 class Failure(Exception):
