@@ -107,7 +107,9 @@ def test_ready_only_once_the_app_is_available_with_its_url_on_the_pr(
     available = condition_time(deployment, "Available")
     assert available is not None
     # Ready came no earlier than the Deployment's availability (minReadySeconds holds it back).
-    assert parse_time(ready["lastTransitionTime"]) >= available.replace(microsecond=0)
+    became_ready = parse_time(ready["lastTransitionTime"])
+    assert became_ready is not None
+    assert became_ready >= available.replace(microsecond=0)
     assert rolling  # it was seen before Ready
     url = f"https://{namespace}.preview.localhost/"
     assert ready["url"] == url
