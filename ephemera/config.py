@@ -87,6 +87,19 @@ class Settings(BaseSettings):
     environment_url: str | None = Field(
         None, description="Template of an environment's URL, e.g. https://{namespace}.preview.example.com."
     )
+    # The application in a preview (PreviewTemplates).
+    preview_domain: str = Field(
+        "preview.localhost",
+        pattern=r"^[a-z0-9]([a-z0-9.-]{0,200}[a-z0-9])?$",
+        description="Domain under which each preview gets a host, `<namespace>.<domain>` ({{ host }} in templates).",
+    )
+    helm_binary: Path | None = Field(
+        None, description="The helm binary that renders templates' charts; unset means `helm` on PATH."
+    )
+    template_deny: list[str] = Field(
+        default_factory=lambda: ["Namespace", "ClusterRole", "ClusterRoleBinding", "RoleBinding/ClusterRole"],
+        description="Kinds a template may not create (`RoleBinding/ClusterRole`: a RoleBinding to a ClusterRole).",
+    )
     # What else an environment's ResourceQuota caps (besides cpu, memory and pods).
     quota_load_balancers: int = Field(0, ge=0, description="Services of type LoadBalancer per environment.")
     quota_node_ports: int = Field(0, ge=0, description="Service node ports per environment.")
