@@ -37,6 +37,7 @@ from ephemera.naming import environment_name
 from tests.fakegithub import FakeGitHub, Server
 from tests.postgres import Postgres
 from tests.support import Kubectl, post_webhook, wait_for
+from tests.test_github import INSTALLATION
 from tests.test_webhook import get_pe, pr_event
 
 CHART = REPO_ROOT / "charts" / "ephemera"
@@ -341,6 +342,7 @@ def test_each_process_is_healthy_with_the_environment_its_deployment_gives_it(
         port = webhook.remapped.get(port, port)
         repo, number, sha = f"octo-org/chart-{case}", 4242, uuid.uuid4().hex + "0" * 8
         opened = pr_event("opened", repo=repo, number=number, sha=sha, updated_at="2026-01-01T00:00:00Z")
+        opened["installation"]["id"] = INSTALLATION  # the local GitHub's installation on that account
         answer = post_webhook(port, "pull_request", opened, secret=WEBHOOK_SECRET)
         assert (answer.status, answer.body.get("result")) == (202, "created"), answer
         prefix = operator.container.env["EPHEMERA_NAMESPACE_PREFIX"]

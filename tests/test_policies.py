@@ -129,6 +129,26 @@ def network_policy(namespace: str) -> str:
     )
 
 
+def deployment(namespace: str) -> str:
+    """What a PreviewTemplate applies: held to Ephemera's namespaces like the guards."""
+    labels = {"app": "web"}
+    template = {"metadata": {"labels": labels}, "spec": {"containers": [{"name": "web", "image": "web:1"}]}}
+    return json.dumps(
+        {
+            "apiVersion": "apps/v1",
+            "kind": "Deployment",
+            "metadata": {"name": "web", "namespace": namespace},
+            "spec": {"selector": {"matchLabels": labels}, "template": template},
+        }
+    )
+
+
+def secret(namespace: str) -> str:
+    return json.dumps(
+        {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "app", "namespace": namespace}, "data": {}}
+    )
+
+
 def limit_range(namespace: str) -> str:
     return json.dumps(
         {
@@ -144,10 +164,17 @@ def refused(result: subprocess.CompletedProcess[str]) -> bool:
     return result.returncode != 0 and REFUSED_BY_POLICY in result.stderr
 
 
-def test_the_operator_has_no_pods_and_posts_events_only_in_default(release: Release, kubectl: Kubectl) -> None:
-    assert not can_i(kubectl, OPERATOR, "list", "pods", "--all-namespaces")
-    assert not can_i(kubectl, OPERATOR, "list", "pods", "-n", "kube-system")
-    assert not can_i(kubectl, OPERATOR, "get", "pods", "-n", "default")
+def test_the_operator_only_watches_pods_and_posts_events_only_in_default(release: Release, kubectl: Kubectl) -> None:
+    # Pods are listed and watched (a PreviewTemplate's app is judged by its pods: a crash loop is named
+    # from the container's state), never fetched one by one, changed, exec'ed into or deleted.
+    assert can_i(kubectl, OPERATOR, "watch", "pods", "--all-namespaces")
+    for verb in ("get", "create", "patch", "delete"):
+        assert not can_i(kubectl, OPERATOR, verb, "pods", "-n", "default")
+    assert not can_i(kubectl, OPERATOR, "create", "pods/exec", "-n", "default")
+    # Secrets: an app's are written (server-side apply), never read.
+    assert can_i(kubectl, OPERATOR, "patch", "secrets", "-n", "pr-1-octo-shop-0123456789ab")
+    for verb in ("get", "list", "watch"):
+        assert not can_i(kubectl, OPERATOR, verb, "secrets", "-n", "pr-1-octo-shop-0123456789ab")
     assert can_i(kubectl, OPERATOR, "create", "events", "-n", "default")
     assert not can_i(kubectl, OPERATOR, "create", "events", "-n", "kube-system")
     assert not can_i(kubectl, OPERATOR, "create", "events", "-n", "pr-1-octo-shop-0123456789ab")
@@ -179,7 +206,7 @@ def test_the_operator_is_refused_writes_outside_ephemeras_namespaces(team: str, 
     assert f"namespace {team} is not one" in result.stderr
     # kube-system and default: NamespaceLifecycle refuses their deletion to everyone, before the policy.
     assert operator("delete", "namespace", "kube-system", "--dry-run=server").returncode != 0
-    for manifest in (quota, limit_range, network_policy):
+    for manifest in (quota, limit_range, network_policy, deployment, secret):
         assert refused(operator("create", "-f", "-", input=manifest(team)))
         for other in ("kube-system", "default"):
             assert refused(operator("create", "--dry-run=server", "-f", "-", input=manifest(other)))
@@ -195,7 +222,7 @@ def test_the_operator_may_still_write_its_own_namespaces(release: Release, kubec
     created = operator("create", "-f", "-", input=namespace(name, True))
     assert created.returncode == 0, created.stderr
     try:
-        for manifest in (quota, limit_range, network_policy):
+        for manifest in (quota, limit_range, network_policy, deployment, secret):
             result = operator("create", "-f", "-", input=manifest(name))
             assert result.returncode == 0, result.stderr
         replaced = operator("replace", "-f", "-", input=quota(name).replace('"1"', '"2"'))
