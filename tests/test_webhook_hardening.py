@@ -226,6 +226,9 @@ def test_bodies_in_flight_are_capped(
             sock.close()
         stalled.clear()
         wait_for(lambda: third().status == 202, timeout=30, what="the slots to be free again")
+        # A caller that hangs up mid-body is refused like any other bad request, without a traceback.
+        wait_for(lambda: proc.log().count("incomplete body") == 2, timeout=30, what="both hang-ups logged")
+        assert "unexpected error" not in proc.log()
     finally:
         for sock in stalled:
             sock.close()

@@ -138,6 +138,9 @@ async def _read_body(request: web.Request, limit: int, seconds: float, signature
                 chunks.append(chunk)
     except TimeoutError as err:
         raise BadRequest(408, "request timeout", f"the body did not arrive within {seconds:.0f} s") from err
+    except ConnectionResetError as err:
+        # The caller went away mid-body: a refusal like any other, not an error with a traceback.
+        raise BadRequest(400, "incomplete body", "the connection closed before the body was complete") from err
     return b"".join(chunks)
 
 
