@@ -31,13 +31,8 @@ STATE_NAMESPACE = "ephemera-webhook-state"
 
 
 def start_webhook(control_plane: ControlPlane, tmp: Path, name: str, **overrides: str) -> Process:
-    env = process_env(
-        control_plane.kubeconfig,
-        tmp,
-        EPHEMERA_WEBHOOK_SECRET=WEBHOOK_SECRET,
-        EPHEMERA_WEBHOOK_NAMESPACE=STATE_NAMESPACE,
-        **overrides,
-    )
+    settings = {"EPHEMERA_WEBHOOK_SECRET": WEBHOOK_SECRET, "EPHEMERA_WEBHOOK_NAMESPACE": STATE_NAMESPACE}
+    env = process_env(control_plane.kubeconfig, tmp, **{**settings, **overrides})
     proc = Process(["webhook"], env, tmp / f"{name}.log", int(env["EPHEMERA_WEBHOOK_PORT"])).start()
     wait_for(lambda: http_ok(proc, "/readyz"), timeout=60, what=f"webhook {name} /readyz")
     return proc

@@ -124,7 +124,10 @@ class Intake:
     def _upsert(self, event: PullRequestEvent, name: str, delivery: str, *, opening: bool) -> Outcome:
         closed_at = self.tombstones.closed_at(event.repo, event.pr)
         if opening and (closed_at is None or newer(event.pull_request.updated_at, closed_at)):
-            # The common case, a new PR: one call. An existing object (409) takes the careful path.
+            # The common case, a new PR: one read of the repository's closes and one create. An
+            # existing object (409) takes the careful path. A close recorded between that read and
+            # the create would have to delete the object and see it gone in that instant: the
+            # operator's teardown alone takes far longer.
             try:
                 self.kube.create_environment(self._body(event, name, delivery))
                 return Outcome("created", name, f"{event.action}: environment requested")
