@@ -86,6 +86,7 @@ def floor(kube: Kube, repo: str, count: int, concurrency: int) -> float:
         kube.create_child(children.build_resource_quota(namespace, namespace, spec, quota))
         kube.create_child(children.build_limit_range(namespace, namespace, spec, quota))
         kube.create_child(children.build_network_policy(namespace, namespace, spec))
+        kube.create_child(children.build_egress_policy(namespace, namespace, spec, settings))
 
     started = time.perf_counter()
     with concurrent.futures.ThreadPoolExecutor(concurrency) as pool:

@@ -17,6 +17,10 @@ from ephemera.quantity import parse_quantity
 QUOTA_NAME = "ephemera-quota"
 LIMIT_RANGE_NAME = "ephemera-limits"
 NETWORK_POLICY_NAME = "ephemera-isolation"
+EGRESS_POLICY_NAME = "ephemera-egress"
+# Where cluster DNS answers (the kube-dns Service's pods, as kubeadm and most distributions label them).
+DNS_NAMESPACE = "kube-system"
+DNS_POD_LABELS = {"k8s-app": "kube-dns"}
 
 
 class QuotaError(ValueError):
@@ -28,6 +32,15 @@ class Quota:
     cpu: str
     memory: str
     pods: int
+    # The same for every environment (settings): what would otherwise be unlimited.
+    load_balancers: int = 0
+    node_ports: int = 0
+    persistent_volume_claims: int = 5
+    storage: str = "20Gi"
+    ephemeral_storage: str = "10Gi"
+    config_maps: int = 50
+    secrets: int = 50
+    services: int = 20
 
 
 def resolve_quota(spec: PreviewEnvironmentSpec, settings: Settings) -> Quota:
@@ -46,7 +59,19 @@ def resolve_quota(spec: PreviewEnvironmentSpec, settings: Settings) -> Quota:
                 f"spec.resources.{field} is {text}, above the ceiling {ceiling_text} "
                 f"(EPHEMERA_MAX_{field.upper()}); lower it or ask an operator to raise the ceiling"
             )
-    return Quota(cpu=str(cpu), memory=str(memory), pods=int(pods))
+    return Quota(
+        cpu=str(cpu),
+        memory=str(memory),
+        pods=int(pods),
+        load_balancers=settings.quota_load_balancers,
+        node_ports=settings.quota_node_ports,
+        persistent_volume_claims=settings.quota_persistent_volume_claims,
+        storage=settings.quota_storage,
+        ephemeral_storage=settings.quota_ephemeral_storage,
+        config_maps=settings.quota_config_maps,
+        secrets=settings.quota_secrets,
+        services=settings.quota_services,
+    )
 
 
 def _min(a: str, b: str) -> str:
@@ -90,6 +115,17 @@ def build_resource_quota(namespace: str, env_name: str, spec: PreviewEnvironment
                 "requests.memory": quota.memory,
                 "limits.memory": quota.memory,
                 "pods": str(quota.pods),
+                # A preview gets no cloud load balancer and no port on every node unless allowed.
+                "services.loadbalancers": str(quota.load_balancers),
+                "services.nodeports": str(quota.node_ports),
+                "persistentvolumeclaims": str(quota.persistent_volume_claims),
+                "requests.storage": quota.storage,
+                # Node disk: the LimitRange gives containers that ask for none a share of it.
+                "requests.ephemeral-storage": quota.ephemeral_storage,
+                "limits.ephemeral-storage": quota.ephemeral_storage,
+                "configmaps": str(quota.config_maps),
+                "secrets": str(quota.secrets),
+                "services": str(quota.services),
             }
         },
     }
@@ -99,6 +135,7 @@ def build_limit_range(namespace: str, env_name: str, spec: PreviewEnvironmentSpe
     """Defaults for containers that set no requests or limits, so that they fit in the quota."""
     cpu_limit = _min("500m", quota.cpu)
     memory_limit = _min("512Mi", quota.memory)
+    disk_limit = _min("1Gi", quota.ephemeral_storage)
     return {
         "apiVersion": "v1",
         "kind": "LimitRange",
@@ -107,9 +144,13 @@ def build_limit_range(namespace: str, env_name: str, spec: PreviewEnvironmentSpe
             "limits": [
                 {
                     "type": "Container",
-                    "default": {"cpu": cpu_limit, "memory": memory_limit},
-                    "defaultRequest": {"cpu": _min("100m", cpu_limit), "memory": _min("128Mi", memory_limit)},
-                    "max": {"cpu": quota.cpu, "memory": quota.memory},
+                    "default": {"cpu": cpu_limit, "memory": memory_limit, "ephemeral-storage": disk_limit},
+                    "defaultRequest": {
+                        "cpu": _min("100m", cpu_limit),
+                        "memory": _min("128Mi", memory_limit),
+                        "ephemeral-storage": _min("128Mi", disk_limit),
+                    },
+                    "max": {"cpu": quota.cpu, "memory": quota.memory, "ephemeral-storage": quota.ephemeral_storage},
                 }
             ]
         },
@@ -127,4 +168,36 @@ def build_network_policy(namespace: str, env_name: str, spec: PreviewEnvironment
             "policyTypes": ["Ingress"],
             "ingress": [{"from": [{"podSelector": {}}]}],
         },
+    }
+
+
+def build_egress_policy(
+    namespace: str, env_name: str, spec: PreviewEnvironmentSpec, settings: Settings
+) -> dict[str, Any]:
+    """Deny egress but to the environment's own pods and cluster DNS, plus what the settings allow.
+
+    Without it a preview reaches the API server, the cloud's metadata service and every other
+    namespace. (Enforced by the cluster's network plugin; one without NetworkPolicy ignores it.)
+    """
+    dns_port = [{"protocol": "UDP", "port": 53}, {"protocol": "TCP", "port": 53}]
+    rules: list[dict[str, Any]] = [
+        {"to": [{"podSelector": {}}]},
+        {
+            "to": [
+                {
+                    "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": DNS_NAMESPACE}},
+                    "podSelector": {"matchLabels": dict(DNS_POD_LABELS)},
+                }
+            ],
+            "ports": dns_port,
+        },
+    ]
+    if settings.egress_allow_cidrs:
+        rules.append({"to": [{"ipBlock": {"cidr": cidr}} for cidr in settings.egress_allow_cidrs]})
+    rules += [dict(rule) for rule in settings.egress_extra_rules]
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": _child_metadata(EGRESS_POLICY_NAME, namespace, env_name, spec),
+        "spec": {"podSelector": {}, "policyTypes": ["Egress"], "egress": rules},
     }

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -95,6 +97,22 @@ class Settings(BaseSettings):
     environment_url: str | None = Field(
         None, description="Template of an environment's URL, e.g. https://{namespace}.preview.example.com."
     )
+    # What else an environment's ResourceQuota caps (besides cpu, memory and pods).
+    quota_load_balancers: int = Field(0, ge=0, description="Services of type LoadBalancer per environment.")
+    quota_node_ports: int = Field(0, ge=0, description="Service node ports per environment.")
+    quota_persistent_volume_claims: int = Field(5, ge=0, description="PersistentVolumeClaims per environment.")
+    quota_storage: str = Field("20Gi", description="Storage requested by all of an environment's claims.")
+    quota_ephemeral_storage: str = Field("10Gi", description="Ephemeral storage of all of an environment's pods.")
+    quota_config_maps: int = Field(50, ge=1, description="ConfigMaps per environment.")
+    quota_secrets: int = Field(50, ge=0, description="Secrets per environment.")
+    quota_services: int = Field(20, ge=0, description="Services per environment.")
+    # Egress of an environment's pods: DNS and the namespace itself always, and these.
+    egress_allow_cidrs: list[str] = Field(
+        default_factory=list, description='CIDRs an environment may reach, as JSON: ["10.20.0.0/16"].'
+    )
+    egress_extra_rules: list[dict[str, Any]] = Field(
+        default_factory=list, description="More NetworkPolicy egress rules, as a JSON list of Kubernetes objects."
+    )
 
     # Records
     database_url: str = Field(
@@ -123,11 +141,23 @@ class Settings(BaseSettings):
         )
         if unknown:
             raise ValueError(f"unknown setting(s) {', '.join(unknown)}: see the README's configuration table")
-        for name in ("default_cpu", "default_memory", "max_cpu", "max_memory"):
+        for name in (
+            "default_cpu",
+            "default_memory",
+            "max_cpu",
+            "max_memory",
+            "quota_storage",
+            "quota_ephemeral_storage",
+        ):
             try:
                 parse_quantity(getattr(self, name))
             except ValueError as err:
                 raise ValueError(f"EPHEMERA_{name.upper()}: {err}") from err
+        for cidr in self.egress_allow_cidrs:
+            try:
+                ipaddress.ip_network(cidr, strict=True)
+            except ValueError as err:
+                raise ValueError(f"EPHEMERA_EGRESS_ALLOW_CIDRS: {err} (write a network, e.g. 10.20.0.0/16)") from err
         if self.soft_time_limit > self.hard_time_limit:
             raise ValueError("EPHEMERA_SOFT_TIME_LIMIT must not exceed EPHEMERA_HARD_TIME_LIMIT")
         return self

@@ -312,6 +312,7 @@ class Environments:
             children.build_resource_quota(namespace, env.name, env.spec, quota),
             children.build_limit_range(namespace, env.name, env.spec, quota),
             children.build_network_policy(namespace, env.name, env.spec),
+            children.build_egress_policy(namespace, env.name, env.spec, self.settings),
         ]
         for child in wanted:
             if self.kube.create_child(child) or fresh:

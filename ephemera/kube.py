@@ -17,7 +17,7 @@ import urllib3
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
-from ephemera.models import GROUP, PLURAL, VERSION
+from ephemera.models import GROUP, PLURAL, TEMPLATE_PLURAL, VERSION
 
 Obj = dict[str, Any]
 P = ParamSpec("P")
@@ -79,7 +79,9 @@ CHILD_PATHS = {
     "NetworkPolicy": "/apis/networking.k8s.io/v1/namespaces/{namespace}/networkpolicies",
 }
 ENVIRONMENTS = f"/apis/{GROUP}/{VERSION}/{PLURAL}"
+TEMPLATES = f"/apis/{GROUP}/{VERSION}/{TEMPLATE_PLURAL}"
 MERGE_PATCH = "application/merge-patch+json"
+APPLY_PATCH = "application/apply-patch+yaml"  # JSON is YAML: bodies are sent as JSON
 PAGE_SIZE = 500  # items a list reads at a time
 # Lists of metadata only (no spec or status), and the fields of a namespace the operator reads.
 METADATA = "application/json;as=PartialObjectMetadataList;v=v1;g=meta.k8s.io,application/json"
@@ -268,6 +270,50 @@ class Kube:
                 return
             raise _wrap(err, f"deleting PreviewEnvironment {name}") from err
 
+    # Objects a template renders into a preview namespace --------------------------------------------
+
+    def served_kinds(self, api_version: str) -> dict[str, tuple[str, bool]] | None:
+        """The kinds served under `api_version`, each as (plural, namespaced); None if it is not served."""
+        path = "/api/v1" if api_version == "v1" else f"/apis/{api_version}"
+        found = self._get(path, f"the API {api_version}")
+        if found is None:
+            return None
+        resources = found.get("resources") or []
+        return {r["kind"]: (r["name"], bool(r.get("namespaced"))) for r in resources if "/" not in r["name"]}
+
+    @staticmethod
+    def _objects_path(api_version: str, plural: str, namespace: str) -> str:
+        base = "/api/v1" if api_version == "v1" else f"/apis/{api_version}"
+        return f"{base}/namespaces/{namespace}/{plural}"
+
+    def apply_object(self, body: Obj, plural: str, field_manager: str) -> Obj:
+        """Server-side apply of one namespaced object, taking over fields other managers hold."""
+        meta = body["metadata"]
+        path = f"{self._objects_path(body['apiVersion'], plural, meta['namespace'])}/{meta['name']}"
+        query = [("fieldManager", field_manager), ("force", "true")]
+        try:
+            return self._request("PATCH", path, body=body, query=query, content_type=APPLY_PATCH)
+        except ApiException as err:
+            raise _wrap(err, f"applying {body['kind']} {meta['name']}") from err
+
+    def delete_object(self, api_version: str, plural: str, namespace: str, name: str) -> None:
+        """Delete one namespaced object (its dependents in the background); a missing one is fine."""
+        path = f"{self._objects_path(api_version, plural, namespace)}/{name}"
+        try:
+            self._request("DELETE", path, body={"propagationPolicy": "Background"})
+        except ApiException as err:
+            if err.status == 404:
+                return
+            raise _wrap(err, f"deleting {plural} {namespace}/{name}") from err
+
+    def list_objects(self, api_version: str, plural: str, namespace: str) -> list[Obj]:
+        """Every object of one kind in a namespace."""
+        return list(self._pages(self._objects_path(api_version, plural, namespace), f"{plural} in {namespace}"))
+
+    def list_templates(self) -> Iterator[Obj]:
+        """Every PreviewTemplate."""
+        return self._pages(TEMPLATES, "PreviewTemplates")
+
     # ConfigMaps (the webhook's closed-PR records, in its own namespace) ----------------------------
 
     def get_config_map(self, namespace: str, name: str) -> Obj | None:
@@ -325,10 +371,12 @@ class Kube:
     # Namespace contents (for reporting what blocks a deletion) -------------------------------------
 
     def namespace_blockers(self, namespace: str) -> list[str]:
-        """A short list of what still lives in a terminating namespace, as `Kind/name`."""
+        """A short list of Ephemera's own objects still in a terminating namespace, as `Kind/name`.
+
+        Not pods: the operator may not read pods at all (RBAC cannot limit that to its namespaces),
+        and the namespace's status conditions already count what else remains."""
         found: list[str] = []
         kinds = {kind: self._child_path(kind, namespace) for kind in CHILD_PATHS}
-        kinds["Pod"] = f"/api/v1/namespaces/{namespace}/pods"
         for kind, path in kinds.items():
             try:
                 data = self._request("GET", path)

@@ -15,6 +15,8 @@ VERSION = "v1alpha1"
 PLURAL = "previewenvironments"
 KIND = "PreviewEnvironment"
 API_VERSION = f"{GROUP}/{VERSION}"
+TEMPLATE_KIND = "PreviewTemplate"
+TEMPLATE_PLURAL = "previewtemplates"
 
 # GitHub and GitHub Enterprise owners: letters, digits and hyphens (legacy accounts may have a
 # hyphen at the end or two in a row), and for Enterprise Managed Users `_` and the enterprise's short
@@ -65,6 +67,7 @@ class PreviewEnvironmentSpec(BaseModel):
     branch: str = Field(min_length=1, max_length=255)
     installation_id: int | None = Field(None, alias="installationId", ge=1, strict=True)
     author: str | None = Field(None, max_length=39)
+    title: str | None = Field(None, max_length=1024)
     resources: Resources = Field(default_factory=Resources)
 
     def to_k8s(self) -> dict[str, Any]:
@@ -109,6 +112,8 @@ class PreviewEnvironmentStatus(BaseModel):
     retries: int | None = None
     retry_request: str | None = Field(None, alias="retryRequest")
     url: str | None = None
+    template: dict[str, Any] | None = None
+    inventory: list[dict[str, str]] | None = None
     reported: dict[str, Any] | None = None
     conditions: list[Condition] = Field(default_factory=list)
 

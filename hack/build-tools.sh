@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Build the local control plane (etcd, kube-apiserver, kube-controller-manager, kubectl) and helm
-# from Go modules, once per version, into a cache outside the checkout.
+# Build the local control plane (etcd, kube-apiserver, kube-controller-manager, kube-scheduler,
+# kubectl), kwok (a simulated kubelet) and helm from Go modules, once per version, into a cache
+# outside the checkout.
 #
 # Usage: hack/build-tools.sh            build whatever is missing, print the bin directory
 #        hack/build-tools.sh --print    print the bin directory only (no build)
@@ -49,25 +50,41 @@ binname() {
   echo "$name"
 }
 
+# Each build records its -ldflags in $bindir/.NAME.ldflags, and a binary built with other flags
+# than today's is built again. A binary without a record counts as current, except for the tools
+# named in STAMP_REQUIRED, whose flags changed after caches were first filled (helm was built
+# without Helm's own version flags, so it assumed Kubernetes v1.20.0).
+STAMP_REQUIRED=" helm "
 build() {
   local name="$1" module="$2"; shift 2
   local ldflags="$1"; shift
-  local missing=()
+  local stamp="$bindir/.$name.ldflags" current=1 missing=()
+  if [[ -f "$stamp" ]]; then
+    [[ "$(cat "$stamp")" == "$ldflags" ]] || current=0
+  elif [[ "$STAMP_REQUIRED" == *" $name "* ]]; then
+    current=0
+  fi
   for pkg in "$@"; do
-    [[ -x "$bindir/$(binname "$pkg")" ]] || missing+=("$pkg")
+    if [[ $current -eq 0 || ! -x "$bindir/$(binname "$pkg")" ]]; then
+      missing+=("$pkg")
+    fi
   done
   [[ ${#missing[@]} -eq 0 ]] && return 0
   log "building $name; a cold build takes many minutes"
-  local start=$SECONDS dir
+  local start=$SECONDS dir out
   dir="$(workdir "$module")"
-  mkdir -p "$bindir.tmp"
-  (cd "$dir" && go build -v -ldflags "$ldflags" -o "$bindir.tmp/" "${missing[@]}") 2>&1 | progress "$name"
+  # A scratch output folder of this build's own, so that a build beside it never moves its files.
+  mkdir -p "$(dirname "$bindir")"
+  out="$(mktemp -d "$bindir.tmp.XXXXXX")"
+  (cd "$dir" && go build -v -ldflags "$ldflags" -o "$out/" "${missing[@]}") 2>&1 | progress "$name"
   local rc=${PIPESTATUS[0]}
   rm -rf "$dir"
-  [[ $rc -eq 0 ]] || { log "build of $name failed"; exit "$rc"; }
+  [[ $rc -eq 0 ]] || { rm -rf "$out"; log "build of $name failed"; exit "$rc"; }
   mkdir -p "$bindir"
-  mv "$bindir.tmp"/* "$bindir/"
-  rmdir "$bindir.tmp"
+  mv "$out"/* "$bindir/"
+  rmdir "$out"
+  printf '%s
+' "$ldflags" > "$stamp"
   log "$name built in $((SECONDS - start)) s"
 }
 
@@ -82,10 +99,45 @@ if [[ ! -x "$bindir/etcd" ]]; then
   build etcd etcd "-s -w" go.etcd.io/etcd/server/v3
   mv "$bindir/server" "$bindir/etcd"
 fi
-build helm helm "-s -w -X helm.sh/helm/v3/internal/version.version=$HELM_VERSION" helm.sh/helm/v3/cmd/helm
+# Stamped as Helm's own Makefile stamps a release (v3.22): the version, an empty build metadata
+# (a tagged build), a clean tree, and the default Kubernetes version of `helm template` and
+# `helm lint` from the client-go it is built with (v0.N -> v1.N). Without the last two it assumes
+# Kubernetes v1.20.0 and refuses charts that need newer. The git commit is left out: a module
+# download carries none.
+client_go="$(awk '$1 == "k8s.io/client-go" { print $2 }' "$here/tools/helm/go.mod")"
+[[ "$client_go" =~ ^v0\.[0-9]+\. ]] || { log "no k8s.io/client-go v0.N in hack/tools/helm/go.mod"; exit 1; }
+client_go="${client_go#v}"
+helm_k8s_major=$(( ${client_go%%.*} + 1 ))
+helm_k8s_minor="${client_go#*.}"; helm_k8s_minor="${helm_k8s_minor%%.*}"
+helm_ldflags="-s -w"
+helm_ldflags+=" -X helm.sh/helm/v3/internal/version.version=$HELM_VERSION"
+helm_ldflags+=" -X helm.sh/helm/v3/internal/version.metadata="
+helm_ldflags+=" -X helm.sh/helm/v3/internal/version.gitTreeState=clean"
+for pkg in helm.sh/helm/v3/pkg/lint/rules helm.sh/helm/v3/pkg/chartutil; do
+  helm_ldflags+=" -X $pkg.k8sVersionMajor=$helm_k8s_major -X $pkg.k8sVersionMinor=$helm_k8s_minor"
+done
+build helm helm "$helm_ldflags" helm.sh/helm/v3/cmd/helm
 build kubernetes kubernetes "$k8s_ldflags" \
   k8s.io/kubernetes/cmd/kube-apiserver \
   k8s.io/kubernetes/cmd/kube-controller-manager \
+  k8s.io/kubernetes/cmd/kube-scheduler \
   k8s.io/kubernetes/cmd/kubectl
+
+# kwok plays the kubelet: it marks scheduled pods Running and Ready through its Stage resources. Its
+# own stages for nodes and pods are data in its module; they are read from Go's module cache here,
+# next to the binary, at the version built (the project's own stages are in hack/kwok/).
+if [[ ! -x "$bindir/kwok" || "$(cat "$bindir/kwok.version" 2>/dev/null)" != "$KWOK_VERSION" ]]; then
+  rm -f "$bindir/kwok"
+  build kwok kwok "-s -w" sigs.k8s.io/kwok/cmd/kwok
+  dir="$(workdir kwok)"
+  src="$(cd "$dir" && go list -m -f '{{.Dir}}' sigs.k8s.io/kwok)/kustomize/stage"
+  rm -rf "$dir" "$bindir/kwok-stages"
+  mkdir -p "$bindir/kwok-stages"
+  for stage in node/fast/node-initialize node/heartbeat/node-heartbeat pod/fast/pod-ready pod/fast/pod-complete \
+               pod/fast/pod-delete; do
+    cp "$src/$stage.yaml" "$bindir/kwok-stages/"
+  done
+  echo "$KWOK_VERSION" > "$bindir/kwok.version"
+fi
 
 echo "$bindir"

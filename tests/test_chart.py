@@ -89,6 +89,33 @@ def test_chart_crds_are_the_top_level_crds() -> None:
         assert filecmp.cmp(REPO_ROOT / "crds" / name, CHART / "crds" / name, shallow=False), name
 
 
+def pinned(name: str, path: Path) -> str:
+    """A version pinned in hack/tools: `NAME=value` in versions.env, or `module version` in a go.mod."""
+    for line in path.read_text().splitlines():
+        words = line.replace("=", " ").split()
+        if len(words) >= 2 and words[0] == name:
+            return words[1]
+    raise AssertionError(f"{name} is not pinned in {path}")
+
+
+def test_helm_is_stamped_like_a_release_build(control_plane: ControlPlane, tmp_path: Path) -> None:
+    """Built without Helm's version flags, helm assumed Kubernetes v1.20.0 and refused this chart."""
+    # The chart renders without --kube-version, as a user's `helm template` would.
+    result = helm(control_plane, "template", RELEASE, str(CHART), check=False)
+    assert result.returncode == 0, result.stderr
+    assert "Deployment" in result.stdout
+    # Its default Kubernetes version is that of the client-go it is built with (v0.N -> v1.N).
+    tools = REPO_ROOT / "hack" / "tools"
+    minor = pinned("k8s.io/client-go", tools / "helm" / "go.mod").split(".")[1]
+    probe = tmp_path / "probe"
+    (probe / "templates").mkdir(parents=True)
+    (probe / "Chart.yaml").write_text("apiVersion: v2\nname: probe\nversion: 0.1.0\n")
+    (probe / "templates" / "version.yaml").write_text("# {{ .Capabilities.KubeVersion.Version }}\n")
+    assert f"# v1.{minor}.0" in helm(control_plane, "template", str(probe)).stdout
+    version = helm(control_plane, "version", "--template", "{{.Version}} {{.GitTreeState}}").stdout
+    assert version == f"{pinned('HELM_VERSION', tools / 'versions.env')} clean"
+
+
 def test_helm_lint_is_clean(control_plane: ControlPlane) -> None:
     result = helm(control_plane, "lint", str(CHART), "--strict", check=False)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -163,6 +190,16 @@ def test_plain_manifests_are_rendered_from_the_chart(tmp_path: Path) -> None:
     subprocess.run(["bash", str(REPO_ROOT / "hack" / "render-manifests.sh"), str(fresh)], check=True, timeout=120)
     committed = REPO_ROOT / "deploy" / "manifests" / "ephemera.yaml"
     assert fresh.read_text() == committed.read_text(), "run `make manifests` and commit the result"
+
+
+def test_the_kustomization_keeps_the_events_role_in_default(kubectl: Kubectl) -> None:
+    """`kubectl apply -k deploy/` puts the release in `ephemera`; Events of cluster-scoped objects live in `default`."""
+    built = kubectl.run("kustomize", str(REPO_ROOT / "deploy")).stdout
+    where = {f"{d['kind']}/{d['metadata']['name']}": d["metadata"].get("namespace") for d in yaml.safe_load_all(built)}
+    assert where["Role/ephemera-operator-events"] == "default"
+    assert where["RoleBinding/ephemera-operator-events"] == "default"
+    assert where["Deployment/ephemera-operator"] == "ephemera"
+    assert where["ServiceAccount/ephemera-operator"] == "ephemera"
 
 
 @pytest.fixture(scope="module")

@@ -80,7 +80,7 @@ def test_create_reaches_ready_with_every_child(operator: Process, kubectl: Kubec
     assert quota["spec"]["hard"]["limits.cpu"] == "2"
     assert quota["spec"]["hard"]["pods"] == "20"
     limits = kubectl.json("-n", namespace, "get", "limitrange", "ephemera-limits")
-    assert limits["spec"]["limits"][0]["default"] == {"cpu": "500m", "memory": "512Mi"}
+    assert limits["spec"]["limits"][0]["default"] == {"cpu": "500m", "memory": "512Mi", "ephemeral-storage": "1Gi"}
     policy = kubectl.json("-n", namespace, "get", "networkpolicy", "ephemera-isolation")
     assert policy["spec"]["policyTypes"] == ["Ingress"]
     assert policy["spec"]["ingress"] == [{"from": [{"podSelector": {}}]}]
@@ -203,7 +203,7 @@ def test_sigkill_mid_provision_converges_without_duplicates(operator: Process, k
         wait_phase(kubectl, n, "Ready", timeout=120)
     for i in range(len(names)):
         namespace = environment_name("octo-org/shop", 200 + i)
-        assert _children_of(kubectl, namespace) == [1, 1, 1]
+        assert _children_of(kubectl, namespace) == [1, 1, 2]  # network policies: ingress and egress
     namespaces = kubectl.json("get", "namespaces", "-l", f"{MANAGED_BY_LABEL}=ephemera")["items"]
     # One namespace per object (other tests' namespaces, such as hand-made spoofs, do not count).
     owners = [

@@ -1,8 +1,13 @@
-"""A real local Kubernetes control plane: etcd, kube-apiserver and kube-controller-manager on loopback.
+"""A real local Kubernetes control plane on loopback: etcd, kube-apiserver, kube-controller-manager,
+kube-scheduler, and kwok playing the kubelet of a few fake nodes, so that workloads really roll out.
 
 Used by `make cluster`, `make run` and the test suite. The binaries come from `hack/build-tools.sh`
 (built once per version into a cache outside the checkout); certificates are generated here; ports
 are chosen free at start, so that several control planes can run side by side.
+
+No container runs: kwok marks the pods that the scheduler bound to its nodes Running and Ready, and
+Jobs' pods Succeeded. A pod labelled `ephemera.dev/simulate` = `crash-loop`, `image-pull` or `fail`
+gets that failure instead (the Stages in hack/kwok/simulate.yaml).
 
     python -m ephemera.devtools.controlplane up STATE_DIR     start, write STATE_DIR/kubeconfig
     python -m ephemera.devtools.controlplane down STATE_DIR   stop what `up` started
@@ -36,6 +41,11 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SERVICE_CIDR = "10.0.0.0/24"
+POD_CIDR = "10.244.0.0/16"
+NODES = 2  # fake nodes kwok plays the kubelet of
+KWOK_STAGES = REPO_ROOT / "hack" / "kwok" / "simulate.yaml"
+# Stops in this order: the clients of the API server first, etcd last.
+PROCESSES = ("kwok", "kube-scheduler", "kube-controller-manager", "kube-apiserver", "etcd")
 CONTROLLERS = ",".join(
     [
         "namespace-controller",
@@ -45,6 +55,16 @@ CONTROLLERS = ",".join(
         "serviceaccount-token-controller",
         "clusterrole-aggregation-controller",
         "root-ca-certificate-publisher-controller",
+        # Workloads: Deployments roll out through ReplicaSets, Jobs run, Services get endpoints, and
+        # the node-lifecycle controller lifts the not-ready taint from new nodes.
+        "deployment-controller",
+        "replicaset-controller",
+        "statefulset-controller",
+        "daemonset-controller",
+        "job-controller",
+        "endpointslice-controller",
+        "node-lifecycle-controller",
+        "pod-garbage-collector-controller",
     ]
 )
 
@@ -165,6 +185,7 @@ def generate_pki(pki: Path) -> None:
     clients = {
         "admin": _name("ephemera-admin", "system:masters"),
         "controller-manager": _name("system:kube-controller-manager"),
+        "scheduler": _name("system:kube-scheduler"),
     }
     for name, subject in clients.items():
         key = _key()
@@ -319,7 +340,48 @@ class ControlPlane:
                 "--v=0",
             ],
         )
+        self._start_workloads()
         (self.state_dir / "server").write_text(self.server)
+
+    def _start_workloads(self) -> None:
+        """kube-scheduler, kwok and its fake nodes: pods are bound and marked Running as on real nodes."""
+        scheduler_kubeconfig = self.state_dir / "scheduler.kubeconfig"
+        write_kubeconfig(scheduler_kubeconfig, self.server, self.pki, "scheduler")
+        self._spawn(
+            "kube-scheduler",
+            [
+                "kube-scheduler",
+                f"--kubeconfig={scheduler_kubeconfig}",
+                f"--authentication-kubeconfig={scheduler_kubeconfig}",
+                f"--authorization-kubeconfig={scheduler_kubeconfig}",
+                "--leader-elect=false",
+                "--bind-address=127.0.0.1",
+                f"--secure-port={free_port()}",
+                "--v=0",
+            ],
+        )
+        stages = sorted((self.bin_dir / "kwok-stages").glob("*.yaml"))
+        config = self.state_dir / "kwok.yaml"
+        config.write_text(json.dumps(KWOK_OPTIONS) + "\n")
+        self._spawn(
+            "kwok",
+            [
+                "kwok",
+                f"--kubeconfig={self.kubeconfig}",
+                *(f"--config={path}" for path in [config, *stages, KWOK_STAGES]),
+            ],
+        )
+        for index in range(NODES):
+            self.api("POST", "/api/v1/nodes", fake_node(f"kwok-node-{index}"))
+
+    def api(self, method: str, path: str, body: object | None = None) -> object:
+        """One request to the API server as the admin; the decoded answer."""
+        data = None if body is None else json.dumps(body).encode()
+        request = urllib.request.Request(
+            f"{self.server}{path}", data=data, method=method, headers={"Content-Type": "application/json"}
+        )
+        with urllib.request.urlopen(request, context=self._ssl_context(), timeout=10) as answer:
+            return json.loads(answer.read() or b"{}")
 
     def _ssl_context(self) -> ssl.SSLContext:
         ctx = ssl.create_default_context(cafile=str(self.pki / "ca.crt"))
@@ -364,6 +426,42 @@ class ControlPlane:
         self.wait_ready(timeout)
 
 
+# kwok's options: it manages the nodes carrying the annotation, allocates pod IPs from POD_CIDR, and
+# serves nothing (no port of its own).
+KWOK_OPTIONS = {
+    "apiVersion": "config.kwok.x-k8s.io/v1alpha1",
+    "kind": "KwokConfiguration",
+    "options": {
+        "cidr": POD_CIDR,
+        "nodeIP": "10.243.0.1",
+        "nodePort": 0,
+        "manageAllNodes": False,
+        "manageNodesWithAnnotationSelector": "kwok.x-k8s.io/node=fake",
+        "podPlayStageParallelism": 8,
+        "nodePlayStageParallelism": 2,
+        "nodeLeaseParallelism": 2,
+        "podsOnNodeSyncParallelism": 2,
+        "nodeLeaseDurationSeconds": 40,
+        "enablePodsOnNodeSyncListPager": False,
+        "enablePodsOnNodeSyncStreamWatch": True,
+    },
+}
+
+
+def fake_node(name: str) -> dict[str, object]:
+    """A Node for kwok to play: big enough that quotas, never the node, limit what runs."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Node",
+        "metadata": {
+            "name": name,
+            "annotations": {"kwok.x-k8s.io/node": "fake", "node.alpha.kubernetes.io/ttl": "0"},
+            "labels": {"kubernetes.io/hostname": name, "kubernetes.io/os": "linux", "type": "kwok"},
+        },
+        "status": {"allocatable": {"cpu": "64", "memory": "256Gi", "pods": "500"}},
+    }
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -377,8 +475,8 @@ def _alive(pid: int) -> bool:
 
 
 def stop_state_dir(state_dir: Path, grace: float = 15.0) -> None:
-    """Stop every process recorded in `state_dir`, controller manager first, etcd last."""
-    for name in ("kube-controller-manager", "kube-apiserver", "etcd"):
+    """Stop every process recorded in `state_dir`: the API server's clients first, etcd last."""
+    for name in PROCESSES:
         pid_file = state_dir / f"{name}.pid"
         if not pid_file.exists():
             continue

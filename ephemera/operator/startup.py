@@ -8,6 +8,7 @@ from collections.abc import Callable
 from typing import Any, cast
 
 import kopf
+import kubernetes
 
 from ephemera.config import Settings, get_settings
 from ephemera.environments import Environments
@@ -102,6 +103,32 @@ def event_poster(kube: Kube) -> Callable[[dict[str, Any], str, str, str], None]:
                 logging.getLogger(__name__).warning("could not post an Event: %s", err)
 
     return post
+
+
+@kopf.on.login(id="login")
+def login(*, logger: kopf.Logger, settings: kopf.OperatorSettings, **kwargs: Any) -> kopf.ConnectionInfo | None:
+    """kopf's own connection: EPHEMERA_KUBECONFIG when it is set, as for the operator's client (kopf
+    alone would read only KUBECONFIG, so the two could talk to different clusters); else kopf's
+    usual in-cluster config, then the default kubeconfig."""
+    path = get_settings().kubeconfig
+    if path is None:
+        return kopf.login_via_client(logger=logger, settings=settings, **kwargs)
+    configuration = kubernetes.client.Configuration()
+    kubernetes.config.load_kube_config(config_file=str(path), client_configuration=configuration)
+    header = configuration.get_api_key_with_prefix("BearerToken") or configuration.get_api_key_with_prefix(
+        "authorization"
+    )
+    scheme, _, token = (header or "").rpartition(" ")
+    return kopf.ConnectionInfo(
+        server=configuration.host,
+        ca_path=configuration.ssl_ca_cert,
+        insecure=not configuration.verify_ssl,
+        scheme=scheme or None,
+        token=token or None,
+        certificate_path=configuration.cert_file,
+        private_key_path=configuration.key_file,
+        trust_env=settings.networking.trust_env,
+    )
 
 
 @kopf.on.cleanup()

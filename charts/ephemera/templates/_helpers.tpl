@@ -40,7 +40,7 @@ app.kubernetes.io/instance: {{ .Release.Name }}
   value: {{ .Values.config.namespacePrefix | quote }}
 {{- range $name, $value := .Values.config.extraEnv }}
 - name: {{ $name }}
-  value: {{ $value | quote }}
+  value: {{ include "ephemera.envValue" $value }}
 {{- end }}
 {{- end -}}
 
@@ -60,4 +60,18 @@ securityContext:
   readOnlyRootFilesystem: true
   capabilities:
     drop: ["ALL"]
+{{- end -}}
+
+
+{{/*
+An environment variable's value, quoted. YAML numbers reach templates as float64, which print in
+exponent form from 7 digits on ("1.048576e+07"), and the settings refuse that for an integer: whole
+numbers are rendered as integers. Strings (an app id given as "0123") are kept as they are.
+*/}}
+{{- define "ephemera.envValue" -}}
+{{- if and (kindIs "float64" .) (eq (floor .) .) -}}
+{{ int64 . | toString | quote }}
+{{- else -}}
+{{ . | toString | quote }}
+{{- end -}}
 {{- end -}}

@@ -215,3 +215,5 @@ tool k8s.io/kubernetes/cmd/kube-apiserver
 tool k8s.io/kubernetes/cmd/kube-controller-manager
 
 tool k8s.io/kubernetes/cmd/kubectl
+
+tool k8s.io/kubernetes/cmd/kube-scheduler
