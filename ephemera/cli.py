@@ -6,7 +6,9 @@ import argparse
 import asyncio
 import datetime
 import json
+import os
 import secrets
+import socket
 import sys
 from typing import Any
 
@@ -35,11 +37,16 @@ def run_operator(args: argparse.Namespace) -> int:
     priority = settings.peering_priority
     if priority is None:
         priority = secrets.randbelow(1_000_000) + 1
+    # Chosen here rather than by kopf, so that the operator-wide jobs can find this replica's own
+    # entry in the peering object (timers.is_active). POD_ID wins, as in kopf.
+    identity = os.environ.get("POD_ID") or f"ephemera@{socket.gethostname()}/{secrets.token_hex(4)}"
     kopf.run(
         clusterwide=True,
         standalone=settings.peering is None,
         peering_name=settings.peering,
         priority=priority,
+        identity=identity,  # type: ignore[arg-type]  # kopf's Identity is a NewType of str, not exported
+        memo=kopf.Memo(identity=identity),
     )
     return 0
 

@@ -17,7 +17,7 @@ from ephemera import children
 from ephemera.config import Settings
 from ephemera.kube import Kube, KubeError, Obj
 from ephemera.models import API_VERSION, KIND, Phase, PreviewEnvironmentSpec, PreviewEnvironmentStatus, now_iso
-from ephemera.naming import MANAGED_BY, MANAGED_BY_LABEL, OWNER_UID_ANNOTATION, environment_name
+from ephemera.naming import MANAGED_BY, MANAGED_BY_LABEL, OWNER_UID_ANNOTATION, environment_names
 from ephemera.quantity import parse_quantity
 from ephemera.transitions import Transition, Transitions
 
@@ -109,7 +109,18 @@ class Environment:
         return {"apiVersion": API_VERSION, "kind": KIND, "metadata": {"name": self.name, "uid": self.uid}}
 
     def namespace(self, prefix: str) -> str:
-        return environment_name(self.spec.repository, self.spec.pull_request, prefix)
+        """The namespace the environment uses: the one its status names when that is one of its PR's
+        names (an environment made before the hash grew keeps its 8-hex one), else the current name."""
+        names = environment_names(self.spec.repository, self.spec.pull_request, prefix)
+        return self.status.namespace if self.status.namespace in names else names[0]
+
+    def namespaces(self, prefix: str) -> list[str]:
+        """Every namespace a teardown looks for: the one in use, and the PR's other names (an
+        environment whose first provision stopped before its status named the namespace may hold
+        one under the legacy name). Each is deleted only if it is this object's own."""
+        found = [self.status.namespace] if self.status.namespace else []
+        found += environment_names(self.spec.repository, self.spec.pull_request, prefix)
+        return list(dict.fromkeys(found))
 
 
 def _same(desired: Any, actual: Any) -> bool:
@@ -132,11 +143,14 @@ def _same(desired: Any, actual: Any) -> bool:
 
 @dataclass(frozen=True)
 class Terminating:
-    """A namespace deleted by a teardown and not gone yet."""
+    """The namespaces (name and uid) deleted by a teardown and not gone yet."""
 
     env: Environment
-    namespace: str
-    uid: str
+    namespaces: tuple[tuple[str, str], ...]
+
+    @property
+    def names(self) -> str:
+        return ", ".join(name for name, _ in self.namespaces)
 
 
 # Posts a Kubernetes Event about an object: (object reference, type, reason, message).
@@ -286,11 +300,13 @@ class Environments:
             existing = self.kube.get_namespace(namespace)
             if existing is None:  # deleted between the two calls
                 raise TemporaryFailure("NamespaceRace", f"namespace {namespace} vanished while checked", delay=1)
-            labels = existing["metadata"].get("labels") or {}
-            if existing["metadata"].get("deletionTimestamp") and labels.get(MANAGED_BY_LABEL) == MANAGED_BY:
+            if existing["metadata"].get("deletionTimestamp"):
+                # Whoever made it, it is going: the name is free once it is gone, so this is a wait,
+                # never a conflict (the ownership check below would call it one for good).
                 raise TemporaryFailure(
                     "NamespaceTerminating",
-                    f"Namespace {namespace} is still terminating from an earlier environment; waiting",
+                    f"Namespace {namespace} is still terminating (from an earlier environment or someone "
+                    "else's); waiting for it to be gone",
                     delay=2,
                     backoff=False,
                 )
@@ -328,34 +344,40 @@ class Environments:
         return notes
 
     def destroy(self, env: Environment, logger: logging.Logger | logging.LoggerAdapter[Any]) -> Terminating | None:
-        """Delete the environment's namespace (only if ours). None once nothing is left (the end is
-        announced); else the namespace still terminating, for the caller to wait on and `finish`."""
-        if env.status.phase is not Phase.DESTROYING:
-            env = self.transition(env, Phase.DESTROYING, "Destroying", "Deleting the environment's namespace")
-        namespace = env.status.namespace or env.namespace(self.settings.namespace_prefix)
+        """Delete the environment's namespaces (only its own). None once nothing is left (the end is
+        announced); else the namespaces still terminating, for the caller to wait on and `finish`.
+
+        Every failure is temporary here: the finalizer must not go before the teardown has run."""
         try:
-            existing = self.kube.get_namespace(namespace)
-            if existing is None:
-                self.destroyed(env)
-                return None
-            if not self.owns(env, existing):
-                logger.info("Namespace %s is not ours; left untouched", namespace)
-                self.destroyed(env)
-                return None
-            if not existing["metadata"].get("deletionTimestamp"):
-                self.kube.delete_namespace(namespace, existing["metadata"]["uid"])
+            if env.status.phase is not Phase.DESTROYING:
+                env = self.transition(env, Phase.DESTROYING, "Destroying", "Deleting the environment's namespace")
+            left: list[tuple[str, str]] = []
+            for namespace in env.namespaces(self.settings.namespace_prefix):
+                existing = self.kube.get_namespace(namespace)
+                if existing is None:
+                    continue
+                if not self.owns(env, existing):
+                    logger.info("Namespace %s is not ours; left untouched", namespace)
+                    continue
+                if not existing["metadata"].get("deletionTimestamp"):
+                    self.kube.delete_namespace(namespace, existing["metadata"]["uid"])
+                left.append((namespace, existing["metadata"]["uid"]))
         except KubeError as err:
             raise TemporaryFailure("KubernetesError", f"{err}; retrying") from err
-        return Terminating(env, namespace, existing["metadata"]["uid"])
+        if not left:
+            self.destroyed(env)
+            return None
+        return Terminating(env, tuple(left))
 
     def finish(self, terminating: Terminating) -> bool:
-        """Whether the namespace is gone now (the end is announced then)."""
-        try:
-            existing = self.kube.get_namespace(terminating.namespace)
-        except KubeError as err:
-            raise TemporaryFailure("KubernetesError", f"{err}; retrying") from err
-        if existing is not None and existing["metadata"]["uid"] == terminating.uid:
-            return False
+        """Whether the namespaces are gone now (the end is announced then)."""
+        for namespace, uid in terminating.namespaces:
+            try:
+                existing = self.kube.get_namespace(namespace)
+            except KubeError as err:
+                raise TemporaryFailure("KubernetesError", f"{err}; retrying") from err
+            if existing is not None and existing["metadata"]["uid"] == uid:
+                return False
         self.destroyed(terminating.env)
         return True
 
@@ -371,6 +393,23 @@ class Environments:
                 status=env.status.model_dump(by_alias=True, exclude_none=True),
             )
         )
+
+    def report_stuck(
+        self, env: Environment, namespaces: list[str], after: float, setting: str, previous: str | None = None
+    ) -> str:
+        """Say on the object (status message, Warning Event) what keeps its namespaces from going;
+        nothing new is written when the message is `previous` (what the status already says)."""
+        why = {namespace: self.blockers(namespace) for namespace in namespaces}
+        message = "; ".join(
+            f"Namespace {namespace} is still not gone after {after:.0f} s ({setting}): {blockers}"
+            for namespace, blockers in why.items()
+            if blockers != "gone"
+        )
+        if not message or message == previous:
+            return message
+        self.kube.patch_environment_status(env.name, {"message": message, "reason": "DeletionStuck"})
+        self.recorder(env.ref(), "Warning", "DeletionStuck", message)
+        return message
 
     def blockers(self, namespace: str) -> str:
         """Why a terminating namespace is not gone yet: its finalizers and what it still holds."""

@@ -159,8 +159,9 @@ class Kube:
                 raise _wrap(err, f"listing {what}") from err
             except (urllib3.exceptions.HTTPError, OSError) as err:  # a generator: the decorator cannot see these
                 raise KubeError(f"listing {what}: Kubernetes API unreachable: {err}", status=0) from err
-            yield from data.get("items", [])
-            token = data.get("metadata", {}).get("continue")
+            # An empty list of metadata comes back as `"items": null`: no items, not an error.
+            yield from data.get("items") or []
+            token = (data.get("metadata") or {}).get("continue")
             if not token:
                 return
 
@@ -382,7 +383,7 @@ class Kube:
                 data = self._request("GET", path)
             except ApiException:
                 continue
-            found += [f"{kind}/{item['metadata']['name']}" for item in data.get("items", [])]
+            found += [f"{kind}/{item['metadata']['name']}" for item in data.get("items") or []]
         return found
 
 

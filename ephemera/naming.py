@@ -22,10 +22,17 @@ _NOT_DNS = re.compile(r"[^a-z0-9]+")
 _NOT_LABEL = re.compile(r"[^A-Za-z0-9._-]+")
 
 
-def _digest(repository: str, pull_request: int) -> str:
+# Hex digits of the name's hash. 16 (64 bits): finding another repository and PR whose name
+# matches a victim's (to take its namespace name first) would cost 2**64 hashes. Names made before
+# this had 8 (32 bits, found in minutes); objects and namespaces that carry them keep working.
+DIGEST_HEX = 16
+LEGACY_DIGEST_HEX = 8
+
+
+def _digest(repository: str, pull_request: int, length: int = DIGEST_HEX) -> str:
     # GitHub treats owner and repository names case-insensitively: so does the hash.
     key = f"{repository.lower()}#{pull_request}".encode()
-    return hashlib.sha256(key).hexdigest()[:8]
+    return hashlib.sha256(key).hexdigest()[:length]
 
 
 def environment_name(repository: str, pull_request: int, prefix: str = "pr") -> str:
@@ -34,8 +41,25 @@ def environment_name(repository: str, pull_request: int, prefix: str = "pr") -> 
     The slug makes it readable; the hash of the exact repository and PR makes it unique, since
     slugs collide (`a-b/c` and `a/b-c`) and are cut to fit 63 characters.
     """
+    return _name(repository, pull_request, prefix, DIGEST_HEX)
+
+
+def legacy_environment_name(repository: str, pull_request: int, prefix: str = "pr") -> str:
+    """The name earlier versions gave the same PR (an 8-hex hash), still used by what they made."""
+    return _name(repository, pull_request, prefix, LEGACY_DIGEST_HEX)
+
+
+def environment_names(repository: str, pull_request: int, prefix: str = "pr") -> tuple[str, str]:
+    """Every name one PR's object or namespace may have: the current one first, then the legacy one."""
+    return (
+        environment_name(repository, pull_request, prefix),
+        legacy_environment_name(repository, pull_request, prefix),
+    )
+
+
+def _name(repository: str, pull_request: int, prefix: str, digits: int) -> str:
     head = f"{prefix}-{pull_request}-"
-    tail = f"-{_digest(repository, pull_request)}"
+    tail = f"-{_digest(repository, pull_request, digits)}"
     slug = _NOT_DNS.sub("-", repository.lower()).strip("-")
     slug = slug[: max(0, MAX_NAME - len(head) - len(tail))].strip("-")
     if not slug:

@@ -15,8 +15,15 @@ from typing import Any
 from ephemera.config import Settings
 from ephemera.environments import Environment, Environments, Failure, PermanentFailure
 from ephemera.kube import KubeError, Obj
-from ephemera.models import KIND, Phase, now_iso, parse_time
-from ephemera.naming import MANAGED_BY, MANAGED_BY_LABEL, OWNER_UID_ANNOTATION
+from ephemera.models import GROUP, KIND, Phase, now_iso, parse_time
+from ephemera.naming import (
+    MANAGED_BY,
+    MANAGED_BY_LABEL,
+    OWNER_UID_ANNOTATION,
+    PR_LABEL,
+    REPOSITORY_ANNOTATION,
+    environment_names,
+)
 
 log = logging.getLogger(__name__)
 
@@ -57,11 +64,38 @@ def _age(since: str | None, now: datetime.datetime) -> float:
     return (now - then).total_seconds() if then else 0.0
 
 
+def made_by_ephemera(namespace: Obj, prefix: str) -> tuple[str, str] | None:
+    """The (name, uid) of the PreviewEnvironment that made this namespace, if it bears every mark
+    the operator puts on one: Ephemera's label, the uid annotation, a single owner reference to a
+    PreviewEnvironment with that very uid, and the name `environment_name` gives its repository
+    annotation and PR label (the current form or the legacy 8-hex one). Else None: not ours to judge."""
+    meta = namespace["metadata"]
+    labels, annotations = meta.get("labels") or {}, meta.get("annotations") or {}
+    uid = annotations.get(OWNER_UID_ANNOTATION)
+    if labels.get(MANAGED_BY_LABEL) != MANAGED_BY or not uid:
+        return None
+    refs = meta.get("ownerReferences") or []
+    if len(refs) != 1:
+        return None
+    ref = refs[0]
+    if ref.get("kind") != KIND or not str(ref.get("apiVersion", "")).startswith(f"{GROUP}/"):
+        return None
+    if ref.get("uid") != uid or not ref.get("name"):
+        return None
+    repository, pull_request = annotations.get(REPOSITORY_ANNOTATION), labels.get(PR_LABEL, "")
+    if not repository or not pull_request.isdigit():
+        return None
+    if meta.get("name") not in environment_names(repository, int(pull_request), prefix):
+        return None
+    return str(ref["name"]), str(uid)
+
+
 class Sweeper:
-    def __init__(self, service: Environments) -> None:
+    def __init__(self, service: Environments, selector: str = f"{MANAGED_BY_LABEL}={MANAGED_BY}") -> None:
         self.service = service
         self.kube = service.kube
         self.settings = service.settings
+        self.selector = selector  # the namespaces the sweep reads: Ephemera's label
 
     def sweep(self, seen: dict[str, Seen]) -> SweepReport:
         report = SweepReport()
@@ -79,7 +113,7 @@ class Sweeper:
             except (KubeError, Failure) as err:
                 log.warning("sweep of %s failed: %s", name, err)
         try:
-            namespaces = self.kube.list_namespaces(f"{MANAGED_BY_LABEL}={MANAGED_BY}")
+            namespaces = self.kube.list_namespaces(self.selector)
         except KubeError as err:
             log.warning("sweep could not list namespaces: %s", err)
             return report
@@ -131,10 +165,7 @@ class Sweeper:
         if existing is None or not self.service.owns(env, existing):
             return 0
         self.kube.delete_namespace(namespace, existing["metadata"]["uid"])
-        why = self.service.blockers(namespace)
-        message = f"Namespace {namespace} is still not gone after {self.settings.stale_threshold:.0f} s: {why}"
-        self.kube.patch_environment_status(env.name, {"message": message, "reason": "DeletionStuck"})
-        self.service.recorder(env.ref(), "Warning", "DeletionStuck", message)
+        self.service.report_stuck(env, [namespace], self.settings.stale_threshold, "EPHEMERA_STALE_THRESHOLD")
         return 1
 
     def _recreate_missing(self, seen: dict[str, Seen], namespaces: dict[str, Obj]) -> int:
@@ -162,22 +193,33 @@ class Sweeper:
         return recreated
 
     def _delete_orphans(self, seen: dict[str, Seen], namespaces: list[Obj], now: datetime.datetime) -> int:
-        """Delete namespaces labelled and marked as Ephemera's whose PreviewEnvironment is gone."""
+        """Delete the namespaces Ephemera made (every mark of `made_by_ephemera`) whose PreviewEnvironment
+        the API confirms is gone; any doubt (a failed lookup) leaves them for the next sweep."""
         known = {item.uid for item in seen.values()}
+        listed: set[str] | None = None  # uids of every PreviewEnvironment, read once if a lookup needs it
         deleted = 0
         for ns in namespaces:
             meta = ns["metadata"]
-            owner_uid = (meta.get("annotations") or {}).get(OWNER_UID_ANNOTATION)
-            if not owner_uid or owner_uid in known or meta.get("deletionTimestamp"):
-                continue  # no ownership mark (not ours to touch), or its object lives
+            owner = made_by_ephemera(ns, self.settings.namespace_prefix)
+            if owner is None or owner[1] in known or meta.get("deletionTimestamp"):
+                continue  # not made by Ephemera (not ours to touch), its object lives, or it is going
             created = parse_time(meta.get("creationTimestamp"))
             # A young namespace is never judged: its object may not be visible to this operator yet.
             if created is None or (now - created).total_seconds() < self.settings.stale_threshold:
                 continue
-            owners = [r for r in meta.get("ownerReferences") or [] if r.get("kind") == KIND]
-            if owners and self._body(owners[0]["name"], owner_uid) is not None:
-                continue  # its object exists; this operator just has not seen it yet
-            log.warning("deleting orphan namespace %s (its PreviewEnvironment %s is gone)", meta["name"], owner_uid)
+            name, uid = owner
+            try:
+                if self._body(name, uid) is not None:
+                    continue  # its object exists; this operator just has not seen it yet
+                if listed is None:
+                    # By name it is gone; no object under another name may hold the uid either.
+                    listed = {str(obj["metadata"]["uid"]) for obj in self.kube.list_environments()}
+            except KubeError as err:
+                log.warning("orphan check of namespace %s skipped: %s", meta["name"], err)
+                return deleted
+            if uid in listed:
+                continue
+            log.warning("deleting orphan namespace %s (its PreviewEnvironment %s %s is gone)", meta["name"], name, uid)
             self.kube.delete_namespace(meta["name"], meta["uid"])
             deleted += 1
         return deleted

@@ -151,3 +151,21 @@ def test_deleting_a_namespace_with_objects_finishes(control_plane: Any, kubectl:
         timeout=60,
         what="namespace cm-proof to be gone",
     )
+
+
+def test_repository_and_pull_request_cannot_change(crd: Path, kubectl: Kubectl) -> None:
+    """Both name the environment's namespace: an edit would leave the old one behind, so the API
+    server refuses it with a message; the other fields still change."""
+    obj = _variant("immutable", ("pullRequest",), 9)
+    name = obj["metadata"]["name"]
+    kubectl.apply(obj)
+    for change, field in (({"repository": "octo-org/elsewhere"}, "repository"), ({"pullRequest": 10}, "pullRequest")):
+        result = kubectl.run("patch", "pe", name, "--type=merge", "-p", json.dumps({"spec": change}), check=False)
+        assert result.returncode != 0, f"spec.{field} was changed"
+        assert f"spec.{field} is immutable" in result.stderr
+        assert "create one for the other" in result.stderr
+    spec = kubectl.json("get", "pe", name)["spec"]
+    assert (spec["repository"], spec["pullRequest"]) == (SAMPLE["spec"]["repository"], 9)
+    kubectl.run("patch", "pe", name, "--type=merge", "-p", json.dumps({"spec": {"commitSha": "b" * 40}}))
+    assert kubectl.json("get", "pe", name)["spec"]["commitSha"] == "b" * 40
+    kubectl.run("delete", "pe", name, "--wait=false")

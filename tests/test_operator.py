@@ -4,15 +4,33 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import datetime
 import json
 import re
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from ephemera.naming import MANAGED_BY_LABEL, OWNER_UID_ANNOTATION, PR_LABEL, environment_name
+import kopf
+import pytest
+
+from ephemera import children
+from ephemera.config import Settings
+from ephemera.models import PreviewEnvironmentSpec
+from ephemera.naming import (
+    FINALIZER,
+    MANAGED_BY_LABEL,
+    OWNER_UID_ANNOTATION,
+    PR_LABEL,
+    environment_labels,
+    environment_name,
+    legacy_environment_name,
+)
 from ephemera.operator.lifecycle import Vanishing
-from tests.support import Kubectl, Process, wait_for
+from ephemera.webhook.intake import DELIVERY, UPDATED_AT
+from tests.conftest import WEBHOOK_SECRET, http_ok
+from tests.support import Kubectl, Process, post_webhook, wait_for
 
 SHA_A = "a" * 40
 SHA_B = "b" * 40
@@ -263,3 +281,235 @@ async def test_a_teardown_waiting_on_its_namespace_wakes_when_the_watch_sees_it_
     # Only the last `remember` uids are kept.
     vanishing.gone("uid-3")
     assert not await vanishing.wait("uid-early", within=0.01)
+
+
+HOLD = "example.com/hold"
+
+
+def get_pe(kubectl: Kubectl, name: str) -> dict[str, Any] | None:
+    result = kubectl.run("get", "pe", name, "-o", "json", check=False)
+    return json.loads(result.stdout) if result.returncode == 0 else None
+
+
+def progress(kubectl: Kubectl, name: str, handler: str) -> dict[str, Any]:
+    """kopf's record of a handler's attempts on the object (retries, failure), kept in an annotation."""
+    obj = get_pe(kubectl, name)
+    assert obj is not None, f"{name} is gone"
+    found: dict[str, Any] = json.loads((obj["metadata"].get("annotations") or {}).get(f"ephemera.dev/{handler}", "{}"))
+    return found
+
+
+def set_finalizers(kubectl: Kubectl, namespace: str, finalizers: list[str] | None) -> None:
+    patch = json.dumps({"metadata": {"finalizers": finalizers}})
+    kubectl.run("patch", "namespace", namespace, "--type=merge", "-p", patch)
+
+
+def test_a_terminating_namespace_someone_else_made_is_waited_for(operator: Process, kubectl: Kubectl) -> None:
+    """Not ours, but going: the name is free once it is gone, so the environment waits, then provisions."""
+    name = unique("terminating")
+    namespace = environment_name("octo-org/shop", 110)
+    kubectl.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace, "labels": {"team": "x"}}})
+    set_finalizers(kubectl, namespace, [HOLD])
+    kubectl.run("delete", "namespace", namespace, "--wait=false")
+    kubectl.apply(make_env(name, 110))
+
+    def waiting() -> bool:
+        assert status(kubectl, name).get("phase") != "Failed", status(kubectl, name)
+        return int(progress(kubectl, name, "provision").get("retries") or 0) >= 1
+
+    wait_for(waiting, timeout=60, what="a provision attempt that found the namespace terminating and waits")
+    set_finalizers(kubectl, namespace, None)
+    st = wait_phase(kubectl, name, "Ready", timeout=90)
+    assert st["namespace"] == namespace
+    ns = kubectl.json("get", "namespace", namespace)["metadata"]
+    assert ns["annotations"][OWNER_UID_ANNOTATION] == kubectl.json("get", "pe", name)["metadata"]["uid"]
+    kubectl.run("delete", "pe", name, "--wait=false")
+
+
+def _refuse_status_writes(kubectl: Kubectl, name: str) -> str:
+    """A ValidatingAdmissionPolicy that refuses every status write to one object: its teardown's
+    first step (the Destroying status) fails until the policy goes."""
+    policy = f"refuse-status-{name}"
+    kubectl.apply(
+        {
+            "apiVersion": "v1",
+            "kind": "List",
+            "items": [
+                {
+                    "apiVersion": "admissionregistration.k8s.io/v1",
+                    "kind": "ValidatingAdmissionPolicy",
+                    "metadata": {"name": policy},
+                    "spec": {
+                        "failurePolicy": "Fail",
+                        "matchConstraints": {
+                            "resourceRules": [
+                                {
+                                    "apiGroups": ["ephemera.dev"],
+                                    "apiVersions": ["*"],
+                                    "operations": ["UPDATE"],
+                                    "resources": ["previewenvironments/status"],
+                                }
+                            ]
+                        },
+                        "validations": [
+                            {"expression": f"object.metadata.name != '{name}'", "message": "refused by the test"}
+                        ],
+                    },
+                },
+                {
+                    "apiVersion": "admissionregistration.k8s.io/v1",
+                    "kind": "ValidatingAdmissionPolicyBinding",
+                    "metadata": {"name": policy},
+                    "spec": {"policyName": policy, "validationActions": ["Deny"]},
+                },
+            ],
+        }
+    )
+    probe = json.dumps({"status": {"message": "probe"}})
+    wait_for(
+        lambda: (
+            kubectl.run(
+                "patch", "pe", name, "--subresource=status", "--type=merge", "-p", probe, check=False
+            ).returncode
+            != 0
+        ),
+        timeout=30,
+        what="the policy to refuse status writes",
+    )
+    return policy
+
+
+def test_a_stale_failed_environment_keeps_its_finalizer_until_its_teardown_runs(
+    operator: Process, kubectl: Kubectl
+) -> None:
+    """Deleted while Failed as Stale, its teardown failing at first: it is retried, never handed over
+    to the retry timer (which would let kopf release the finalizer and leave the namespace)."""
+    name = unique("stale-delete")
+    kubectl.apply(make_env(name, 111))
+    namespace = wait_phase(kubectl, name, "Ready")["namespace"]
+    stale = {
+        "phase": "Failed",
+        "reason": "Stale",
+        "message": "Stuck in Updating (set by the test)",
+        "permanent": False,
+        "retries": 3,  # no automatic retry left: the retry timer leaves it alone
+        "failedAt": datetime.datetime.now(datetime.UTC).isoformat(),
+    }
+    kubectl.run("patch", "pe", name, "--subresource=status", "--type=merge", "-p", json.dumps({"status": stale}))
+    policy = _refuse_status_writes(kubectl, name)
+    try:
+        kubectl.run("delete", "pe", name, "--wait=false")
+        wait_for(
+            lambda: int(progress(kubectl, name, "destroy").get("retries") or 0) >= 2,
+            timeout=60,
+            what="the teardown to be retried (the object must keep its finalizer meanwhile)",
+        )
+        assert status(kubectl, name)["reason"] == "Stale"
+        assert exists(kubectl, "namespace", namespace)
+    finally:
+        kubectl.run("delete", "validatingadmissionpolicybinding,validatingadmissionpolicy", policy, check=False)
+    wait_for(lambda: not exists(kubectl, "pe", name), timeout=90, what="the teardown to finish once it can")
+    assert not exists(kubectl, "namespace", namespace)
+
+
+@pytest.fixture
+def impatient_operator(operator: Process) -> Iterator[Process]:
+    """The session's operator, restarted with a namespace delete timeout of 3 s."""
+    operator.stop()
+    env = {**operator.env, "EPHEMERA_NAMESPACE_DELETE_TIMEOUT": "3"}
+    impatient = Process(operator.args, env, operator.log_path, operator.port).start()
+    wait_for(lambda: http_ok(impatient, "/healthz"), timeout=60, what="operator /healthz")
+    yield impatient
+    impatient.stop()
+    operator.start()
+    wait_for(lambda: http_ok(operator, "/healthz"), timeout=60, what="operator /healthz")
+
+
+def test_a_teardown_past_the_delete_timeout_says_what_holds_it(impatient_operator: Process, kubectl: Kubectl) -> None:
+    name = unique("held")
+    kubectl.apply(make_env(name, 112))
+    namespace = wait_phase(kubectl, name, "Ready")["namespace"]
+    set_finalizers(kubectl, namespace, [HOLD])
+    kubectl.run("delete", "pe", name, "--wait=false")
+    st = wait_for(
+        lambda: (s := status(kubectl, name)).get("reason") == "DeletionStuck" and s,
+        timeout=60,
+        what="the teardown to report the stuck deletion",
+    )
+    assert "EPHEMERA_NAMESPACE_DELETE_TIMEOUT" in st["message"]
+    assert namespace in st["message"]
+    assert HOLD in st["message"]
+    wait_for(lambda: "DeletionStuck" in events_of(kubectl, name), timeout=30, what="a DeletionStuck event")
+    assert exists(kubectl, "pe", name)  # the teardown goes on waiting, holding the finalizer
+    set_finalizers(kubectl, namespace, None)
+    wait_for(lambda: not exists(kubectl, "pe", name), timeout=90, what="the object to go once released")
+    assert not exists(kubectl, "namespace", namespace)
+
+
+def test_an_environment_named_under_the_old_scheme_is_updated_and_torn_down(
+    operator: Process, webhook: Process, kubectl: Kubectl
+) -> None:
+    """Made before the hash grew (object and namespace under the 8-hex name): a push reaches the same
+    object, which keeps its namespace, and the close removes both; nothing under either name is left."""
+    from tests.test_chart import paused
+    from tests.test_webhook import pr_event
+
+    repo, number = f"octo/legacy-{uuid.uuid4().hex[:6]}", 7
+    legacy, current = legacy_environment_name(repo, number), environment_name(repo, number)
+    assert legacy != current
+    with paused(operator):
+        # The object as the old webhook made it, and what the old operator made of it.
+        opened = "2026-01-01T00:00:00Z"
+        obj = make_env(legacy, number, repo=repo)
+        obj["metadata"].update(
+            labels=environment_labels(legacy, repo, number),
+            annotations={UPDATED_AT: opened, DELIVERY: "legacy"},
+            finalizers=[FINALIZER],
+        )
+        kubectl.apply(obj)
+        body = kubectl.json("get", "pe", legacy)
+        uid = body["metadata"]["uid"]
+        # kopf's record of the last handled spec, as the old operator left it: no new handling at start.
+        storage = kopf.AnnotationsDiffBaseStorage(prefix="ephemera.dev", key="last-handled-configuration")
+        handled = kopf.Patch()
+        storage.store(body=kopf.Body(body), patch=handled, essence=storage.build(body=kopf.Body(body)))
+        kubectl.run("patch", "pe", legacy, "--type=merge", "-p", json.dumps(dict(handled)))
+        spec = PreviewEnvironmentSpec.model_validate(obj["spec"])
+        quota = children.resolve_quota(spec, Settings())
+        made = [
+            children.build_namespace(legacy, legacy, uid, spec),
+            children.build_resource_quota(legacy, legacy, spec, quota),
+            children.build_limit_range(legacy, legacy, spec, quota),
+            children.build_network_policy(legacy, legacy, spec),
+        ]
+        for child in made:
+            kubectl.apply(child)
+        ready = {
+            "phase": "Ready",
+            "reason": "Ready",
+            "message": f"Environment ready in namespace {legacy}",
+            "namespace": legacy,
+            "commit": SHA_A[:7],
+            "observedGeneration": 1,
+        }
+        kubectl.run("patch", "pe", legacy, "--subresource=status", "--type=merge", "-p", json.dumps({"status": ready}))
+
+    pushed = pr_event("synchronize", repo=repo, number=number, sha=SHA_B, updated_at="2026-01-02T00:00:00Z")
+    answer = post_webhook(webhook.port, "pull_request", pushed, secret=WEBHOOK_SECRET)
+    assert (answer.status, answer.body.get("result"), answer.body.get("name")) == (202, "updated", legacy), answer
+    st = wait_for(
+        lambda: (s := status(kubectl, legacy)).get("phase") == "Ready" and s.get("commit") == SHA_B[:7] and s,
+        timeout=60,
+        what="Ready at the pushed commit",
+    )
+    assert st["namespace"] == legacy
+    assert not exists(kubectl, "pe", current)
+    assert not exists(kubectl, "namespace", current)
+
+    closed = pr_event("closed", repo=repo, number=number, sha=SHA_B, updated_at="2026-01-03T00:00:00Z")
+    answer = post_webhook(webhook.port, "pull_request", closed, secret=WEBHOOK_SECRET)
+    assert (answer.status, answer.body.get("result")) == (202, "deleted"), answer
+    wait_for(lambda: not exists(kubectl, "pe", legacy), timeout=90, what="the old environment to be torn down")
+    for name in (legacy, current):
+        assert not exists(kubectl, "namespace", name)
+        assert not exists(kubectl, "pe", name)

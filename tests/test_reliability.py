@@ -330,13 +330,13 @@ def test_only_the_highest_live_priority_runs_the_operator_wide_jobs() -> None:
             "b": {"priority": 100, "lifetime": 60, "lastseen": fresh},
         }
     )
-    assert is_active(peers, "p", 200)  # type: ignore[arg-type]
-    assert not is_active(peers, "p", 100)  # type: ignore[arg-type]
+    assert is_active(peers, "p", 200, "a")  # type: ignore[arg-type]
+    assert not is_active(peers, "p", 100, "b")  # type: ignore[arg-type]
     dead_leader = Peering(
         {
             "a": {"priority": 200, "lifetime": 60, "lastseen": stale},
             "b": {"priority": 100, "lifetime": 60, "lastseen": fresh},
         }
     )
-    assert is_active(dead_leader, "p", 100)  # type: ignore[arg-type]
-    assert is_active(peers, None, 0)  # type: ignore[arg-type]  # standalone
+    assert is_active(dead_leader, "p", 100, "b")  # type: ignore[arg-type]
+    assert is_active(peers, None, 0, "c")  # type: ignore[arg-type]  # standalone

@@ -2,19 +2,36 @@
 
 from __future__ import annotations
 
+import datetime
 import json
+import logging
 import os
 import subprocess
 import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from ephemera.devtools.controlplane import REPO_ROOT
-from ephemera.naming import MANAGED_BY_LABEL, OWNER_UID_ANNOTATION, environment_name
+from ephemera.children import owner_reference
+from ephemera.config import Settings
+from ephemera.devtools.controlplane import REPO_ROOT, ControlPlane
+from ephemera.environments import Environments
+from ephemera.kube import METADATA, Kube, load_api_client
+from ephemera.naming import (
+    MANAGED_BY_LABEL,
+    OWNER_UID_ANNOTATION,
+    REPOSITORY_ANNOTATION,
+    environment_labels,
+    environment_name,
+    legacy_environment_name,
+)
+from ephemera.operator.timers import is_active
+from ephemera.sweeps import Sweeper, made_by_ephemera
+from ephemera.transitions import Transitions
 from tests.conftest import http_ok
 from tests.postgres import Postgres
 from tests.support import Kubectl, Process, wait_for
@@ -166,13 +183,21 @@ def test_ready_without_namespace_is_recreated_after_a_missed_event(fast_operator
 
 
 def test_orphan_namespaces_go_and_foreign_ones_stay(fast_operator: Process, kubectl: Kubectl) -> None:
-    orphan, spoofed, other = unique("orphan"), unique("spoofed"), unique("other-team")
-    for ns, labels, notes in (
-        (orphan, {MANAGED_BY_LABEL: "ephemera"}, {OWNER_UID_ANNOTATION: str(uuid.uuid4())}),
-        (spoofed, {MANAGED_BY_LABEL: "ephemera"}, {}),  # the label alone is no proof of ownership
-        (other, {"team": "payments"}, {OWNER_UID_ANNOTATION: str(uuid.uuid4())}),
+    repo = f"octo/orphan-{uuid.uuid4().hex[:6]}"
+    orphan, spoofed, other = environment_name(repo, 1), unique("spoofed"), unique("other-team")
+    dead = str(uuid.uuid4())
+    for ns, labels, notes, owners in (
+        # As the operator made it, for an object that is gone.
+        (
+            orphan,
+            environment_labels(orphan, repo, 1),
+            {OWNER_UID_ANNOTATION: dead, REPOSITORY_ANNOTATION: repo},
+            [owner_reference(orphan, dead)],
+        ),
+        (spoofed, {MANAGED_BY_LABEL: "ephemera"}, {}, []),  # the label alone is no proof of ownership
+        (other, {"team": "payments"}, {OWNER_UID_ANNOTATION: str(uuid.uuid4())}, []),
     ):
-        meta = {"name": ns, "labels": labels, "annotations": notes}
+        meta = {"name": ns, "labels": labels, "annotations": notes, "ownerReferences": owners}
         kubectl.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": meta})
     wait_for(lambda: not exists(kubectl, "namespace", orphan) or _terminating(kubectl, orphan), timeout=90)
     assert exists(kubectl, "namespace", spoofed)
@@ -194,3 +219,188 @@ def test_purge_removes_old_records(fast_operator: Process, kubectl: Kubectl, pos
     kubectl.run("delete", "pe", name, "--wait=true", "--timeout=60s")
     # Retention is 3 s here: once destroyed, the records go at the next purge.
     wait_for(lambda: not history(postgres.url, name), timeout=60, what="the purge")
+
+
+@pytest.fixture(scope="module")
+def kube(control_plane: ControlPlane) -> Iterator[Kube]:
+    """Ephemera's own Kubernetes adapter, in this process, on the test control plane."""
+    client = Kube(load_api_client(control_plane.kubeconfig))
+    yield client
+    client.close()
+
+
+def _sweeper(kube: Kube, selector: str, **settings: Any) -> Sweeper:
+    """The operator's sweeps, run here against the real API server over the namespaces `selector` picks."""
+    return Sweeper(Environments(kube, Settings(**settings), Transitions()), selector=selector)
+
+
+def _made_namespace(name: str, repo: str, pr: int, uid: str, owner: dict[str, Any] | None = None) -> dict[str, Any]:
+    refs = [owner] if owner is not None else []
+    meta = {
+        "name": name,
+        "labels": environment_labels(name, repo, pr),
+        "annotations": {OWNER_UID_ANNOTATION: uid, REPOSITORY_ANNOTATION: repo},
+        "ownerReferences": refs,
+    }
+    return {"apiVersion": "v1", "kind": "Namespace", "metadata": meta}
+
+
+def test_only_namespaces_with_every_mark_of_ephemera_are_judged_as_orphans() -> None:
+    repo, uid = "octo/marks", str(uuid.uuid4())
+    name = environment_name(repo, 4)
+    made = _made_namespace(name, repo, 4, uid, owner_reference("pe-4", uid))
+    assert made_by_ephemera(made, "pr") == ("pe-4", uid)
+    legacy = legacy_environment_name(repo, 4)
+    assert made_by_ephemera(_made_namespace(legacy, repo, 4, uid, owner_reference("pe-4", uid)), "pr") == ("pe-4", uid)
+
+    def without(change: Callable[[dict[str, Any]], None]) -> tuple[str, str] | None:
+        variant = json.loads(json.dumps(made))
+        change(variant["metadata"])
+        return made_by_ephemera(variant, "pr")
+
+    assert without(lambda m: m.update(name="team-payments")) is None  # a name Ephemera would not give
+    assert without(lambda m: m.update(name=environment_name(repo, 5))) is None  # another PR's name
+    assert without(lambda m: m["labels"].pop(MANAGED_BY_LABEL)) is None
+    assert without(lambda m: m["annotations"].pop(OWNER_UID_ANNOTATION)) is None
+    assert without(lambda m: m["annotations"].pop(REPOSITORY_ANNOTATION)) is None
+    assert without(lambda m: m.update(ownerReferences=[])) is None
+    assert without(lambda m: m["ownerReferences"][0].update(uid=str(uuid.uuid4()))) is None
+    assert without(lambda m: m["ownerReferences"][0].update(kind="ConfigMap")) is None
+    assert without(lambda m: m["ownerReferences"].append(owner_reference("other", uid))) is None
+    assert made_by_ephemera(made, "preview") is None  # another prefix: not this operator's
+
+
+def test_the_orphan_sweep_leaves_namespaces_ephemera_did_not_make(crd: Path, kubectl: Kubectl, kube: Kube) -> None:
+    """Each namespace lacks one proof of being an orphan of Ephemera's; the sweep deletes none of them."""
+    tag = uuid.uuid4().hex[:6]
+    repo = f"octo/not-orphans-{tag}"
+    owner_name = unique("owner")
+    kubectl.apply(make_env(owner_name, 1, repo=repo))
+    live_uid = kubectl.json("get", "pe", owner_name)["metadata"]["uid"]
+    live = owner_reference(owner_name, live_uid)
+    dead_uid = str(uuid.uuid4())
+    cases = {
+        # Labelled and marked, but under a name Ephemera never gives (and owned by nothing).
+        f"team-{tag}": _made_namespace(f"team-{tag}", repo, 2, dead_uid),
+        # Ephemera's name, label and mark, but no owner reference.
+        environment_name(repo, 3): _made_namespace(environment_name(repo, 3), repo, 3, dead_uid),
+        # Owned by a live PreviewEnvironment, with a mark naming another (gone) uid.
+        environment_name(repo, 4): _made_namespace(environment_name(repo, 4), repo, 4, dead_uid, live),
+        # Every mark, of a PreviewEnvironment this sweeper has not seen, that the API still has.
+        environment_name(repo, 5): _made_namespace(environment_name(repo, 5), repo, 5, live_uid, live),
+    }
+    for namespace in cases.values():
+        namespace["metadata"]["labels"]["test.ephemera.dev/case"] = tag
+        kubectl.apply(namespace)
+    threshold = 1.0
+
+    def old_enough() -> bool:
+        now = datetime.datetime.now(datetime.UTC)
+        listed = kubectl.json("get", "namespaces", "-l", f"test.ephemera.dev/case={tag}")["items"]
+        ages = [now - datetime.datetime.fromisoformat(ns["metadata"]["creationTimestamp"]) for ns in listed]
+        return len(ages) == len(cases) and all(age.total_seconds() > threshold + 1 for age in ages)
+
+    wait_for(old_enough, timeout=30, what="the namespaces to be older than the stale threshold")
+    sweeper = _sweeper(kube, f"{MANAGED_BY_LABEL}=ephemera,test.ephemera.dev/case={tag}", stale_threshold=threshold)
+    report = sweeper.sweep({})
+    assert report.orphans == 0
+    for name in cases:
+        assert exists(kubectl, "namespace", name)
+        assert not _terminating(kubectl, name), f"{name} was deleted"
+    kubectl.run("delete", "namespaces", "-l", f"test.ephemera.dev/case={tag}", "--wait=false")
+    kubectl.run("delete", "pe", owner_name, "--wait=false")
+
+
+def test_an_empty_list_of_namespaces_reads_as_empty(crd: Path, kube: Kube) -> None:
+    """The API server answers a metadata list that matches nothing with `"items": null`."""
+    selector = f"ephemera.dev/nothing={uuid.uuid4().hex}"
+    query = [("labelSelector", selector)]
+    assert kube._request("GET", "/api/v1/namespaces", query=query, accept=METADATA).get("items") is None
+    assert kube.list_namespaces(selector) == []
+
+
+def test_sweeps_of_a_cluster_without_environments_succeed_quietly(
+    crd: Path, kube: Kube, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A fresh install: no namespace carries Ephemera's label (here: a selector that matches none)."""
+    sweeper = _sweeper(kube, f"{MANAGED_BY_LABEL}=ephemera,ephemera.dev/nothing={uuid.uuid4().hex}")
+    with caplog.at_level(logging.WARNING):
+        report = sweeper.sweep({})
+        retried = sweeper.retry_due_ones({}, logging.getLogger("test"))
+    assert not report
+    assert retried == 0
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+
+
+def _peering(kubectl: Kubectl, entries: dict[str, dict[str, Any]]) -> str:
+    name = unique("peering")
+    body = {"apiVersion": "kopf.dev/v1", "kind": "ClusterKopfPeering", "metadata": {"name": name}, "status": entries}
+    kubectl.run("create", "-f", "-", input=json.dumps(body))
+    return name
+
+
+def test_only_a_replica_with_a_live_entry_of_its_own_runs_the_jobs(kubectl: Kubectl, kube: Kube) -> None:
+    """Active: its own kopf keep-alive is there and alive, and no live peer outranks it."""
+    kubectl.run("apply", "-f", str(REPO_ROOT / "crds" / "clusterkopfpeerings.yaml"))
+    kubectl.run("wait", "--for=condition=Established", "--timeout=60s", "crd/clusterkopfpeerings.kopf.dev")
+    now = datetime.datetime.now(datetime.UTC)
+    fresh, expired = now.isoformat(), (now - datetime.timedelta(minutes=5)).isoformat()
+
+    def entry(priority: int, lastseen: str) -> dict[str, Any]:
+        return {"priority": priority, "lifetime": 60, "lastseen": lastseen}
+
+    # Its own entry missing (not written yet, or cleaned away): never active, whatever the others.
+    missing = _peering(kubectl, {"b": entry(100, fresh)})
+    assert not is_active(kube, missing, 200, "a")
+    assert is_active(kube, missing, 100, "b")
+    # The highest live priority runs them; an expired entry counts for nothing, its own included.
+    both = _peering(kubectl, {"a": entry(200, fresh), "b": entry(100, fresh)})
+    assert is_active(kube, both, 200, "a")
+    assert not is_active(kube, both, 100, "b")
+    dead_leader = _peering(kubectl, {"a": entry(200, expired), "b": entry(100, fresh)})
+    assert not is_active(kube, dead_leader, 200, "a")
+    assert is_active(kube, dead_leader, 100, "b")
+    # Equal priorities: exactly one, the smaller identity.
+    tie = _peering(kubectl, {"a": entry(100, fresh), "b": entry(100, fresh)})
+    assert [is_active(kube, tie, 100, identity) for identity in ("a", "b")] == [True, False]
+    # No peering object at all: nobody is known to be alive, this replica included.
+    assert not is_active(kube, unique("no-peering"), 100, "a")
+    assert is_active(kube, None, 0, "a")  # standalone
+    kubectl.run("delete", "clusterkopfpeering", missing, both, dead_leader, tie)
+
+
+def test_a_replica_under_peering_runs_the_jobs_under_its_own_entry(
+    fast_operator: Process, kubectl: Kubectl, control_plane: ControlPlane, tmp_path: Path
+) -> None:
+    """`ephemera operator` tells kopf the identity it looks for: its keep-alive is found, so it runs
+    the operator-wide jobs (the phase gauge is one of them)."""
+    from tests.conftest import db_upgrade
+    from tests.support import process_env
+    from tests.test_chart import paused
+
+    kubectl.run("apply", "-f", str(REPO_ROOT / "crds" / "clusterkopfpeerings.yaml"))
+    peering = unique("jobs")
+    kubectl.apply({"apiVersion": "kopf.dev/v1", "kind": "ClusterKopfPeering", "metadata": {"name": peering}})
+    env = process_env(control_plane.kubeconfig, tmp_path, EPHEMERA_PEERING=peering, EPHEMERA_PEERING_PRIORITY="5")
+    db_upgrade(env)
+    with paused(fast_operator):
+        replica = Process(["operator"], env, tmp_path / "operator.log", int(env["EPHEMERA_OPERATOR_PORT"])).start()
+        try:
+            wait_for(lambda: http_ok(replica, "/healthz"), timeout=60, what="the replica")
+            entries = wait_for(
+                lambda: kubectl.json("get", "clusterkopfpeering", peering).get("status") or {},
+                timeout=60,
+                what="the replica's keep-alive",
+            )
+            assert [e["priority"] for e in entries.values()] == [5]
+            wait_for(lambda: "ephemera_environments{" in _metrics(replica), timeout=60, what="the phase gauge job")
+        finally:
+            replica.stop()
+    kubectl.run("delete", "clusterkopfpeering", peering)
+
+
+def _metrics(proc: Process) -> str:
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{proc.port}/metrics", timeout=5) as response:
+        return str(response.read().decode())

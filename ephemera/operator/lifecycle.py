@@ -6,6 +6,7 @@ import asyncio
 import collections
 import datetime
 import logging
+import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -13,6 +14,7 @@ import kopf
 
 from ephemera.environments import Environment, Environments, Failure, PermanentFailure, Terminating
 from ephemera.github.reporter import reported_is_current
+from ephemera.kube import KubeError
 from ephemera.models import GROUP, KIND, PLURAL, VERSION, Phase
 from ephemera.naming import MANAGED_BY, MANAGED_BY_LABEL
 from ephemera.operator.metrics import RECONCILES
@@ -76,9 +78,12 @@ def _run(
     runtime: datetime.timedelta,
     work: Callable[[Environments, Environment, Logger], T],
     *,
-    time_limited: bool = True,
+    teardown: bool = False,
 ) -> T:
-    """Run `work`, turning failures into kopf's retry or stop, the status and an Event."""
+    """Run `work`, turning failures into kopf's retry or stop, the status and an Event.
+
+    A `teardown` has no time limit and is never handed over: kopf releases the finalizer when its
+    delete handler stops, so it must stop only once the namespace is gone."""
     service: Environments = memo.environments
     try:
         env = Environment.from_body(dict(body))
@@ -90,12 +95,13 @@ def _run(
         service.kube.patch_environment_status(body.metadata["name"], status)
         raise kopf.PermanentError(failure.message) from failure
     log = _env_logger(logger, env)
-    if retry > 0 and env.status.phase is Phase.FAILED and env.status.reason == "Stale":
+    if not teardown and retry > 0 and env.status.phase is Phase.FAILED and env.status.reason == "Stale":
         # The stale sweep gave up on this attempt; the retry timer owns the object from here.
         RECONCILES.labels(handler, "handed-over").inc()
         raise kopf.PermanentError("handed over to the retry timer after the stale sweep")
     limits = memo.settings
     elapsed = runtime.total_seconds()
+    time_limited = not teardown
     try:
         if time_limited and elapsed > limits.hard_time_limit:
             raise PermanentFailure(
@@ -184,7 +190,9 @@ def resume(
 async def destroy(
     *, body: kopf.Body, memo: kopf.Memo, logger: Logger, retry: int, runtime: datetime.timedelta, **_: Any
 ) -> None:
-    """Delete the namespace, then wait for the watch to see it go: no polling while it terminates."""
+    """Delete the namespace, then wait for the watch to see it go: no polling while it terminates.
+    Past EPHEMERA_NAMESPACE_DELETE_TIMEOUT (counted from the teardown's start) the object says, once,
+    what holds the namespace; the teardown goes on waiting."""
     terminating: Terminating | None = await asyncio.to_thread(
         _run,
         "destroy",
@@ -194,19 +202,35 @@ async def destroy(
         retry,
         runtime,
         lambda service, env, log: service.destroy(env, logger=log),
-        time_limited=False,
+        teardown=True,
     )
     if terminating is None:
         return
     vanishing: Vanishing = memo.vanishing
-    await vanishing.wait(terminating.uid, NAMESPACE_WAIT)
+    timeout: float = memo.settings.namespace_delete_timeout
+    started = time.monotonic()
+    # Wake at the timeout if it is still ahead, so that the report comes on time.
+    left = timeout - runtime.total_seconds()
+    within = min(NAMESPACE_WAIT, left) if left > 0 else NAMESPACE_WAIT
+    await asyncio.gather(*(vanishing.wait(uid, within) for _, uid in terminating.namespaces))
     service: Environments = memo.environments
     try:
         finished = await asyncio.to_thread(service.finish, terminating)
+        if not finished and runtime.total_seconds() + time.monotonic() - started >= timeout:
+            # Said again only when what blocks it changes (the status holds the last report).
+            env, names = terminating.env, [name for name, _ in terminating.namespaces]
+            previous = (body.get("status") or {}).get("message")
+            message = await asyncio.to_thread(
+                service.report_stuck, env, names, timeout, "EPHEMERA_NAMESPACE_DELETE_TIMEOUT", previous
+            )
+            if message and message != previous:
+                _env_logger(logger, env).warning("%s", message)
     except Failure as error:
         raise kopf.TemporaryError(error.message, delay=1) from error
+    except KubeError as error:
+        raise kopf.TemporaryError(str(error), delay=1) from error
     if not finished:
-        raise kopf.TemporaryError(f"waiting for namespace {terminating.namespace} to be gone", delay=1)
+        raise kopf.TemporaryError(f"waiting for namespace {terminating.names} to be gone", delay=1)
 
 
 @kopf.on.event(*RESOURCE, id="track")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import Callable
 from typing import Any, cast
 
@@ -68,9 +69,21 @@ async def configure(*, settings: kopf.OperatorSettings, memo: kopf.Memo, logger:
     memo.phases = {}  # name -> phase, kept by lifecycle.track
     memo.vanishing = lifecycle.Vanishing()  # namespaces seen gone, for teardowns waiting on them
     memo.warned = set()  # uids already warned about the soft time limit
-    memo.periodic = timers.start(memo, settings.peering.priority)
+    memo.periodic = timers.start(memo, settings.peering.priority, _identity(memo, cfg))
     memo.health = await health.start(cfg.operator_host, cfg.operator_port)
     logger.info("Operator started; health and metrics on %s:%d", cfg.operator_host, cfg.operator_port)
+
+
+def _identity(memo: kopf.Memo, cfg: Settings) -> str:
+    """This replica's name in kopf's peering object: `ephemera operator` chooses it and passes it in
+    the memo; under `kopf run` it is POD_ID, which kopf takes as its identity when set."""
+    identity = getattr(memo, "identity", None) or os.environ.get("POD_ID")
+    if identity is None and cfg.peering is not None:
+        raise kopf.PermanentError(
+            "EPHEMERA_PEERING is set but this replica cannot find its own peering entry: run `ephemera operator`, "
+            "or set POD_ID (kopf's identity) when running `kopf run`"
+        )
+    return str(identity or "standalone")
 
 
 async def _records(cfg: Settings, kube: Kube, logger: kopf.Logger) -> Records:

@@ -51,21 +51,43 @@ def manual_retry(*, body: kopf.Body, memo: kopf.Memo, logger: kopf.Logger, **_: 
     retry(service, dict(body), manual=str(new), logger=logger)
 
 
-def is_active(kube: Kube, peering: str | None, priority: int) -> bool:
-    """Whether this replica is the active one: standalone, or no live peer has a priority as high."""
+def _alive(peer: dict[str, Any], now: datetime.datetime, *, unknown: bool) -> bool:
+    """Whether a peering entry is within its lifetime; `unknown` when it cannot be told."""
+    seen = parse_time(peer.get("lastseen"))
+    try:
+        lifetime = float(peer.get("lifetime", 60))
+    except (TypeError, ValueError):
+        return unknown
+    return unknown if seen is None else (now - seen).total_seconds() < lifetime
+
+
+def is_active(kube: Kube, peering: str | None, priority: int, identity: str) -> bool:
+    """Whether this replica runs the operator-wide jobs: standalone, or its own entry in the peering
+    object (kopf's keep-alive, under `identity`) is present and alive and no live peer outranks it.
+
+    A peer outranks it with a higher priority, or with the same priority and a smaller identity: ties
+    (which make kopf pause every replica's handlers) still leave exactly one replica running the jobs.
+    A missing entry (not written yet, or expired) means not active: two replicas must never both be."""
     if peering is None:
         return True
     body = kube.get_peering(peering)
+    status = (body or {}).get("status") or {}
+    own = status.get(identity)
     now = datetime.datetime.now(datetime.UTC)
-    rivals = 0
-    for peer in ((body or {}).get("status") or {}).values():
-        if not isinstance(peer, dict):
+    if not isinstance(own, dict) or not _alive(own, now, unknown=False):
+        return False
+    rank = (-priority, identity)
+    for name, peer in status.items():
+        # A peer that cannot be judged counts as alive, as kopf counts it: it may outrank this one.
+        if name == identity or not isinstance(peer, dict) or not _alive(peer, now, unknown=True):
             continue
-        seen = parse_time(peer.get("lastseen"))
-        alive = seen is not None and (now - seen).total_seconds() < float(peer.get("lifetime", 60))
-        if alive and int(peer.get("priority", 0)) >= priority:
-            rivals += 1
-    return rivals <= 1  # ourselves
+        try:
+            peer_priority = int(peer.get("priority", 0))
+        except (TypeError, ValueError):
+            continue
+        if (-peer_priority, str(name)) < rank:
+            return False
+    return True
 
 
 async def _every(
@@ -82,14 +104,15 @@ async def _every(
         await asyncio.sleep(seconds)
 
 
-def start(memo: kopf.Memo, priority: int) -> list[asyncio.Task[None]]:
-    """Start the operator-wide jobs; they stop with the operator."""
+def start(memo: kopf.Memo, priority: int, identity: str) -> list[asyncio.Task[None]]:
+    """Start the operator-wide jobs; they stop with the operator. `identity` is this replica's name
+    in the peering object (kopf's keep-alive)."""
     cfg = memo.settings
     sweeper = Sweeper(memo.environments)
 
     async def active() -> bool:
         try:
-            return await asyncio.to_thread(is_active, memo.kube, cfg.peering, priority)
+            return await asyncio.to_thread(is_active, memo.kube, cfg.peering, priority, identity)
         except KubeError as err:
             log.warning("cannot tell whether this replica is the active one (%s); skipping this round", err)
             return False

@@ -19,7 +19,7 @@ from typing import Any
 
 from ephemera.kube import Kube, KubeError, Obj
 from ephemera.models import API_VERSION, KIND
-from ephemera.naming import FINALIZER, environment_labels, environment_name
+from ephemera.naming import FINALIZER, environment_labels, environment_name, legacy_environment_name
 from ephemera.webhook.events import PullRequestEvent
 from ephemera.webhook.tombstones import Tombstones, newer
 
@@ -59,6 +59,13 @@ class Intake:
     def name(self, event: PullRequestEvent) -> str:
         return environment_name(event.repo, event.pr, self.prefix)
 
+    def _existing_name(self, event: PullRequestEvent) -> str:
+        """The name of the PR's object: the legacy (8-hex) one while an object made under it exists for
+        this PR, so that its pushes and close reach it; else the current one."""
+        legacy = legacy_environment_name(event.repo, event.pr, self.prefix)
+        obj = self.kube.get_environment(legacy)
+        return legacy if obj is not None and _ours(obj, event) else self.name(event)
+
     def spec(self, event: PullRequestEvent) -> dict[str, Any]:
         pr = event.pull_request
         spec: dict[str, Any] = {
@@ -79,6 +86,8 @@ class Intake:
         pr = event.pull_request
         if action in UPSERT_ACTIONS and pr.draft and not self.draft_prs:
             return Outcome("ignored", name, "draft PRs get no environment (EPHEMERA_WEBHOOK_DRAFT_PRS=false)")
+        if action in UPSERT_ACTIONS or action in ("synchronize", "closed", "converted_to_draft"):
+            name = self._existing_name(event)
         if action in UPSERT_ACTIONS:
             return self._retrying(lambda: self._upsert(event, name, delivery, opening=True))
         if action == "synchronize":
@@ -124,7 +133,7 @@ class Intake:
     def _upsert(self, event: PullRequestEvent, name: str, delivery: str, *, opening: bool) -> Outcome:
         closed_at = self.tombstones.closed_at(event.repo, event.pr)
         if opening and (closed_at is None or newer(event.pull_request.updated_at, closed_at)):
-            # The common case, a new PR: one read of the repository's closes and one create. An
+            # The common case, a new PR: a read of the repository's closes, then a create. An
             # existing object (409) takes the careful path. A close recorded between that read and
             # the create would have to delete the object and see it gone in that instant: the
             # operator's teardown alone takes far longer.
@@ -145,7 +154,8 @@ class Intake:
             obj = self._wait_gone(name)  # newer than the close: the PR was reopened
         if obj is None:
             # A push for a PR with no environment (its `opened` was lost or is still on its way) creates
-            # one; a push older than a known close was refused above.
+            # one; a push older than a known close was refused above. New objects get the current name.
+            name = self.name(event)
             self.kube.create_environment(self._body(event, name, delivery))
             return Outcome("created", name, f"{event.action}: environment requested")
         spec = self.spec(event) if opening else {"commitSha": event.pull_request.head.sha}
