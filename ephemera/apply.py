@@ -48,6 +48,14 @@ def _order(obj: Obj) -> int:
     return FIRST.index(kind) if kind in FIRST else len(FIRST)
 
 
+def _pod_template(obj: dict[str, Any]) -> dict[str, Any] | None:
+    """A workload's pod template, where its pods' labels are set."""
+    if obj.get("kind") not in WORKLOAD_KINDS:
+        return None
+    template = (obj.get("spec") or {}).get("template")
+    return template if isinstance(template, dict) else None
+
+
 class Applier:
     """Server-side apply into one namespace at a time, with the operator's own rights only."""
 
@@ -77,6 +85,10 @@ class Applier:
         for obj in checked:
             meta = obj["metadata"]
             meta["labels"] = {**(meta.get("labels") or {}), **labels}
+            template = _pod_template(obj)
+            if template is not None:  # its pods carry them too: the operator watches them by these labels
+                pod_meta = template.setdefault("metadata", {})
+                pod_meta["labels"] = {**(pod_meta.get("labels") or {}), **labels}
         return sorted(checked, key=_order)
 
     def apply(

@@ -16,6 +16,9 @@ from ephemera.quantity import parse_quantity
 # EPHEMERA_* variables that belong to the development tools, not to the processes.
 NOT_SETTINGS = frozenset({"EPHEMERA_CACHE", "EPHEMERA_SOAK"})
 
+# After a secondary rate limit that names no Retry-After, GitHub asks for "at least one minute".
+GITHUB_SECONDARY_RATE_LIMIT_DELAY = 60.0
+
 
 class Settings(BaseSettings):
     """Settings of both processes. Defaults run locally; the README's table documents each one."""
@@ -97,6 +100,19 @@ class Settings(BaseSettings):
     environment_url: str | None = Field(
         None, description="Template of an environment's URL, e.g. https://{namespace}.preview.example.com."
     )
+    # The application in a preview (PreviewTemplates).
+    preview_domain: str = Field(
+        "preview.localhost",
+        pattern=r"^[a-z0-9]([a-z0-9.-]{0,200}[a-z0-9])?$",
+        description="Domain under which each preview gets a host, `<namespace>.<domain>` ({{ host }} in templates).",
+    )
+    helm_binary: Path | None = Field(
+        None, description="The helm binary that renders templates' charts; unset means `helm` on PATH."
+    )
+    template_deny: list[str] = Field(
+        default_factory=lambda: ["Namespace", "ClusterRole", "ClusterRoleBinding", "RoleBinding/ClusterRole"],
+        description="Kinds a template may not create (`RoleBinding/ClusterRole`: a RoleBinding to a ClusterRole).",
+    )
     # What else an environment's ResourceQuota caps (besides cpu, memory and pods).
     quota_load_balancers: int = Field(0, ge=0, description="Services of type LoadBalancer per environment.")
     quota_node_ports: int = Field(0, ge=0, description="Service node ports per environment.")
@@ -129,6 +145,15 @@ class Settings(BaseSettings):
     github_status_context: str = Field("ephemera/preview", description="Context of the commit status.")
     github_timeout: float = Field(15.0, gt=0, description="Seconds per GitHub request.")
     github_retry_max_delay: float = Field(300.0, gt=0, description="Longest wait between report retries.")
+    github_secondary_rate_limit_delay: float = Field(
+        GITHUB_SECONDARY_RATE_LIMIT_DELAY,
+        gt=0,
+        description="First wait after a secondary rate limit without Retry-After (doubles; never shortened "
+        "by EPHEMERA_GITHUB_RETRY_MAX_DELAY). GitHub asks for at least 60; lower it only in tests.",
+    )
+    github_installation_cache_ttl: float = Field(
+        600.0, gt=0, description="Seconds GitHub's answer to which installation covers a repository is kept."
+    )
 
     @model_validator(mode="after")
     def _check(self) -> Settings:

@@ -6,6 +6,7 @@ the object's status, and announces every phase transition on `Transitions`.
 
 from __future__ import annotations
 
+import datetime
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -14,15 +15,34 @@ from typing import Any
 from pydantic import ValidationError
 
 from ephemera import children
+from ephemera.apply import Ref
 from ephemera.config import Settings
 from ephemera.kube import Kube, KubeError, Obj
-from ephemera.models import API_VERSION, KIND, Phase, PreviewEnvironmentSpec, PreviewEnvironmentStatus, now_iso
-from ephemera.naming import MANAGED_BY, MANAGED_BY_LABEL, OWNER_UID_ANNOTATION, environment_names
+from ephemera.models import (
+    API_VERSION,
+    KIND,
+    Phase,
+    PreviewEnvironmentSpec,
+    PreviewEnvironmentStatus,
+    now_iso,
+    parse_time,
+)
+from ephemera.naming import MANAGED_BY, MANAGED_BY_LABEL, OWNER_UID_ANNOTATION, environment_labels, environment_names
+from ephemera.previews import Previews, Rollout
 from ephemera.quantity import parse_quantity
+from ephemera.readiness import Assessment
+from ephemera.templates import TemplateError
 from ephemera.transitions import Transition, Transitions
 
 # Not a phase of the object (it is gone by then): the last transition the records and GitHub see.
 DESTROYED = "Destroyed"
+# The reason of a Provisioning or Updating status whose app is applied and not yet ready.
+ROLLING_OUT = "RollingOut"
+
+
+def _rollout_failed(verdict: Assessment) -> str:
+    cause = verdict.summary().rstrip(".")
+    return f"The app cannot become ready: {cause}. Fix the PreviewTemplate (or the image), then retry."
 
 
 class Failure(Exception):
@@ -30,12 +50,21 @@ class Failure(Exception):
 
     permanent = False
 
-    def __init__(self, reason: str, message: str, *, delay: float = 1.0, backoff: bool = True) -> None:
+    def __init__(
+        self,
+        reason: str,
+        message: str,
+        *,
+        delay: float = 1.0,
+        backoff: bool = True,
+        status: dict[str, Any] | None = None,
+    ) -> None:
         super().__init__(message)
         self.reason = reason
         self.message = message
         self.delay = delay
         self.backoff = backoff  # False for plain waiting, which polls at `delay`
+        self.status = status or {}  # what the attempt did that the status must keep (an app's inventory)
 
 
 class PermanentFailure(Failure):
@@ -165,12 +194,18 @@ class Environments:
     """Provision, mend and destroy environments; every transition is written, announced and posted as an Event."""
 
     def __init__(
-        self, kube: Kube, settings: Settings, transitions: Transitions, recorder: Recorder = _no_events
+        self,
+        kube: Kube,
+        settings: Settings,
+        transitions: Transitions,
+        recorder: Recorder = _no_events,
+        previews: Previews | None = None,
     ) -> None:
         self.kube = kube
         self.settings = settings
         self.transitions = transitions
         self.recorder = recorder
+        self.previews = previews  # the application in each preview (PreviewTemplates); None: namespaces only
 
     # Status ---------------------------------------------------------------------------------------
 
@@ -232,7 +267,7 @@ class Environments:
             Phase.FAILED,
             failure.reason,
             failure.message,
-            {"failedAt": now_iso(), "permanent": failure.permanent},
+            {**failure.status, "failedAt": now_iso(), "permanent": failure.permanent},
             logger,
         )
 
@@ -268,21 +303,97 @@ class Environments:
             raise PermanentFailure(
                 "KubernetesError", f"{err}. Check the operator's RBAC and the object's spec."
             ) from err
+        extra: dict[str, Any] = {"namespace": namespace, "commit": env.spec.commit_sha[:7]}
+        if self.settings.environment_url:
+            extra["url"] = self.settings.environment_url.format(namespace=namespace, name=env.name)
+        rollout = self._roll_out(env, namespace)
+        if rollout is not None:
+            extra.update(rollout.status())
+            verdict = self._assess(namespace, rollout.inventory, rollout.workloads)
+            if verdict.failed:
+                raise PermanentFailure("RolloutFailed", _rollout_failed(verdict), status=extra)
+            if not verdict.ready:
+                timeout = rollout.timeout or self.settings.hard_time_limit
+                deadline = datetime.datetime.now(datetime.UTC) + datetime.timedelta(seconds=timeout)
+                extra["rolloutDeadline"] = deadline.replace(microsecond=0).isoformat().replace("+00:00", "Z")
+                self.transition(env, phase, ROLLING_OUT, f"Rolling out: {verdict.summary()}", extra, logger)
+                return  # the app watch (operator/apps.py) settles it
+            notes.append(f"app from template {rollout.template} ready")
+        elif env.status.inventory:
+            extra.update({"template": None, "inventory": None})
+        self._ready(env, namespace, notes, extra, logger)
+
+    def _ready(
+        self,
+        env: Environment,
+        namespace: str,
+        notes: list[str],
+        extra: dict[str, Any],
+        logger: logging.Logger | logging.LoggerAdapter[Any] | None,
+    ) -> None:
         message = f"Environment ready in namespace {namespace} at commit {env.spec.commit_sha[:7]}"
         if notes:
             message += " (" + "; ".join(notes) + ")"
-        extra: dict[str, Any] = {
-            "namespace": namespace,
-            "commit": env.spec.commit_sha[:7],
-            "retries": None,
-            "failedAt": None,
-            "permanent": None,
-        }
+        extra = {**extra, "retries": None, "failedAt": None, "permanent": None, "rolloutDeadline": None}
         if not env.status.provisioned_at:
             extra["provisionedAt"] = now_iso()
-        if self.settings.environment_url:
-            extra["url"] = self.settings.environment_url.format(namespace=namespace, name=env.name)
         self.transition(env, Phase.READY, "Ready", message, extra, logger)
+
+    # The application (PreviewTemplates) -------------------------------------------------------------
+
+    def _roll_out(self, env: Environment, namespace: str) -> Rollout | None:
+        """Apply the environment's template, if one matches; None for a namespace only."""
+        if self.previews is None:
+            return None
+        previous, _ = Rollout.awaited(env.status.model_dump(by_alias=True, exclude_none=True))
+        labels = environment_labels(env.name, env.spec.repository, env.spec.pull_request)
+        try:
+            return self.previews.rollout(env.spec, namespace, labels, previous)
+        except TemplateError as err:
+            raise PermanentFailure(err.reason, f"{err.message}. Fix the PreviewTemplate, then retry.") from err
+        except KubeError as err:
+            if err.temporary:
+                raise TemporaryFailure("KubernetesError", f"{err}; retrying") from err
+            raise PermanentFailure("KubernetesError", f"{err}. Check the operator's RBAC.") from err
+
+    def _assess(self, namespace: str, inventory: list[Ref], workloads: list[tuple[str, str]]) -> Assessment:
+        assert self.previews is not None
+        try:
+            return self.previews.applier.observe(namespace, inventory, workloads)
+        except KubeError as err:
+            raise TemporaryFailure("KubernetesError", f"{err}; retrying") from err
+
+    def settle(self, name: str, logger: logging.Logger | logging.LoggerAdapter[Any] | None = None) -> str | None:
+        """Finish a rollout that was waiting for its workloads: Ready, Failed with the cause, or Failed
+        at its deadline; None while it still waits (nothing is written then). Called on every change
+        of the environment's workloads and pods, and periodically for the deadline."""
+        body = self.kube.get_environment(name)
+        if body is None or body["metadata"].get("deletionTimestamp") or self.previews is None:
+            return None
+        env = Environment.from_body(body)
+        status = dict(body.get("status") or {})
+        waiting = env.status.phase in (Phase.PROVISIONING, Phase.UPDATING) and env.status.reason == ROLLING_OUT
+        if not waiting or env.status.observed_generation != env.generation:
+            return None  # not waiting, or a newer spec whose handler is under way
+        namespace = env.status.namespace or env.namespace(self.settings.namespace_prefix)
+        inventory, workloads = Rollout.awaited(status)
+        verdict = self._assess(namespace, inventory, workloads)
+        if verdict.failed:
+            self.fail(env, PermanentFailure("RolloutFailed", _rollout_failed(verdict)), logger)
+            return Phase.FAILED.value
+        if verdict.ready:
+            self._ready(
+                env, namespace, [f"app from template {(status.get('template') or {}).get('name')} ready"], {}, logger
+            )
+            return Phase.READY.value
+        deadline = parse_time(status.get("rolloutDeadline"))
+        if deadline is not None and datetime.datetime.now(datetime.UTC) >= deadline:
+            message = f"Not ready by its deadline {status.get('rolloutDeadline')}: {verdict.summary()}"
+            self.fail(
+                env, PermanentFailure("RolloutTimeout", f"{message}. Fix the PreviewTemplate, then retry."), logger
+            )
+            return Phase.FAILED.value
+        return None
 
     def _ensure(
         self,

@@ -114,6 +114,7 @@ class PreviewEnvironmentStatus(BaseModel):
     url: str | None = None
     template: dict[str, Any] | None = None
     inventory: list[dict[str, str]] | None = None
+    rollout_deadline: str | None = Field(None, alias="rolloutDeadline")
     reported: dict[str, Any] | None = None
     conditions: list[Condition] = Field(default_factory=list)
 

@@ -10,6 +10,7 @@ the object and the cause.
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,11 +44,17 @@ class Rollout:
 
     def status(self) -> dict[str, Any]:
         """The environment's status fields for this rollout."""
-        return {
-            "template": {"name": self.template, "generation": self.generation},
-            "inventory": [ref.to_status() for ref in self.inventory],
-            "url": self.url,
-        }
+        template: dict[str, Any] = {"name": self.template, "generation": self.generation}
+        if self.workloads:
+            template["workloads"] = [f"{kind}/{name}" for kind, name in self.workloads]
+        return {"template": template, "inventory": [ref.to_status() for ref in self.inventory], "url": self.url}
+
+    @staticmethod
+    def awaited(status: dict[str, Any]) -> tuple[list[Ref], list[tuple[str, str]]]:
+        """The inventory and the workloads to wait for, as `status()` wrote them."""
+        inventory = [Ref.from_status(entry) for entry in status.get("inventory") or []]
+        workloads = [tuple(item.split("/", 1)) for item in (status.get("template") or {}).get("workloads") or []]
+        return inventory, [(kind, name) for kind, name in workloads]
 
 
 class Previews:
@@ -61,15 +68,21 @@ class Previews:
         domain: str,
         helm: Path | None = None,
         helm_timeout: float = 120.0,
+        templates: Callable[[], list[Template]] | None = None,
     ) -> None:
         self.kube = kube
         self.applier = applier
+        self._cached = templates
         self.domain = domain
         self.helm = helm
         self.helm_timeout = helm_timeout
 
     def templates(self) -> list[Template]:
-        """Every PreviewTemplate (one the API server let through but that does not parse is an error)."""
+        """Every PreviewTemplate (one the API server let through but that does not parse is an error).
+
+        The operator keeps them from its watch (`templates`); without that, they are listed."""
+        if self._cached is not None:
+            return self._cached()
         return [Template.from_body(body) for body in self.kube.list_templates()]
 
     def host(self, namespace: str) -> str:
@@ -86,6 +99,8 @@ class Previews:
         KubeError (temporary) when the API server cannot be reached; TemplateError for the rest."""
         template = self.template_for(spec.repository)
         if template is None:
+            if previous:  # its template is gone (or no longer matches): what it applied goes too
+                self.applier.apply([], namespace, labels, previous)
             return None
         values = placeholders(spec, namespace=namespace, host=self.host(namespace), title=spec.title)
         objects, url = render(template, values)

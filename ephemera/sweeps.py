@@ -39,6 +39,7 @@ class Seen:
     failed_at: str | None = None
     retries: int = 0
     permanent: bool = False
+    reason: str | None = None
 
     @property
     def deleting(self) -> bool:

@@ -20,6 +20,7 @@ from tests.postgres import Postgres
 from tests.support import SOAK, Kubectl, Process, process_env, wait_for
 
 CRD = REPO_ROOT / "crds" / "previewenvironments.yaml"
+TEMPLATE_CRD = REPO_ROOT / "crds" / "previewtemplates.yaml"
 
 
 @pytest.fixture(scope="session")
@@ -37,8 +38,9 @@ def kubectl(control_plane: ControlPlane) -> Kubectl:
 @pytest.fixture(scope="session")
 def crd(kubectl: Kubectl) -> Path:
     """The PreviewEnvironment CRD, installed and Established."""
-    kubectl.run("apply", "-f", str(CRD))
+    kubectl.run("apply", "-f", str(CRD), "-f", str(TEMPLATE_CRD))
     kubectl.run("wait", "--for=condition=Established", "--timeout=60s", "crd/previewenvironments.ephemera.dev")
+    kubectl.run("wait", "--for=condition=Established", "--timeout=60s", "crd/previewtemplates.ephemera.dev")
     # Discovery can lag the Established condition by a moment; kubectl needs it to map `pe`.
     wait_for(lambda: kubectl.run("get", "pe", check=False).returncode == 0, timeout=30, what="pe discovery")
     return CRD
@@ -97,6 +99,9 @@ def operator(
         EPHEMERA_GITHUB_APP_ID=str(github.app_id),
         EPHEMERA_GITHUB_PRIVATE_KEY=github.private_key_pem,
         EPHEMERA_GITHUB_RETRY_MAX_DELAY="5",
+        # 60 s by default (GitHub's minimum); tests/test_github.py checks the default path in-process.
+        EPHEMERA_GITHUB_SECONDARY_RATE_LIMIT_DELAY="1",
+        EPHEMERA_HELM_BINARY=str(control_plane.bin_dir / "helm"),
     )
     db_upgrade(env)
     proc = Process(["operator"], env, tmp / "operator.log", int(env["EPHEMERA_OPERATOR_PORT"])).start()

@@ -1,9 +1,13 @@
 """A local server that answers like GitHub's REST API, for PyGithub under test.
 
 It checks the App JWT against the App's public key, issues installation tokens that expire and
-requires one on every call, serves the endpoints Ephemera uses (commit statuses, issue comments,
-deployments and their statuses), records every call, and can inject 5xx answers, rate limits and
-latency. Its answers are shaped from real recorded exchanges (../shared/fixtures/github/rest-recordings).
+requires one (or a user's plain token) on every call, serves the endpoints Ephemera uses (commit
+statuses, issue comments, deployments and their statuses, which installation covers a repository,
+the authenticated user), records every call, and can inject 5xx answers, rate limits and latency.
+An installation covers the repositories of its account (all, or a selection); its token is refused
+elsewhere, as GitHub refuses it. Comments carry their author: the App's bot user (and the App) for an
+installation token, the user for a user's token. Its answers are shaped from real recorded exchanges
+(../shared/fixtures/github/rest-recordings).
 
     python -m tests.fakegithub --port 8099   (serves /_calls for a look at what it received)
 """
@@ -19,6 +23,7 @@ import re
 import secrets
 import threading
 import time
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,6 +50,33 @@ def recorded(name: str, index: int = 0) -> tuple[int, dict[str, str], Any]:
 
 
 JSON_BODY: web.RequestKey[Any] = web.RequestKey("json", object)
+# Who made the request: (installation id, None) for an installation token, (None, login) for a user's token.
+CALLER: web.RequestKey[tuple[int | None, str | None]] = web.RequestKey("caller", tuple)
+# Paths answered with the App's JWT rather than an installation token.
+JWT_PATH = re.compile(r"/app(/.*)?|/repos/[^/]+/[^/]+/installation")
+REPO_PATH = re.compile(r"/repos/(?P<owner>[^/]+)/(?P<repo>[^/]+)(/.*)?")
+SECONDARY_RATE_LIMIT_MESSAGE = (
+    "You have exceeded a secondary rate limit. Please wait a few minutes before you try again. If you reach out "
+    "to GitHub Support for help, please include the request ID 6EC6:2C9F:35D9B07:76A8CC9:5BCEBCD5."
+)
+SECONDARY_RATE_LIMIT_DOCS = (
+    "https://docs.github.com/rest/using-the-rest-api/rate-limits-for-the-rest-api#about-secondary-rate-limits"
+)
+
+
+@dataclass
+class Installation:
+    """One installation of the App: on an account, for all its repositories or a selection."""
+
+    id: int
+    account: str | None  # None: the tests' catch-all, an installation on every account
+    repositories: set[str] | None = None  # full names of the selected repositories; None: all of them
+
+    def could_cover(self, repository: str) -> bool:
+        """Whether it covers `repository` (FakeGitHub.covers also asks whether another installation does)."""
+        if self.repositories is not None:
+            return repository.lower() in {r.lower() for r in self.repositories}
+        return self.account is None or repository.split("/")[0].lower() == self.account.lower()
 
 
 @dataclass
@@ -58,9 +90,14 @@ class Fault:
     body: dict[str, Any] = field(default_factory=lambda: {"message": "Server Error"})
     delay: float = 0.0
     count: int = 1
+    request_body: str | None = None  # a pattern the request's body must contain, if set
 
-    def matches(self, method: str, path: str) -> bool:
-        return bool(re.fullmatch(self.method, method) and re.fullmatch(self.path, path)) and self.count > 0
+    def matches(self, method: str, path: str, raw: str = "") -> bool:
+        return (
+            bool(re.fullmatch(self.method, method) and re.fullmatch(self.path, path))
+            and (self.request_body is None or re.search(self.request_body, raw) is not None)
+            and self.count > 0
+        )
 
 
 @dataclass
@@ -71,21 +108,28 @@ class Call:
     installation: int | None
     status: int
     at: float
+    user: str | None = None  # the login behind a user's token
 
 
 class FakeGitHub:
     """State and handlers of the fake API."""
 
-    def __init__(self, app_id: int = 4242, token_ttl: float = 3600.0) -> None:
+    def __init__(self, app_id: int = 4242, token_ttl: float = 3600.0, app_slug: str = "ephemera-preview") -> None:
         self.app_id = app_id
+        self.app_slug = app_slug
         self.token_ttl = token_ttl
         key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
         self.private_key_pem = key.private_bytes(
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
         ).decode()
         self.public_key = key.public_key()
-        self.installations: set[int] = {1, 4242}
+        # 1 is the fixture payloads' installation (on Codertocat); 4242 is everywhere else.
+        self.installations: dict[int, Installation] = {
+            1: Installation(1, "Codertocat"),
+            4242: Installation(4242, None),
+        }
         self.tokens: dict[str, tuple[int, float]] = {}
+        self.user_tokens: dict[str, str] = {}  # a user's plain token -> the user's login
         self.calls: list[Call] = []
         self.faults: list[Fault] = []
         self.statuses: dict[str, list[dict[str, Any]]] = {}  # "owner/repo@sha" -> statuses
@@ -105,6 +149,10 @@ class FakeGitHub:
             "deployment": recorded("Repository.testCreateDeployment")[2],
             "deployment_status": recorded("DeploymentStatus.testCreate")[2],
             "rate_limited": recorded("SpecificExceptions.testAuthenticatedRateLimitExceeded", 1),
+            "installation": recorded("GithubIntegration.testGetRepoInstallation")[2],
+            "installation_not_found": recorded("GithubIntegration.testGetInstallationNotFound")[2],
+            "installation_repositories": recorded("Installation.testGetRepos", 1)[2],
+            "user": recorded("SpecificExceptions.testRateLimitExceeded")[2],
         }
 
     # What tests look at -------------------------------------------------------------------------------
@@ -116,6 +164,49 @@ class FakeGitHub:
     def inject(self, fault: Fault) -> None:
         with self._lock:
             self.faults.append(fault)
+
+    def installation(self, installation_id: int, account: str, repositories: set[str] | None = None) -> None:
+        """Install the App on `account`: on all its repositories, or on `repositories` only."""
+        with self._lock:
+            self.installations[installation_id] = Installation(installation_id, account, repositories)
+
+    def installation_of(self, repository: str) -> Installation | None:
+        """The App's installation on `repository`, as GitHub answers `GET /repos/{owner}/{repo}/installation`:
+        the one on the repository's account (at most one per account), else the catch-all."""
+        owner = repository.split("/")[0].lower()
+        installations = list(self.installations.values())  # a copy: tests add installations from their thread
+        on_account = [i for i in installations if i.account is not None and i.account.lower() == owner]
+        candidates = on_account or [i for i in installations if i.account is None]
+        return next((i for i in candidates if i.could_cover(repository)), None)
+
+    def covers(self, installation_id: int, repository: str) -> bool:
+        """Whether the installation's token may reach `repository`."""
+        found = self.installation_of(repository)
+        return found is not None and found.id == installation_id
+
+    def user_token(self, login: str) -> str:
+        """A plain token of the user `login` (one that never expires, as a personal access token may)."""
+        token = "ghp_" + secrets.token_hex(18)
+        with self._lock:
+            self.user_tokens[token] = login
+        return token
+
+    def secondary_rate_limit(
+        self, path: str = r"/repos/.*", method: str = ".*", count: int = 1, request_body: str | None = None
+    ) -> None:
+        """A secondary rate limit as GitHub answers it when it names no wait: the recorded 403 (whose
+        documentation link and message say what it is) without its Retry-After header."""
+        status, _recorded_headers, body = self._templates["rate_limited"]
+        self.inject(
+            Fault(
+                method=method,
+                path=path,
+                status=status,
+                body={**body, "documentation_url": SECONDARY_RATE_LIMIT_DOCS, "message": SECONDARY_RATE_LIMIT_MESSAGE},
+                count=count,
+                request_body=request_body,
+            )
+        )
 
     def rate_limit(self, path: str = r"/repos/.*", retry_after: int = 1, count: int = 1) -> None:
         """A secondary rate limit as GitHub answers it: 403, a message, and Retry-After."""
@@ -154,15 +245,16 @@ class FakeGitHub:
     @web.middleware
     async def middleware(self, request: web.Request, handler: Any) -> web.StreamResponse:
         body: Any = None
+        raw = b""
         if request.can_read_body:
             raw = await request.read()
             body = json.loads(raw) if raw else None
         request[JSON_BODY] = body
-        installation = None
+        installation, user = None, None
         fault = None
         with self._lock:
             for candidate in self.faults:
-                if candidate.matches(request.method, request.path):
+                if candidate.matches(request.method, request.path, raw.decode(errors="replace")):
                     candidate.count -= 1
                     fault = candidate
                     break
@@ -170,30 +262,44 @@ class FakeGitHub:
             await asyncio.sleep(fault.delay)
         if fault is not None and fault.status is not None:
             response = self._answer(fault.status, fault.body, fault.headers)
-        elif request.path.startswith("/_") or request.path.startswith("/app/"):
+        elif request.path.startswith("/_"):
             response = await handler(request)
+        elif JWT_PATH.fullmatch(request.path):
+            refusal = self._check_jwt(request)
+            response = refusal if refusal is not None else await handler(request)
         else:
-            installation, refusal = self._check_token(request)
+            (installation, user), refusal = self._check_token(request)
+            request[CALLER] = (installation, user)
             response = refusal if refusal is not None else await handler(request)
         with self._lock:
             if not request.path.startswith("/_"):
                 self.rate_remaining = max(0, self.rate_remaining - 1)
-                self.calls.append(Call(request.method, request.path, body, installation, response.status, time.time()))
+                call = Call(request.method, request.path, body, installation, response.status, time.time(), user)
+                self.calls.append(call)
         return response
 
-    def _check_token(self, request: web.Request) -> tuple[int | None, web.Response | None]:
+    def _check_token(self, request: web.Request) -> tuple[tuple[int | None, str | None], web.Response | None]:
+        """Who the token is, or the refusal: a bad or expired token (401), or an installation token
+        used on a repository that its installation does not cover (403, as GitHub answers)."""
         header = request.headers.get("Authorization", "")
         token = header.split(" ", 1)[1] if " " in header else ""
+        if token in self.user_tokens:
+            return (None, self.user_tokens[token]), None
         entry = self.tokens.get(token)
         if entry is None or entry[1] < time.time():
             body = {"message": "Bad credentials", "documentation_url": "https://docs.github.com/rest"}
-            return None, self._answer(401, body)
-        return entry[0], None
+            return (None, None), self._answer(401, body)
+        repo = REPO_PATH.fullmatch(request.path)
+        if repo is not None and not self.covers(entry[0], f"{repo['owner']}/{repo['repo']}"):
+            body = {
+                "message": "Resource not accessible by integration",
+                "documentation_url": "https://docs.github.com/rest",
+            }
+            return (entry[0], None), self._answer(403, body)
+        return (entry[0], None), None
 
-    # GitHub App -------------------------------------------------------------------------------------
-
-    async def access_token(self, request: web.Request) -> web.Response:
-        installation = int(request.match_info["id"])
+    def _check_jwt(self, request: web.Request) -> web.Response | None:
+        """The refusal of a request whose App JWT is missing, expired or not the App's; None if it is good."""
         header = request.headers.get("Authorization", "")
         try:
             claims = jwt.decode(
@@ -206,6 +312,12 @@ class FakeGitHub:
                 raise jwt.InvalidIssuerError("wrong issuer")
         except jwt.PyJWTError:
             return self._answer(401, self._templates["bad_jwt"])
+        return None
+
+    # GitHub App -------------------------------------------------------------------------------------
+
+    async def access_token(self, request: web.Request) -> web.Response:
+        installation = int(request.match_info["id"])
         if installation not in self.installations:
             return self._answer(404, self._templates["no_installation"])
         token = "ghs_" + secrets.token_hex(18)
@@ -214,7 +326,104 @@ class FakeGitHub:
         body = copy.deepcopy(self._templates["token"])
         body.update(token=token, expires_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(expires)))
         body["permissions"] = {"statuses": "write", "pull_requests": "write", "deployments": "write"}
+        body["repository_selection"] = "all" if self.installations[installation].repositories is None else "selected"
         return self._answer(201, body)
+
+    def _installation_json(self, installation: Installation) -> dict[str, Any]:
+        body: dict[str, Any] = copy.deepcopy(self._templates["installation"])
+        account = installation.account or "octo"
+        selection = "all" if installation.repositories is None else "selected"
+        body.update(
+            id=installation.id,
+            app_id=self.app_id,
+            app_slug=self.app_slug,
+            repository_selection=selection,
+            access_tokens_url=self.url(f"/app/installations/{installation.id}/access_tokens"),
+            repositories_url=self.url("/installation/repositories"),
+            permissions={"statuses": "write", "pull_requests": "write", "deployments": "write", "metadata": "read"},
+        )
+        body["account"] = {**body.get("account", {}), "login": account, "url": self.url(f"/users/{account}")}
+        return body
+
+    async def repo_installation(self, request: web.Request) -> web.Response:
+        """`GET /repos/{owner}/{repo}/installation` (App JWT): the App's installation on it, or 404."""
+        installation = self.installation_of(self._repo(request))
+        if installation is None:
+            return self._answer(404, self._templates["installation_not_found"])
+        return self._answer(200, self._installation_json(installation))
+
+    async def app_installation(self, request: web.Request) -> web.Response:
+        installation = self.installations.get(int(request.match_info["id"]))
+        if installation is None:
+            return self._answer(404, self._templates["installation_not_found"])
+        return self._answer(200, self._installation_json(installation))
+
+    async def app_installations(self, _: web.Request) -> web.Response:
+        with self._lock:
+            found = [self._installation_json(i) for i in self.installations.values()]
+        return self._answer(200, found)
+
+    async def installation_repositories(self, request: web.Request) -> web.Response:
+        """`GET /installation/repositories` (installation token): the repositories it covers, of those
+        this server has seen (an installation on all of an account's repositories cannot list the rest)."""
+        installation_id = request[CALLER][0]
+        installation = self.installations.get(installation_id) if installation_id is not None else None
+        if installation is None:
+            message = {"message": "You must authenticate with an installation access token", "documentation_url": ""}
+            return self._answer(403, message)
+        body = copy.deepcopy(self._templates["installation_repositories"])
+        template = (body.get("repositories") or [{}])[0]
+        with self._lock:
+            known = {f"{m['owner']}/{m['repo']}" for c in self.calls if (m := REPO_PATH.fullmatch(c.path))}
+        names = sorted(installation.repositories if installation.repositories is not None else known)
+        repositories = [
+            {**template, "name": n.split("/")[1], "full_name": n, "url": self.url(f"/repos/{n}")}
+            for n in names
+            if self.covers(installation.id, n)
+        ]
+        body.update(
+            total_count=len(repositories),
+            repository_selection="all" if installation.repositories is None else "selected",
+            repositories=repositories,
+        )
+        return self._answer(200, body)
+
+    async def authenticated_user(self, request: web.Request) -> web.Response:
+        """`GET /user`: the token's user; an installation token has none (403, as GitHub answers)."""
+        login = request[CALLER][1]
+        if login is None:
+            message = {"message": "Resource not accessible by integration", "documentation_url": ""}
+            return self._answer(403, message)
+        return self._answer(200, self._user_json(login))
+
+    def _user_json(self, login: str) -> dict[str, Any]:
+        body: dict[str, Any] = copy.deepcopy(self._templates["user"])
+        body.update(login=login, id=zlib.crc32(login.encode()), url=self.url(f"/users/{login}"), type="User")
+        return body
+
+    def _author(self, request: web.Request) -> dict[str, Any]:
+        """`user` and `performed_via_github_app` of what the caller writes: the App's bot user and the App
+        for an installation token, the user for a user's token."""
+        login = request[CALLER][1]
+        if login is not None:
+            return {"user": self._user_json(login), "performed_via_github_app": None}
+        bot = f"{self.app_slug}[bot]"
+        user = {**self._user_json(bot), "type": "Bot", "id": 10**8 + self.app_id}
+        app = {
+            "id": self.app_id,
+            "slug": self.app_slug,
+            "node_id": f"A_{self.app_id}",
+            "name": self.app_slug,
+            "owner": self._user_json("octo"),
+            "description": "Preview environments",
+            "external_url": "https://example.com",
+            "html_url": f"https://github.com/apps/{self.app_slug}",
+            "created_at": "2026-01-01T00:00:00Z",
+            "updated_at": "2026-01-01T00:00:00Z",
+            "permissions": {"statuses": "write", "pull_requests": "write", "deployments": "write"},
+            "events": ["pull_request"],
+        }
+        return {"user": user, "performed_via_github_app": app}
 
     # Repositories ----------------------------------------------------------------------------------
 
@@ -276,9 +485,16 @@ class FakeGitHub:
             url=self.url(f"{base}/issues/comments/{cid}"),
             issue_url=self.url(request.path.rsplit("/comments", 1)[0]),
             edits=0,
+            **self._author(request),
         )
         self.comments[cid] = body
         return self._answer(201, body)
+
+    async def delete_comment(self, request: web.Request) -> web.Response:
+        """Someone with access to the repository deletes a comment (anyone's, as maintainers may)."""
+        if self.comments.pop(int(request.match_info["id"]), None) is None:
+            return self._answer(404, {"message": "Not Found"})
+        return web.Response(status=204, headers=self._headers())
 
     async def get_comment(self, request: web.Request) -> web.Response:
         comment = self.comments.get(int(request.match_info["id"]))
@@ -364,6 +580,11 @@ class FakeGitHub:
         app = web.Application(middlewares=[self.middleware])
         repo = "/repos/{owner}/{repo}"
         app.router.add_post("/app/installations/{id}/access_tokens", self.access_token)
+        app.router.add_get("/app/installations", self.app_installations)
+        app.router.add_get("/app/installations/{id}", self.app_installation)
+        app.router.add_get(repo + "/installation", self.repo_installation)
+        app.router.add_get("/installation/repositories", self.installation_repositories)
+        app.router.add_get("/user", self.authenticated_user)
         app.router.add_get(repo, self.get_repo)
         app.router.add_post(repo + "/statuses/{sha}", self.create_status)
         app.router.add_get(repo + "/commits/{sha}", self.get_commit)
@@ -374,6 +595,7 @@ class FakeGitHub:
         app.router.add_post(repo + "/issues/{number:\\d+}/comments", self.create_comment)
         app.router.add_get(repo + "/issues/comments/{id}", self.get_comment)
         app.router.add_patch(repo + "/issues/comments/{id}", self.edit_comment)
+        app.router.add_delete(repo + "/issues/comments/{id}", self.delete_comment)
         app.router.add_post(repo + "/deployments", self.create_deployment)
         app.router.add_get(repo + "/deployments", self.list_deployments)
         app.router.add_get(repo + "/deployments/{id}", self.get_deployment)

@@ -458,7 +458,10 @@ def fake_node(name: str) -> dict[str, object]:
             "annotations": {"kwok.x-k8s.io/node": "fake", "node.alpha.kubernetes.io/ttl": "0"},
             "labels": {"kubernetes.io/hostname": name, "kubernetes.io/os": "linux", "type": "kwok"},
         },
-        "status": {"allocatable": {"cpu": "64", "memory": "256Gi", "pods": "500"}},
+        "status": {
+            "allocatable": {"cpu": "64", "memory": "256Gi", "pods": "500", "ephemeral-storage": "1Ti"},
+            "capacity": {"cpu": "64", "memory": "256Gi", "pods": "500", "ephemeral-storage": "1Ti"},
+        },
     }
 
 

@@ -1,13 +1,15 @@
 """GitHub credentials: a GitHub App's installation tokens (cached until shortly before they expire),
-or a plain token for simple setups."""
+or a plain token for simple setups; and who Ephemera is on GitHub (which installation covers a
+repository, which comments are its own)."""
 
 from __future__ import annotations
 
 import datetime
 import threading
+import time
 from dataclasses import dataclass
 
-from github import Auth, Github, GithubIntegration
+from github import Auth, Github, GithubException, GithubIntegration
 
 from ephemera.config import Settings
 
@@ -15,8 +17,43 @@ from ephemera.config import Settings
 REFRESH_MARGIN = datetime.timedelta(minutes=5)
 
 
+# Repositories whose installation is remembered at most (expired answers are dropped past it).
+INSTALLATION_CACHE_SIZE = 4096
+
+
 class NoCredentials(Exception):
     """Reporting is not configured for this object (no App, no token, or no installation id)."""
+
+
+class NotInstalled(Exception):
+    """The object's installation does not cover its repository: nothing may be posted for it.
+
+    `spec.installationId` and `spec.repository` are written by whoever may create PreviewEnvironments;
+    without this check they could point one account's installation at another account's repository."""
+
+
+@dataclass(frozen=True)
+class Identity:
+    """Who Ephemera posts as: the App (its id and its bot user `<slug>[bot]`) or the token's user.
+    Only comments written by this identity are ever edited."""
+
+    app_id: int | None = None
+    bot_login: str | None = None
+    login: str | None = None
+
+    def wrote(self, user_login: str | None, app_id: int | None) -> bool:
+        """Whether a comment by `user_login`, made through the App `app_id` (if any), is ours."""
+        if self.app_id is not None and app_id == self.app_id:
+            return True
+        ours = {name.lower() for name in (self.bot_login, self.login) if name}
+        return user_login is not None and user_login.lower() in ours
+
+
+@dataclass(frozen=True)
+class _Coverage:
+    installation_id: int | None  # None: the App is not installed on the repository
+    app_slug: str | None
+    expires: float  # time.monotonic()
 
 
 @dataclass
@@ -32,6 +69,8 @@ class GitHubAuth:
         self.settings = settings
         self._lock = threading.Lock()
         self._cache: dict[int, _Cached] = {}
+        self._coverage: dict[str, _Coverage] = {}  # repository (lower case) -> its installation of the App
+        self._token_login: str | None = None
         self._token_client: Github | None = None
         key = settings.private_key()
         self._integration: GithubIntegration | None = None
@@ -84,6 +123,64 @@ class GitHubAuth:
         if self._integration is not None:
             raise NoCredentials("the object has no spec.installationId and no EPHEMERA_GITHUB_TOKEN is set")
         raise NoCredentials("no GitHub App (EPHEMERA_GITHUB_APP_ID + key) and no EPHEMERA_GITHUB_TOKEN configured")
+
+    def _app_mode(self, installation_id: int | None) -> bool:
+        """Whether `client_for(installation_id)` hands out an installation token (else the plain token)."""
+        return self._integration is not None and installation_id is not None
+
+    def check_installation(self, installation_id: int | None, repository: str) -> None:
+        """Raise NotInstalled unless GitHub says the App's installation on `repository` is
+        `installation_id` (App mode only: a plain token's reach is what its owner gave it).
+
+        Asked with the App's JWT (`GET /repos/{owner}/{repo}/installation`): one request per repository
+        per EPHEMERA_GITHUB_INSTALLATION_CACHE_TTL, answers "not installed" (404) included. Other errors
+        propagate as GithubException (retried like any report)."""
+        if not self._app_mode(installation_id):
+            return
+        found = self._installation_of(repository)
+        if found.installation_id is None:
+            raise NotInstalled(f"the GitHub App is not installed on {repository}")
+        if found.installation_id != installation_id:
+            raise NotInstalled(
+                f"installation {installation_id} does not cover {repository} "
+                f"(the App's installation there is {found.installation_id})"
+            )
+
+    def identity(self, installation_id: int | None, repository: str, client: Github) -> Identity:
+        """Who posts for this object: the App (after check_installation) or the token's user."""
+        if self._app_mode(installation_id):
+            slug = self._installation_of(repository).app_slug
+            return Identity(app_id=self.settings.github_app_id, bot_login=f"{slug}[bot]" if slug else None)
+        with self._lock:
+            login = self._token_login
+        if login is None:
+            login = client.get_user().login  # GET /user, once per process
+            with self._lock:
+                self._token_login = login
+        return Identity(login=login)
+
+    def _installation_of(self, repository: str) -> _Coverage:
+        assert self._integration is not None
+        key = repository.lower()
+        now = time.monotonic()
+        with self._lock:
+            cached = self._coverage.get(key)
+        if cached is not None and cached.expires > now:
+            return cached
+        owner, _, name = repository.partition("/")
+        expires = now + self.settings.github_installation_cache_ttl
+        try:
+            installation = self._integration.get_repo_installation(owner, name)
+            found = _Coverage(installation.id, installation.app_slug, expires)
+        except GithubException as err:
+            if err.status != 404:
+                raise
+            found = _Coverage(None, None, expires)  # not installed there (or no such repository)
+        with self._lock:
+            if len(self._coverage) >= INSTALLATION_CACHE_SIZE:
+                self._coverage = {k: v for k, v in self._coverage.items() if v.expires > now}
+            self._coverage[key] = found
+        return found
 
     def invalidate(self, installation_id: int | None) -> None:
         """Forget a token GitHub refused (401), so the next call fetches a new one."""

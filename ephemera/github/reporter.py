@@ -2,10 +2,16 @@
 
 A transition listener hands the newest state of each object to a queue; workers report it off the
 reconcile path, in threads (PyGithub is synchronous). Only the newest state of an object is ever
-reported, failures are retried with backoff (honouring Retry-After and X-RateLimit-Reset), and what
-was reported is recorded in the object's `status.reported`, in one write per report. After a restart
-the reports still owed are first checked against GitHub itself (what a report cut short posted but
-did not record), so nothing is posted twice.
+reported, failures are retried with backoff (honouring Retry-After and X-RateLimit-Reset, and waiting
+at least a minute after a secondary rate limit), and what was reported is recorded in the object's
+`status.reported`, in one write per report. After a restart the reports still owed are first checked
+against GitHub itself (what a report cut short posted but did not record), so nothing is posted twice.
+
+The object's spec is written by whoever may create PreviewEnvironments, so nothing in it is trusted
+to choose where or what the App posts: the installation must really cover the repository (asked of
+GitHub, cached), the closing reason is one of a fixed set (never the annotation's text), and only
+comments written by Ephemera itself are ever edited. A step GitHub refuses (403, 422) is dropped
+alone: the other reports of that state still go out.
 """
 
 from __future__ import annotations
@@ -21,11 +27,13 @@ from typing import Any
 
 import requests
 from github import GithubException
+from github.Issue import Issue
+from github.IssueComment import IssueComment
 from github.Repository import Repository
 from prometheus_client import Counter, Gauge
 
 from ephemera.config import Settings
-from ephemera.github.client import GitHubAuth, NoCredentials
+from ephemera.github.client import GitHubAuth, Identity, NoCredentials, NotInstalled
 from ephemera.kube import Kube, KubeError
 from ephemera.metrics import REGISTRY
 from ephemera.transitions import Transition
@@ -41,6 +49,19 @@ RATE_LIMIT = Gauge(
 MAX_ATTEMPTS = 12
 SETTLE = 1.0  # seconds a new state waits, in case a newer one overtakes it
 CLOSED_REASON = "ephemera.dev/closed-reason"
+# What a teardown comment may say about why: the annotation's value picks one of these, never itself
+# reaches the comment (anyone who may patch the object may write it). "deleted": no annotation (the
+# object was deleted directly); "unknown": an annotation that is none of the others.
+TEARDOWN_REASONS = {
+    "merged": "the PR was merged",
+    "closed": "the PR was closed",
+    "converted-to-draft": "the PR was converted to draft",
+    "deleted": "the environment was deleted",
+    "unknown": "the environment was deleted",
+}
+# Words in a 403/429 that mean a secondary rate limit (today's message and the older "abuse" one,
+# and the documentation links GitHub sends with each).
+SECONDARY_RATE_LIMIT = ("secondary rate limit", "abuse detection", "secondary-rate-limits", "abuse-rate-limits")
 
 COMMIT_STATES = {
     "Provisioning": ("pending", "Preview environment is being provisioned"),
@@ -59,12 +80,30 @@ ICONS = {"Ready": "🟢", "Failed": "🔴", "Destroying": "⚪", "Provisioning":
 
 
 class RetryLater(Exception):
-    """A report to try again: after `delay` seconds, doubled per attempt when `backoff` is set."""
+    """A report to try again: after `delay` seconds, doubled per attempt when `backoff` is set (up to
+    EPHEMERA_GITHUB_RETRY_MAX_DELAY), and never sooner than `floor` seconds."""
 
-    def __init__(self, delay: float, why: str, *, backoff: bool = True) -> None:
+    def __init__(self, delay: float, why: str, *, backoff: bool = True, floor: float = 0.0) -> None:
         super().__init__(why)
         self.delay = delay
         self.backoff = backoff
+        self.floor = floor
+
+    def wait(self, attempt: int, max_delay: float) -> float:
+        """Seconds to wait before attempt number `attempt` + 1 (`attempt` >= 1 failed so far)."""
+        delay = self.delay
+        if self.backoff:
+            delay = min(delay * 2 ** (attempt - 1), max_delay)
+        return max(delay, self.floor)
+
+
+def closed_reason(annotations: dict[str, str]) -> str:
+    """The teardown's reason as one of TEARDOWN_REASONS' keys, whatever the annotation holds."""
+    raw = annotations.get(CLOSED_REASON)
+    if raw is None:
+        return "deleted"
+    reason = raw.strip().lower().replace(" ", "-").replace("_", "-")
+    return reason if reason in TEARDOWN_REASONS and reason != "unknown" else "unknown"
 
 
 def marker(repository: str, pr: int) -> str:
@@ -76,8 +115,7 @@ def comment_body(t: Transition) -> str:
     spec, status = t.spec, t.status
     sha = str(spec["commitSha"])
     if t.phase in ("Destroying", "Destroyed"):
-        reason = t.annotations.get(CLOSED_REASON, "closed")
-        title = f"⚪ Preview environment torn down: the PR was {reason}"
+        title = f"⚪ Preview environment torn down: {TEARDOWN_REASONS[closed_reason(t.annotations)]}"
         what = "is being removed" if t.phase == "Destroying" else "has been removed"
         summary = f"The environment for commit `{sha[:7]}` in namespace `{status.get('namespace', '-')}` {what}."
     else:
@@ -98,7 +136,14 @@ def comment_body(t: Transition) -> str:
     )
 
 
-def _retry(err: GithubException, max_delay: float) -> RetryLater | None:
+def secondary_rate_limit(err: GithubException) -> bool:
+    """Whether a 403/429 is GitHub's secondary rate limit, as its message and documentation link say."""
+    data = err.data if isinstance(err.data, dict) else {}
+    said = f"{data.get('message', '')} {data.get('documentation_url', '')}".lower()
+    return err.status in (403, 429) and any(words in said for words in SECONDARY_RATE_LIMIT)
+
+
+def _retry(err: GithubException, max_delay: float, secondary_delay: float) -> RetryLater | None:
     """When to try again, as GitHub says (Retry-After, X-RateLimit-Reset) or by backoff; None if never."""
     headers = {k.lower(): v for k, v in (err.headers or {}).items()}
     why = f"GitHub answered {err.status}"
@@ -108,6 +153,10 @@ def _retry(err: GithubException, max_delay: float) -> RetryLater | None:
         if headers.get("x-ratelimit-remaining") == "0" and "x-ratelimit-reset" in headers:
             wait = min(max(1.0, float(headers["x-ratelimit-reset"]) - time.time()), max_delay)
             return RetryLater(wait, why, backoff=False)
+        if secondary_rate_limit(err):
+            # GitHub: "wait for at least one minute before retrying", then longer; a short
+            # EPHEMERA_GITHUB_RETRY_MAX_DELAY must not bring the next request sooner.
+            return RetryLater(secondary_delay, f"{why}: secondary rate limit", floor=secondary_delay)
         if err.status == 429:
             return RetryLater(1.0, why)
         return None  # a plain 403: the App lacks a permission
@@ -116,12 +165,14 @@ def _retry(err: GithubException, max_delay: float) -> RetryLater | None:
     return None
 
 
-# One step of a report: (repository, transition, what was reported) -> what it posted, if anything.
-Step = Callable[[Repository, Transition, dict[str, Any]], dict[str, Any] | None]
+# Who posts (the App or the token's user), found when first needed.
+Who = Callable[[], Identity]
+# One step of a report: (repository, transition, what was reported, who posts) -> what it posted, if anything.
+Step = Callable[[Repository, Transition, dict[str, Any], Who], dict[str, Any] | None]
 
 
 class Refused(Exception):
-    """GitHub refused a step for good (logged); the rest of that report is dropped."""
+    """GitHub refused a step for good (logged and counted); the report's other steps still run."""
 
 
 @dataclass
@@ -144,8 +195,9 @@ class Reporter:
         self._active: set[str] = set()  # uids being reported now: one report per object at a time
         self._queue: asyncio.Queue[str] = asyncio.Queue()
         self._newest: dict[str, int] = {}  # uid -> seq of the newest state seen
-        self._waiting: dict[str, int] = {}  # uid -> retries scheduled for later
+        self._waiting: dict[str, list[float]] = {}  # uid -> when retries are due (loop time)
         self._known: dict[str, dict[str, Any]] = {}  # uid -> what was reported (mirrors status.reported)
+        self._own_comments: dict[str, int] = {}  # uid -> id of its comment, known to be Ephemera's
         self._unsure: set[str] = set()  # uids resumed after a restart: read GitHub before posting
         self._seq = itertools.count()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -209,9 +261,7 @@ class Reporter:
                 if job.attempt >= MAX_ATTEMPTS:
                     log.error("giving up reporting %s to GitHub: %s", job.transition.name, later)
                     continue
-                delay = later.delay
-                if later.backoff:
-                    delay = min(delay * 2 ** (job.attempt - 1), self.settings.github_retry_max_delay)
+                delay = later.wait(job.attempt, self.settings.github_retry_max_delay)
                 log.warning("GitHub report for %s retried in %.1f s: %s", job.transition.name, delay, later)
                 self._later(job, delay)
             except Exception:
@@ -228,17 +278,23 @@ class Reporter:
     def _later(self, job: _Job, delay: float) -> None:
         """Try `job` again after `delay` seconds (unless a newer state supersedes it meanwhile)."""
         assert self._loop is not None
-        uid = job.transition.uid
-        self._waiting[uid] = self._waiting.get(uid, 0) + 1
-        self._loop.call_later(delay, self._retry, job)
+        when = self._loop.time() + delay
+        self._waiting.setdefault(job.transition.uid, []).append(when)
+        self._loop.call_at(when, self._retry, job, when)
 
-    def _retry(self, job: _Job) -> None:
+    def _retry(self, job: _Job, when: float) -> None:
         uid = job.transition.uid
-        self._waiting[uid] -= 1
+        self._waiting[uid].remove(when)
         if not self._waiting[uid]:
             del self._waiting[uid]
         self._enqueue(job)
         self._forget(uid)
+
+    def next_attempt(self, uid: str) -> float | None:
+        """Seconds until the object's next scheduled retry, if one is (call it in the reporter's loop)."""
+        assert self._loop is not None
+        due = self._waiting.get(uid)
+        return min(due) - self._loop.time() if due else None
 
     def _forget(self, uid: str) -> None:
         """Drop what is kept about an object once nothing about it is queued, running or waiting."""
@@ -250,11 +306,27 @@ class Reporter:
     def report(self, t: Transition) -> None:
         """Bring the PR up to date with `t`; raise RetryLater for what may pass."""
         spec = t.spec
+        repository, installation_id = str(spec["repository"]), spec.get("installationId")
         try:
-            client = self.auth.client_for(spec.get("installationId"))
+            try:
+                self.auth.check_installation(installation_id, repository)
+            except GithubException as err:
+                self._raise_retry("installation", err, spec)
+                return
+            client = self.auth.client_for(installation_id)
         except NoCredentials as why:
             REPORTS.labels("all", "skipped").inc()
-            log.info("GitHub reporting skipped for %s: %s", t.name, why, extra={"repository": spec["repository"]})
+            log.info("GitHub reporting skipped for %s: %s", t.name, why, extra={"repository": repository})
+            return
+        except NotInstalled as why:
+            REPORTS.labels("installation", "refused").inc()
+            log.error(
+                "GitHub report for %s refused, nothing posted: %s (spec.installationId and spec.repository "
+                "must name an installation of the App that covers the repository)",
+                t.name,
+                why,
+                extra={"repository": repository, "pr": spec["pullRequest"]},
+            )
             return
         except GithubException as err:
             self._raise_retry("token", err, spec)
@@ -262,20 +334,26 @@ class Reporter:
         except requests.RequestException as err:
             raise RetryLater(5, f"GitHub unreachable: {err}") from err
         reported = self._reported(t)
-        repo = client.get_repo(str(spec["repository"]))  # lazy: the client is
+        repo = client.get_repo(repository)  # lazy: the client is
+
+        def who() -> Identity:  # asked only by the comment step: who we are matters only there
+            return self.auth.identity(installation_id, repository, client)
+
         done: dict[str, Any] = {}  # what this report posted: recorded on the object in one write
         try:
             steps = (self._commit_status, self._deployment, self._comment)
             for step in ((self._reconcile,) if t.uid in self._unsure else ()) + steps:
-                self._step(step, repo, t, client, reported, done)
+                try:
+                    self._step(step, repo, t, client, who, reported, done)
+                except Refused:
+                    continue  # logged and counted: the other reports still go out
             self._unsure.discard(t.uid)
-        except Refused:
-            return  # logged and counted; a newer state is reported afresh
         finally:
             if done:
                 self._record(t, done)
         if t.phase == "Destroyed":
             self._known.pop(t.uid, None)  # the object is gone: nothing more to report
+            self._own_comments.pop(t.uid, None)
 
     def _step(
         self,
@@ -283,17 +361,18 @@ class Reporter:
         repo: Repository,
         t: Transition,
         client: Any,
+        who: Who,
         reported: dict[str, Any],
         done: dict[str, Any],
     ) -> None:
         """Run one step of a report; what it posted (or found) goes into `reported` and `done`."""
         kind, spec = step.__name__.lstrip("_"), t.spec
         try:
-            update = step(repo, t, reported)
+            update = step(repo, t, reported, who)
         except GithubException as err:
             REPORTS.labels(kind, "error").inc()
             self._raise_retry(kind, err, spec)
-            raise Refused(kind) from err  # not retried: the report stops here
+            raise Refused(kind) from err  # not retried: this step is dropped for this state
         except requests.RequestException as err:
             REPORTS.labels(kind, "error").inc()
             raise RetryLater(5, f"GitHub unreachable: {err}") from err
@@ -307,7 +386,7 @@ class Reporter:
     def _raise_retry(self, kind: str, err: GithubException, spec: dict[str, Any]) -> None:
         if err.status == 401:
             self.auth.invalidate(spec.get("installationId"))
-        later = _retry(err, self.settings.github_retry_max_delay)
+        later = _retry(err, self.settings.github_retry_max_delay, self.settings.github_secondary_rate_limit_delay)
         if later is None:
             REPORTS.labels(kind, "refused").inc()
             log.error(
@@ -318,7 +397,7 @@ class Reporter:
                 extra={"repository": spec["repository"], "pr": spec["pullRequest"]},
             )
             return
-        raise RetryLater(later.delay, f"{kind}: {later}", backoff=later.backoff)
+        raise RetryLater(later.delay, f"{kind}: {later}", backoff=later.backoff, floor=later.floor)
 
     def _observe_rate_limit(self, client: Any) -> None:
         # What the last answer's X-RateLimit-* headers said; `client.rate_limiting` would make a request.
@@ -343,7 +422,7 @@ class Reporter:
 
     # The three reports ---------------------------------------------------------------------------------
 
-    def _reconcile(self, repo: Repository, t: Transition, reported: dict[str, Any]) -> dict[str, Any] | None:
+    def _reconcile(self, repo: Repository, t: Transition, reported: dict[str, Any], who: Who) -> dict[str, Any] | None:
         """Read back from GitHub what was posted for this commit: after a restart, a report cut short
         may have posted a status or created a deployment without recording it on the object."""
         sha = str(t.spec["commitSha"])
@@ -360,7 +439,9 @@ class Reporter:
             break
         return found
 
-    def _commit_status(self, repo: Repository, t: Transition, reported: dict[str, Any]) -> dict[str, Any] | None:
+    def _commit_status(
+        self, repo: Repository, t: Transition, reported: dict[str, Any], who: Who
+    ) -> dict[str, Any] | None:
         if t.phase not in COMMIT_STATES:
             return None
         state, description = COMMIT_STATES[t.phase]
@@ -380,7 +461,7 @@ class Reporter:
     def _context(self) -> str:
         return self.settings.github_status_context
 
-    def _deployment(self, repo: Repository, t: Transition, reported: dict[str, Any]) -> dict[str, Any] | None:
+    def _deployment(self, repo: Repository, t: Transition, reported: dict[str, Any], who: Who) -> dict[str, Any] | None:
         state = DEPLOYMENT_STATES.get(t.phase)
         if state is None:
             return None
@@ -413,24 +494,70 @@ class Reporter:
         deployment.create_status(**kwargs)
         return {**update, "deploymentState": key}
 
-    def _comment(self, repo: Repository, t: Transition, reported: dict[str, Any]) -> dict[str, Any] | None:
+    def _comment(self, repo: Repository, t: Transition, reported: dict[str, Any], who: Who) -> dict[str, Any] | None:
         key = f"{t.phase}@{t.spec['commitSha']}"
         if reported.get("comment") == key:
             return None
         body = comment_body(t)
         issue = repo.get_issue(int(t.spec["pullRequest"]))
-        comment_id = reported.get("commentId")
+        found = self._existing_comment(issue, t, reported, who)
         comment = None
-        if comment_id:
-            comment = issue.get_comment(int(comment_id))
-        else:
-            tag = marker(str(t.spec["repository"]), int(t.spec["pullRequest"]))
-            comment = next((c for c in issue.get_comments() if tag in (c.body or "")), None)
+        if found is not None:
+            comment_id, comment = found
+            try:
+                comment.edit(body)
+            except GithubException as err:
+                if err.status not in (404, 410):
+                    raise
+                log.info("comment %d on %s was deleted on GitHub; a new one is made", comment_id, t.name)
+                comment = None
         if comment is None:
             comment = issue.create_comment(body)
-        else:
-            comment.edit(body)
+        self._own_comments[t.uid] = comment.id
         return {"commentId": comment.id, "comment": key}
+
+    def _existing_comment(
+        self, issue: Issue, t: Transition, reported: dict[str, Any], who: Who
+    ) -> tuple[int, IssueComment] | None:
+        """Ephemera's comment on the PR (its id and a handle to it), if it has one; None to make one."""
+        comment_id = int(reported.get("commentId") or 0)
+        if comment_id and self._own_comments.get(t.uid) == comment_id:
+            # Made or checked by this process: not read again (an edit answers 404 if it was deleted).
+            return comment_id, issue.get_comment(comment_id)
+        me = who()
+        if comment_id:
+            comment = self._own_comment(issue, comment_id, me, t)
+            if comment is not None:
+                return comment_id, comment
+        # Ours, found by the marker: someone else's comment that quotes the marker is left alone.
+        tag = marker(str(t.spec["repository"]), int(t.spec["pullRequest"]))
+        for listed in issue.get_comments():
+            if tag in (listed.body or "") and _wrote(me, listed):
+                return listed.id, listed
+        return None
+
+    def _own_comment(self, issue: Issue, comment_id: int, who: Identity, t: Transition) -> IssueComment | None:
+        """The comment Ephemera made earlier, if it still exists and is still its own."""
+        comment = issue.get_comment(comment_id)
+        try:
+            ours = _wrote(who, comment)  # reads the comment (lazy until now)
+        except GithubException as err:
+            if err.status not in (404, 410):
+                raise
+            # Deleted on GitHub: it would answer 404 forever. Forget it; a new one is made.
+            log.info("comment %d on %s was deleted on GitHub; a new one is made", comment_id, t.name)
+            return None
+        if not ours:
+            log.warning("comment %d on %s was not written by Ephemera (%s); it is left alone", comment_id, t.name, who)
+            return None
+        return comment
+
+
+def _wrote(who: Identity, comment: IssueComment) -> bool:
+    """Whether Ephemera wrote `comment` (a comment got by id is read here; a listed one is not read again)."""
+    user = comment.user
+    app = comment.performed_via_github_app
+    return who.wrote(user.login if user is not None else None, app.id if app is not None else None)
 
 
 def reported_is_current(status: dict[str, Any], spec: dict[str, Any]) -> bool:

@@ -249,6 +249,7 @@ async def track(*, event: kopf.RawEvent, name: str, memo: kopf.Memo, **_: Any) -
         failed_at=status.get("failedAt"),
         retries=int(status.get("retries") or 0),
         permanent=bool(status.get("permanent")),
+        reason=status.get("reason"),
     )
 
 

@@ -5,20 +5,25 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import shutil
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, cast
 
 import kopf
 import kubernetes
 
+from ephemera import children
+from ephemera.apply import Applier
 from ephemera.config import Settings, get_settings
 from ephemera.environments import Environments
 from ephemera.github.client import GitHubAuth
 from ephemera.github.reporter import Reporter
 from ephemera.kube import Kube, KubeError, load_api_client
 from ephemera.naming import FINALIZER
-from ephemera.operator import health, lifecycle, timers
+from ephemera.operator import apps, health, lifecycle, timers
 from ephemera.operator.metrics import observe_transition
+from ephemera.previews import Previews
 from ephemera.store.engine import SchemaOutdated, check_schema, make_engine
 from ephemera.store.records import Records
 from ephemera.transitions import Transitions
@@ -57,7 +62,13 @@ async def configure(*, settings: kopf.OperatorSettings, memo: kopf.Memo, logger:
     memo.settings = cfg
     memo.kube = kube
     memo.transitions = transitions
-    memo.environments = Environments(kube, cfg, transitions, recorder=event_poster(kube))
+    memo.templates = apps.Templates()
+    await asyncio.to_thread(memo.templates.prime, kube)  # before any environment is provisioned
+    memo.environments = Environments(
+        kube, cfg, transitions, recorder=event_poster(kube), previews=_previews(cfg, kube, memo.templates)
+    )
+    memo.settler = apps.Settler(memo.environments)
+    memo.settler.start()
     memo.records = await _records(cfg, kube, logger)
     transitions.subscribe(memo.records.listener)
     auth = await asyncio.to_thread(GitHubAuth, cfg)
@@ -72,6 +83,21 @@ async def configure(*, settings: kopf.OperatorSettings, memo: kopf.Memo, logger:
     memo.periodic = timers.start(memo, settings.peering.priority, _identity(memo, cfg))
     memo.health = await health.start(cfg.operator_host, cfg.operator_port)
     logger.info("Operator started; health and metrics on %s:%d", cfg.operator_host, cfg.operator_port)
+
+
+def _previews(cfg: Settings, kube: Kube, templates: apps.Templates) -> Previews:
+    """Templates applied with the operator's own rights, never outside the preview namespace, and never
+    over Ephemera's own guards."""
+    reserved = [
+        ("ResourceQuota", children.QUOTA_NAME),
+        ("LimitRange", children.LIMIT_RANGE_NAME),
+        ("NetworkPolicy", children.NETWORK_POLICY_NAME),
+        ("NetworkPolicy", children.EGRESS_POLICY_NAME),
+    ]
+    applier = Applier(kube, deny=cfg.template_deny, reserved=reserved)
+    found = shutil.which("helm")
+    helm = cfg.helm_binary or (Path(found) if found else None)
+    return Previews(kube, applier, domain=cfg.preview_domain, helm=helm, templates=templates)
 
 
 def _identity(memo: kopf.Memo, cfg: Settings) -> str:
@@ -148,6 +174,8 @@ def login(*, logger: kopf.Logger, settings: kopf.OperatorSettings, **kwargs: Any
 async def cleanup(*, memo: kopf.Memo, **_: Any) -> None:
     for task in getattr(memo, "periodic", []):
         task.cancel()
+    if getattr(memo, "settler", None) is not None:
+        await memo.settler.stop()
     if getattr(memo, "records", None) is not None:
         await memo.records.stop()
     if getattr(memo, "reporter", None) is not None:

@@ -20,12 +20,14 @@ from ephemera.environments import Environments
 from ephemera.kube import Kube, KubeError
 from ephemera.models import GROUP, PLURAL, VERSION, Phase, parse_time
 from ephemera.naming import RETRY_ANNOTATION
+from ephemera.operator import apps
 from ephemera.operator.metrics import ENVIRONMENTS
 from ephemera.sweeps import Seen, Sweeper, retry
 
 log = logging.getLogger(__name__)
 RESOURCE = (GROUP, VERSION, PLURAL)
 RETRY_CHECK_INTERVAL = 5.0
+ROLLOUT_CHECK_INTERVAL = 10.0
 
 
 def _retry_requested(body: kopf.Body, **_: Any) -> bool:
@@ -128,6 +130,13 @@ def start(memo: kopf.Memo, priority: int, identity: str) -> list[asyncio.Task[No
         if report:
             log.info("sweep: %s", report)
 
+    async def rollouts() -> None:
+        # A rollout is settled by its workloads' changes; only one that nothing changes any more (stuck
+        # short of ready) needs the clock for its deadline.
+        for name, item in list(memo.phases.items()):
+            if apps.waiting(item):
+                memo.settler.poke(name)
+
     async def purge() -> None:
         purged = await memo.records.purge(datetime.timedelta(seconds=cfg.record_retention), cfg.purge_batch)
         if purged:
@@ -147,6 +156,7 @@ def start(memo: kopf.Memo, priority: int, identity: str) -> list[asyncio.Task[No
     jobs = [
         (min(cfg.retry_backoff, RETRY_CHECK_INTERVAL), retries, "retries"),
         (cfg.sweep_interval, sweep, "sweep"),
+        (ROLLOUT_CHECK_INTERVAL, rollouts, "rollout-deadlines"),
         (cfg.purge_interval, purge, "purge"),
         (cfg.resync_interval, resync, "resync"),
         (10.0, gauge, "phase-gauge"),

@@ -1,0 +1,215 @@
+"""The PR's application in its preview, through the operator on the real control plane: a
+PreviewTemplate applied into the namespace, Ready only once its workloads are, pushes rolled out,
+removed objects pruned, failures named, and the URL on the object and the PR."""
+
+from __future__ import annotations
+
+import copy
+import datetime
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from ephemera.models import parse_time
+from tests.fakegithub import FakeGitHub
+from tests.support import Kubectl, Process, wait_for
+from tests.test_github import INSTALLATION, comments, deployments, statuses
+from tests.test_operator import SHA_A, SHA_B, make_env, status, unique, wait_phase
+
+pytestmark = pytest.mark.cluster
+
+
+@pytest.fixture
+def templates(kubectl: Kubectl) -> Iterator[list[str]]:
+    made: list[str] = []
+    yield made
+    for name in made:
+        kubectl.run("delete", "pt", name, "--ignore-not-found")
+
+
+def put_template(kubectl: Kubectl, made: list[str], name: str, **spec: Any) -> None:
+    body = {"apiVersion": "ephemera.dev/v1alpha1", "kind": "PreviewTemplate", "metadata": {"name": name}}
+    kubectl.apply({**body, "spec": spec})
+    if name not in made:
+        made.append(name)
+
+
+def web(simulate: str | None = None, min_ready: int = 0) -> dict[str, Any]:
+    labels = {"app": "web", **({"ephemera.dev/simulate": simulate} if simulate else {})}
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": "web"},
+        "spec": {
+            "replicas": 2,
+            "minReadySeconds": min_ready,
+            "selector": {"matchLabels": {"app": "web"}},
+            "template": {
+                "metadata": {"labels": labels},
+                "spec": {"containers": [{"name": "web", "image": "shop:{{ commit.short }}"}]},
+            },
+        },
+    }
+
+
+SERVICE = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "web"}, "spec": {"ports": [{"port": 80}]}}
+INGRESS = {
+    "apiVersion": "networking.k8s.io/v1",
+    "kind": "Ingress",
+    "metadata": {"name": "web"},
+    "spec": {
+        "rules": [
+            {
+                "host": "{{ host }}",
+                "http": {
+                    "paths": [
+                        {
+                            "path": "/",
+                            "pathType": "Prefix",
+                            "backend": {"service": {"name": "web", "port": {"number": 80}}},
+                        }
+                    ]
+                },
+            }
+        ]
+    },
+}
+
+
+def condition_time(obj: dict[str, Any], kind: str) -> datetime.datetime | None:
+    for item in (obj.get("status") or {}).get("conditions") or []:
+        if item.get("type") == kind and item.get("status") == "True":
+            return parse_time(item.get("lastTransitionTime"))
+    return None
+
+
+def test_ready_only_once_the_app_is_available_with_its_url_on_the_pr(
+    operator: Process, kubectl: Kubectl, github: FakeGitHub, templates: list[str]
+) -> None:
+    repo = f"octo/app-{uuid.uuid4().hex[:6]}"
+    put_template(
+        kubectl,
+        templates,
+        unique("shop"),
+        repositories=[repo],
+        url="https://{{ host }}/",
+        resources=[web(min_ready=3), SERVICE, INGRESS],
+    )
+    name = unique("app")
+    kubectl.apply(make_env(name, 7, repo=repo, installationId=INSTALLATION))
+    rolling = wait_phase(kubectl, name, "Provisioning")
+    wait_for(lambda: status(kubectl, name).get("reason") in ("RollingOut", "Ready"), timeout=60, what="rollout")
+    ready = wait_phase(kubectl, name, "Ready", timeout=120)
+    namespace = ready["namespace"]
+    deployment = kubectl.json("get", "deployment", "-n", namespace, "web")
+    available = condition_time(deployment, "Available")
+    assert available is not None
+    # Ready came no earlier than the Deployment's availability (minReadySeconds holds it back).
+    became_ready = parse_time(ready["lastTransitionTime"])
+    assert became_ready is not None
+    assert became_ready >= available.replace(microsecond=0)
+    assert rolling  # it was seen before Ready
+    url = f"https://{namespace}.preview.localhost/"
+    assert ready["url"] == url
+    assert {(i["kind"], i["name"]) for i in ready["inventory"]} == {
+        ("Deployment", "web"),
+        ("Service", "web"),
+        ("Ingress", "web"),
+    }
+    assert kubectl.json("get", "ingress", "-n", namespace, "web")["spec"]["rules"][0]["host"] == url[8:-1]
+    # The URL on the PR: the commit status's target, the comment's link, the Deployment's environment_url.
+    wait_for(lambda: statuses(github, repo, SHA_A)[-1:] == ["success"], timeout=60, what="a success status")
+    target = github.statuses[f"{repo}@{SHA_A}"][-1]
+    assert target["target_url"] == url
+    wait_for(
+        lambda: any(url in c["body"] for c in comments(github, repo, 7)), timeout=60, what="the URL in the comment"
+    )
+    (gh_deployment,) = deployments(github, repo)
+    wait_for(
+        lambda: any(s.get("environment_url") == url for s in github.deployment_statuses[gh_deployment["id"]]),
+        timeout=60,
+        what="the GitHub Deployment's environment_url",
+    )
+
+
+def test_a_push_rolls_out_the_new_image_and_prunes_what_the_template_dropped(
+    operator: Process, kubectl: Kubectl, templates: list[str]
+) -> None:
+    repo = f"octo/push-{uuid.uuid4().hex[:6]}"
+    template = unique("push")
+    put_template(kubectl, templates, template, repositories=[repo], resources=[web(), SERVICE])
+    name = unique("push")
+    kubectl.apply(make_env(name, 8, repo=repo))
+    namespace = wait_phase(kubectl, name, "Ready", timeout=120)["namespace"]
+    assert kubectl.json("get", "service", "-n", namespace, "web")
+
+    put_template(kubectl, templates, template, repositories=[repo], resources=[web()])  # the Service is dropped
+    kubectl.run("patch", "pe", name, "--type=merge", "-p", f'{{"spec": {{"commitSha": "{SHA_B}"}}}}')
+    wait_for(lambda: status(kubectl, name).get("commit") == SHA_B[:7], timeout=120, what="the new commit")
+    ready = wait_phase(kubectl, name, "Ready", timeout=120)
+    sets = kubectl.json("get", "replicasets", "-n", namespace)["items"]
+    by_image = {rs["spec"]["template"]["spec"]["containers"][0]["image"]: rs for rs in sets}
+    assert by_image[f"shop:{SHA_A[:7]}"]["status"].get("replicas", 0) == 0  # the old one emptied before Ready
+    assert by_image[f"shop:{SHA_B[:7]}"]["status"].get("readyReplicas") == 2
+    assert [i["kind"] for i in ready["inventory"]] == ["Deployment"]
+    wait_for(
+        lambda: kubectl.run("get", "service", "-n", namespace, "web", check=False).returncode != 0,
+        timeout=30,
+        what="the dropped Service pruned",
+    )
+
+
+def test_a_crash_loop_fails_naming_the_container_and_a_fixed_template_recovers(
+    operator: Process, kubectl: Kubectl, templates: list[str]
+) -> None:
+    repo = f"octo/crash-{uuid.uuid4().hex[:6]}"
+    template = unique("crash")
+    put_template(kubectl, templates, template, repositories=[repo], resources=[web(simulate="crash-loop")])
+    name = unique("crash")
+    kubectl.apply(make_env(name, 9, repo=repo))
+    failed = wait_phase(kubectl, name, "Failed", timeout=120)
+    assert failed["reason"] == "RolloutFailed"
+    assert "CrashLoopBackOff" in failed["message"]
+    assert "container web" in failed["message"]
+
+    put_template(kubectl, templates, template, repositories=[repo], resources=[web()])
+    kubectl.run("annotate", "pe", name, f"ephemera.dev/retry={uuid.uuid4().hex[:6]}", "--overwrite")
+    wait_phase(kubectl, name, "Ready", timeout=120)
+
+
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [
+        (
+            {
+                "apiVersion": "rbac.authorization.k8s.io/v1",
+                "kind": "ClusterRoleBinding",
+                "metadata": {"name": "grab"},
+                "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "cluster-admin"},
+                "subjects": [{"kind": "ServiceAccount", "name": "default", "namespace": "default"}],
+            },
+            "ClusterRoleBinding is not allowed",
+        ),
+        (
+            {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "x", "namespace": "kube-system"}},
+            "names namespace kube-system",
+        ),
+    ],
+)
+def test_a_template_reaching_outside_the_namespace_is_refused_and_applies_nothing(
+    operator: Process, kubectl: Kubectl, templates: list[str], bad: dict[str, Any], message: str
+) -> None:
+    repo = f"octo/bad-{uuid.uuid4().hex[:6]}"
+    put_template(kubectl, templates, unique("bad"), repositories=[repo], resources=[web(), copy.deepcopy(bad)])
+    name = unique("bad")
+    kubectl.apply(make_env(name, 10, repo=repo))
+    failed = wait_phase(kubectl, name, "Failed", timeout=90)
+    assert message in failed["message"]
+    assert failed.get("permanent") is True
+    namespace = failed.get("namespace") or kubectl.json("get", "pe", name)["status"].get("namespace")
+    if namespace:
+        assert kubectl.json("get", "deployments", "-n", namespace)["items"] == []
+    assert kubectl.run("get", "clusterrolebinding", "grab", check=False).returncode != 0
+    assert kubectl.run("get", "configmap", "-n", "kube-system", "x", check=False).returncode != 0
