@@ -39,11 +39,24 @@ class Settings(BaseSettings):
     webhook_insecure_no_secret: bool = Field(
         False, description="Development only: accept unsigned webhooks when no secret is set."
     )
-    webhook_max_body_bytes: int = Field(10 * 1024 * 1024, ge=1024, description="Largest accepted body.")
+    # GitHub's largest example pull_request payload is 31,203 bytes; 320 KiB keeps a 10x margin and
+    # still holds a PR description at its 65,536-character maximum.
+    webhook_max_body_bytes: int = Field(320 * 1024, ge=1024, description="Largest accepted body.")
     webhook_body_timeout: float = Field(10.0, gt=0, description="Seconds to receive a whole request body.")
+    webhook_max_in_flight: int = Field(
+        32, ge=1, description="Bodies received at once at most; more get 503 with Retry-After."
+    )
     webhook_draft_prs: bool = Field(True, description="Create environments for draft PRs too.")
     webhook_delivery_cache: int = Field(
         10000, ge=0, description="Delivery ids remembered per replica to drop redeliveries early."
+    )
+    webhook_namespace: str | None = Field(
+        None,
+        pattern=r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$",
+        description="Namespace of the closed-PR ConfigMaps; unset: the pod's own namespace, else `default`.",
+    )
+    webhook_tombstone_retention: float = Field(
+        30 * 24 * 3600, gt=0, description="Seconds a closed PR is remembered, so a replayed event cannot revive it."
     )
 
     # Operator

@@ -315,6 +315,28 @@ class Kube:
         """Every PreviewTemplate."""
         return self._pages(TEMPLATES, "PreviewTemplates")
 
+    # ConfigMaps (the webhook's closed-PR records, in its own namespace) ----------------------------
+
+    def get_config_map(self, namespace: str, name: str) -> Obj | None:
+        return self._get(f"/api/v1/namespaces/{namespace}/configmaps/{name}", f"ConfigMap {namespace}/{name}")
+
+    def create_config_map(self, body: Obj) -> None:
+        """Create it; a KubeError with status 409 if one of that name exists."""
+        meta = body["metadata"]
+        try:
+            self._request("POST", f"/api/v1/namespaces/{meta['namespace']}/configmaps", body=body)
+        except ApiException as err:
+            raise _wrap(err, f"creating ConfigMap {meta['namespace']}/{meta['name']}") from err
+
+    def replace_config_map(self, body: Obj) -> None:
+        """Replace it; with metadata.resourceVersion set, a KubeError with status 409 if it changed since."""
+        meta = body["metadata"]
+        path = f"/api/v1/namespaces/{meta['namespace']}/configmaps/{meta['name']}"
+        try:
+            self._request("PUT", path, body=body)
+        except ApiException as err:
+            raise _wrap(err, f"replacing ConfigMap {meta['namespace']}/{meta['name']}") from err
+
     def get_peering(self, name: str) -> Obj | None:
         """kopf's ClusterKopfPeering object: the live replicas and their priorities."""
         return self._get(f"/apis/kopf.dev/v1/clusterkopfpeerings/{name}", f"ClusterKopfPeering {name}")

@@ -18,7 +18,10 @@ API_VERSION = f"{GROUP}/{VERSION}"
 TEMPLATE_KIND = "PreviewTemplate"
 TEMPLATE_PLURAL = "previewtemplates"
 
-REPOSITORY_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9-]{0,38}/[A-Za-z0-9._-]{1,100}$"
+# GitHub and GitHub Enterprise owners: letters, digits and hyphens (legacy accounts may have a
+# hyphen at the end or two in a row), and for Enterprise Managed Users `_` and the enterprise's short
+# code (`mona-cat_octo`). Repository names: letters, digits, `.`, `_` and `-`, at most 100.
+REPOSITORY_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9-]{0,38}(_[A-Za-z0-9]{1,38})?/[A-Za-z0-9._-]{1,100}$"
 SHA_PATTERN = r"^[0-9a-f]{40}$"
 
 

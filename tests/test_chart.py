@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from ephemera.config import Settings
 from ephemera.devtools.controlplane import REPO_ROOT, ControlPlane, write_token_kubeconfig
 from ephemera.naming import environment_name
 from tests.conftest import WEBHOOK_SECRET, db_upgrade, http_ok
@@ -149,6 +150,21 @@ def test_renders_with_defaults_and_with_every_option(control_plane: ControlPlane
     assert env["EPHEMERA_GITHUB_APP_ID"] == "12345"
 
 
+def test_webhook_values_default_to_the_settings_defaults(control_plane: ControlPlane) -> None:
+    """The chart passes every webhook limit explicitly, so its defaults must be the settings' own."""
+    docs = {f"{d['kind']}/{d['metadata']['name']}": d for d in yaml.safe_load_all(template(control_plane).stdout) if d}
+    container = docs["Deployment/ephemera-webhook"]["spec"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    fields = Settings.model_fields
+    assert env["EPHEMERA_WEBHOOK_MAX_BODY_BYTES"] == str(fields["webhook_max_body_bytes"].default)
+    assert env["EPHEMERA_WEBHOOK_MAX_IN_FLIGHT"] == str(fields["webhook_max_in_flight"].default)
+    assert env["EPHEMERA_WEBHOOK_TOMBSTONE_RETENTION"] == str(int(fields["webhook_tombstone_retention"].default))
+    assert env["EPHEMERA_WEBHOOK_NAMESPACE"] == NAMESPACE
+    role = docs["Role/ephemera-webhook"]
+    assert role["metadata"]["namespace"] == NAMESPACE
+    assert role["rules"] == [{"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get", "create", "update"]}]
+
+
 @pytest.mark.parametrize(
     ("value", "complaint"),
     [
@@ -157,6 +173,8 @@ def test_renders_with_defaults_and_with_every_option(control_plane: ControlPlane
         ("config.maxMemory=lots", "maxMemory"),
         ("webhook.service.type=Magic", "type"),
         ("config.extraEnv.PATH=/tmp", "does not match pattern '^EPHEMERA_"),
+        ("secrets.webhookSecret=too-short", "webhookSecret"),
+        ("webhook.maxInFlight=0", "maxInFlight"),
         ("unknownKey=1", "unknownKey"),
     ],
 )
@@ -248,7 +266,9 @@ def test_processes_run_a_full_lifecycle_under_the_charts_identities(
     wh_config = token_kubeconfig(kubectl, control_plane, "ephemera-webhook", tmp_path / "webhook.kubeconfig")
     op_env = process_env(op_config, tmp_path, EPHEMERA_PEERING="ephemera")
     db_upgrade(op_env)
-    wh_env = process_env(wh_config, tmp_path, EPHEMERA_WEBHOOK_SECRET=WEBHOOK_SECRET)
+    wh_env = process_env(
+        wh_config, tmp_path, EPHEMERA_WEBHOOK_SECRET=WEBHOOK_SECRET, EPHEMERA_WEBHOOK_NAMESPACE=NAMESPACE
+    )
     with paused(operator):
         op = Process(["operator"], op_env, tmp_path / "operator.log", int(op_env["EPHEMERA_OPERATOR_PORT"])).start()
         wh = Process(["webhook"], wh_env, tmp_path / "webhook.log", int(wh_env["EPHEMERA_WEBHOOK_PORT"])).start()
@@ -289,4 +309,11 @@ def test_identities_are_refused_outside_their_grants(
         assert denied.returncode != 0
         assert "forbidden" in denied.stderr
     assert operator.run("auth", "can-i", "create", "namespaces").stdout.strip() == "yes"
+    # The webhook keeps its closed-PR ConfigMaps in the release's namespace, and may touch no others.
+    for verb in ("get", "create", "update"):
+        assert webhook.run("auth", "can-i", verb, "configmaps", "-n", NAMESPACE).stdout.strip() == "yes"
+    for verb, namespace in (("list", NAMESPACE), ("delete", NAMESPACE), ("create", "default"), ("get", "kube-system")):
+        answer = webhook.run("auth", "can-i", verb, "configmaps", "-n", namespace, check=False).stdout.strip()
+        assert answer == "no", (verb, namespace)
+    assert webhook.run("auth", "can-i", "get", "secrets", "-n", NAMESPACE, check=False).stdout.strip() == "no"
     assert operator.run("auth", "can-i", "delete", "nodes", check=False).stdout.strip() == "no"

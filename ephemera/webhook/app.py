@@ -19,8 +19,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 
 from ephemera.config import Settings
 from ephemera.kube import Kube, KubeError, load_api_client
-from ephemera.webhook.events import BadRequest, decode_body, parse_pull_request, signature_valid
+from ephemera.webhook.events import BadRequest, Signature, decode_body, parse_pull_request
 from ephemera.webhook.intake import Intake, Outcome
+from ephemera.webhook.tombstones import Tombstones, default_namespace
 
 log = logging.getLogger("ephemera.webhook")
 
@@ -29,6 +30,70 @@ KUBE: web.AppKey[Kube] = web.AppKey("kube", Kube)
 INTAKE: web.AppKey[Intake] = web.AppKey("intake", Intake)
 EXECUTOR: web.AppKey[ThreadPoolExecutor] = web.AppKey("executor", ThreadPoolExecutor)
 DELIVERIES: web.AppKey[OrderedDict[str, dict[str, Any]]] = web.AppKey("deliveries", OrderedDict)
+SIGNING_KEY: web.AppKey[bytes | None] = web.AppKey("signing_key")
+
+# An HMAC key shorter than a SHA-256 block's worth of guessing is no secret; GitHub suggests 32+
+# random characters. An empty one is worst: anyone can sign with it.
+MIN_SECRET_BYTES = 16
+# Metric labels come from fixed sets, never from what a caller sends: an unauthenticated caller
+# must not be able to add series to /metrics.
+EVENT_LABELS = frozenset({"pull_request", "ping"})
+ACTION_LABELS = frozenset(
+    {
+        "assigned",
+        "auto_merge_disabled",
+        "auto_merge_enabled",
+        "closed",
+        "converted_to_draft",
+        "demilestoned",
+        "dequeued",
+        "edited",
+        "enqueued",
+        "labeled",
+        "locked",
+        "milestoned",
+        "opened",
+        "ready_for_review",
+        "reopened",
+        "review_request_removed",
+        "review_requested",
+        "synchronize",
+        "unassigned",
+        "unlabeled",
+        "unlocked",
+    }
+)
+
+
+def event_label(event: str) -> str:
+    return event if event in EVENT_LABELS else "other"
+
+
+def action_label(action: str) -> str:
+    return action if action in ACTION_LABELS or action == "-" else "other"
+
+
+class InFlight:
+    """How many bodies are being received; more than `limit` at once are turned away.
+
+    Only the event loop's thread touches it, so it needs no lock.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.count = 0
+
+    def enter(self) -> bool:
+        if self.count >= self.limit:
+            return False
+        self.count += 1
+        return True
+
+    def leave(self) -> None:
+        self.count -= 1
+
+
+IN_FLIGHT: web.AppKey[InFlight] = web.AppKey("in_flight", InFlight)
 
 
 class Metrics:
@@ -55,8 +120,9 @@ def error(status: int, err: str, detail: str) -> web.Response:
     return web.json_response({"error": err, "detail": detail}, status=status)
 
 
-async def _read_body(request: web.Request, limit: int, seconds: float) -> bytes:
-    """The raw body, refusing one over `limit` bytes or one that takes longer than `seconds`."""
+async def _read_body(request: web.Request, limit: int, seconds: float, signature: Signature | None) -> bytes:
+    """The raw body, refusing one over `limit` bytes or one that takes longer than `seconds`; each
+    chunk goes into `signature` as it arrives."""
     if request.content_length is not None and request.content_length > limit:
         raise BadRequest(413, "body too large", f"{request.content_length} bytes; the limit is {limit}")
     chunks: list[bytes] = []
@@ -67,10 +133,23 @@ async def _read_body(request: web.Request, limit: int, seconds: float) -> bytes:
                 size += len(chunk)
                 if size > limit:
                     raise BadRequest(413, "body too large", f"more than {limit} bytes")
+                if signature is not None:
+                    signature.update(chunk)
                 chunks.append(chunk)
     except TimeoutError as err:
         raise BadRequest(408, "request timeout", f"the body did not arrive within {seconds:.0f} s") from err
+    except ConnectionResetError as err:
+        # The caller went away mid-body: a refusal like any other, not an error with a traceback.
+        raise BadRequest(400, "incomplete body", "the connection closed before the body was complete") from err
     return b"".join(chunks)
+
+
+def _busy(limit: int) -> web.Response:
+    response = error(503, "busy", f"{limit} deliveries are being received already; redeliver the event later")
+    response.headers["Retry-After"] = "1"
+    # The body was not read: close the connection rather than let aiohttp drain it.
+    response.force_close()
+    return response
 
 
 async def webhook(request: web.Request) -> web.Response:
@@ -82,25 +161,33 @@ async def webhook(request: web.Request) -> web.Response:
     delivery = request.headers.get("X-GitHub-Delivery", "")
     action = "-"
     outcome = "error"
+    in_flight = app[IN_FLIGHT]
     try:
-        body = await _read_body(request, settings.webhook_max_body_bytes, settings.webhook_body_timeout)
-        secret = settings.webhook_secret
-        if secret is not None and not signature_valid(
-            secret.get_secret_value().encode(), body, request.headers.get("X-Hub-Signature-256")
-        ):
-            raise BadRequest(401, "invalid signature", "X-Hub-Signature-256 is missing or does not match the body")
-        if not event or len(event) > 64:
-            raise BadRequest(400, "missing event", "the X-GitHub-Event header is required")
-        if len(delivery) > 128:
-            raise BadRequest(400, "invalid delivery id", "X-GitHub-Delivery is too long")
-        data = decode_body(body, request.headers.get("Content-Type", ""))
-        if event == "ping":
-            outcome = "pong"
-            return web.json_response({"result": "pong"}, status=200)
-        if event != "pull_request":
-            outcome = "ignored"
-            return web.json_response({"result": "ignored", "reason": f"event {event!r} is not handled"}, status=202)
-        parsed = parse_pull_request(data)
+        if not in_flight.enter():
+            outcome = "busy"
+            return _busy(in_flight.limit)
+        try:
+            key = app[SIGNING_KEY]
+            signature = Signature(key) if key is not None else None
+            body = await _read_body(request, settings.webhook_max_body_bytes, settings.webhook_body_timeout, signature)
+            if signature is not None and not signature.matches(request.headers.get("X-Hub-Signature-256")):
+                raise BadRequest(401, "invalid signature", "X-Hub-Signature-256 is missing or does not match the body")
+            if not event or len(event) > 64:
+                raise BadRequest(400, "missing event", "the X-GitHub-Event header is required")
+            if len(delivery) > 128:
+                raise BadRequest(400, "invalid delivery id", "X-GitHub-Delivery is too long")
+            data = decode_body(body, request.headers.get("Content-Type", ""))
+            if event == "ping":
+                outcome = "pong"
+                return web.json_response({"result": "pong"}, status=200)
+            if event != "pull_request":
+                outcome = "ignored"
+                return web.json_response({"result": "ignored", "reason": f"event {event!r} is not handled"}, status=202)
+            parsed = parse_pull_request(data)
+            # The body and its JSON are not needed past here: free them before the slot is.
+            del body, data
+        finally:
+            in_flight.leave()
         action = parsed.action
         extra = {"delivery": delivery, "repository": parsed.repo, "pr": parsed.pr, "action": action}
         seen = app[DELIVERIES].get(delivery) if delivery else None
@@ -127,10 +214,10 @@ async def webhook(request: web.Request) -> web.Response:
         return web.json_response(answer, status=202)
     except BadRequest as err:
         outcome = f"http_{err.status}"
-        log.info("refused: %s (%s)", err.error, err.detail, extra={"delivery": delivery, "event": event})
+        log.info("refused: %s (%s)", err.error, err.detail, extra={"delivery": delivery[:128], "event": event[:64]})
         return error(err.status, err.error, err.detail)
     finally:
-        metrics.events.labels(event or "-", action, outcome).inc()
+        metrics.events.labels(event_label(event), action_label(action), outcome).inc()
         metrics.latency.observe(time.perf_counter() - started)
 
 
@@ -175,18 +262,39 @@ async def json_errors(request: web.Request, handler: Any) -> web.StreamResponse:
         return error(500, "internal error", "see the webhook's logs")
 
 
+def signing_key(settings: Settings) -> bytes | None:
+    """The HMAC key deliveries must be signed with; None (unsigned accepted) only in development.
+
+    Refuses (SystemExit) a missing, empty or short secret unless EPHEMERA_WEBHOOK_INSECURE_NO_SECRET is set.
+    """
+    secret = settings.webhook_secret.get_secret_value().encode() if settings.webhook_secret is not None else None
+    if secret is not None and len(secret) >= MIN_SECRET_BYTES:
+        return secret
+    if settings.webhook_secret is None:
+        problem = "EPHEMERA_WEBHOOK_SECRET is not set: refusing to accept unsigned webhooks."
+    elif not secret:
+        problem = "EPHEMERA_WEBHOOK_SECRET is empty: anyone can sign a webhook with an empty key."
+    else:
+        problem = f"EPHEMERA_WEBHOOK_SECRET is {len(secret)} bytes: at least {MIN_SECRET_BYTES} are required."
+    if not settings.webhook_insecure_no_secret:
+        raise SystemExit(
+            f"{problem} Set it to the GitHub App's webhook secret (32 or more random characters), or "
+            "EPHEMERA_WEBHOOK_INSECURE_NO_SECRET=true for local development only."
+        )
+    log.warning("%s Accepted because EPHEMERA_WEBHOOK_INSECURE_NO_SECRET is set: development only.", problem)
+    return secret or None
+
+
 def create_app(settings: Settings, kube: Kube | None = None) -> web.Application:
     """The aiohttp application; `kube` defaults to one built from the settings at start-up."""
-    if settings.webhook_secret is None and not settings.webhook_insecure_no_secret:
-        raise SystemExit(
-            "EPHEMERA_WEBHOOK_SECRET is not set: refusing to accept unsigned webhooks. Set it to the GitHub "
-            "App's webhook secret (or EPHEMERA_WEBHOOK_INSECURE_NO_SECRET=true for local development only)."
-        )
+    key = signing_key(settings)
     # Bodies are read by hand with our own limit; aiohttp's must not refuse them first.
     app = web.Application(client_max_size=settings.webhook_max_body_bytes + 1, middlewares=[json_errors])
     app[SETTINGS] = settings
+    app[SIGNING_KEY] = key
     app[DELIVERIES] = OrderedDict()
     app[METRICS_OBJ] = Metrics()
+    app[IN_FLIGHT] = InFlight(settings.webhook_max_in_flight)
     app.router.add_post("/webhook", webhook)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
@@ -196,12 +304,12 @@ def create_app(settings: Settings, kube: Kube | None = None) -> web.Application:
         client = kube or Kube(await asyncio.to_thread(load_api_client, settings.kubeconfig, 64), request_timeout=10.0)
         app[KUBE] = client
         app[EXECUTOR] = ThreadPoolExecutor(max_workers=64, thread_name_prefix="kube")
-        app[INTAKE] = Intake(
+        tombstones = Tombstones(
             client,
-            prefix=settings.namespace_prefix,
-            draft_prs=settings.webhook_draft_prs,
-            tombstones=settings.webhook_delivery_cache,
+            namespace=settings.webhook_namespace or default_namespace(),
+            retention=settings.webhook_tombstone_retention,
         )
+        app[INTAKE] = Intake(client, tombstones, prefix=settings.namespace_prefix, draft_prs=settings.webhook_draft_prs)
         yield
         app[EXECUTOR].shutdown(wait=True)
         if kube is None:

@@ -2,21 +2,26 @@
 
 Order and duplicates are judged against what the object already reflects: the PR's `updated_at`
 and head SHA are kept in annotations on it, and every write carries the object's resourceVersion,
-so that two webhook replicas racing on one PR cannot roll each other back.
+so that two webhook replicas racing on one PR cannot roll each other back. Closes are also kept in
+the cluster (`tombstones.py`), since the object they delete can no longer judge a late event.
+
+Nothing here is shared between the threads that run `handle` but the Kubernetes client (whose
+connection pool is thread-safe): what must be consistent lives in the API server, and every write
+there carries a resourceVersion.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
 from ephemera.kube import Kube, KubeError, Obj
-from ephemera.models import API_VERSION, KIND, parse_time
+from ephemera.models import API_VERSION, KIND
 from ephemera.naming import FINALIZER, environment_labels, environment_name, legacy_environment_name
 from ephemera.webhook.events import PullRequestEvent
+from ephemera.webhook.tombstones import Tombstones, newer
 
 UPDATED_AT = "ephemera.dev/pr-updated-at"
 DELIVERY = "ephemera.dev/delivery"
@@ -39,44 +44,17 @@ class Outcome:
         return {"result": self.action, "name": self.name, "reason": self.reason}
 
 
-class Tombstones:
-    """Recently closed PRs and the `updated_at` of their close, so a late event cannot resurrect them."""
-
-    def __init__(self, size: int) -> None:
-        self._closed: OrderedDict[str, str] = OrderedDict()
-        self._size = size
-
-    def add(self, name: str, updated_at: str) -> None:
-        """Note a close; the latest one counts (closes can be delivered in any order)."""
-        known = self._closed.get(name)
-        if known is None or _newer(updated_at, known):
-            self._closed[name] = updated_at
-        self._closed.move_to_end(name)
-        while len(self._closed) > self._size:
-            self._closed.popitem(last=False)
-
-    def blocks(self, name: str, updated_at: str) -> bool:
-        closed = self._closed.get(name)
-        return closed is not None and not _newer(updated_at, closed)
-
-
-def _newer(a: str, b: str | None) -> bool:
-    """Whether timestamp `a` is strictly later than `b` (a missing `b` is older than anything)."""
-    ta, tb = parse_time(a), parse_time(b)
-    return tb is None or (ta is not None and ta > tb)
-
-
 class Intake:
     """Apply pull_request events to PreviewEnvironments."""
 
     def __init__(
-        self, kube: Kube, *, prefix: str, draft_prs: bool, tombstones: int = 10000, reopen_wait: float = 30.0
+        self, kube: Kube, tombstones: Tombstones, *, prefix: str, draft_prs: bool, reopen_wait: float = 30.0
     ) -> None:
         self.kube = kube
+        self.tombstones = tombstones
         self.reopen_wait = reopen_wait
         self.prefix = prefix
         self.draft_prs = draft_prs
-        self.tombstones = Tombstones(tombstones)
 
     def name(self, event: PullRequestEvent) -> str:
         return environment_name(event.repo, event.pr, self.prefix)
@@ -132,20 +110,20 @@ class Intake:
         result: Outcome = attempt()
         return result
 
-    def _stale(self, obj: Obj | None, event: PullRequestEvent) -> str | None:
+    def _stale(self, obj: Obj | None, event: PullRequestEvent, closed_at: str | None) -> str | None:
         """Why the event must not change `obj`, or None if it is newer than what `obj` reflects."""
         pr = event.pull_request
-        if self.tombstones.blocks(self.name(event), pr.updated_at):
+        if closed_at is not None and not newer(pr.updated_at, closed_at):
             return "the PR was closed after this event; a late event does not resurrect it"
         if obj is None:
             return None
         meta = obj["metadata"]
         seen = (meta.get("annotations") or {}).get(UPDATED_AT)
         if meta.get("deletionTimestamp"):
-            if _newer(pr.updated_at, seen):
+            if newer(pr.updated_at, seen):
                 return None  # newer than the close, so reopened: a new environment once the old one is gone
             return "the environment is being torn down (the PR was closed)"
-        if _newer(pr.updated_at, seen):
+        if newer(pr.updated_at, seen):
             return None
         same_commit = obj.get("spec", {}).get("commitSha") == pr.head.sha
         if seen == pr.updated_at and not same_commit:
@@ -153,8 +131,12 @@ class Intake:
         return "the environment already reflects this or a newer event"
 
     def _upsert(self, event: PullRequestEvent, name: str, delivery: str, *, opening: bool) -> Outcome:
-        if opening and not self.tombstones.blocks(self.name(event), event.pull_request.updated_at):
-            # The common case, a new PR: one call. An existing object (409) takes the careful path.
+        closed_at = self.tombstones.closed_at(event.repo, event.pr)
+        if opening and (closed_at is None or newer(event.pull_request.updated_at, closed_at)):
+            # The common case, a new PR: a read of the repository's closes, then a create. An
+            # existing object (409) takes the careful path. A close recorded between that read and
+            # the create would have to delete the object and see it gone in that instant: the
+            # operator's teardown alone takes far longer.
             try:
                 self.kube.create_environment(self._body(event, name, delivery))
                 return Outcome("created", name, f"{event.action}: environment requested")
@@ -164,7 +146,7 @@ class Intake:
         obj = self.kube.get_environment(name)
         if obj is not None and not _ours(obj, event):
             return Outcome("ignored", name, "an object of that name belongs to another PR")
-        stale = self._stale(obj, event)
+        stale = self._stale(obj, event, closed_at)
         if stale:
             return Outcome("ignored", name, stale)
         annotations = {UPDATED_AT: event.pull_request.updated_at, DELIVERY: delivery}
@@ -213,7 +195,9 @@ class Intake:
         )
 
     def _delete(self, event: PullRequestEvent, name: str, delivery: str, reason: str) -> Outcome:
-        self.tombstones.add(self.name(event), event.pull_request.updated_at)
+        # Recorded before the delete, so that no replica can recreate what is being deleted; if this
+        # fails, the event fails (503) and GitHub's redelivery tries both again.
+        self.tombstones.add(event.repo, event.pr, event.pull_request.updated_at)
         obj = self.kube.get_environment(name)
         if obj is None:
             return Outcome("ignored", name, "no environment for this PR")
@@ -222,7 +206,7 @@ class Intake:
         if obj["metadata"].get("deletionTimestamp"):
             return Outcome("ignored", name, "the environment is already being torn down")
         seen = (obj["metadata"].get("annotations") or {}).get(UPDATED_AT)
-        if seen and _newer(seen, event.pull_request.updated_at):
+        if seen and newer(seen, event.pull_request.updated_at):
             return Outcome("ignored", name, "the environment reflects a later event (the PR was reopened)")
         # Say why before deleting, so the final report can tell merged from closed.
         patch = {
