@@ -23,6 +23,7 @@ TEMPLATE_PLURAL = "previewtemplates"
 # code (`mona-cat_octo`). Repository names: letters, digits, `.`, `_` and `-`, at most 100.
 REPOSITORY_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9-]{0,38}(_[A-Za-z0-9]{1,38})?/[A-Za-z0-9._-]{1,100}$"
 SHA_PATTERN = r"^[0-9a-f]{40}$"
+TITLE_MAX = 1024
 
 
 class Phase(StrEnum):
@@ -67,7 +68,7 @@ class PreviewEnvironmentSpec(BaseModel):
     branch: str = Field(min_length=1, max_length=255)
     installation_id: int | None = Field(None, alias="installationId", ge=1, strict=True)
     author: str | None = Field(None, max_length=39)
-    title: str | None = Field(None, max_length=1024)
+    title: str | None = Field(None, max_length=TITLE_MAX)
     resources: Resources = Field(default_factory=Resources)
 
     def to_k8s(self) -> dict[str, Any]:

@@ -13,10 +13,14 @@ from typing import Any
 import pytest
 
 from ephemera.models import parse_time
+from ephemera.naming import environment_name
+from ephemera.templates import slug
+from tests.conftest import WEBHOOK_SECRET
 from tests.fakegithub import FakeGitHub
-from tests.support import Kubectl, Process, wait_for
+from tests.support import Kubectl, Process, post_webhook, wait_for
 from tests.test_github import INSTALLATION, comments, deployments, statuses
 from tests.test_operator import SHA_A, SHA_B, make_env, status, unique, wait_phase
+from tests.test_webhook import pr_event
 
 pytestmark = pytest.mark.cluster
 
@@ -213,3 +217,26 @@ def test_a_template_reaching_outside_the_namespace_is_refused_and_applies_nothin
         assert kubectl.json("get", "deployments", "-n", namespace)["items"] == []
     assert kubectl.run("get", "clusterrolebinding", "grab", check=False).returncode != 0
     assert kubectl.run("get", "configmap", "-n", "kube-system", "x", check=False).returncode != 0
+
+
+def test_the_prs_title_from_the_webhook_reaches_the_template_as_a_value_only(
+    operator: Process, webhook: Process, kubectl: Kubectl, templates: list[str]
+) -> None:
+    repo = f"octo/title-{uuid.uuid4().hex[:6]}"
+    info = {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {"name": "info"},
+        "data": {"title": "{{ pr.title }}", "branch": "{{ branch_slug }}"},
+    }
+    put_template(kubectl, templates, unique("title"), repositories=[repo], resources=[info])
+    title = "Fix: cart\tnamespace: kube-system"  # a control character, and YAML that must stay text
+    event = pr_event("opened", repo=repo, number=11, sha=SHA_A, updated_at="2026-02-01T00:00:00Z", title=title)
+    event["installation"]["id"] = INSTALLATION
+    assert post_webhook(webhook.port, "pull_request", event, secret=WEBHOOK_SECRET).status == 202
+    name = environment_name(repo, 11)
+    ready = wait_phase(kubectl, name, "Ready", timeout=120)
+    assert kubectl.json("get", "pe", name)["spec"]["title"] == "Fix: cart namespace: kube-system"
+    data = kubectl.json("get", "configmap", "-n", ready["namespace"], "info")["data"]
+    assert data["title"] == "Fix: cart namespace: kube-system"
+    assert data["branch"] == slug(event["pull_request"]["head"]["ref"])

@@ -11,7 +11,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from ephemera.models import REPOSITORY_PATTERN, SHA_PATTERN
+from ephemera.models import REPOSITORY_PATTERN, SHA_PATTERN, TITLE_MAX
 
 
 class BadRequest(Exception):
@@ -98,10 +98,17 @@ class _PullRequest(_Model):
     number: int = Field(ge=1, le=2**53)
     head: _Ref
     user: _User
+    title: str = ""
     updated_at: str = Field(pattern=r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?(Z|[+-]\d{2}:\d{2})$")
     draft: bool = False
     merged: bool | None = None
     state: str | None = None
+
+    @field_validator("title")
+    @classmethod
+    def _title(cls, value: str) -> str:
+        """The author's words, for templates only: one line, of a length the CRD takes (never refused)."""
+        return _CONTROL.sub(" ", value)[:TITLE_MAX]
 
 
 class _Repository(_Model):

@@ -75,6 +75,8 @@ class Intake:
             "branch": pr.head.ref,
             "author": pr.user.login,
         }
+        if pr.title:
+            spec["title"] = pr.title
         if event.installation is not None:
             spec["installationId"] = event.installation.id
         return spec
