@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime
 import json
 import os
@@ -237,3 +238,101 @@ async def test_resync_writes_what_is_missing_and_nothing_twice(sqlite_url: str) 
     # Its teardown was never recorded (an operator killed at the wrong moment): the resync fills the gap.
     assert [e["to_phase"] for e in others["vanished"]["events"]] == ["Ready", "Destroying", "Destroyed"]
     assert others["vanished"]["destroyed_at"]
+
+
+def _listed(uid: str, phase: str, at: str, **status: Any) -> dict[str, Any]:
+    """The object as a listing shows it (what a resync compares the rows with)."""
+    return {
+        "metadata": {
+            "name": "pr-1-octo-unit",
+            "uid": uid,
+            "generation": 1,
+            "creationTimestamp": "2026-01-01T00:00:00Z",
+        },
+        "spec": {"repository": "octo/unit", "pullRequest": 1, "commitSha": "a" * 40},
+        "status": {"phase": phase, "conditions": [{"type": "Ready", "lastTransitionTime": at}], **status},
+    }
+
+
+def _at(text: str) -> datetime.datetime:
+    return datetime.datetime.fromisoformat(text.replace("Z", "+00:00"))
+
+
+async def test_a_resync_places_what_it_rebuilds_after_what_is_recorded(sqlite_url: str) -> None:
+    """An operator killed before its Ready reached the records: the resync rebuilds it from the object,
+    whose time has whole seconds only, after the Provisioning recorded within that same second."""
+    from ephemera.store.records import _Resync
+
+    records = Records(make_engine(sqlite_url))
+    provisioning = _transition("u1", None, "Provisioning", "2026-01-01T00:00:01Z")
+    await records.write(dataclasses.replace(provisioning, occurred=_at("2026-01-01T00:00:01.600Z")))
+    listing = [_listed("u1", "Ready", "2026-01-01T00:00:01Z", namespace="pr-1-octo-unit-x")]
+    await records._resync(_Resync(listing, datetime.datetime.now(datetime.UTC)))
+    await records.engine.dispose()
+    (row,) = history(sqlite_url, "pr-1-octo-unit")
+    assert [e["to_phase"] for e in row["events"]] == ["Provisioning", "Ready"]
+    assert row["phase"] == "Ready"
+
+
+async def test_a_transition_rebuilt_by_a_resync_and_announced_too_is_recorded_once(sqlite_url: str) -> None:
+    """The resync's listing saw Ready before the writer got to the handler's own Ready."""
+    from ephemera.store.records import _Resync
+
+    records = Records(make_engine(sqlite_url))
+    await records.write(_transition("u1", None, "Provisioning", "2026-01-01T00:00:01Z"))
+    listing = [_listed("u1", "Ready", "2026-01-01T00:00:02Z", namespace="pr-1-octo-unit-x")]
+    await records._resync(_Resync(listing, datetime.datetime.now(datetime.UTC)))
+    live = _transition("u1", "Provisioning", "Ready", "2026-01-01T00:00:02Z")
+    await records.write(dataclasses.replace(live, occurred=_at("2026-01-01T00:00:02.400Z")))
+    # After a restart, kopf runs the teardown again and announces the end a second time.
+    await records.write(_transition("u1", "Ready", "Destroying", "2026-01-01T00:00:03Z"))
+    await records.write(_transition("u1", "Destroying", "Destroyed", "2026-01-01T00:00:04Z"))
+    await records.write(_transition("u1", "Destroying", "Destroyed", "2026-01-01T00:00:09Z"))
+    await records.engine.dispose()
+    (row,) = history(sqlite_url, "pr-1-octo-unit")
+    assert [e["to_phase"] for e in row["events"]] == ["Provisioning", "Ready", "Destroying", "Destroyed"]
+    assert row["destroyed_at"].startswith("2026-01-01T00:00:04")
+
+
+async def test_a_lost_transition_is_inferred_from_the_one_that_follows_it(sqlite_url: str) -> None:
+    """Killed after its Destroying was written to the object but not to the records: the restarted
+    operator's end says it came from Destroying, and carries when that began."""
+    records = Records(make_engine(sqlite_url))
+    await records.write(_transition("u1", None, "Provisioning", "2026-01-01T00:00:01Z"))
+    await records.write(_transition("u1", "Provisioning", "Ready", "2026-01-01T00:00:02Z"))
+    end = _transition("u1", "Destroying", "Destroyed", "2026-01-01T00:00:09Z")
+    status = {"phase": "Destroying", "lastTransitionTime": "2026-01-01T00:00:05Z", "namespace": "pr-1-octo-unit-x"}
+    await records.write(dataclasses.replace(end, status=status))
+    await records.write(dataclasses.replace(end, status=status))  # and again: nothing more
+    await records.engine.dispose()
+    (row,) = history(sqlite_url, "pr-1-octo-unit")
+    assert [(e["to_phase"], e["at"][:19]) for e in row["events"]] == [
+        ("Provisioning", "2026-01-01T00:00:01"),
+        ("Ready", "2026-01-01T00:00:02"),
+        ("Destroying", "2026-01-01T00:00:05"),
+        ("Destroyed", "2026-01-01T00:00:09"),
+    ]
+    assert row["phase"] == "Destroyed"
+
+
+async def test_a_destroyed_environment_never_moves_back(sqlite_url: str) -> None:
+    """A resync whose listing was taken before the deletion, and a late transition, change nothing."""
+    from ephemera.store.records import _Resync
+
+    records = Records(make_engine(sqlite_url))
+    lifecycle = [
+        (None, "Provisioning"),
+        ("Provisioning", "Ready"),
+        ("Ready", "Destroying"),
+        ("Destroying", "Destroyed"),
+    ]
+    for second, (old, new) in enumerate(lifecycle, start=1):
+        await records.write(_transition("u1", old, new, f"2026-01-01T00:00:0{second}Z"))
+    before_deletion = [_listed("u1", "Ready", "2026-01-01T00:00:02Z", namespace="pr-1-octo-unit-x")]
+    await records._resync(_Resync(before_deletion, _at("2026-01-01T00:00:03Z")))
+    await records.write(_transition("u1", "Destroying", "Ready", "2026-01-01T00:00:08Z"))
+    await records.engine.dispose()
+    (row,) = history(sqlite_url, "pr-1-octo-unit")
+    assert row["phase"] == "Destroyed"
+    assert row["destroyed_at"].startswith("2026-01-01T00:00:04")
+    assert [e["to_phase"] for e in row["events"]] == [new for _, new in lifecycle]

@@ -110,7 +110,13 @@ def test_operator_killed_at_random_during_provisions_and_teardowns(
         in_order = all(any(p == q for q in rest) for p in want)
         return in_order and seen[-1] == want[-1] and all(a != b for a, b in itertools.pairwise(seen))
 
-    wait_for(lambda: all(complete(n, n in doomed) for n in names), timeout=120, what="complete records")
+    def incomplete() -> dict[str, list[str]]:
+        return {n: phases(postgres.url, n) for n in names if not complete(n, n in doomed)}
+
+    try:
+        wait_for(lambda: all(complete(n, n in doomed) for n in names), timeout=120, what="complete records")
+    except AssertionError as err:  # say which records are wrong, and how
+        raise AssertionError(f"{err}; incomplete or out of order: {incomplete()}") from err
     for name in names:
         seen = phases(postgres.url, name)
         assert seen.count("Destroyed") <= 1
