@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import uuid
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -336,3 +337,110 @@ async def test_a_destroyed_environment_never_moves_back(sqlite_url: str) -> None
     assert row["phase"] == "Destroyed"
     assert row["destroyed_at"].startswith("2026-01-01T00:00:04")
     assert [e["to_phase"] for e in row["events"]] == [new for _, new in lifecycle]
+
+
+async def _database(postgres: Postgres, revision: str = "head") -> str:
+    """A database of its own on the test server, migrated to `revision`."""
+    name = f"records_{uuid.uuid4().hex[:8]}"
+    engine = make_engine(postgres.url)
+    async with engine.connect() as conn:
+        await conn.execution_options(isolation_level="AUTOCOMMIT")
+        await conn.exec_driver_sql(f"CREATE DATABASE {name}")
+    await engine.dispose()
+    url = postgres.url.rsplit("/", 1)[0] + f"/{name}"
+    await asyncio.to_thread(upgrade, url, revision)  # Alembic runs its own event loop
+    return url
+
+
+async def _eventually(check: Callable[[], Awaitable[Any]], within: float = 30.0, what: str = "") -> Any:
+    """`wait_for` for a check that needs the event loop the writer runs on."""
+    deadline = asyncio.get_running_loop().time() + within
+    last: Any = None
+    while asyncio.get_running_loop().time() < deadline:
+        last = await check()
+        if last:
+            return last
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"timed out after {within} s waiting for {what}; last value {last!r}")
+
+
+def _sample(name: str, **labels: str) -> float:
+    from ephemera.metrics import REGISTRY
+
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+async def test_a_record_that_can_never_be_written_does_not_hold_up_the_rest(
+    postgres: Postgres, caplog: pytest.LogCaptureFixture
+) -> None:
+    """PR 3,000,000,000 in the 32-bit column of schema 0001: a DataError, every time. It goes to the
+    dead-letter log and metric, and the records behind it are written."""
+    from ephemera.store.queries import list_environments
+
+    url = await _database(postgres, "0001")
+    records = Records(make_engine(url), max_delay=0.5)
+    records.start()
+    before = _sample("ephemera_record_dead_letters_total", reason="DBAPIError")
+    huge = _transition("huge", None, "Provisioning", "2026-01-01T00:00:01Z", pullRequest=3_000_000_000)
+    records.listener(huge)
+    records.listener(_transition("after", None, "Provisioning", "2026-01-01T00:00:02Z", pullRequest=7))
+    try:
+        rows = await _eventually(
+            lambda: list_environments(records.engine), within=30, what="the record queued behind the bad one"
+        )
+    finally:
+        await records.stop()
+    assert [row.uid for row in rows] == ["after"]
+    assert _sample("ephemera_record_dead_letters_total", reason="DBAPIError") == before + 1
+    dead = [r.getMessage() for r in caplog.records if "dead-lettered" in r.getMessage()]
+    assert len(dead) == 1
+    assert '"uid": "huge"' in dead[0]
+    assert "3000000000" in dead[0]
+
+
+@pytest.mark.parametrize("database", ["postgresql", "sqlite"])
+async def test_pull_request_numbers_beyond_32_bits_are_recorded(
+    database: str, postgres: Postgres, tmp_path: Path
+) -> None:
+    """The CRD allows int64 (up to its maximum); so does the column, after migration 0002."""
+    url = await _database(postgres) if database == "postgresql" else f"sqlite+aiosqlite:///{tmp_path / 'big.db'}"
+    if database == "sqlite":
+        await asyncio.to_thread(upgrade, url)
+    records = Records(make_engine(url))
+    biggest = 2**63 - 1
+    for uid, number in (("big", 3_000_000_000), ("biggest", biggest)):
+        await records.write(_transition(uid, None, "Provisioning", "2026-01-01T00:00:01Z", pullRequest=number))
+    await records.engine.dispose()
+    listed = json.loads(cli(url, "environments", "list", "-o", "json").stdout)
+    assert sorted(row["pull_request"] for row in listed) == [3_000_000_000, biggest]
+
+
+async def test_a_full_queue_keeps_every_end_and_owes_a_resync() -> None:
+    """A long outage (nothing listens where the database should be): the queue stops growing at
+    its bound; an end (Destroyed) takes the place of another transition, which a resync rebuilds."""
+    from ephemera.devtools.controlplane import free_port
+    from ephemera.store.records import DESTROYED, _ResyncDue
+
+    records = Records(make_engine(f"postgresql+asyncpg://postgres@127.0.0.1:{free_port()}/none"), queue_limit=5)
+    records.start()
+    dropped = _sample("ephemera_record_dropped_total")
+    try:
+        for i in range(20):
+            records.listener(_transition(f"u{i}", None, "Provisioning", "2026-01-01T00:00:01Z"))
+        ends = [_transition(f"u{i}", "Destroying", DESTROYED, "2026-01-01T00:00:02Z") for i in range(3)]
+        for end in ends:
+            records.listener(end)
+        await _eventually(lambda: _async(not records.healthy), what="the writer to find the database away")
+        assert records.backlog <= 5
+        queued = [item for item in records._queue if not isinstance(item, _ResyncDue)]
+        assert all(end in queued for end in ends)
+        assert sum(isinstance(item, _ResyncDue) for item in records._queue) == 1  # owed, once
+        assert _sample("ephemera_record_dropped_total") >= dropped + 18 - 5
+        assert not await records.resync()  # one is queued already, and the writer is failing
+    finally:
+        records.drain_timeout = 0.5
+        await records.stop()
+
+
+async def _async(value: Any) -> Any:
+    return value
