@@ -7,6 +7,7 @@ import dataclasses
 import datetime
 import json
 import os
+import signal
 import subprocess
 import sys
 import uuid
@@ -444,3 +445,35 @@ async def test_a_full_queue_keeps_every_end_and_owes_a_resync() -> None:
 
 async def _async(value: Any) -> Any:
     return value
+
+
+def test_records_queued_at_shutdown_are_written_before_the_operator_exits(
+    operator: Process, kubectl: Kubectl, postgres: Postgres, control_plane: ControlPlane, tmp_path: Path
+) -> None:
+    """SIGTERM right after transitions that waited for the database: the operator writes them
+    (within EPHEMERA_RECORD_DRAIN_TIMEOUT) before it exits, rather than leaving them to a resync."""
+    from tests.conftest import http_ok
+    from tests.test_chart import paused
+
+    url = asyncio.run(_database(postgres))
+    name = f"drain-{uuid.uuid4().hex[:6]}"
+    with paused(operator):  # this test's operator is the only one
+        env = process_env(control_plane.kubeconfig, tmp_path, EPHEMERA_DATABASE_URL=url)
+        proc = Process(["operator"], env, tmp_path / "operator.log", int(env["EPHEMERA_OPERATOR_PORT"])).start()
+        assert proc.proc is not None
+        try:
+            wait_for(lambda: http_ok(proc, "/healthz"), timeout=60, what="operator /healthz")
+            postgres.stop()
+            try:
+                kubectl.apply(make_env(name, 430, repo="octo/drain"))
+                wait_phase(kubectl, name, "Ready", timeout=60)  # queued, not written: the database is away
+            finally:
+                postgres.start()
+            proc.proc.send_signal(signal.SIGTERM)
+            proc.proc.wait(timeout=60)
+        finally:
+            proc.stop()
+    try:
+        assert phases(url, name) == ["Provisioning", "Ready"], proc.log()[-3000:]
+    finally:
+        kubectl.run("delete", "pe", name, "--wait=false")
