@@ -477,3 +477,22 @@ def test_records_queued_at_shutdown_are_written_before_the_operator_exits(
         assert phases(url, name) == ["Provisioning", "Ready"], proc.log()[-3000:]
     finally:
         kubectl.run("delete", "pe", name, "--wait=false")
+
+
+def test_the_crd_bounds_pull_request_numbers_within_what_the_records_hold(crd: Path, kubectl: Kubectl) -> None:
+    """2^53-1 at most: exact in the float64 the API server checks bounds with, and in every JSON
+    client; the records column (BIGINT) holds all of it."""
+
+    def accepted(number: int) -> bool:
+        obj = make_env(f"bound-{uuid.uuid4().hex[:6]}", number, repo="octo/bound")
+        return _dry_run(kubectl, obj)
+
+    assert accepted(3_000_000_000)
+    assert accepted(2**53 - 1)
+    assert not accepted(2**53)
+
+
+def _dry_run(kubectl: Kubectl, obj: dict[str, Any]) -> bool:
+    result = kubectl.run("apply", "--dry-run=server", "-f", "-", input=json.dumps(obj), check=False)
+    assert result.returncode == 0 or "less than or equal to 9007199254740991" in result.stderr, result.stderr
+    return result.returncode == 0
