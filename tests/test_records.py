@@ -496,3 +496,27 @@ def _dry_run(kubectl: Kubectl, obj: dict[str, Any]) -> bool:
     result = kubectl.run("apply", "--dry-run=server", "-f", "-", input=json.dumps(obj), check=False)
     assert result.returncode == 0 or "less than or equal to 9007199254740991" in result.stderr, result.stderr
     return result.returncode == 0
+
+
+def test_an_environment_created_and_deleted_while_the_operator_was_down_is_recorded(
+    operator: Process, kubectl: Kubectl, postgres: Postgres
+) -> None:
+    """The finalizer the webhook sets keeps a deleted object until the operator has seen it: the
+    cluster still tells, and the records get its teardown (it was never provisioned, so no more)."""
+    from ephemera.naming import FINALIZER
+    from tests.test_chart import paused
+    from tests.test_webhook import get_pe
+
+    name = f"down-{uuid.uuid4().hex[:6]}"
+    with paused(operator):
+        obj = make_env(name, 440, repo="octo/down")
+        obj["metadata"]["finalizers"] = [FINALIZER]
+        kubectl.apply(obj)
+        kubectl.run("delete", "pe", name, "--wait=false")
+    wait_for(lambda: get_pe(kubectl, name) is None, timeout=90, what=f"{name} gone")
+    wait_for(
+        lambda: phases(postgres.url, name) == ["Destroying", "Destroyed"], timeout=60, what="its teardown recorded"
+    )
+    (row,) = history(postgres.url, name)
+    assert row["phase"] == "Destroyed"
+    assert row["destroyed_at"]
