@@ -520,3 +520,44 @@ def test_an_environment_created_and_deleted_while_the_operator_was_down_is_recor
     (row,) = history(postgres.url, name)
     assert row["phase"] == "Destroyed"
     assert row["destroyed_at"]
+
+
+async def test_a_resync_rebuilds_a_ready_the_object_has_moved_on_from(sqlite_url: str) -> None:
+    """Seen in a run of the kill test: Ready was queued, the operator killed, and killed again before
+    its resync was written; the next resync found the object Destroying. provisionedAt (written with
+    the first Ready) says it was Ready, within the second its Provisioning was recorded."""
+    from ephemera.store.records import _Resync
+
+    records = Records(make_engine(sqlite_url))
+    provisioning = _transition("u1", None, "Provisioning", "2026-01-01T00:00:44Z")
+    await records.write(dataclasses.replace(provisioning, occurred=_at("2026-01-01T00:00:44.700Z")))
+    listing = [
+        _listed(
+            "u1",
+            "Destroying",
+            "2026-01-01T00:00:50Z",
+            namespace="pr-1-octo-unit-x",
+            provisionedAt="2026-01-01T00:00:44Z",
+        )
+    ]
+    for _ in range(2):  # and a second resync finds nothing more to write
+        await records._resync(_Resync(listing, datetime.datetime.now(datetime.UTC)))
+    await records.engine.dispose()
+    (row,) = history(sqlite_url, "pr-1-octo-unit")
+    assert [e["to_phase"] for e in row["events"]] == ["Provisioning", "Ready", "Destroying"]
+    assert row["phase"] == "Destroying"
+
+
+async def test_a_ready_provisioned_again_after_a_kill_is_not_recorded_twice(sqlite_url: str) -> None:
+    """Seen too: the rerun of the create handler (Provisioning, Ready) was lost in a second kill; the
+    next resync found the object Ready since the rerun, and the rows Ready since the first time."""
+    from ephemera.store.records import _Resync
+
+    records = Records(make_engine(sqlite_url))
+    await records.write(_transition("u1", None, "Provisioning", "2026-01-01T00:00:44Z"))
+    await records.write(_transition("u1", "Provisioning", "Ready", "2026-01-01T00:00:45Z"))
+    listing = [_listed("u1", "Ready", "2026-01-01T00:00:50Z", namespace="pr-1-octo-unit-x")]
+    await records._resync(_Resync(listing, datetime.datetime.now(datetime.UTC)))
+    await records.engine.dispose()
+    (row,) = history(sqlite_url, "pr-1-octo-unit")
+    assert [e["to_phase"] for e in row["events"]] == ["Provisioning", "Ready"]

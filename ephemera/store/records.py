@@ -428,7 +428,8 @@ class Records:
         listed = {obj["metadata"]["uid"] for obj in job.objects}
         async with AsyncSession(self.engine) as session:
             latest_at = func.max(EventRow.at)
-            provisioned = func.sum(case((col(EventRow.to_phase) == "Provisioning", 1), else_=0))
+            provisioned = func.min(case((col(EventRow.to_phase) == "Provisioning", col(EventRow.at)), else_=None))
+            readied = func.sum(case((col(EventRow.to_phase) == "Ready", 1), else_=0))
             query = (
                 sa_select(  # sqlmodel's select takes at most four columns
                     col(EnvironmentRow.uid),
@@ -436,14 +437,16 @@ class Records:
                     col(EnvironmentRow.updated_at),
                     latest_at,
                     provisioned,
+                    readied,
                 )
                 .join(EventRow, col(EventRow.environment_uid) == col(EnvironmentRow.uid), isouter=True)
                 .where(col(EnvironmentRow.destroyed_at).is_(None))
                 .group_by(col(EnvironmentRow.uid), col(EnvironmentRow.phase), col(EnvironmentRow.updated_at))
             )
             found = list(await session.execute(query))
-            rows = {uid: (phase, updated, latest) for uid, phase, updated, latest, _ in found}
-            begun = {uid for uid, _, _, _, count in found if count}
+            rows = {uid: (phase, updated, latest) for uid, phase, updated, latest, _, _ in found}
+            begun = {uid: _aware(first) for uid, _, _, _, first, _ in found if first is not None}
+            ready_once = {uid for uid, _, _, _, _, count in found if count}
             # Objects still listed whose end is recorded (their finalizer was not released yet).
             unknown = sorted(listed - set(rows))
             ended: set[str] = set()
@@ -461,6 +464,7 @@ class Records:
         # Transitions on their way are written with their own reasons and times: leave those objects to them.
         waiting = [item for item in [self._current, *self._queue] if isinstance(item, Transition)]
         queued = {t.uid for t in waiting}
+        coming = {(t.uid, t.phase) for t in waiting}
         ending = {t.uid for t in waiting if t.phase == DESTROYED}
         written = 0
         for obj in job.objects:
@@ -474,16 +478,30 @@ class Records:
             row = rows.get(uid)
             pending: list[Transition] = []
             provisioned_once = phase in PROVISIONED_PHASES or status.get("provisionedAt") or status.get("namespace")
-            if uid not in begun and phase != "Provisioning" and provisioned_once and meta.get("creationTimestamp"):
-                # Its first transitions died with a killed operator: its life began with provisioning
-                # when it was created.
-                pending.append(_resync_transition(obj, "Provisioning", meta["creationTimestamp"]))
+            provisioning_at = begun.get(uid)
+            created = meta.get("creationTimestamp")
+            lost_start = provisioning_at is None and phase != "Provisioning" and provisioned_once and created
+            if lost_start and created and (uid, "Provisioning") not in coming:
+                # Its first transitions died with a killed operator: its life began with
+                # provisioning when it was created.
+                pending.append(_resync_transition(obj, "Provisioning", created))
+                provisioning_at = pending[-1].occurred
+            first_ready = status.get("provisionedAt")  # written with its first Ready
+            if uid not in ready_once and phase != "Ready" and first_ready and (uid, "Ready") not in coming:
+                # It was Ready, and moved on before a record of that outlived a killed operator.
+                # Kubernetes keeps only seconds: never before the provisioning it followed.
+                occurred = _time(first_ready) or job.listed_at
+                if provisioning_at is not None and occurred <= provisioning_at:
+                    occurred = provisioning_at + TICK
+                pending.append(_resync_transition(obj, "Ready", first_ready, occurred))
             if uid not in queued and not (row is not None and _up_to_date(row[0], row[2], phase, _time(at_text))):
                 # The object's current phase began after every recorded event (the listing is newer
                 # than the rows): Kubernetes keeps only seconds, so place it after the last one.
                 occurred = _time(at_text) or job.listed_at
-                if row is not None and row[2] is not None and _aware(row[2]) >= occurred:
-                    occurred = _aware(row[2]) + TICK
+                floor = [_aware(row[2])] if row is not None and row[2] is not None else []
+                floor += [t.occurred for t in pending]
+                if floor and max(floor) >= occurred:
+                    occurred = max(floor) + TICK
                 pending.append(_resync_transition(obj, phase, at_text, occurred))
             written += await self._write_all(pending)
         gone = [
