@@ -72,6 +72,7 @@ def test_github_example_payloads_replayed(webhook: Process, kubectl: Kubectl) ->
                 "branch": "changes",
                 "installationId": 1,
                 "author": "Codertocat",
+                "title": "Update the README with new information.",
             }
             annotations = obj["metadata"]["annotations"]
             assert annotations["ephemera.dev/pr-updated-at"] == "2019-05-15T15:20:33Z"
