@@ -16,6 +16,7 @@ from typing import Any
 
 import kopf
 
+from ephemera.backstop import Backstop
 from ephemera.environments import Environments
 from ephemera.kube import Kube, KubeError
 from ephemera.models import GROUP, PLURAL, VERSION, Phase, parse_time
@@ -153,6 +154,11 @@ def start(memo: kopf.Memo, priority: int, identity: str) -> list[asyncio.Task[No
         for phase in Phase:
             ENVIRONMENTS.labels(phase.value).set(counts.get(phase.value, 0))
 
+    backstop = Backstop(cfg, memo.kube)
+
+    async def pr_resync() -> None:
+        await asyncio.to_thread(backstop.run)
+
     jobs = [
         (min(cfg.retry_backoff, RETRY_CHECK_INTERVAL), retries, "retries"),
         (cfg.sweep_interval, sweep, "sweep"),
@@ -161,4 +167,6 @@ def start(memo: kopf.Memo, priority: int, identity: str) -> list[asyncio.Task[No
         (cfg.resync_interval, resync, "resync"),
         (10.0, gauge, "phase-gauge"),
     ]
+    if cfg.backstop_enabled:
+        jobs.append((cfg.pr_resync_interval, pr_resync, "pr-resync"))
     return [asyncio.create_task(_every(seconds, job, name, active), name=name) for seconds, job, name in jobs]
