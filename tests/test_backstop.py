@@ -6,6 +6,10 @@ from __future__ import annotations
 
 import copy
 import datetime
+import json
+import os
+import subprocess
+import sys
 import time
 import urllib.request
 import uuid
@@ -451,5 +455,53 @@ def test_the_operator_runs_the_backstop_and_exposes_its_metrics(
             what="a successful pass",
         )
         assert found['ephemera_backstop_repairs_total{kind="created"}'] >= 1
+
+        # `ephemera environments list` says who made it, once the operator has recorded it.
+        def listed() -> list[dict[str, Any]]:
+            result = cli(env, "environments", "list", "-o", "json")
+            rows: list[dict[str, Any]] = json.loads(result.stdout) if result.returncode == 0 else []
+            return [row for row in rows if row["name"] == name]
+
+        (row,) = wait_for(listed, timeout=60, what="the environment's record")
+        assert row["origin"] == ORIGIN
+        table = cli(env, "environments", "list").stdout.splitlines()
+        assert table[0].split()[-1] == "ORIGIN"
+        assert next(line for line in table if line.startswith(name)).split()[-1] == ORIGIN
     finally:
         proc.stop()
+
+
+def cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "ephemera.cli", *args],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_backstop_run_makes_one_pass_from_the_command_line(
+    gh: FakeGitHub, kube: Kube, control_plane: ControlPlane, tmp_path: Path
+) -> None:
+    owner = account()
+    gh.installation(621, owner)
+    repo = f"{owner}/cli"
+    gh.pull_request(repo, 12, sha=SHA)
+    env = process_env(
+        control_plane.kubeconfig,
+        tmp_path,
+        EPHEMERA_WEBHOOK_NAMESPACE=STATE,
+        EPHEMERA_BACKSTOP_NAMESPACE=STATE,
+        EPHEMERA_GITHUB_API_URL=gh.url(""),
+        EPHEMERA_GITHUB_APP_ID=str(gh.app_id),
+        EPHEMERA_GITHUB_PRIVATE_KEY=gh.private_key_pem,
+    )
+
+    result = cli(env, "backstop", "run")
+
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["created"] >= 1
+    obj = kube.get_environment(environment_name(repo, 12))
+    assert obj is not None
+    assert obj["metadata"]["annotations"][ORIGIN_ANNOTATION] == ORIGIN
