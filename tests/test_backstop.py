@@ -207,6 +207,26 @@ def test_a_failed_or_short_listing_deletes_nothing(gh: FakeGitHub, kube: Kube, m
     assert len(live(kube, repo)) == 32
 
 
+def test_a_low_rate_limit_leaves_the_listing_to_the_next_pass(gh: FakeGitHub, kube: Kube) -> None:
+    """Below the floor, no repository is listed (statuses and comments need the budget), so none is
+    judged: nothing is created, checked or deleted, and the pass does not count as a success."""
+    owner = account()
+    gh.installation(606, owner)
+    repo = f"{owner}/shop"
+    gh.pull_request(repo, 2, sha=SHA)
+    gh.rate_remaining = backstop_module.RATE_FLOOR - 1
+    try:
+        report = Backstop(settings(gh), kube).run()
+    finally:
+        gh.rate_remaining = 5000
+    assert not report.complete
+    assert report.created == 0
+    assert report.deleted == 0
+    assert gh.calls_to("GET", rf"/repos/{repo}/pulls(/\d+)?") == []
+    assert kube.get_environment(environment_name(repo, 2)) is None
+    assert Backstop(settings(gh), kube).run().created >= 1  # the next pass, with the budget back
+
+
 def test_token_mode_lists_the_configured_repositories(gh: FakeGitHub, kube: Kube) -> None:
     repo = f"{account()}/site"
     gh.pull_request(repo, 3, sha=SHA)
