@@ -99,6 +99,7 @@ class Plan:
     create: list[tuple[Listing, dict[str, Any]]] = field(default_factory=list)
     check: list[Check] = field(default_factory=list)
     teardown: list[Obj] = field(default_factory=list)
+    unmark: list[Obj] = field(default_factory=list)
 
 
 @dataclass
@@ -106,6 +107,7 @@ class Report:
     created: int = 0
     deleted: int = 0
     torn_down: int = 0
+    unmarked: int = 0
     redelivered: int = 0
     complete: bool = True
     problems: list[str] = field(default_factory=list)
@@ -115,6 +117,7 @@ class Report:
             "created": self.created,
             "deleted": self.deleted,
             "tornDown": self.torn_down,
+            "unmarked": self.unmarked,
             "redelivered": self.redelivered,
             "complete": self.complete,
             "problems": self.problems,
@@ -127,12 +130,15 @@ def _current(obj: Obj) -> str:
     return str(annotations.get(RENAMED_TO_ANNOTATION) or obj["spec"]["repository"])
 
 
-def compare(listings: list[Listing], environments: list[Obj], now: datetime.datetime) -> Plan:
+def compare(listings: list[Listing], environments: list[Obj], now: datetime.datetime, grace: float = 0.0) -> Plan:
     """What to repair: open PRs without an environment, environments whose PR must be checked (their
     repository was listed completely and the PR was not in it), and teardowns whose deadline passed.
 
     An environment in a repository whose listing failed or is partial is never checked: a missing
-    answer says nothing about its PR."""
+    answer says nothing about its PR. A teardown mark is cancelled instead when the environment's
+    own installation listed its repository in a pass that began after the mark was made (`now` is
+    the pass's start; a mark is made `grace` seconds before its deadline): the installation is back
+    and covers the repository again, though its `unsuspend` or `added` event was lost."""
     plan = Plan()
     have: set[tuple[str, int]] = set()
     listed = {listing.repository.lower(): listing for listing in listings}
@@ -143,12 +149,20 @@ def compare(listings: list[Listing], environments: list[Obj], now: datetime.date
         current = _current(obj)
         have.add((current.lower(), int(spec["pullRequest"])))
         have.add((str(spec["repository"]).lower(), int(spec["pullRequest"])))
+        listing = listed.get(current.lower())
         deadline = parse_time((meta.get("annotations") or {}).get(TEARDOWN_AFTER_ANNOTATION))
         if deadline is not None:
-            if deadline <= now:
+            covered = (
+                listing is not None
+                and listing.complete
+                and listing.installation_id is not None
+                and listing.installation_id == spec.get("installationId")
+            )
+            if covered and deadline - datetime.timedelta(seconds=grace) < now:
+                plan.unmark.append(obj)
+            elif deadline <= now:
                 plan.teardown.append(obj)
             continue  # marked: its fate is the mark's, not the listing's
-        listing = listed.get(current.lower())
         if listing is not None and listing.complete and int(spec["pullRequest"]) not in listing.open:
             check = Check(
                 meta["name"], spec["repository"], current, int(spec["pullRequest"]), spec.get("installationId")
@@ -235,13 +249,16 @@ class Backstop:
         started = self.clock()
         environments = list(self.kube.list_environments())
         listings = list(self._listings(report))
-        plan = compare(listings, environments, datetime.datetime.fromtimestamp(started, datetime.UTC))
+        start = datetime.datetime.fromtimestamp(started, datetime.UTC)
+        plan = compare(listings, environments, start, self.settings.backstop_teardown_grace)
         for listing, pr in plan.create:
             self._create(listing, pr, report)
         for check in plan.check:
             self._check(check, report)
         for obj in plan.teardown:
             self._teardown(obj, report)
+        for obj in plan.unmark:
+            self._unmark(obj, report)
         if self.redeliverer is not None:
             try:
                 report.redelivered = self.redeliverer.run()
@@ -362,6 +379,25 @@ class Backstop:
                 check.name,
                 extra={"repository": check.repository, "pr": check.pull_request},
             )
+
+    def _unmark(self, obj: Obj, report: Report) -> None:
+        meta = obj["metadata"]
+        patch = {
+            "metadata": {
+                "resourceVersion": meta["resourceVersion"],
+                "annotations": {TEARDOWN_AFTER_ANNOTATION: None, TEARDOWN_REASON_ANNOTATION: None},
+            }
+        }
+        try:
+            self.kube.patch_environment(meta["name"], patch, missing_ok=False)
+        except KubeError as err:
+            if err.status in (404, 409):
+                return  # gone, or changed since the listing: the next pass judges again
+            report.complete = False
+            report.problems.append(f"cancelling the teardown of {meta['name']}: {err}")
+            return
+        report.unmarked += 1
+        log.info("backstop: %s is covered by its installation again: teardown cancelled", meta["name"])
 
     def _teardown(self, obj: Obj, report: Report) -> None:
         meta = obj["metadata"]

@@ -72,6 +72,7 @@ class Installation:
     id: int
     account: str | None  # None: the tests' catch-all, an installation on every account
     repositories: set[str] | None = None  # full names of the selected repositories; None: all of them
+    suspended_at: str | None = None  # when someone suspended it (GitHub still lists it, so marked)
 
     def could_cover(self, repository: str) -> bool:
         """Whether it covers `repository` (FakeGitHub.covers also asks whether another installation does)."""
@@ -351,6 +352,7 @@ class FakeGitHub:
             app_id=self.app_id,
             app_slug=self.app_slug,
             repository_selection=selection,
+            suspended_at=installation.suspended_at,
             access_tokens_url=self.url(f"/app/installations/{installation.id}/access_tokens"),
             repositories_url=self.url("/installation/repositories"),
             permissions={"statuses": "write", "pull_requests": "write", "deployments": "write", "metadata": "read"},

@@ -337,6 +337,7 @@ def test_a_suspended_installation_is_torn_down_after_the_grace_unless_unsuspende
     repos = [f"{owner}/a", f"{owner}/b"]
     _seed(gh, kube, 611, repos)
 
+    gh.installations[611].suspended_at = "2026-01-01T00:00:00Z"
     answer = post_webhook(webhook.port, "installation", _installation_event("suspend", 611), secret=WEBHOOK_SECRET)
     assert answer.status == 202, answer.body
     assert answer.body["result"] == "marked", answer.body
@@ -346,6 +347,7 @@ def test_a_suspended_installation_is_torn_down_after_the_grace_unless_unsuspende
     Backstop(settings(gh), kube).run()
     assert not any(deleting(kube, environment_name(repo, 1)) for repo in repos)
 
+    gh.installations[611].suspended_at = None
     answer = post_webhook(webhook.port, "installation", _installation_event("unsuspend", 611), secret=WEBHOOK_SECRET)
     assert answer.body["result"] == "unmarked", answer.body
     for repo in repos:
@@ -364,6 +366,51 @@ def test_a_suspended_installation_is_torn_down_after_the_grace_unless_unsuspende
         assert deleting(kube, name)
         obj = kube.get_environment(name)
         assert obj is None or obj["metadata"]["annotations"][CLOSED_REASON] == "installation-deleted"
+
+
+def test_a_lost_unsuspend_is_found_by_the_listing(gh: FakeGitHub, kube: Kube, webhook: Process) -> None:
+    """The installation was suspended and unsuspended, and only the `suspend` arrived: the first pass
+    that lists the repository through that installation again cancels the teardown."""
+    owner = account()
+    gh.installation(615, owner)
+    repo = f"{owner}/back"
+    _seed(gh, kube, 615, [repo])
+    gh.installations[615].suspended_at = "2026-01-01T00:00:00Z"
+    post_webhook(webhook.port, "installation", _installation_event("suspend", 615), secret=WEBHOOK_SECRET)
+    assert TEARDOWN_AFTER_ANNOTATION in _annotations(kube, repo)
+    # Still suspended: GitHub lists the installation as such, the backstop leaves it be.
+    assert Backstop(settings(gh), kube).run().unmarked == 0
+    assert TEARDOWN_AFTER_ANNOTATION in _annotations(kube, repo)
+
+    gh.installations[615].suspended_at = None  # its `unsuspend` is lost
+    report = Backstop(settings(gh), kube, clock=lambda: time.time() + GRACE + 60).run()
+
+    assert report.unmarked == 1
+    assert report.torn_down == 0
+    assert TEARDOWN_AFTER_ANNOTATION not in _annotations(kube, repo)
+    assert not deleting(kube, environment_name(repo, 1))
+
+
+def test_a_mark_made_after_the_pass_began_is_not_cancelled() -> None:
+    """A listing from before the mark cannot say the installation is back."""
+    now = datetime.datetime.now(datetime.UTC)
+    listing = Listing("o/r", 7, {1: {"number": 1}}, complete=True)
+
+    def marked(made: datetime.datetime) -> Obj:
+        deadline = (made + datetime.timedelta(seconds=100)).isoformat()
+        annotations = {TEARDOWN_AFTER_ANNOTATION: deadline, TEARDOWN_REASON_ANNOTATION: "installation-suspended"}
+        spec = {"repository": "o/r", "pullRequest": 1, "installationId": 7}
+        return {"metadata": {"name": "a", "annotations": annotations}, "spec": spec}
+
+    before = compare([listing], [marked(now - datetime.timedelta(seconds=5))], now, grace=100)
+    assert len(before.unmark) == 1
+    after = compare([listing], [marked(now + datetime.timedelta(seconds=5))], now, grace=100)
+    assert after.unmark == []
+    assert after.teardown == []
+    other = compare(
+        [Listing("o/r", 8, {1: {}}, complete=True)], [marked(now - datetime.timedelta(seconds=5))], now, 100
+    )
+    assert other.unmark == []  # another installation's listing says nothing about this one
 
 
 def test_a_removed_repository_is_marked_and_re_adding_it_cancels(gh: FakeGitHub, kube: Kube, webhook: Process) -> None:
