@@ -298,9 +298,13 @@ def test_a_failed_delivery_is_redelivered_once_and_a_successful_one_never(
     assert stored is not None
     assert int(stored["data"]["cursor"]) >= failed
 
-    # A new failure after the cursor is redelivered; only that one.
+    # A new failure after the cursor is redelivered; only that one. GitHub refusing the redelivery
+    # request leaves the cursor where it was, so the next pass asks again.
     gh.redelivery_status = 202
     new = gh.hook_delivery("guid-new", 500)
+    gh.inject(Fault(method="POST", path=rf"/app/hook/deliveries/{new}/attempts", status=502))
+    assert redeliver() == 0
+    assert kube.get_config_map(namespace, CONFIG_MAP)["data"]["cursor"] == stored["data"]["cursor"]  # type: ignore[index]
     assert redeliver() == 1
     assert gh.calls_to("POST", r"/app/hook/deliveries/\d+/attempts")[-1].path == f"/app/hook/deliveries/{new}/attempts"
 
