@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import requests
 from github import Github, GithubException, RateLimitExceededException
 from github.Installation import Installation
 from github.PaginatedList import PaginatedList
@@ -263,7 +264,7 @@ class Backstop:
             try:
                 report.redelivered = self.redeliverer.run()
                 REPAIRS.labels("redelivered").inc(report.redelivered)
-            except (GithubException, KubeError) as err:
+            except (GithubException, KubeError, requests.RequestException) as err:
                 report.complete = False
                 report.problems.append(f"redelivery: {err}")
         if report.complete:
@@ -284,9 +285,9 @@ class Backstop:
             app = self.auth.app_client()
             pages = PaginatedList(Installation, app.requester, "/app/installations", {"per_page": PAGE_SIZE})
             installations = [installation.raw_data for installation in pages]
-        except GithubException as err:
+        except (GithubException, requests.RequestException) as err:
             report.complete = False
-            report.problems.append(f"listing the App's installations: {err.status} {err.data}")
+            report.problems.append(f"listing the App's installations: {err}")
             return
         for installation in installations:
             installation_id = int(installation["id"])
@@ -297,7 +298,7 @@ class Backstop:
                 url, params = "/installation/repositories", {"per_page": PAGE_SIZE}
                 repositories = PaginatedList(Repository, client.requester, url, params, list_item="repositories")
                 names = [repository.full_name for repository in repositories]
-            except (GithubException, NoCredentials) as err:
+            except (GithubException, NoCredentials, requests.RequestException) as err:
                 report.complete = False
                 report.problems.append(f"listing installation {installation_id}'s repositories: {err}")
                 continue
@@ -323,6 +324,9 @@ class Backstop:
             except GithubException as err:
                 report.complete = False
                 report.problems.append(f"listing {repository}'s open PRs: {err.status}")
+            except requests.RequestException as err:  # GitHub unreachable, or too slow
+                report.complete = False
+                report.problems.append(f"listing {repository}'s open PRs: {err}")
             yield listing
 
     # Repairs --------------------------------------------------------------------------------------
@@ -353,7 +357,7 @@ class Backstop:
         try:
             client = self.auth.client_for(check.installation_id)
             _, pr = client.requester.requestJsonAndCheck("GET", f"/repos/{check.current}/pulls/{check.pull_request}")
-        except (GithubException, NoCredentials) as err:
+        except (GithubException, NoCredentials, requests.RequestException) as err:
             report.complete = False
             report.problems.append(f"fetching {check.current}#{check.pull_request}: {err}")
             return

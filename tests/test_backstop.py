@@ -207,6 +207,23 @@ def test_a_failed_or_short_listing_deletes_nothing(gh: FakeGitHub, kube: Kube, m
     assert len(live(kube, repo)) == 32
 
 
+def test_a_listing_that_times_out_deletes_nothing(gh: FakeGitHub, kube: Kube) -> None:
+    owner = account()
+    gh.installation(607, owner)
+    repo = f"{owner}/slow"
+    gh.pull_request(repo, 1, sha=SHA)
+    Backstop(settings(gh), kube).run()
+    gh.close_pull(repo, 1)
+    gh.inject(Fault(method="GET", path=rf"/repos/{repo}/pulls", status=None, delay=3))
+
+    report = Backstop(settings(gh, github_timeout=1), kube).run()
+
+    assert not report.complete
+    assert report.deleted == 0
+    assert not deleting(kube, environment_name(repo, 1))
+    assert any("slow's open PRs" in problem for problem in report.problems), report.problems
+
+
 def test_a_low_rate_limit_leaves_the_listing_to_the_next_pass(gh: FakeGitHub, kube: Kube) -> None:
     """Below the floor, no repository is listed (statuses and comments need the budget), so none is
     judged: nothing is created, checked or deleted, and the pass does not count as a success."""
