@@ -23,7 +23,7 @@ from ephemera import backstop as backstop_module
 from ephemera.backstop import ORIGIN, Backstop, Listing, compare
 from ephemera.config import Settings
 from ephemera.devtools.controlplane import ControlPlane
-from ephemera.kube import Kube, Obj, load_api_client
+from ephemera.kube import Kube, Obj
 from ephemera.naming import (
     FINALIZER,
     ORIGIN_ANNOTATION,
@@ -55,12 +55,11 @@ def gh() -> Iterator[FakeGitHub]:
 
 
 @pytest.fixture(scope="module")
-def kube(crd: Path, control_plane: ControlPlane, kubectl: Kubectl) -> Iterator[Kube]:
+def kube(crd: Path, kube: Kube, kubectl: Kubectl) -> Kube:
+    """conftest's client, with the CRD installed and the namespace of the backstop's ConfigMaps."""
     if kubectl.run("get", "namespace", STATE, check=False).returncode != 0:
         kubectl.run("create", "namespace", STATE)
-    client = Kube(load_api_client(control_plane.kubeconfig))
-    yield client
-    client.close()
+    return kube
 
 
 def settings(gh: FakeGitHub, **overrides: Any) -> Settings:
