@@ -3,7 +3,9 @@
 One task each for the whole operator, working from what the watch already keeps in memory, so that
 an idle environment costs no API call: retries of Failed environments (backoff and cap), the sweep
 (stale phases, lost namespaces, orphans), the purge of old records, the records resync and the phase
-gauge. A person's retry (the `ephemera.dev/retry` annotation) is a kopf field handler.
+gauge; and the backstop (`ephemera/backstop.py`), which lists GitHub's open PRs and so costs requests
+to GitHub, not to the API server, every EPHEMERA_PR_RESYNC_INTERVAL. A person's retry (the
+`ephemera.dev/retry` annotation) is a kopf field handler.
 """
 
 from __future__ import annotations
