@@ -91,10 +91,11 @@ def environments_list(args: argparse.Namespace) -> int:
             await engine.dispose()
 
     rows = asyncio.run(query())
+    origins = _origins(_settings())
     if args.output == "json":
-        print(json.dumps([row.model_dump(mode="json") for row in rows], indent=2))
+        print(json.dumps([{**row.model_dump(mode="json"), "origin": origins.get(row.uid)} for row in rows], indent=2))
         return 0
-    table = [("NAME", "REPOSITORY", "PR", "COMMIT", "PHASE", "NAMESPACE", "CREATED", "DESTROYED")]
+    table = [("NAME", "REPOSITORY", "PR", "COMMIT", "PHASE", "NAMESPACE", "CREATED", "DESTROYED", "ORIGIN")]
     table += [
         (
             r.name,
@@ -105,6 +106,7 @@ def environments_list(args: argparse.Namespace) -> int:
             r.namespace or "-",
             _when(r.created_at),
             _when(r.destroyed_at),
+            origins.get(r.uid) or "-",
         )
         for r in rows
     ]
@@ -112,6 +114,51 @@ def environments_list(args: argparse.Namespace) -> int:
     for row in table:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
     return 0
+
+
+def _origins(settings: Settings) -> dict[str, str]:
+    """uid -> who made each live environment: `backstop` (it repaired a lost event) or `webhook`. The
+    records hold no such column: it is read from the objects, and left out (with a note) if the
+    cluster cannot be reached."""
+    from kubernetes.config import ConfigException
+
+    from ephemera.kube import Kube, KubeError, load_api_client
+    from ephemera.naming import ORIGIN_ANNOTATION
+
+    try:
+        kube = Kube(load_api_client(settings.kubeconfig), request_timeout=10.0)
+    except (ConfigException, OSError) as err:
+        print(f"origin not shown: no cluster configured ({err})", file=sys.stderr)
+        return {}
+    try:
+        return {
+            obj["metadata"]["uid"]: (obj["metadata"].get("annotations") or {}).get(ORIGIN_ANNOTATION, "webhook")
+            for obj in kube.list_environments()
+        }
+    except KubeError as err:
+        print(f"origin not shown: {err}", file=sys.stderr)
+        return {}
+    finally:
+        kube.close()
+
+
+def backstop_run(args: argparse.Namespace) -> int:
+    """One backstop pass now, as the operator makes every EPHEMERA_PR_RESYNC_INTERVAL."""
+    from ephemera.backstop import Backstop
+    from ephemera.kube import Kube, KubeError, load_api_client
+
+    settings = _settings()
+    logs.configure(settings.log_level, settings.log_format)
+    kube = Kube(load_api_client(settings.kubeconfig))
+    try:
+        report = Backstop(settings, kube).run()
+    except KubeError as err:
+        print(f"backstop pass failed: {err}", file=sys.stderr)
+        return 1
+    finally:
+        kube.close()
+    print(json.dumps(report.as_dict(), indent=2))
+    return 0 if report.complete else 1
 
 
 def environments_history(args: argparse.Namespace) -> int:
@@ -187,6 +234,11 @@ def build_parser() -> argparse.ArgumentParser:
     retry = env_commands.add_parser("retry", help="ask the operator to provision a Failed environment again")
     retry.add_argument("name")
     retry.set_defaults(func=environments_retry)
+    backstop = commands.add_parser("backstop", help="the cluster converges on GitHub's open PRs")
+    backstop_commands = backstop.add_subparsers(dest="backstop_command", required=True)
+    backstop_commands.add_parser(
+        "run", help="one pass now: environments for open PRs, teardowns for closed ones, failed deliveries redelivered"
+    ).set_defaults(func=backstop_run)
     return parser
 
 

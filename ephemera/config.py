@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,7 @@ from typing import Any
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from ephemera.models import REPOSITORY_PATTERN
 from ephemera.quantity import parse_quantity
 
 # EPHEMERA_* variables that belong to the development tools, not to the processes.
@@ -161,6 +163,29 @@ class Settings(BaseSettings):
         600.0, gt=0, description="Seconds GitHub's answer to which installation covers a repository is kept."
     )
 
+    # Backstop: the cluster converges on GitHub's open PRs, and failed deliveries are redelivered.
+    pr_resync_interval: float = Field(
+        600.0, gt=0, description="Seconds between backstop passes (open PRs vs environments, redeliveries)."
+    )
+    backstop_enabled: bool = Field(True, description="Run the backstop in the operator (active replica only).")
+    backstop_repositories: list[str] = Field(
+        default_factory=list,
+        description='Token mode: the repositories whose open PRs the backstop lists, as JSON: ["owner/name"].',
+    )
+    backstop_teardown_grace: float = Field(
+        24 * 3600.0,
+        ge=0,
+        description="Seconds between an uninstall, suspension, removal or transfer and the teardown it causes.",
+    )
+    backstop_redelivery_window: float = Field(
+        3 * 24 * 3600.0, gt=0, description="Oldest failed delivery redelivered when there is no cursor yet (s)."
+    )
+    backstop_namespace: str | None = Field(
+        None,
+        pattern=r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$",
+        description="Namespace of the backstop's cursor ConfigMap; unset: EPHEMERA_WEBHOOK_NAMESPACE's rule.",
+    )
+
     @model_validator(mode="after")
     def _check(self) -> Settings:
         unknown = sorted(
@@ -189,6 +214,9 @@ class Settings(BaseSettings):
                 ipaddress.ip_network(cidr, strict=True)
             except ValueError as err:
                 raise ValueError(f"EPHEMERA_EGRESS_ALLOW_CIDRS: {err} (write a network, e.g. 10.20.0.0/16)") from err
+        for repository in self.backstop_repositories:
+            if not re.fullmatch(REPOSITORY_PATTERN, repository):
+                raise ValueError(f"EPHEMERA_BACKSTOP_REPOSITORIES: {repository!r} is not owner/name")
         if self.soft_time_limit > self.hard_time_limit:
             raise ValueError("EPHEMERA_SOFT_TIME_LIMIT must not exceed EPHEMERA_HARD_TIME_LIMIT")
         return self

@@ -15,6 +15,14 @@ ENVIRONMENT_LABEL = "ephemera.dev/environment"
 OWNER_UID_ANNOTATION = "ephemera.dev/owner-uid"
 REPOSITORY_ANNOTATION = "ephemera.dev/repository"
 RETRY_ANNOTATION = "ephemera.dev/retry"
+# The backstop's marks. ORIGIN says who made an object when it was not the webhook (`backstop`);
+# TEARDOWN_AFTER (an ISO time) and TEARDOWN_REASON say that the App lost the repository (uninstalled,
+# suspended, removed, transferred) and when the backstop tears the environment down if nothing
+# cancels it; RENAMED_TO is the repository's name on GitHub after a rename (spec.repository cannot change).
+ORIGIN_ANNOTATION = "ephemera.dev/origin"
+TEARDOWN_AFTER_ANNOTATION = "ephemera.dev/teardown-after"
+TEARDOWN_REASON_ANNOTATION = "ephemera.dev/teardown-reason"
+RENAMED_TO_ANNOTATION = "ephemera.dev/renamed-to"
 # The operator's finalizer: objects the webhook makes carry it from birth (one patch less for each).
 FINALIZER = "ephemera.dev/finalizer"
 

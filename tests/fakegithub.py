@@ -23,6 +23,7 @@ import re
 import secrets
 import threading
 import time
+import urllib.parse
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -71,6 +72,7 @@ class Installation:
     id: int
     account: str | None  # None: the tests' catch-all, an installation on every account
     repositories: set[str] | None = None  # full names of the selected repositories; None: all of them
+    suspended_at: str | None = None  # when someone suspended it (GitHub still lists it, so marked)
 
     def could_cover(self, repository: str) -> bool:
         """Whether it covers `repository` (FakeGitHub.covers also asks whether another installation does)."""
@@ -137,6 +139,10 @@ class FakeGitHub:
         self.deployments: dict[int, dict[str, Any]] = {}
         self.deployment_statuses: dict[int, list[dict[str, Any]]] = {}
         self.rate_remaining = 5000
+        self.pulls: dict[str, dict[int, dict[str, Any]]] = {}  # repository (lower case) -> number -> PR
+        self.deliveries: list[dict[str, Any]] = []  # the App's hook deliveries, oldest first
+        self.redelivery_status = 202  # what a redelivered attempt gets from the webhook
+        self.pull_faults: dict[tuple[str, int], tuple[int, int]] = {}  # (repository, page) -> (status, count)
         self._ids = itertools.count(1000)
         self._lock = threading.Lock()
         self.port = 0
@@ -153,6 +159,14 @@ class FakeGitHub:
             "installation_not_found": recorded("GithubIntegration.testGetInstallationNotFound")[2],
             "installation_repositories": recorded("Installation.testGetRepos", 1)[2],
             "user": recorded("SpecificExceptions.testRateLimitExceeded")[2],
+            "hook_delivery": recorded("Repository.testGetHookDeliveries")[2][0]
+            if recorded("Repository.testGetHookDeliveries")[2]
+            else {},
+            "hook_delivery_detail": recorded("Repository.testGetHookDelivery")[2],
+        }
+        self._pull_template: dict[str, Any] = {
+            **(recorded("Repository.testGetPulls")[2] or [{}])[0],
+            **recorded("PullRequest.setUp", 1)[2],
         }
 
     # What tests look at -------------------------------------------------------------------------------
@@ -338,6 +352,7 @@ class FakeGitHub:
             app_id=self.app_id,
             app_slug=self.app_slug,
             repository_selection=selection,
+            suspended_at=installation.suspended_at,
             access_tokens_url=self.url(f"/app/installations/{installation.id}/access_tokens"),
             repositories_url=self.url("/installation/repositories"),
             permissions={"statuses": "write", "pull_requests": "write", "deployments": "write", "metadata": "read"},
@@ -375,6 +390,7 @@ class FakeGitHub:
         template = (body.get("repositories") or [{}])[0]
         with self._lock:
             known = {f"{m['owner']}/{m['repo']}" for c in self.calls if (m := REPO_PATH.fullmatch(c.path))}
+            known |= {pr["base"]["repo"]["full_name"] for pulls in self.pulls.values() for pr in pulls.values()}
         names = sorted(installation.repositories if installation.repositories is not None else known)
         repositories = [
             {**template, "name": n.split("/")[1], "full_name": n, "url": self.url(f"/repos/{n}")}
@@ -566,6 +582,179 @@ class FakeGitHub:
         self.deployment_statuses[did].append(body)
         return self._answer(201, body)
 
+    # Backstop: pull requests and the App's hook deliveries -----------------------------------------
+    # Shaped from Repository.testGetPulls (a listing's items), PullRequest.setUp (one PR), Issue131
+    # .testGetPullsWithOrgHeadUser (Link-header paging) and Repository.testGetHookDeliveries/Delivery.
+
+    def pull_request(
+        self,
+        repository: str,
+        number: int,
+        *,
+        sha: str,
+        ref: str = "feature",
+        author: str = "octocat",
+        title: str = "A change",
+        draft: bool = False,
+        updated_at: str | None = None,
+    ) -> dict[str, Any]:
+        """Open (or reopen, or push to) a PR on this server: it is listed until `close_pull`."""
+        stamp = updated_at or time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        with self._lock:
+            pulls = self.pulls.setdefault(repository.lower(), {})
+            pr = pulls.get(number) or copy.deepcopy(self._pull_template)
+            pr.update(
+                number=number,
+                id=10**6 + number,
+                node_id=f"PR_{zlib.crc32(f'{repository}#{number}'.encode())}",
+                state="open",
+                title=title,
+                draft=draft,
+                merged=False,
+                merged_at=None,
+                closed_at=None,
+                created_at=pr.get("created_at") if number in pulls else stamp,
+                updated_at=stamp,
+                url=self.url(f"/repos/{repository}/pulls/{number}"),
+                html_url=f"https://github.com/{repository}/pull/{number}",
+            )
+            pr["user"] = {
+                **(pr.get("user") or {}),
+                "login": author,
+                "type": "Bot" if author.endswith("[bot]") else "User",
+            }
+            repo = {
+                **((pr.get("base") or {}).get("repo") or {}),
+                "full_name": repository,
+                "name": repository.split("/")[1],
+            }
+            pr["head"] = {
+                **pr["head"],
+                "sha": sha,
+                "ref": ref,
+                "label": f"{repository.split('/')[0]}:{ref}",
+                "repo": repo,
+            }
+            pr["base"] = {**(pr.get("base") or {}), "repo": repo}
+            pulls[number] = pr
+            return copy.deepcopy(pr)
+
+    def close_pull(
+        self, repository: str, number: int, *, merged: bool = False, at: str | None = None
+    ) -> dict[str, Any]:
+        """Close (or merge) a PR: it leaves the open listing, and `GET .../pulls/{number}` says closed."""
+        stamp = at or time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        with self._lock:
+            pr = self.pulls[repository.lower()][number]
+            pr.update(
+                state="closed", closed_at=stamp, updated_at=stamp, merged=merged, merged_at=stamp if merged else None
+            )
+            return copy.deepcopy(pr)
+
+    def hook_delivery(self, guid: str, status_code: int, *, event: str = "pull_request", action: str = "opened") -> int:
+        """A delivery of the App's webhook as GitHub lists it; its id."""
+        with self._lock:
+            delivery_id = self._next_id()
+            status = "OK" if 200 <= status_code <= 299 else f"Invalid HTTP Response: {status_code}"
+            self.deliveries.append(
+                {
+                    **self._templates["hook_delivery"],
+                    "id": delivery_id,
+                    "guid": guid,
+                    "delivered_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                    "redelivery": any(d["guid"] == guid for d in self.deliveries),
+                    "status": status,
+                    "status_code": status_code,
+                    "event": event,
+                    "action": action,
+                    "url": "",
+                }
+            )
+            return delivery_id
+
+    def _page(self, request: web.Request, items: list[Any], per_page: int = 30) -> tuple[list[Any], dict[str, str]]:
+        """One page of `items` and its Link header, as GitHub pages lists (`page` and `per_page`)."""
+        per_page = max(1, min(100, int(request.query.get("per_page", per_page))))
+        page = max(1, int(request.query.get("page", 1)))
+        last = max(1, -(-len(items) // per_page))
+        links = []
+        if page < last:
+            query = {**request.query, "page": str(page + 1), "per_page": str(per_page)}
+            links.append(f'<{self.url(request.path)}?{urllib.parse.urlencode(query)}>; rel="next"')
+            query = {**request.query, "page": str(last), "per_page": str(per_page)}
+            links.append(f'<{self.url(request.path)}?{urllib.parse.urlencode(query)}>; rel="last"')
+        return items[(page - 1) * per_page : page * per_page], ({"Link": ", ".join(links)} if links else {})
+
+    def pull_listing_fault(self, repository: str, page: int, status: int, count: int = 1) -> None:
+        """The next `count` listings of `repository`'s PRs answer page `page` with `status`; 200 is an
+        empty page (no PRs, no Link to more), as a listing cut short by a flaky proxy or cache would be."""
+        with self._lock:
+            self.pull_faults[(repository.lower(), page)] = (status, count)
+
+    async def list_pulls(self, request: web.Request) -> web.Response:
+        state = request.query.get("state", "open")
+        key = (self._repo(request).lower(), max(1, int(request.query.get("page", 1))))
+        with self._lock:
+            status, count = self.pull_faults.get(key, (0, 0))
+            if count:
+                self.pull_faults[key] = (status, count - 1)
+        if count and status == 200:
+            return self._answer(200, [])
+        if count:
+            return self._answer(status, {"message": "Server Error"})
+        with self._lock:
+            pulls = sorted(self.pulls.get(self._repo(request).lower(), {}).values(), key=lambda pr: pr["number"])
+            found = [copy.deepcopy(pr) for pr in pulls if state == "all" or pr["state"] == state]
+        page, headers = self._page(request, found)
+        return self._answer(200, page, headers)
+
+    async def get_pull(self, request: web.Request) -> web.Response:
+        with self._lock:
+            pr = self.pulls.get(self._repo(request).lower(), {}).get(int(request.match_info["number"]))
+            found = copy.deepcopy(pr) if pr is not None else None
+        return self._answer(200, found) if found is not None else self._answer(404, {"message": "Not Found"})
+
+    async def list_hook_deliveries(self, request: web.Request) -> web.Response:
+        """Newest first, paged by an opaque `cursor` (GitHub's cursor paging of deliveries)."""
+        per_page = max(1, min(100, int(request.query.get("per_page", 30))))
+        start = int(request.query.get("cursor", "0") or 0)
+        with self._lock:
+            newest_first = list(reversed(self.deliveries))
+        page = newest_first[start : start + per_page]
+        headers = {}
+        if start + per_page < len(newest_first):
+            query = {"per_page": str(per_page), "cursor": str(start + per_page)}
+            headers["Link"] = f'<{self.url(request.path)}?{urllib.parse.urlencode(query)}>; rel="next"'
+        return self._answer(200, page, headers)
+
+    async def get_hook_delivery(self, request: web.Request) -> web.Response:
+        delivery_id = int(request.match_info["id"])
+        with self._lock:
+            found = next((d for d in self.deliveries if d["id"] == delivery_id), None)
+        if found is None:
+            return self._answer(404, {"message": "Not Found"})
+        recorded_body = self._templates["hook_delivery_detail"]
+        return self._answer(200, {**recorded_body, **found})
+
+    async def redeliver(self, request: web.Request) -> web.Response:
+        """`POST /app/hook/deliveries/{id}/attempts`: a new attempt of that delivery, answered by
+        `redelivery_status` (what the webhook would answer now)."""
+        delivery_id = int(request.match_info["id"])
+        with self._lock:
+            found = next((d for d in self.deliveries if d["id"] == delivery_id), None)
+        if found is None:
+            return self._answer(404, {"message": "Not Found"})
+        self.hook_delivery(found["guid"], self.redelivery_status, event=found["event"], action=found["action"])
+        return self._answer(202, {})
+
+    def _backstop_routes(self, app: web.Application) -> None:
+        repo = "/repos/{owner}/{repo}"
+        app.router.add_get(repo + "/pulls", self.list_pulls)
+        app.router.add_get(repo + "/pulls/{number:\\d+}", self.get_pull)
+        app.router.add_get("/app/hook/deliveries", self.list_hook_deliveries)
+        app.router.add_get("/app/hook/deliveries/{id:\\d+}", self.get_hook_delivery)
+        app.router.add_post("/app/hook/deliveries/{id:\\d+}/attempts", self.redeliver)
+
     async def rate_limit_view(self, _: web.Request) -> web.Response:
         reset = int(time.time()) + 3600
         core = {"limit": 5000, "remaining": self.rate_remaining, "reset": reset, "used": 5000 - self.rate_remaining}
@@ -603,6 +792,7 @@ class FakeGitHub:
         app.router.add_post(repo + "/deployments/{id}/statuses", self.create_deployment_status)
         app.router.add_get("/rate_limit", self.rate_limit_view)
         app.router.add_get("/_calls", self.dump_calls)
+        self._backstop_routes(app)
         return app
 
 

@@ -106,6 +106,9 @@ def process_env(kubeconfig: Path, tmp: Path, **overrides: str) -> dict[str, str]
         "EPHEMERA_LOG_FORMAT": "json",
         "EPHEMERA_OPERATOR_PORT": str(free_port()),
         "EPHEMERA_WEBHOOK_PORT": str(free_port()),
+        # The backstop lists PRs and deliveries on the shared local GitHub, which other tests count
+        # calls on: off unless a test (tests/test_backstop.py) turns it on.
+        "EPHEMERA_BACKSTOP_ENABLED": "false",
     }
     env.update(overrides)
     return env

@@ -303,7 +303,12 @@ def test_identities_are_refused_outside_their_grants(
     denied = webhook.run("create", "namespace", f"not-allowed-{uuid.uuid4().hex[:4]}", check=False)
     assert denied.returncode != 0
     assert "forbidden" in denied.stderr
-    assert webhook.run("get", "pe", check=False).returncode != 0  # no list: only get, create, patch, delete
+    # get, create, patch, delete, and list (installation events mark every environment of an
+    # installation or repository); no watch or update.
+    assert webhook.run("get", "pe", check=False).returncode == 0
+    for verb in ("watch", "update", "deletecollection"):
+        answer = webhook.run("auth", "can-i", verb, "previewenvironments.ephemera.dev", check=False).stdout.strip()
+        assert answer == "no", verb
     for args in (("-n", "kube-system", "get", "secrets"), ("-n", "default", "get", "secret", "anything")):
         denied = operator.run(*args, check=False)
         assert denied.returncode != 0

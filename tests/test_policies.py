@@ -366,3 +366,25 @@ def test_the_preview_environment_policy_can_be_turned_off(release: Release, edit
         )
     finally:
         release.apply()
+
+
+def test_the_backstop_may_create_environments_and_keep_its_state_in_the_release_namespace(
+    release: Release, kubectl: Kubectl
+) -> None:
+    """The operator's backstop creates an environment for an open PR whose event was lost (with the
+    installation GitHub listed it under), deletes one whose PR closed, and keeps the closed-PR records
+    and its delivery cursor in ConfigMaps of the release's namespace; ConfigMaps elsewhere stay refused."""
+    operator = as_(kubectl, OPERATOR)
+    name = f"policy-{uuid.uuid4().hex[:8]}"
+    try:
+        made = operator("create", "-f", "-", input=pe(name, 99))
+        assert made.returncode == 0, made.stderr
+        deleted = operator("delete", "pe", name, "--wait=false")
+        assert deleted.returncode == 0, deleted.stderr
+    finally:
+        kubectl.run("delete", "pe", name, "--ignore-not-found", "--wait=false")
+    cursor = json.dumps({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "ephemera-backstop"}})
+    created = operator("create", "-n", NAMESPACE, "--dry-run=server", "-f", "-", input=cursor)
+    assert created.returncode == 0, created.stderr
+    assert not can_i(kubectl, OPERATOR, "list", "configmaps", "-n", NAMESPACE)
+    assert refused(operator("create", "-n", "default", "--dry-run=server", "-f", "-", input=cursor))

@@ -90,7 +90,7 @@ class GitHubAuth:
     def configured(self) -> bool:
         return self._integration is not None or self._token_client is not None
 
-    def _client(self, auth: Auth.Token) -> Github:
+    def _client(self, auth: Auth.Auth) -> Github:
         # Retries and pacing are the reporter's: PyGithub must neither sleep nor retry on its own.
         return Github(
             auth=auth,
@@ -123,6 +123,19 @@ class GitHubAuth:
         if self._integration is not None:
             raise NoCredentials("the object has no spec.installationId and no EPHEMERA_GITHUB_TOKEN is set")
         raise NoCredentials("no GitHub App (EPHEMERA_GITHUB_APP_ID + key) and no EPHEMERA_GITHUB_TOKEN configured")
+
+    @property
+    def app_mode(self) -> bool:
+        """Whether a GitHub App is configured (else a plain token, or nothing)."""
+        return self._integration is not None
+
+    def app_client(self) -> Github:
+        """A client authenticated as the App itself (its JWT), for the `/app` endpoints; NoCredentials
+        without an App. PyGithub makes a fresh JWT for each request."""
+        key = self.settings.private_key()
+        if self.settings.github_app_id is None or not key:
+            raise NoCredentials("no GitHub App (EPHEMERA_GITHUB_APP_ID + key) configured")
+        return self._client(Auth.AppAuth(self.settings.github_app_id, key))
 
     def _app_mode(self, installation_id: int | None) -> bool:
         """Whether `client_for(installation_id)` hands out an installation token (else the plain token)."""

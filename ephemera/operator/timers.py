@@ -3,7 +3,9 @@
 One task each for the whole operator, working from what the watch already keeps in memory, so that
 an idle environment costs no API call: retries of Failed environments (backoff and cap), the sweep
 (stale phases, lost namespaces, orphans), the purge of old records, the records resync and the phase
-gauge. A person's retry (the `ephemera.dev/retry` annotation) is a kopf field handler.
+gauge; and the backstop (`ephemera/backstop.py`), which lists GitHub's open PRs and so costs requests
+to GitHub, not to the API server, every EPHEMERA_PR_RESYNC_INTERVAL. A person's retry (the
+`ephemera.dev/retry` annotation) is a kopf field handler.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import Any
 
 import kopf
 
+from ephemera.backstop import Backstop
 from ephemera.environments import Environments
 from ephemera.kube import Kube, KubeError
 from ephemera.models import GROUP, PLURAL, VERSION, Phase, parse_time
@@ -153,6 +156,11 @@ def start(memo: kopf.Memo, priority: int, identity: str) -> list[asyncio.Task[No
         for phase in Phase:
             ENVIRONMENTS.labels(phase.value).set(counts.get(phase.value, 0))
 
+    backstop = Backstop(cfg, memo.kube)
+
+    async def pr_resync() -> None:
+        await asyncio.to_thread(backstop.run)
+
     jobs = [
         (min(cfg.retry_backoff, RETRY_CHECK_INTERVAL), retries, "retries"),
         (cfg.sweep_interval, sweep, "sweep"),
@@ -161,4 +169,6 @@ def start(memo: kopf.Memo, priority: int, identity: str) -> list[asyncio.Task[No
         (cfg.resync_interval, resync, "resync"),
         (10.0, gauge, "phase-gauge"),
     ]
+    if cfg.backstop_enabled:
+        jobs.append((cfg.pr_resync_interval, pr_resync, "pr-resync"))
     return [asyncio.create_task(_every(seconds, job, name, active), name=name) for seconds, job, name in jobs]

@@ -19,6 +19,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 
 from ephemera.config import Settings
 from ephemera.kube import Kube, KubeError, load_api_client
+from ephemera.webhook import installations
 from ephemera.webhook.events import BadRequest, Signature, decode_body, parse_pull_request
 from ephemera.webhook.intake import Intake, Outcome
 from ephemera.webhook.tombstones import Tombstones, default_namespace
@@ -31,37 +32,41 @@ INTAKE: web.AppKey[Intake] = web.AppKey("intake", Intake)
 EXECUTOR: web.AppKey[ThreadPoolExecutor] = web.AppKey("executor", ThreadPoolExecutor)
 DELIVERIES: web.AppKey[OrderedDict[str, dict[str, Any]]] = web.AppKey("deliveries", OrderedDict)
 SIGNING_KEY: web.AppKey[bytes | None] = web.AppKey("signing_key")
+LIFECYCLE: web.AppKey[installations.Lifecycle] = web.AppKey("lifecycle", installations.Lifecycle)
 
 # An HMAC key shorter than a SHA-256 block's worth of guessing is no secret; GitHub suggests 32+
 # random characters. An empty one is worst: anyone can sign with it.
 MIN_SECRET_BYTES = 16
 # Metric labels come from fixed sets, never from what a caller sends: an unauthenticated caller
 # must not be able to add series to /metrics.
-EVENT_LABELS = frozenset({"pull_request", "ping"})
-ACTION_LABELS = frozenset(
-    {
-        "assigned",
-        "auto_merge_disabled",
-        "auto_merge_enabled",
-        "closed",
-        "converted_to_draft",
-        "demilestoned",
-        "dequeued",
-        "edited",
-        "enqueued",
-        "labeled",
-        "locked",
-        "milestoned",
-        "opened",
-        "ready_for_review",
-        "reopened",
-        "review_request_removed",
-        "review_requested",
-        "synchronize",
-        "unassigned",
-        "unlabeled",
-        "unlocked",
-    }
+EVENT_LABELS = frozenset({"pull_request", "ping"}) | installations.EVENTS
+ACTION_LABELS = (
+    frozenset(
+        {
+            "assigned",
+            "auto_merge_disabled",
+            "auto_merge_enabled",
+            "closed",
+            "converted_to_draft",
+            "demilestoned",
+            "dequeued",
+            "edited",
+            "enqueued",
+            "labeled",
+            "locked",
+            "milestoned",
+            "opened",
+            "ready_for_review",
+            "reopened",
+            "review_request_removed",
+            "review_requested",
+            "synchronize",
+            "unassigned",
+            "unlabeled",
+            "unlocked",
+        }
+    )
+    | installations.ACTIONS
 )
 
 
@@ -180,14 +185,26 @@ async def webhook(request: web.Request) -> web.Response:
             if event == "ping":
                 outcome = "pong"
                 return web.json_response({"result": "pong"}, status=200)
-            if event != "pull_request":
+            if event in installations.EVENTS:
+                lifecycle_event = installations.parse(event, data)
+                del body, data
+            elif event != "pull_request":
                 outcome = "ignored"
                 return web.json_response({"result": "ignored", "reason": f"event {event!r} is not handled"}, status=202)
-            parsed = parse_pull_request(data)
-            # The body and its JSON are not needed past here: free them before the slot is.
-            del body, data
+            else:
+                parsed = parse_pull_request(data)
+                # The body and its JSON are not needed past here: free them before the slot is.
+                del body, data
         finally:
             in_flight.leave()
+        if event in installations.EVENTS:
+            action = lifecycle_event.action
+            outcome = await _lifecycle(app, event, lifecycle_event, delivery)
+            return (
+                web.json_response({"result": outcome}, status=202)
+                if outcome not in ERROR_OUTCOMES
+                else _failed(outcome)
+            )
         action = parsed.action
         extra = {"delivery": delivery, "repository": parsed.repo, "pr": parsed.pr, "action": action}
         seen = app[DELIVERIES].get(delivery) if delivery else None
@@ -219,6 +236,33 @@ async def webhook(request: web.Request) -> web.Response:
     finally:
         metrics.events.labels(event_label(event), action_label(action), outcome).inc()
         metrics.latency.observe(time.perf_counter() - started)
+
+
+ERROR_OUTCOMES = frozenset({"unavailable", "rejected"})
+
+
+def _failed(outcome: str) -> web.Response:
+    if outcome == "unavailable":
+        return error(503, "kubernetes unavailable", "the Kubernetes API cannot be reached; redeliver the event later")
+    return error(422, "rejected by kubernetes", "see the webhook's logs")
+
+
+async def _lifecycle(
+    app: web.Application,
+    event: str,
+    parsed: installations.InstallationEvent | installations.RepositoriesEvent | installations.RepositoryEvent,
+    delivery: str,
+) -> str:
+    """Apply an installation, installation_repositories or repository event; the outcome's name."""
+    extra = {"delivery": delivery, "event": event, "action": parsed.action}
+    loop = asyncio.get_running_loop()
+    try:
+        result: Outcome = await loop.run_in_executor(app[EXECUTOR], app[LIFECYCLE].handle, parsed)
+    except KubeError as err:
+        log.warning("%s %s not applied: %s", event, parsed.action, err, extra=extra)
+        return "unavailable" if err.temporary else "rejected"
+    log.info("%s %s", result.action, result.reason, extra=extra)
+    return result.action
 
 
 def _remember(cache: OrderedDict[str, dict[str, Any]], delivery: str, answer: dict[str, Any], size: int) -> None:
@@ -310,6 +354,7 @@ def create_app(settings: Settings, kube: Kube | None = None) -> web.Application:
             retention=settings.webhook_tombstone_retention,
         )
         app[INTAKE] = Intake(client, tombstones, prefix=settings.namespace_prefix, draft_prs=settings.webhook_draft_prs)
+        app[LIFECYCLE] = installations.Lifecycle(client, grace=settings.backstop_teardown_grace)
         yield
         app[EXECUTOR].shutdown(wait=True)
         if kube is None:

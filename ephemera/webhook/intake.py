@@ -81,8 +81,9 @@ class Intake:
             spec["installationId"] = event.installation.id
         return spec
 
-    def handle(self, event: PullRequestEvent, delivery: str) -> Outcome:
-        """Apply the event; raises KubeError when the API server cannot be reached."""
+    def handle(self, event: PullRequestEvent, delivery: str, marks: dict[str, str] | None = None) -> Outcome:
+        """Apply the event; raises KubeError when the API server cannot be reached. `marks` are
+        annotations put on an object this creates (the backstop marks its own)."""
         action = event.action
         name = self.name(event)
         pr = event.pull_request
@@ -91,9 +92,9 @@ class Intake:
         if action in UPSERT_ACTIONS or action in ("synchronize", "closed", "converted_to_draft"):
             name = self._existing_name(event)
         if action in UPSERT_ACTIONS:
-            return self._retrying(lambda: self._upsert(event, name, delivery, opening=True))
+            return self._retrying(lambda: self._upsert(event, name, delivery, opening=True, marks=marks))
         if action == "synchronize":
-            return self._retrying(lambda: self._upsert(event, name, delivery, opening=False))
+            return self._retrying(lambda: self._upsert(event, name, delivery, opening=False, marks=marks))
         if action == "closed" or (action == "converted_to_draft" and not self.draft_prs):
             reason = "merged" if pr.merged else ("closed" if action == "closed" else "converted to draft")
             return self._retrying(lambda: self._delete(event, name, delivery, reason))
@@ -132,7 +133,9 @@ class Intake:
             return None  # two changes in one second: take the new commit
         return "the environment already reflects this or a newer event"
 
-    def _upsert(self, event: PullRequestEvent, name: str, delivery: str, *, opening: bool) -> Outcome:
+    def _upsert(
+        self, event: PullRequestEvent, name: str, delivery: str, *, opening: bool, marks: dict[str, str] | None = None
+    ) -> Outcome:
         closed_at = self.tombstones.closed_at(event.repo, event.pr)
         if opening and (closed_at is None or newer(event.pull_request.updated_at, closed_at)):
             # The common case, a new PR: a read of the repository's closes, then a create. An
@@ -140,7 +143,7 @@ class Intake:
             # the create would have to delete the object and see it gone in that instant: the
             # operator's teardown alone takes far longer.
             try:
-                self.kube.create_environment(self._body(event, name, delivery))
+                self.kube.create_environment(self._body(event, name, delivery, marks))
                 return Outcome("created", name, f"{event.action}: environment requested")
             except KubeError as err:
                 if err.status != 409:
@@ -158,7 +161,7 @@ class Intake:
             # A push for a PR with no environment (its `opened` was lost or is still on its way) creates
             # one; a push older than a known close was refused above. New objects get the current name.
             name = self.name(event)
-            self.kube.create_environment(self._body(event, name, delivery))
+            self.kube.create_environment(self._body(event, name, delivery, marks))
             return Outcome("created", name, f"{event.action}: environment requested")
         spec = self.spec(event) if opening else {"commitSha": event.pull_request.head.sha}
         patch = {
@@ -168,14 +171,14 @@ class Intake:
         self.kube.patch_environment(name, patch, missing_ok=False)
         return Outcome("updated", name, f"{event.action}: commit {event.pull_request.head.sha[:7]}")
 
-    def _body(self, event: PullRequestEvent, name: str, delivery: str) -> Obj:
+    def _body(self, event: PullRequestEvent, name: str, delivery: str, marks: dict[str, str] | None = None) -> Obj:
         return {
             "apiVersion": API_VERSION,
             "kind": KIND,
             "metadata": {
                 "name": name,
                 "labels": environment_labels(name, event.repo, event.pr),
-                "annotations": {UPDATED_AT: event.pull_request.updated_at, DELIVERY: delivery},
+                "annotations": {**(marks or {}), UPDATED_AT: event.pull_request.updated_at, DELIVERY: delivery},
                 # Born protected: the operator need not add it (one request less for each new PR), and
                 # an object deleted before the operator saw it still passes through its teardown.
                 "finalizers": [FINALIZER],
