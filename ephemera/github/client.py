@@ -124,7 +124,7 @@ class GitHubAuth:
             raise NoCredentials("the object has no spec.installationId and no EPHEMERA_GITHUB_TOKEN is set")
         raise NoCredentials("no GitHub App (EPHEMERA_GITHUB_APP_ID + key) and no EPHEMERA_GITHUB_TOKEN configured")
 
-    def _app_mode(self, installation_id: int | None) -> bool:
+    def app_mode(self, installation_id: int | None) -> bool:
         """Whether `client_for(installation_id)` hands out an installation token (else the plain token)."""
         return self._integration is not None and installation_id is not None
 
@@ -135,7 +135,7 @@ class GitHubAuth:
         Asked with the App's JWT (`GET /repos/{owner}/{repo}/installation`): one request per repository
         per EPHEMERA_GITHUB_INSTALLATION_CACHE_TTL, answers "not installed" (404) included. Other errors
         propagate as GithubException (retried like any report)."""
-        if not self._app_mode(installation_id):
+        if not self.app_mode(installation_id):
             return
         found = self._installation_of(repository)
         if found.installation_id is None:
@@ -148,7 +148,7 @@ class GitHubAuth:
 
     def identity(self, installation_id: int | None, repository: str, client: Github) -> Identity:
         """Who posts for this object: the App (after check_installation) or the token's user."""
-        if self._app_mode(installation_id):
+        if self.app_mode(installation_id):
             slug = self._installation_of(repository).app_slug
             return Identity(app_id=self.settings.github_app_id, bot_login=f"{slug}[bot]" if slug else None)
         with self._lock:
