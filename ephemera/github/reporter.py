@@ -510,7 +510,7 @@ class Reporter:
         except KubeError as err:
             log.warning("could not record the GitHub report on %s: %s", t.name, err)
 
-    # The three reports ---------------------------------------------------------------------------------
+    # The four reports ----------------------------------------------------------------------------------
 
     def _reconcile(self, repo: Repository, t: Transition, reported: dict[str, Any], who: Who) -> dict[str, Any] | None:
         """Read back from GitHub what was posted for this commit: after a restart, a report cut short
