@@ -199,9 +199,11 @@ def test_an_app_without_checks_permission_still_posts_the_other_reports(
 # The reporter in this process -----------------------------------------------------------------------------
 
 
-def transition(repo: str, pr: int, phase: str, *, installation: int | None = INSTALLATION, **status: Any) -> Transition:
+def transition(
+    repo: str, pr: int, phase: str, *, installation: int | None = INSTALLATION, sha: str = SHA_A, **status: Any
+) -> Transition:
     """A transition of an object that need not exist (its report is then recorded nowhere)."""
-    spec: dict[str, Any] = {"repository": repo, "pullRequest": pr, "commitSha": SHA_A, "branch": "feature/x"}
+    spec: dict[str, Any] = {"repository": repo, "pullRequest": pr, "commitSha": sha, "branch": "feature/x"}
     if installation is not None:
         spec["installationId"] = installation
     reasons = {"Failed": "RolloutFailed", "Provisioning": "RollingOut"}
@@ -213,7 +215,7 @@ def transition(repo: str, pr: int, phase: str, *, installation: int | None = INS
         old_phase=None,
         phase=phase,
         reason=status.pop("reason", reasons.get(phase, phase)),
-        message=status.pop("message", f"{phase} for commit {SHA_A[:7]}"),
+        message=status.pop("message", f"{phase} for commit {sha[:7]}"),
         at="2026-11-29T12:00:00Z",
         status={"phase": phase, "namespace": f"pr-{pr}-inproc", **status},
         occurred=datetime.datetime.now(datetime.UTC) - datetime.timedelta(seconds=5),
@@ -226,7 +228,9 @@ def reporter(control_plane: ControlPlane, github: FakeGitHub) -> Reporter:
     return Reporter(settings, Kube(load_api_client(control_plane.kubeconfig)), GitHubAuth(settings))
 
 
-def test_one_check_run_per_commit_completed_in_place_and_never_reopened(reporter: Reporter, github: FakeGitHub) -> None:
+def test_one_check_run_per_commit_and_attempt_completed_in_place_never_reopened_nor_left_open(
+    reporter: Reporter, github: FakeGitHub
+) -> None:
     repo, uid, url = f"octo/check-{uuid.uuid4().hex[:6]}", str(uuid.uuid4()), "https://pr-31.preview.localhost/"
     reporter.report(transition(repo, 31, "Provisioning", uid=uid))
     (run,) = check_runs(github, repo, SHA_A)
@@ -248,12 +252,39 @@ def test_one_check_run_per_commit_completed_in_place_and_never_reopened(reporter
     first, second = check_runs(github, repo, SHA_A)
     assert (first["status"], first["conclusion"]) == ("completed", "success")
     assert (second["status"], second["conclusion"]) == ("in_progress", None)
-    # Torn down before it was ready: the open run is cancelled, not left in progress.
-    reporter.report(transition(repo, 31, "Destroying", uid=uid))
+    # A push before it was ready: that run is completed (cancelled), the new commit gets its own.
+    reporter.report(transition(repo, 31, "Updating", uid=uid, sha=SHA_B))
     assert [(r["status"], r["conclusion"]) for r in check_runs(github, repo, SHA_A)] == [
         ("completed", "success"),
         ("completed", "cancelled"),
     ]
+    assert check_runs(github, repo, SHA_A)[1]["output"]["title"] == "Preview superseded"
+    (run_b,) = check_runs(github, repo, SHA_B)
+    assert (run_b["status"], run_b["output"]["title"]) == ("in_progress", "Updating the preview")
+    # Torn down before it was ready: the open run is cancelled, not left in progress.
+    reporter.report(transition(repo, 31, "Destroying", uid=uid, sha=SHA_B))
+    (run_b,) = check_runs(github, repo, SHA_B)
+    assert (run_b["status"], run_b["conclusion"]) == ("completed", "cancelled")
+    assert run_b["output"]["title"] == "Preview torn down"
+    # Runs are edited by id, never read first.
+    assert not [c for c in github.calls if c.method == "GET" and c.path.startswith(f"/repos/{repo}/check-runs/")]
+
+
+def test_a_run_left_in_progress_by_an_earlier_process_is_completed_in_place(
+    control_plane: ControlPlane, github: FakeGitHub
+) -> None:
+    repo, uid = f"octo/check-{uuid.uuid4().hex[:6]}", str(uuid.uuid4())
+    settings = app_settings(github)
+
+    def process() -> Reporter:
+        return Reporter(settings, Kube(load_api_client(control_plane.kubeconfig)), GitHubAuth(settings))
+
+    process().report(transition(repo, 36, "Provisioning", uid=uid))
+    (run,) = check_runs(github, repo, SHA_A)
+    recorded = {"checkRunId": run["id"], "checkRun": f"in_progress@{SHA_A}"}
+    process().report(transition(repo, 36, "Ready", uid=uid, reported=recorded))  # as the object says
+    (run,) = check_runs(github, repo, SHA_A)
+    assert (run["status"], run["conclusion"]) == ("completed", "success")
 
 
 def test_with_a_plain_token_check_runs_are_skipped_with_one_log_line(

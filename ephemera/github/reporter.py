@@ -555,6 +555,9 @@ class Reporter:
         key = f"{state}@{sha}"
         if recorded == key:
             return None
+        earlier, _, earlier_sha = recorded.partition("@")
+        if earlier == "in_progress" and earlier_sha != sha and reported.get("checkRunId"):
+            self._supersede(repo, t, int(reported["checkRunId"]), earlier_sha)
         fields: dict[str, Any] = {"output": check_run_output(t, state)}
         if state == "in_progress":
             fields["status"] = "in_progress"
@@ -565,7 +568,7 @@ class Reporter:
             fields["details_url"] = details
         if open_id:
             try:
-                repo.get_check_run(open_id).edit(**fields)
+                repo.get_check_run(open_id).edit(**fields)  # lazy: a PATCH, without reading the run first
                 return {"checkRun": key}
             except GithubException as err:
                 if err.status not in (404, 410):
@@ -573,6 +576,24 @@ class Reporter:
                 log.info("check run %d of %s is gone on GitHub; a new one is made", open_id, t.name)
         run = repo.create_check_run(name=self._context, head_sha=sha, external_id=t.uid, **fields)
         return {"checkRunId": run.id, "checkRun": key}
+
+    def _supersede(self, repo: Repository, t: Transition, run_id: int, old_sha: str) -> None:
+        """Complete an earlier commit's run left in progress by a push (`cancelled`), so that it does
+        not stay in progress on that commit forever. Best effort: the new commit's run matters more."""
+        summary = (
+            f"Commit `{old_sha[:7]}` was superseded by `{str(t.spec['commitSha'])[:7]}` before its preview was ready."
+        )
+        try:
+            repo.get_check_run(run_id).edit(
+                status="completed",
+                conclusion="cancelled",
+                completed_at=datetime.datetime.now(datetime.UTC),
+                output={"title": "Preview superseded", "summary": summary},
+            )
+        except GithubException as err:
+            log.warning(
+                "could not complete check run %d of %s (superseded): %s %s", run_id, t.name, err.status, err.data
+            )
 
     def _commit_status(
         self, repo: Repository, t: Transition, reported: dict[str, Any], who: Who
