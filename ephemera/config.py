@@ -85,6 +85,12 @@ class Settings(BaseSettings):
     purge_interval: float = Field(3600, gt=0, description="Seconds between purges of old records.")
     purge_batch: int = Field(500, ge=1, description="Records deleted per purge statement.")
     resync_interval: float = Field(300, gt=0, description="Seconds between database resyncs with the cluster.")
+    record_queue_limit: int = Field(
+        10_000, ge=1, description="Transitions the records writer queues at most while the database is away."
+    )
+    record_drain_timeout: float = Field(
+        10.0, ge=0, description="Seconds the operator spends writing queued records when it stops."
+    )
     peering: str | None = Field(
         None, description="kopf peering name for several replicas (one active); unset runs standalone."
     )

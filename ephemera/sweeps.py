@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ephemera.config import Settings
-from ephemera.environments import Environment, Environments, Failure, PermanentFailure
+from ephemera.environments import ROLLING_OUT, Environment, Environments, Failure, PermanentFailure
 from ephemera.kube import KubeError, Obj
 from ephemera.models import GROUP, KIND, Phase, now_iso, parse_time
 from ephemera.naming import (
@@ -105,7 +105,7 @@ class Sweeper:
         for name, item in list(seen.items()):
             try:
                 if item.phase in (Phase.PROVISIONING.value, Phase.UPDATING.value) and not item.deleting:
-                    if _age(item.since, now) > threshold:
+                    if _age(item.since, now) > threshold and item.reason != ROLLING_OUT:
                         report.stale += self._fail_stale(name, item)
                 elif item.deleting and _age(item.deleted_at, now) > threshold:
                     # Timed from the deletion itself: while a teardown waits for its namespace, its
@@ -145,8 +145,8 @@ class Sweeper:
         if body is None:
             return 0
         env = Environment.from_body(body)
-        if env.status.phase not in (Phase.PROVISIONING, Phase.UPDATING):
-            return 0
+        if env.status.phase not in (Phase.PROVISIONING, Phase.UPDATING) or env.status.reason == ROLLING_OUT:
+            return 0  # settled meanwhile, or an app rolling out: its own deadline (the template's timeout) governs
         failure = Failure(
             "Stale",
             f"Stuck in {env.status.phase.value} for more than {self.settings.stale_threshold:.0f} s "

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import tempfile
 import urllib.request
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from typing import Any
 import pytest
 
 from ephemera.devtools.controlplane import REPO_ROOT, ControlPlane, running
+from ephemera.kube import Kube, load_api_client
 from tests.fakegithub import FakeGitHub, Server
 from tests.postgres import Postgres
 from tests.support import SOAK, Kubectl, Process, process_env, wait_for
@@ -33,6 +35,23 @@ def control_plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlP
 @pytest.fixture(scope="session")
 def kubectl(control_plane: ControlPlane) -> Kubectl:
     return Kubectl(control_plane.bin_dir / "kubectl", control_plane.kubeconfig)
+
+
+@pytest.fixture(scope="session")
+def kube(control_plane: ControlPlane) -> Iterator[Kube]:
+    """Ephemera's own Kubernetes adapter, in this process, on the test control plane."""
+    client = Kube(load_api_client(control_plane.kubeconfig))
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def namespace(kubectl: Kubectl) -> Iterator[str]:
+    """A plain namespace of the test's own, deleted (without waiting) after it."""
+    name = f"scratch-{uuid.uuid4().hex[:8]}"
+    kubectl.run("create", "namespace", name)
+    yield name
+    kubectl.run("delete", "namespace", name, "--wait=false", check=False)
 
 
 @pytest.fixture(scope="session")

@@ -3,36 +3,18 @@ inventory, pruning, refusals before anything is applied, and readiness of what w
 
 from __future__ import annotations
 
-import uuid
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
 from ephemera.apply import FIELD_MANAGER, Applier, Ref
-from ephemera.devtools.controlplane import ControlPlane
-from ephemera.kube import Kube, load_api_client
+from ephemera.kube import Kube
 from ephemera.templates import TemplateError
 from tests.support import Kubectl, wait_for
 from tests.test_workloads import deployment
 
 pytestmark = pytest.mark.cluster
 LABELS = {"app.kubernetes.io/managed-by": "ephemera"}
-
-
-@pytest.fixture(scope="module")
-def kube(control_plane: ControlPlane) -> Iterator[Kube]:
-    client = Kube(load_api_client(control_plane.kubeconfig))
-    yield client
-    client.close()
-
-
-@pytest.fixture
-def namespace(kubectl: Kubectl) -> Iterator[str]:
-    name = f"apply-{uuid.uuid4().hex[:8]}"
-    kubectl.run("create", "namespace", name)
-    yield name
-    kubectl.run("delete", "namespace", name, "--wait=false", check=False)
 
 
 def service(name: str) -> dict[str, Any]:

@@ -12,9 +12,15 @@ from typing import Any
 
 import pytest
 
+from ephemera.config import Settings
+from ephemera.devtools.controlplane import ControlPlane
+from ephemera.environments import Environments
+from ephemera.kube import Kube, load_api_client
 from ephemera.models import parse_time
 from ephemera.naming import environment_name
+from ephemera.sweeps import Seen, Sweeper
 from ephemera.templates import slug
+from ephemera.transitions import Transitions
 from tests.conftest import WEBHOOK_SECRET
 from tests.fakegithub import FakeGitHub
 from tests.support import Kubectl, Process, post_webhook, wait_for
@@ -240,3 +246,39 @@ def test_the_prs_title_from_the_webhook_reaches_the_template_as_a_value_only(
     data = kubectl.json("get", "configmap", "-n", ready["namespace"], "info")["data"]
     assert data["title"] == "Fix: cart namespace: kube-system"
     assert data["branch"] == slug(event["pull_request"]["head"]["ref"])
+
+
+def test_a_long_rollout_is_timed_by_its_template_not_the_stale_sweep(
+    operator: Process, kubectl: Kubectl, control_plane: ControlPlane, templates: list[str]
+) -> None:
+    repo = f"octo/slow-{uuid.uuid4().hex[:6]}"
+    slow = web(min_ready=3600)  # available only after an hour: the rollout waits
+    slow["spec"]["progressDeadlineSeconds"] = 7200
+    put_template(
+        kubectl, templates, unique("slow"), repositories=[repo], resources=[slow], readiness={"timeoutSeconds": 7200}
+    )
+    name = unique("slow")
+    kubectl.apply(make_env(name, 12, repo=repo))
+    wait_for(lambda: status(kubectl, name).get("reason") == "RollingOut", timeout=90, what="the rollout waiting")
+
+    def older_than_a_second() -> bool:
+        since = parse_time(status(kubectl, name).get("lastTransitionTime"))
+        return since is not None and (datetime.datetime.now(datetime.UTC) - since).total_seconds() > 1.5
+
+    wait_for(older_than_a_second, timeout=30, what="the rollout older than the stale threshold")
+    kube = Kube(load_api_client(control_plane.kubeconfig))
+    try:
+        sweeper = Sweeper(
+            Environments(kube, Settings(stale_threshold=1), Transitions()), selector="ephemera.dev/none=1"
+        )
+        uid = kubectl.json("get", "pe", name)["metadata"]["uid"]
+        since = status(kubectl, name)["lastTransitionTime"]
+        for reason in ("RollingOut", None):  # as the watch saw it, or before it saw the reason
+            seen = {name: Seen(uid=uid, phase="Provisioning", since=since, deleted_at=None, reason=reason)}
+            assert sweeper.sweep(seen).stale == 0
+    finally:
+        kube.close()
+    after = status(kubectl, name)
+    assert (after["phase"], after["reason"]) == ("Provisioning", "RollingOut")
+    assert after["rolloutDeadline"]
+    kubectl.run("delete", "pe", name, "--wait=false")

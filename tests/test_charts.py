@@ -7,7 +7,6 @@ import functools
 import http.server
 import subprocess
 import threading
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,7 +17,7 @@ from ephemera.charts import RELEASE, render_chart
 from ephemera.devtools.controlplane import ControlPlane
 from ephemera.kube import Kube, load_api_client
 from ephemera.templates import HelmSource, TemplateError, render_tree
-from tests.support import Kubectl, wait_for
+from tests.support import wait_for
 from tests.test_templates import values
 
 pytestmark = pytest.mark.cluster
@@ -72,14 +71,6 @@ def chart_repo(control_plane: ControlPlane, tmp_path_factory: pytest.TempPathFac
     thread.start()
     yield url
     server.shutdown()
-
-
-@pytest.fixture
-def namespace(kubectl: Kubectl) -> Iterator[str]:
-    name = f"chart-{uuid.uuid4().hex[:8]}"
-    kubectl.run("create", "namespace", name)
-    yield name
-    kubectl.run("delete", "namespace", name, "--wait=false", check=False)
 
 
 def source(repo: str, version: str = "1.2.3") -> HelmSource:

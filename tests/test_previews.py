@@ -13,7 +13,7 @@ import pytest
 
 from ephemera.apply import Applier
 from ephemera.devtools.controlplane import ControlPlane
-from ephemera.kube import Kube, load_api_client
+from ephemera.kube import Kube
 from ephemera.previews import Previews
 from ephemera.templates import TemplateError
 from tests.support import Kubectl, wait_for
@@ -23,21 +23,6 @@ from tests.test_workloads import deployment
 
 pytestmark = pytest.mark.cluster
 LABELS = {"app.kubernetes.io/managed-by": "ephemera"}
-
-
-@pytest.fixture(scope="module")
-def kube(control_plane: ControlPlane) -> Iterator[Kube]:
-    client = Kube(load_api_client(control_plane.kubeconfig))
-    yield client
-    client.close()
-
-
-@pytest.fixture
-def namespace(kubectl: Kubectl) -> Iterator[str]:
-    name = f"preview-{uuid.uuid4().hex[:8]}"
-    kubectl.run("create", "namespace", name)
-    yield name
-    kubectl.run("delete", "namespace", name, "--wait=false", check=False)
 
 
 @pytest.fixture

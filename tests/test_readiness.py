@@ -4,8 +4,6 @@ kwok's nodes, and the failures kwok's Stages simulate."""
 from __future__ import annotations
 
 import datetime
-import uuid
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -15,14 +13,6 @@ from tests.support import Kubectl, wait_for
 from tests.test_workloads import apply, deployment, job
 
 pytestmark = pytest.mark.cluster
-
-
-@pytest.fixture
-def namespace(kubectl: Kubectl) -> Iterator[str]:
-    name = f"readiness-{uuid.uuid4().hex[:8]}"
-    kubectl.run("create", "namespace", name)
-    yield name
-    kubectl.run("delete", "namespace", name, "--wait=false", check=False)
 
 
 def judge(kubectl: Kubectl, namespace: str, later: float = 0.0) -> Assessment:

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime
 import json
 import os
+import signal
 import subprocess
 import sys
 import uuid
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -237,3 +240,324 @@ async def test_resync_writes_what_is_missing_and_nothing_twice(sqlite_url: str) 
     # Its teardown was never recorded (an operator killed at the wrong moment): the resync fills the gap.
     assert [e["to_phase"] for e in others["vanished"]["events"]] == ["Ready", "Destroying", "Destroyed"]
     assert others["vanished"]["destroyed_at"]
+
+
+def _listed(uid: str, phase: str, at: str, **status: Any) -> dict[str, Any]:
+    """The object as a listing shows it (what a resync compares the rows with)."""
+    return {
+        "metadata": {
+            "name": "pr-1-octo-unit",
+            "uid": uid,
+            "generation": 1,
+            "creationTimestamp": "2026-01-01T00:00:00Z",
+        },
+        "spec": {"repository": "octo/unit", "pullRequest": 1, "commitSha": "a" * 40},
+        "status": {"phase": phase, "conditions": [{"type": "Ready", "lastTransitionTime": at}], **status},
+    }
+
+
+def _at(text: str) -> datetime.datetime:
+    return datetime.datetime.fromisoformat(text.replace("Z", "+00:00"))
+
+
+async def test_a_resync_places_what_it_rebuilds_after_what_is_recorded(sqlite_url: str) -> None:
+    """An operator killed before its Ready reached the records: the resync rebuilds it from the object,
+    whose time has whole seconds only, after the Provisioning recorded within that same second."""
+    from ephemera.store.records import _Resync
+
+    records = Records(make_engine(sqlite_url))
+    provisioning = _transition("u1", None, "Provisioning", "2026-01-01T00:00:01Z")
+    await records.write(dataclasses.replace(provisioning, occurred=_at("2026-01-01T00:00:01.600Z")))
+    listing = [_listed("u1", "Ready", "2026-01-01T00:00:01Z", namespace="pr-1-octo-unit-x")]
+    await records._resync(_Resync(listing, datetime.datetime.now(datetime.UTC)))
+    await records.engine.dispose()
+    (row,) = history(sqlite_url, "pr-1-octo-unit")
+    assert [e["to_phase"] for e in row["events"]] == ["Provisioning", "Ready"]
+    assert row["phase"] == "Ready"
+
+
+async def test_a_transition_rebuilt_by_a_resync_and_announced_too_is_recorded_once(sqlite_url: str) -> None:
+    """The resync's listing saw Ready before the writer got to the handler's own Ready."""
+    from ephemera.store.records import _Resync
+
+    records = Records(make_engine(sqlite_url))
+    await records.write(_transition("u1", None, "Provisioning", "2026-01-01T00:00:01Z"))
+    listing = [_listed("u1", "Ready", "2026-01-01T00:00:02Z", namespace="pr-1-octo-unit-x")]
+    await records._resync(_Resync(listing, datetime.datetime.now(datetime.UTC)))
+    live = _transition("u1", "Provisioning", "Ready", "2026-01-01T00:00:02Z")
+    await records.write(dataclasses.replace(live, occurred=_at("2026-01-01T00:00:02.400Z")))
+    # After a restart, kopf runs the teardown again and announces the end a second time.
+    await records.write(_transition("u1", "Ready", "Destroying", "2026-01-01T00:00:03Z"))
+    await records.write(_transition("u1", "Destroying", "Destroyed", "2026-01-01T00:00:04Z"))
+    await records.write(_transition("u1", "Destroying", "Destroyed", "2026-01-01T00:00:09Z"))
+    await records.engine.dispose()
+    (row,) = history(sqlite_url, "pr-1-octo-unit")
+    assert [e["to_phase"] for e in row["events"]] == ["Provisioning", "Ready", "Destroying", "Destroyed"]
+    assert row["destroyed_at"].startswith("2026-01-01T00:00:04")
+
+
+async def test_a_lost_transition_is_inferred_from_the_one_that_follows_it(sqlite_url: str) -> None:
+    """Killed after its Destroying was written to the object but not to the records: the restarted
+    operator's end says it came from Destroying, and carries when that began."""
+    records = Records(make_engine(sqlite_url))
+    await records.write(_transition("u1", None, "Provisioning", "2026-01-01T00:00:01Z"))
+    await records.write(_transition("u1", "Provisioning", "Ready", "2026-01-01T00:00:02Z"))
+    end = _transition("u1", "Destroying", "Destroyed", "2026-01-01T00:00:09Z")
+    status = {"phase": "Destroying", "lastTransitionTime": "2026-01-01T00:00:05Z", "namespace": "pr-1-octo-unit-x"}
+    await records.write(dataclasses.replace(end, status=status))
+    await records.write(dataclasses.replace(end, status=status))  # and again: nothing more
+    await records.engine.dispose()
+    (row,) = history(sqlite_url, "pr-1-octo-unit")
+    assert [(e["to_phase"], e["at"][:19]) for e in row["events"]] == [
+        ("Provisioning", "2026-01-01T00:00:01"),
+        ("Ready", "2026-01-01T00:00:02"),
+        ("Destroying", "2026-01-01T00:00:05"),
+        ("Destroyed", "2026-01-01T00:00:09"),
+    ]
+    assert row["phase"] == "Destroyed"
+
+
+async def test_a_destroyed_environment_never_moves_back(sqlite_url: str) -> None:
+    """A resync whose listing was taken before the deletion, and a late transition, change nothing."""
+    from ephemera.store.records import _Resync
+
+    records = Records(make_engine(sqlite_url))
+    lifecycle = [
+        (None, "Provisioning"),
+        ("Provisioning", "Ready"),
+        ("Ready", "Destroying"),
+        ("Destroying", "Destroyed"),
+    ]
+    for second, (old, new) in enumerate(lifecycle, start=1):
+        await records.write(_transition("u1", old, new, f"2026-01-01T00:00:0{second}Z"))
+    before_deletion = [_listed("u1", "Ready", "2026-01-01T00:00:02Z", namespace="pr-1-octo-unit-x")]
+    await records._resync(_Resync(before_deletion, _at("2026-01-01T00:00:03Z")))
+    await records.write(_transition("u1", "Destroying", "Ready", "2026-01-01T00:00:08Z"))
+    await records.engine.dispose()
+    (row,) = history(sqlite_url, "pr-1-octo-unit")
+    assert row["phase"] == "Destroyed"
+    assert row["destroyed_at"].startswith("2026-01-01T00:00:04")
+    assert [e["to_phase"] for e in row["events"]] == [new for _, new in lifecycle]
+
+
+async def _database(postgres: Postgres, revision: str = "head") -> str:
+    """A database of its own on the test server, migrated to `revision`."""
+    name = f"records_{uuid.uuid4().hex[:8]}"
+    engine = make_engine(postgres.url)
+    async with engine.connect() as conn:
+        await conn.execution_options(isolation_level="AUTOCOMMIT")
+        await conn.exec_driver_sql(f"CREATE DATABASE {name}")
+    await engine.dispose()
+    url = postgres.url.rsplit("/", 1)[0] + f"/{name}"
+    await asyncio.to_thread(upgrade, url, revision)  # Alembic runs its own event loop
+    return url
+
+
+async def _eventually(check: Callable[[], Awaitable[Any]], within: float = 30.0, what: str = "") -> Any:
+    """`wait_for` for a check that needs the event loop the writer runs on."""
+    deadline = asyncio.get_running_loop().time() + within
+    last: Any = None
+    while asyncio.get_running_loop().time() < deadline:
+        last = await check()
+        if last:
+            return last
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"timed out after {within} s waiting for {what}; last value {last!r}")
+
+
+def _sample(name: str, **labels: str) -> float:
+    from ephemera.metrics import REGISTRY
+
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+async def test_a_record_that_can_never_be_written_does_not_hold_up_the_rest(
+    postgres: Postgres, caplog: pytest.LogCaptureFixture
+) -> None:
+    """PR 3,000,000,000 in the 32-bit column of schema 0001: a DataError, every time. It goes to the
+    dead-letter log and metric, and the records behind it are written."""
+    from ephemera.store.queries import list_environments
+
+    url = await _database(postgres, "0001")
+    records = Records(make_engine(url), max_delay=0.5)
+    records.start()
+    before = _sample("ephemera_record_dead_letters_total", reason="DBAPIError")
+    huge = _transition("huge", None, "Provisioning", "2026-01-01T00:00:01Z", pullRequest=3_000_000_000)
+    records.listener(huge)
+    records.listener(_transition("after", None, "Provisioning", "2026-01-01T00:00:02Z", pullRequest=7))
+    try:
+        rows = await _eventually(
+            lambda: list_environments(records.engine), within=30, what="the record queued behind the bad one"
+        )
+    finally:
+        await records.stop()
+    assert [row.uid for row in rows] == ["after"]
+    assert _sample("ephemera_record_dead_letters_total", reason="DBAPIError") == before + 1
+    dead = [r.getMessage() for r in caplog.records if "dead-lettered" in r.getMessage()]
+    assert len(dead) == 1
+    assert '"uid": "huge"' in dead[0]
+    assert "3000000000" in dead[0]
+
+
+@pytest.mark.parametrize("database", ["postgresql", "sqlite"])
+async def test_pull_request_numbers_beyond_32_bits_are_recorded(
+    database: str, postgres: Postgres, tmp_path: Path
+) -> None:
+    """The CRD allows int64 (up to its maximum); so does the column, after migration 0002."""
+    url = await _database(postgres) if database == "postgresql" else f"sqlite+aiosqlite:///{tmp_path / 'big.db'}"
+    if database == "sqlite":
+        await asyncio.to_thread(upgrade, url)
+    records = Records(make_engine(url))
+    biggest = 2**63 - 1
+    for uid, number in (("big", 3_000_000_000), ("biggest", biggest)):
+        await records.write(_transition(uid, None, "Provisioning", "2026-01-01T00:00:01Z", pullRequest=number))
+    await records.engine.dispose()
+    listed = json.loads(cli(url, "environments", "list", "-o", "json").stdout)
+    assert sorted(row["pull_request"] for row in listed) == [3_000_000_000, biggest]
+
+
+async def test_a_full_queue_keeps_every_end_and_owes_a_resync() -> None:
+    """A long outage (nothing listens where the database should be): the queue stops growing at
+    its bound; an end (Destroyed) takes the place of another transition, which a resync rebuilds."""
+    from ephemera.devtools.controlplane import free_port
+    from ephemera.store.records import DESTROYED, _ResyncDue
+
+    records = Records(make_engine(f"postgresql+asyncpg://postgres@127.0.0.1:{free_port()}/none"), queue_limit=5)
+    records.start()
+    dropped = _sample("ephemera_record_dropped_total")
+    try:
+        for i in range(20):
+            records.listener(_transition(f"u{i}", None, "Provisioning", "2026-01-01T00:00:01Z"))
+        ends = [_transition(f"u{i}", "Destroying", DESTROYED, "2026-01-01T00:00:02Z") for i in range(3)]
+        for end in ends:
+            records.listener(end)
+        await _eventually(lambda: _async(not records.healthy), what="the writer to find the database away")
+        assert records.backlog <= 5
+        queued = [item for item in records._queue if not isinstance(item, _ResyncDue)]
+        assert all(end in queued for end in ends)
+        assert sum(isinstance(item, _ResyncDue) for item in records._queue) == 1  # owed, once
+        assert _sample("ephemera_record_dropped_total") >= dropped + 18 - 5
+        assert not await records.resync()  # one is queued already, and the writer is failing
+    finally:
+        records.drain_timeout = 0.5
+        await records.stop()
+
+
+async def _async(value: Any) -> Any:
+    return value
+
+
+def test_records_queued_at_shutdown_are_written_before_the_operator_exits(
+    operator: Process, kubectl: Kubectl, postgres: Postgres, control_plane: ControlPlane, tmp_path: Path
+) -> None:
+    """SIGTERM right after transitions that waited for the database: the operator writes them
+    (within EPHEMERA_RECORD_DRAIN_TIMEOUT) before it exits, rather than leaving them to a resync."""
+    from tests.conftest import http_ok
+    from tests.test_chart import paused
+
+    url = asyncio.run(_database(postgres))
+    name = f"drain-{uuid.uuid4().hex[:6]}"
+    with paused(operator):  # this test's operator is the only one
+        env = process_env(control_plane.kubeconfig, tmp_path, EPHEMERA_DATABASE_URL=url)
+        proc = Process(["operator"], env, tmp_path / "operator.log", int(env["EPHEMERA_OPERATOR_PORT"])).start()
+        assert proc.proc is not None
+        try:
+            wait_for(lambda: http_ok(proc, "/healthz"), timeout=60, what="operator /healthz")
+            postgres.stop()
+            try:
+                kubectl.apply(make_env(name, 430, repo="octo/drain"))
+                wait_phase(kubectl, name, "Ready", timeout=60)  # queued, not written: the database is away
+            finally:
+                postgres.start()
+            proc.proc.send_signal(signal.SIGTERM)
+            proc.proc.wait(timeout=60)
+        finally:
+            proc.stop()
+    try:
+        assert phases(url, name) == ["Provisioning", "Ready"], proc.log()[-3000:]
+    finally:
+        kubectl.run("delete", "pe", name, "--wait=false")
+
+
+def test_the_crd_bounds_pull_request_numbers_within_what_the_records_hold(crd: Path, kubectl: Kubectl) -> None:
+    """2^53-1 at most: exact in the float64 the API server checks bounds with, and in every JSON
+    client; the records column (BIGINT) holds all of it."""
+
+    def accepted(number: int) -> bool:
+        obj = make_env(f"bound-{uuid.uuid4().hex[:6]}", number, repo="octo/bound")
+        return _dry_run(kubectl, obj)
+
+    assert accepted(3_000_000_000)
+    assert accepted(2**53 - 1)
+    assert not accepted(2**53)
+
+
+def _dry_run(kubectl: Kubectl, obj: dict[str, Any]) -> bool:
+    result = kubectl.run("apply", "--dry-run=server", "-f", "-", input=json.dumps(obj), check=False)
+    assert result.returncode == 0 or "less than or equal to 9007199254740991" in result.stderr, result.stderr
+    return result.returncode == 0
+
+
+def test_an_environment_created_and_deleted_while_the_operator_was_down_is_recorded(
+    operator: Process, kubectl: Kubectl, postgres: Postgres
+) -> None:
+    """The finalizer the webhook sets keeps a deleted object until the operator has seen it: the
+    cluster still tells, and the records get its teardown (it was never provisioned, so no more)."""
+    from ephemera.naming import FINALIZER
+    from tests.test_chart import paused
+    from tests.test_webhook import get_pe
+
+    name = f"down-{uuid.uuid4().hex[:6]}"
+    with paused(operator):
+        obj = make_env(name, 440, repo="octo/down")
+        obj["metadata"]["finalizers"] = [FINALIZER]
+        kubectl.apply(obj)
+        kubectl.run("delete", "pe", name, "--wait=false")
+    wait_for(lambda: get_pe(kubectl, name) is None, timeout=90, what=f"{name} gone")
+    wait_for(
+        lambda: phases(postgres.url, name) == ["Destroying", "Destroyed"], timeout=60, what="its teardown recorded"
+    )
+    (row,) = history(postgres.url, name)
+    assert row["phase"] == "Destroyed"
+    assert row["destroyed_at"]
+
+
+async def test_a_resync_rebuilds_a_ready_the_object_has_moved_on_from(sqlite_url: str) -> None:
+    """Seen in a run of the kill test: Ready was queued, the operator killed, and killed again before
+    its resync was written; the next resync found the object Destroying. provisionedAt (written with
+    the first Ready) says it was Ready, within the second its Provisioning was recorded."""
+    from ephemera.store.records import _Resync
+
+    records = Records(make_engine(sqlite_url))
+    provisioning = _transition("u1", None, "Provisioning", "2026-01-01T00:00:44Z")
+    await records.write(dataclasses.replace(provisioning, occurred=_at("2026-01-01T00:00:44.700Z")))
+    listing = [
+        _listed(
+            "u1",
+            "Destroying",
+            "2026-01-01T00:00:50Z",
+            namespace="pr-1-octo-unit-x",
+            provisionedAt="2026-01-01T00:00:44Z",
+        )
+    ]
+    for _ in range(2):  # and a second resync finds nothing more to write
+        await records._resync(_Resync(listing, datetime.datetime.now(datetime.UTC)))
+    await records.engine.dispose()
+    (row,) = history(sqlite_url, "pr-1-octo-unit")
+    assert [e["to_phase"] for e in row["events"]] == ["Provisioning", "Ready", "Destroying"]
+    assert row["phase"] == "Destroying"
+
+
+async def test_a_ready_provisioned_again_after_a_kill_is_not_recorded_twice(sqlite_url: str) -> None:
+    """Seen too: the rerun of the create handler (Provisioning, Ready) was lost in a second kill; the
+    next resync found the object Ready since the rerun, and the rows Ready since the first time."""
+    from ephemera.store.records import _Resync
+
+    records = Records(make_engine(sqlite_url))
+    await records.write(_transition("u1", None, "Provisioning", "2026-01-01T00:00:44Z"))
+    await records.write(_transition("u1", "Provisioning", "Ready", "2026-01-01T00:00:45Z"))
+    listing = [_listed("u1", "Ready", "2026-01-01T00:00:50Z", namespace="pr-1-octo-unit-x")]
+    await records._resync(_Resync(listing, datetime.datetime.now(datetime.UTC)))
+    await records.engine.dispose()
+    (row,) = history(sqlite_url, "pr-1-octo-unit")
+    assert [e["to_phase"] for e in row["events"]] == ["Provisioning", "Ready"]

@@ -20,7 +20,7 @@ from ephemera.children import owner_reference
 from ephemera.config import Settings
 from ephemera.devtools.controlplane import REPO_ROOT, ControlPlane
 from ephemera.environments import Environments
-from ephemera.kube import METADATA, Kube, load_api_client
+from ephemera.kube import METADATA, Kube
 from ephemera.naming import (
     MANAGED_BY_LABEL,
     OWNER_UID_ANNOTATION,
@@ -219,14 +219,6 @@ def test_purge_removes_old_records(fast_operator: Process, kubectl: Kubectl, pos
     kubectl.run("delete", "pe", name, "--wait=true", "--timeout=60s")
     # Retention is 3 s here: once destroyed, the records go at the next purge.
     wait_for(lambda: not history(postgres.url, name), timeout=60, what="the purge")
-
-
-@pytest.fixture(scope="module")
-def kube(control_plane: ControlPlane) -> Iterator[Kube]:
-    """Ephemera's own Kubernetes adapter, in this process, on the test control plane."""
-    client = Kube(load_api_client(control_plane.kubeconfig))
-    yield client
-    client.close()
 
 
 def _sweeper(kube: Kube, selector: str, **settings: Any) -> Sweeper:

@@ -20,7 +20,7 @@ import pytest
 
 from ephemera.config import Settings
 from ephemera.devtools.controlplane import ControlPlane
-from ephemera.kube import Kube, KubeError, load_api_client
+from ephemera.kube import Kube, KubeError
 from ephemera.naming import environment_name
 from ephemera.webhook.tombstones import COMPONENT, Tombstones, config_map_name
 from tests.conftest import WEBHOOK_SECRET, http_ok
@@ -294,13 +294,6 @@ def test_closes_from_two_replicas_at_once_are_all_remembered(
             "ignored"
         )
     assert not any(get_pe(kubectl, environment_name(repo, n)) for n in (1, count))
-
-
-@pytest.fixture
-def kube(control_plane: ControlPlane) -> Iterator[Kube]:
-    client = Kube(load_api_client(control_plane.kubeconfig))
-    yield client
-    client.close()
 
 
 def test_tombstones_keep_the_latest_close_and_prune_after_the_retention(

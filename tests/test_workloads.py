@@ -5,7 +5,6 @@ labelled `ephemera.dev/simulate` fail the way a test asks."""
 from __future__ import annotations
 
 import ipaddress
-import uuid
 from typing import Any
 
 import pytest
@@ -14,14 +13,6 @@ from ephemera.devtools.controlplane import NODES, POD_CIDR, ControlPlane
 from tests.support import Kubectl, wait_for
 
 pytestmark = pytest.mark.cluster
-
-
-@pytest.fixture
-def namespace(kubectl: Kubectl) -> Any:
-    name = f"workloads-{uuid.uuid4().hex[:8]}"
-    kubectl.run("create", "namespace", name)
-    yield name
-    kubectl.run("delete", "namespace", name, "--wait=false", check=False)
 
 
 def deployment(name: str, replicas: int = 2, simulate: str | None = None, image: str = "web:1") -> dict[str, Any]:

@@ -1,16 +1,29 @@
 """Mirror every transition into the database, off the reconcile path, losing none.
 
 Transitions are queued in memory and written in order by one task, each in its own short session.
-A failed write (the database is down) is retried with backoff while the queue keeps growing; the
-cluster never waits. Every event row's id is derived from the transition itself, so a write that
-is repeated (after a crash, or by a resync) changes nothing. A resync compares the cluster with the
-rows, at start and periodically, and writes what is missing.
+A write that fails for a reason that passes (the database is down, a connection dropped) is retried
+with backoff while the cluster goes on; one that can never succeed (a value a column refuses, a row
+that breaks a constraint) goes to the dead-letter log and metric, so that it never holds up the
+records queued behind it. The queue is bounded (EPHEMERA_RECORD_QUEUE_LIMIT); on stop it is
+drained for at most EPHEMERA_RECORD_DRAIN_TIMEOUT seconds.
+
+The history of an environment is kept true whatever order and however often its transitions
+arrive: every event row's id is derived from the transition, so a repeated write changes nothing; a
+transition into the phase the history already holds at that moment is not a new one (announced
+again after a crash, or rebuilt by a resync); a transition whose `old_phase` the history lacks
+brings that phase along (its own record died with a killed operator); and a destroyed
+environment's row never changes phase again. A resync compares the cluster with the rows, at start
+and periodically, and writes what is missing. Its listing is taken when the writer reaches it, so
+the rows it is compared with are never newer than the listing.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
+import dataclasses
 import datetime
+import json
 import logging
 import uuid
 from collections.abc import Iterable
@@ -18,12 +31,13 @@ from typing import Any
 
 from prometheus_client import Counter, Gauge
 from sqlalchemy import case, delete, func
+from sqlalchemy import exc as sa_exc
 from sqlalchemy import select as sa_select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 from sqlmodel import col, select
 
-from ephemera.kube import Kube
+from ephemera.kube import Kube, KubeError
 from ephemera.metrics import REGISTRY
 from ephemera.models import parse_time
 from ephemera.store.tables import EnvironmentRow, EventRow
@@ -33,13 +47,51 @@ log = logging.getLogger(__name__)
 
 WRITES = Counter("ephemera_record_writes", "Record writes by outcome.", ["outcome"], registry=REGISTRY)
 BACKLOG = Gauge("ephemera_record_backlog", "Transitions waiting to be written.", registry=REGISTRY)
+DEAD_LETTERS = Counter(
+    "ephemera_record_dead_letters",
+    "Records that can never be written, logged in full as dead letters instead, by reason.",
+    ["reason"],
+    registry=REGISTRY,
+)
+DROPPED = Counter(
+    "ephemera_record_dropped",
+    "Transitions dropped at the queue bound (EPHEMERA_RECORD_QUEUE_LIMIT); a resync rebuilds them.",
+    registry=REGISTRY,
+)
+RESYNCS = Counter("ephemera_record_resyncs", "Resyncs of the records by outcome.", ["outcome"], registry=REGISTRY)
 ID_NAMESPACE = uuid.UUID("6f0c4a8e-3a43-4c7e-9d4c-2f6d9a1e5b10")
 DESTROYED = "Destroyed"
+TICK = datetime.timedelta(microseconds=1)
+# SQLSTATE classes of errors that pass: connection exception, insufficient resources, operator
+# intervention (shutdown, "cannot connect now"), system error; and single states worth a retry.
+TRANSIENT_SQLSTATE_CLASSES = ("08", "53", "57", "58")
+TRANSIENT_SQLSTATES = frozenset({"40001", "40P01", "55P03"})  # serialization, deadlock, lock not available
+# A resync infers that an environment was provisioned once in these phases (or with these status fields).
+PROVISIONED_PHASES = frozenset({"Ready", "Updating"})
 
 
 def event_id(t: Transition) -> str:
     key = f"{t.uid}|{t.generation}|{t.old_phase}|{t.phase}|{t.reason}|{t.at}"
     return str(uuid.uuid5(ID_NAMESPACE, key))
+
+
+def transient(err: BaseException) -> bool:
+    """Whether the same write may succeed later: the database (or the cluster) is away, the row is fine.
+
+    Anything else (DataError, IntegrityError, ProgrammingError, a transition that cannot be read)
+    fails the same way every time, and would block every record behind it if retried."""
+    if isinstance(err, KubeError):
+        return err.temporary
+    if isinstance(err, OSError | TimeoutError | sa_exc.TimeoutError | sa_exc.DisconnectionError):
+        return True
+    if not isinstance(err, sa_exc.DBAPIError):
+        return False
+    if err.connection_invalidated or isinstance(err, sa_exc.OperationalError | sa_exc.InterfaceError):
+        return True
+    code = getattr(err.orig, "sqlstate", None) or getattr(err.orig, "pgcode", None)
+    if isinstance(code, str) and code:
+        return code[:2] in TRANSIENT_SQLSTATE_CLASSES or code in TRANSIENT_SQLSTATES
+    return isinstance(getattr(err.orig, "__cause__", None), OSError | TimeoutError)
 
 
 def _time(value: str | None) -> datetime.datetime | None:
@@ -49,6 +101,10 @@ def _time(value: str | None) -> datetime.datetime | None:
 def _aware(value: datetime.datetime) -> datetime.datetime:
     """SQLite hands back naive datetimes; they are UTC."""
     return value if value.tzinfo else value.replace(tzinfo=datetime.UTC)
+
+
+def _stamp(value: datetime.datetime) -> str:
+    return value.replace(microsecond=0).isoformat().replace("+00:00", "Z")
 
 
 def _up_to_date(row_phase: str, latest: datetime.datetime | None, phase: str, at: datetime.datetime | None) -> bool:
@@ -63,36 +119,123 @@ def _now() -> datetime.datetime:
     return datetime.datetime.now(datetime.UTC)
 
 
-class Records:
-    """The writer: `listener` for the transitions, `run` as a background task."""
+class _ResyncDue:
+    """A resync waiting in the queue; its listing is taken when the writer reaches it."""
 
-    def __init__(self, engine: AsyncEngine, kube: Kube | None = None, max_delay: float = 30.0) -> None:
+
+class _Resync:
+    """A listing of the cluster to compare the rows with, and when it was taken."""
+
+    def __init__(self, objects: Iterable[dict[str, Any]], listed_at: datetime.datetime) -> None:
+        self.objects = list(objects)
+        self.listed_at = listed_at
+
+
+class Records:
+    """The writer: `listener` for the transitions, `start`/`stop` around the background task."""
+
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        kube: Kube | None = None,
+        max_delay: float = 30.0,
+        *,
+        queue_limit: int = 10_000,
+        drain_timeout: float = 10.0,
+    ) -> None:
         self.engine = engine
         self.kube = kube
         self.max_delay = max_delay
-        self._queue: asyncio.Queue[Transition | _Resync] = asyncio.Queue()
+        self.queue_limit = queue_limit
+        self.drain_timeout = drain_timeout
+        self._queue: collections.deque[Transition | _ResyncDue] = collections.deque()
+        self._waiting = 0  # transitions in the queue; a resync waiting there is not one
+        self._current: Transition | _ResyncDue | None = None
+        self._wake = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._retry_now = asyncio.Event()
+        self._resync_queued = False  # one is in the queue or running: another would find nothing more
+        self._resync_owed = False  # transitions were dropped since the last listing: one must run again
+        self._dropping = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._task: asyncio.Task[None] | None = None
         self.healthy = True
+
+    @property
+    def backlog(self) -> int:
+        return self._waiting + isinstance(self._current, Transition)
 
     # Producers ---------------------------------------------------------------------------------------
 
     def listener(self, transition: Transition) -> None:
         """Called from handler threads after each transition."""
-        if self._loop is not None:
+        if self._loop is not None and not self._loop.is_closed():
             self._loop.call_soon_threadsafe(self._put, transition)
 
-    def _put(self, item: Transition | _Resync) -> None:
-        self._queue.put_nowait(item)
-        BACKLOG.set(self._queue.qsize())
-
-    async def resync(self) -> None:
-        """Queue a comparison of the cluster (as it is now) with the rows."""
-        if self.kube is None:
+    def _put(self, item: Transition) -> None:
+        if self._waiting >= self.queue_limit and not self._make_room(item):
             return
-        listed_at = _now()
-        objects = await asyncio.to_thread(lambda: list(self.kube.list_environments()) if self.kube else [])
-        self._put(_Resync(objects, listed_at))
+        self._queue.append(item)
+        self._waiting += 1
+        self._queued()
+
+    def _queued(self) -> None:
+        BACKLOG.set(self.backlog)
+        self._idle.clear()
+        self._wake.set()
+
+    def _make_room(self, item: Transition) -> bool:
+        """The queue is full (a long database outage): whether `item` may go in after all.
+
+        Dropping is safe because a resync is then owed, and it runs after every transition queued
+        before it, that is once the database answers again: it rebuilds every environment that
+        still exists from the cluster and closes the row of every one that is gone. What it cannot
+        rebuild is an environment that is gone and never had a row, so an end (Destroyed) takes
+        the place of the oldest other transition instead of being dropped, and is dead-lettered
+        (logged in full) only when the queue holds nothing but ends."""
+        DROPPED.inc()
+        self._owe_resync()
+        if not self._dropping:
+            log.warning(
+                "records queue full (%d transitions, EPHEMERA_RECORD_QUEUE_LIMIT); dropping transitions until the "
+                "database answers again, then a resync rebuilds them from the cluster",
+                self._waiting,
+            )
+            self._dropping = True
+        if item.phase != DESTROYED:
+            return False
+        for index, queued in enumerate(self._queue):
+            if isinstance(queued, Transition) and queued.phase != DESTROYED:
+                del self._queue[index]
+                self._waiting -= 1
+                return True
+        self._dead_letter(item, "queue full")
+        return False
+
+    def _owe_resync(self) -> None:
+        self._resync_owed = True
+        if not self._resync_queued:
+            self._queue_resync()
+
+    def _queue_resync(self) -> None:
+        self._resync_queued = True
+        self._queue.append(_ResyncDue())
+        self._queued()
+
+    async def resync(self) -> bool:
+        """Queue a comparison of the cluster with the rows; whether one was queued.
+
+        Skipped while one is queued or running (it will see all there is), and while the writer is
+        failing: nothing is lost then (the queue holds the transitions, and a resync is owed for any
+        that were dropped), while a listing queued behind an outage would only be stale and big."""
+        if self.kube is None:
+            return False
+        if self._resync_queued or not self.healthy:
+            RESYNCS.labels("skipped").inc()
+            return False
+        self._queue_resync()
+        return True
 
     # The writer ------------------------------------------------------------------------------------------
 
@@ -101,47 +244,111 @@ class Records:
         self._task = asyncio.create_task(self._run(), name="records-writer")
 
     async def stop(self) -> None:
+        """Write what is queued, for at most `drain_timeout` seconds, then stop.
+
+        A resync still queued is dropped (the next start runs one at once); what the deadline cuts
+        off is rebuilt by that resync, for every environment the cluster still holds."""
         if self._task is not None:
+            self._retry_now.set()
+            for item in [i for i in self._queue if isinstance(i, _ResyncDue)]:
+                self._queue.remove(item)
+            if not self._queue and self._current is None:
+                self._idle.set()
+            try:
+                await asyncio.wait_for(self._idle.wait(), self.drain_timeout)
+            except TimeoutError:
+                log.warning(
+                    "records: %d transition(s) not written within EPHEMERA_RECORD_DRAIN_TIMEOUT=%.0f s; "
+                    "the next start's resync rebuilds them from the cluster",
+                    self.backlog,
+                    self.drain_timeout,
+                )
+            self._loop = None  # later transitions have nobody to write them
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
         await self.engine.dispose()
 
     async def _run(self) -> None:
         while True:
-            item = await self._queue.get()
-            delay = 0.5
-            while True:
-                try:
-                    if isinstance(item, _Resync):
-                        await self._resync(item)
+            if not self._queue:
+                self._idle.set()
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            item = self._current = self._queue.popleft()
+            if isinstance(item, Transition):
+                self._waiting -= 1
+            try:
+                await self._process(item)
+            finally:
+                self._current = None
+                if isinstance(item, _ResyncDue):
+                    self._resync_queued = False
+                    if self._resync_owed:  # more was dropped while it ran
+                        self._queue_resync()
+                BACKLOG.set(self.backlog)
+
+    async def _process(self, item: Transition | _ResyncDue) -> None:
+        delay = 0.5
+        while True:
+            try:
+                if isinstance(item, _ResyncDue):
+                    await self._run_resync()
+                else:
+                    await self.write(item)
+            except Exception as err:
+                if not transient(err):
+                    self._reachable()
+                    if isinstance(item, _ResyncDue):
+                        WRITES.labels("failure").inc()
+                        log.exception("resync failed; the next one tries again")
                     else:
-                        await self.write(item)
-                except Exception as err:  # any database failure: keep the item, wait, try again
-                    WRITES.labels("retry").inc()
-                    if self.healthy:
-                        log.warning("records database unavailable (%s); will retry, nothing is lost", err)
-                    self.healthy = False
-                    await asyncio.sleep(delay)
+                        self._dead_letter(item, err)
+                    return
+                WRITES.labels("retry").inc()
+                if self.healthy:
+                    log.warning("records database unavailable (%s); will retry, nothing is lost", err)
+                self.healthy = False
+                try:  # a stop cuts the wait short: the drain starts over with short waits
+                    await asyncio.wait_for(self._retry_now.wait(), delay)
+                    self._retry_now.clear()
+                    delay = 0.5
+                except TimeoutError:
                     delay = min(delay * 2, self.max_delay)
-                    continue
-                if not self.healthy:
-                    log.info("records database reachable again; catching up (%d queued)", self._queue.qsize())
-                self.healthy = True
-                WRITES.labels("success").inc()
-                break
-            self._queue.task_done()
-            BACKLOG.set(self._queue.qsize())
+                continue
+            self._reachable()
+            WRITES.labels("success").inc()
+            return
 
-    async def write(self, t: Transition, *, history_only: bool = False) -> None:
-        """Upsert the environment's row and add the event row (a no-op if written before).
+    def _reachable(self) -> None:
+        if not self.healthy:
+            log.info("records database reachable again; catching up (%d queued)", self._waiting)
+        self.healthy = True
+        if self._dropping and self._waiting < self.queue_limit:
+            self._dropping = False
 
-        `history_only` adds the event to an existing row without changing it (a gap filled later)."""
+    def _dead_letter(self, t: Transition, err: BaseException | str) -> None:
+        """Keep a record that can never be written where an operator finds it: the log, in full."""
+        reason = err if isinstance(err, str) else type(err).__name__
+        DEAD_LETTERS.labels(reason).inc()
+        record = dataclasses.asdict(t)
+        log.error(
+            "record dead-lettered (%s): %s; transition: %s",
+            reason,
+            str(err).splitlines()[0][:500] if str(err) else reason,
+            json.dumps(record, default=str, sort_keys=True),
+        )
+
+    async def write(self, t: Transition) -> None:
+        """Record `t`: its event in the environment's history, and the row when it is the newest.
+
+        Nothing is written when the event is there already, when the history holds the same phase
+        right before or right after it, or when the environment is destroyed and `t` is its end
+        again or comes after it: a destroyed row never changes phase again."""
         at = t.occurred
         async with AsyncSession(self.engine) as session, session.begin():
             row = await session.get(EnvironmentRow, t.uid)
-            if row is not None and history_only:
-                await session.execute(self._insert_event(t, at))
-                return
+            history: list[tuple[str, datetime.datetime]] = []
             if row is None:
                 row = EnvironmentRow(
                     uid=t.uid,
@@ -154,19 +361,44 @@ class Records:
                     updated_at=at,
                 )
                 session.add(row)
-            row.name = t.name
-            row.commit_sha = str(t.spec["commitSha"])
-            row.installation_id = t.spec.get("installationId", row.installation_id)
-            row.namespace = t.status.get("namespace") or row.namespace
-            row.phase = t.phase
-            row.message = t.message
-            row.updated_at = at
-            if t.phase == "Ready" and row.ready_at is None:
-                row.ready_at = at
-            if t.phase == DESTROYED:
-                row.destroyed_at = at
+            else:
+                query = (
+                    sa_select(col(EventRow.to_phase), col(EventRow.at))
+                    .where(col(EventRow.environment_uid) == t.uid)
+                    .order_by(col(EventRow.at), col(EventRow.id))
+                )
+                history = [(phase, _aware(when)) for phase, when in await session.execute(query)]
+            destroyed = row.destroyed_at is not None
+            if destroyed and (t.phase == DESTROYED or at >= _aware(row.destroyed_at or at)):
+                return  # after the end: a late or stale transition cannot bring the environment back
+            before = [event for event in history if event[1] <= at]
+            after = [event for event in history if event[1] > at]
+            previous = before[-1] if before else None
+            following = after[0] if after else None
+            events: list[Transition] = []
+            again = (previous is not None and previous[0] == t.phase) or (
+                following is not None and following[0] == t.phase
+            )
+            if not again:
+                lost = t.old_phase is not None and t.old_phase != t.phase
+                if lost and (previous is None or previous[0] != t.old_phase):
+                    events.append(_implied(t, previous))
+                events.append(t)
+            if following is None and not destroyed:  # the newest: the row shows it
+                row.name = t.name
+                row.commit_sha = str(t.spec["commitSha"])
+                row.installation_id = t.spec.get("installationId", row.installation_id)
+                row.namespace = t.status.get("namespace") or row.namespace
+                row.phase = t.phase
+                row.message = t.message
+                row.updated_at = at
+                if t.phase == "Ready" and row.ready_at is None:
+                    row.ready_at = at
+                if t.phase == DESTROYED:
+                    row.destroyed_at = at
             await session.flush()
-            await session.execute(self._insert_event(t, at))
+            for event in events:
+                await session.execute(self._insert_event(event, event.occurred))
 
     def _insert_event(self, t: Transition, at: datetime.datetime) -> Any:
         values = {
@@ -181,11 +413,23 @@ class Records:
         dialect = postgresql if self.engine.dialect.name == "postgresql" else sqlite
         return dialect.insert(EventRow).values(**values).on_conflict_do_nothing(index_elements=["id"])
 
+    async def _run_resync(self) -> None:
+        if self.kube is None:
+            return
+        kube = self.kube
+        self._resync_owed = False  # this listing sees every transition dropped before it
+        listed_at = _now()
+        objects = await asyncio.to_thread(lambda: list(kube.list_environments()))
+        await self._resync(_Resync(objects, listed_at))
+        RESYNCS.labels("run").inc()
+
     async def _resync(self, job: _Resync) -> None:
         """Write what the rows miss; one query for all the live rows, whatever their number."""
+        listed = {obj["metadata"]["uid"] for obj in job.objects}
         async with AsyncSession(self.engine) as session:
             latest_at = func.max(EventRow.at)
-            provisioned = func.sum(case((col(EventRow.to_phase) == "Provisioning", 1), else_=0))
+            provisioned = func.min(case((col(EventRow.to_phase) == "Provisioning", col(EventRow.at)), else_=None))
+            readied = func.sum(case((col(EventRow.to_phase) == "Ready", 1), else_=0))
             query = (
                 sa_select(  # sqlmodel's select takes at most four columns
                     col(EnvironmentRow.uid),
@@ -193,49 +437,103 @@ class Records:
                     col(EnvironmentRow.updated_at),
                     latest_at,
                     provisioned,
+                    readied,
                 )
                 .join(EventRow, col(EventRow.environment_uid) == col(EnvironmentRow.uid), isouter=True)
                 .where(col(EnvironmentRow.destroyed_at).is_(None))
                 .group_by(col(EnvironmentRow.uid), col(EnvironmentRow.phase), col(EnvironmentRow.updated_at))
             )
             found = list(await session.execute(query))
-            rows = {uid: (phase, updated, latest) for uid, phase, updated, latest, _ in found}
-            begun = {uid for uid, _, _, _, count in found if count}
-        seen: set[str] = set()
+            rows = {uid: (phase, updated, latest) for uid, phase, updated, latest, _, _ in found}
+            begun = {uid: _aware(first) for uid, _, _, _, first, _ in found if first is not None}
+            ready_once = {uid for uid, _, _, _, _, count in found if count}
+            # Objects still listed whose end is recorded (their finalizer was not released yet).
+            unknown = sorted(listed - set(rows))
+            ended: set[str] = set()
+            for start in range(0, len(unknown), 500):
+                chunk = unknown[start : start + 500]
+                ended.update(
+                    (
+                        await session.execute(
+                            sa_select(col(EnvironmentRow.uid)).where(
+                                col(EnvironmentRow.uid).in_(chunk), col(EnvironmentRow.destroyed_at).is_not(None)
+                            )
+                        )
+                    ).scalars()
+                )
+        # Transitions on their way are written with their own reasons and times: leave those objects to them.
+        waiting = [item for item in [self._current, *self._queue] if isinstance(item, Transition)]
+        queued = {t.uid for t in waiting}
+        coming = {(t.uid, t.phase) for t in waiting}
+        ending = {t.uid for t in waiting if t.phase == DESTROYED}
         written = 0
         for obj in job.objects:
             meta, status = obj["metadata"], obj.get("status") or {}
-            seen.add(meta["uid"])
+            uid = meta["uid"]
             phase = status.get("phase")
             conditions = status.get("conditions") or [{}]
             at_text = conditions[0].get("lastTransitionTime") or status.get("lastTransitionTime")
-            if not phase or not at_text:
+            if uid in ended or not phase or not at_text:
                 continue
-            row = rows.get(meta["uid"])
-            if meta["uid"] not in begun and phase != "Provisioning" and meta.get("creationTimestamp"):
-                # Its first transitions died with a killed operator: its life began with provisioning
-                # when it was created.
-                first = _resync_transition(obj, "Provisioning", meta["creationTimestamp"])
-                await self.write(first, history_only=row is not None)
-                written += 1
-            if row is not None and _up_to_date(row[0], row[2], phase, _time(at_text)):
-                continue
-            await self.write(_resync_transition(obj, phase, at_text))
-            written += 1
-        gone = [uid for uid, (_, updated, _) in rows.items() if uid not in seen and _aware(updated) < job.listed_at]
+            row = rows.get(uid)
+            pending: list[Transition] = []
+            provisioned_once = phase in PROVISIONED_PHASES or status.get("provisionedAt") or status.get("namespace")
+            provisioning_at = begun.get(uid)
+            created = meta.get("creationTimestamp")
+            lost_start = provisioning_at is None and phase != "Provisioning" and provisioned_once and created
+            if lost_start and created and (uid, "Provisioning") not in coming:
+                # Its first transitions died with a killed operator: its life began with
+                # provisioning when it was created.
+                pending.append(_resync_transition(obj, "Provisioning", created))
+                provisioning_at = pending[-1].occurred
+            first_ready = status.get("provisionedAt")  # written with its first Ready
+            if uid not in ready_once and phase != "Ready" and first_ready and (uid, "Ready") not in coming:
+                # It was Ready, and moved on before a record of that outlived a killed operator.
+                # Kubernetes keeps only seconds: never before the provisioning it followed.
+                occurred = _time(first_ready) or job.listed_at
+                if provisioning_at is not None and occurred <= provisioning_at:
+                    occurred = provisioning_at + TICK
+                pending.append(_resync_transition(obj, "Ready", first_ready, occurred))
+            if uid not in queued and not (row is not None and _up_to_date(row[0], row[2], phase, _time(at_text))):
+                # The object's current phase began after every recorded event (the listing is newer
+                # than the rows): Kubernetes keeps only seconds, so place it after the last one.
+                occurred = _time(at_text) or job.listed_at
+                floor = [_aware(row[2])] if row is not None and row[2] is not None else []
+                floor += [t.occurred for t in pending]
+                if floor and max(floor) >= occurred:
+                    occurred = max(floor) + TICK
+                pending.append(_resync_transition(obj, phase, at_text, occurred))
+            written += await self._write_all(pending)
+        gone = [
+            uid
+            for uid, (_, updated, _) in rows.items()
+            if uid not in listed and uid not in ending and _aware(updated) < job.listed_at
+        ]
         for uid in gone:
             async with AsyncSession(self.engine) as session:
                 row_obj = await session.get(EnvironmentRow, uid)
-            if row_obj is not None:
-                if row_obj.phase != "Destroying":  # its teardown began before the end was recorded
-                    began = job.listed_at - datetime.timedelta(milliseconds=1)  # so that it sorts first
-                    await self.write(_destroyed_transition(row_obj, began, "Destroying"))
-                    row_obj.phase = "Destroying"
-                    written += 1
-                await self.write(_destroyed_transition(row_obj, job.listed_at))
-                written += 1
+            if row_obj is None:
+                continue
+            pending = []
+            if row_obj.phase != "Destroying":  # its teardown began before the end was recorded
+                began = job.listed_at - datetime.timedelta(milliseconds=1)  # so that it sorts first
+                pending.append(_destroyed_transition(row_obj, began, "Destroying"))
+            pending.append(_destroyed_transition(row_obj, job.listed_at, DESTROYED, "Destroying"))
+            written += await self._write_all(pending)
         if written:
             log.info("resync wrote %d missing transition(s)", written)
+
+    async def _write_all(self, transitions: list[Transition]) -> int:
+        """Write a resync's transitions of one object; one that can never be written is dead-lettered."""
+        for t in transitions:
+            try:
+                await self.write(t)
+            except Exception as err:
+                if transient(err):
+                    raise
+                self._dead_letter(t, err)
+                return 0
+        return len(transitions)
 
     async def purge(self, older_than: datetime.timedelta, batch: int) -> int:
         """Delete destroyed environments (and their events) older than the retention, `batch` at a time."""
@@ -257,13 +555,37 @@ class Records:
             total += len(uids)
 
 
-class _Resync:
-    def __init__(self, objects: Iterable[dict[str, Any]], listed_at: datetime.datetime) -> None:
-        self.objects = list(objects)
-        self.listed_at = listed_at
+def _implied(t: Transition, previous: tuple[str, datetime.datetime] | None) -> Transition:
+    """The transition into `t.old_phase` that the history lacks: `t` says it happened, before `t`.
+
+    Its time is the status's own when `t` carries the status of that phase (an end carries the
+    Destroying status), else just before `t`; never before the event that precedes it."""
+    when = t.occurred - TICK
+    if t.status.get("phase") == t.old_phase:
+        began = _time(t.status.get("lastTransitionTime"))
+        if began is not None and began < t.occurred:
+            when = began
+    if previous is not None and when <= previous[1]:
+        when = previous[1] + TICK
+    return Transition(
+        name=t.name,
+        uid=t.uid,
+        generation=t.generation,
+        spec=t.spec,
+        old_phase=previous[0] if previous else None,
+        phase=str(t.old_phase),
+        reason="Inferred",
+        message=f"Its own record was lost; {t.phase} came from it",
+        at=_stamp(when),
+        status=t.status,
+        created=t.created,
+        occurred=when,
+    )
 
 
-def _resync_transition(obj: dict[str, Any], phase: str, at: str) -> Transition:
+def _resync_transition(
+    obj: dict[str, Any], phase: str, at: str, occurred: datetime.datetime | None = None
+) -> Transition:
     meta, status = obj["metadata"], obj.get("status") or {}
     return Transition(
         name=meta["name"],
@@ -277,22 +599,23 @@ def _resync_transition(obj: dict[str, Any], phase: str, at: str) -> Transition:
         at=at,
         status=dict(status),
         created=meta.get("creationTimestamp"),
-        occurred=_time(at) or _now(),
+        occurred=occurred or _time(at) or _now(),
     )
 
 
-def _destroyed_transition(row: EnvironmentRow, at: datetime.datetime, phase: str = DESTROYED) -> Transition:
-    stamp = at.replace(microsecond=0).isoformat().replace("+00:00", "Z")
+def _destroyed_transition(
+    row: EnvironmentRow, at: datetime.datetime, phase: str = DESTROYED, old_phase: str | None = None
+) -> Transition:
     return Transition(
         name=row.name,
         uid=row.uid,
         generation=0,
         spec={"repository": row.repository, "pullRequest": row.pull_request, "commitSha": row.commit_sha},
-        old_phase=row.phase,
+        old_phase=old_phase or row.phase,
         phase=phase,
         reason="Resync",
         message="The object is gone from the cluster",
-        at=stamp,
+        at=_stamp(at),
         status={"namespace": row.namespace},
         occurred=at,
     )

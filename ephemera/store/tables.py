@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import datetime
 
-from sqlalchemy import Column, DateTime, ForeignKey, String
+from sqlalchemy import BigInteger, Column, DateTime, ForeignKey, String
 from sqlmodel import Field, SQLModel
 
 
@@ -20,7 +20,7 @@ class EnvironmentRow(SQLModel, table=True):
     uid: str = Field(primary_key=True, max_length=64)
     name: str = Field(index=True, max_length=253)
     repository: str = Field(index=True, max_length=140)
-    pull_request: int
+    pull_request: int = Field(sa_column=Column(BigInteger, nullable=False))  # int64, as the CRD allows
     commit_sha: str = Field(max_length=40)
     namespace: str | None = Field(default=None, max_length=63)
     phase: str = Field(index=True, max_length=32)
