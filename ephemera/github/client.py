@@ -70,6 +70,7 @@ class GitHubAuth:
         self._lock = threading.Lock()
         self._cache: dict[int, _Cached] = {}
         self._coverage: dict[str, _Coverage] = {}  # repository (lower case) -> its installation of the App
+        self._asking: dict[str, threading.Lock] = {}  # repository (lower case) -> held while GitHub is asked
         self._token_login: str | None = None
         self._token_client: Github | None = None
         key = settings.private_key()
@@ -162,25 +163,42 @@ class GitHubAuth:
     def _installation_of(self, repository: str) -> _Coverage:
         assert self._integration is not None
         key = repository.lower()
-        now = time.monotonic()
         with self._lock:
             cached = self._coverage.get(key)
-        if cached is not None and cached.expires > now:
-            return cached
+            if cached is not None and cached.expires > time.monotonic():
+                return cached
+            asking = self._asking.setdefault(key, threading.Lock())
+        # One question per repository at a time: the reports of a burst on one repository (one per PR,
+        # in several workers) wait for the first answer rather than each asking GitHub again.
+        with asking:
+            now = time.monotonic()
+            with self._lock:
+                cached = self._coverage.get(key)
+            if cached is not None and cached.expires > now:
+                return cached
+            try:
+                found = self._ask_installation(repository, now + self.settings.github_installation_cache_ttl)
+            except BaseException:
+                with self._lock:
+                    self._asking.pop(key, None)  # those waiting ask in turn
+                raise
+            with self._lock:
+                if len(self._coverage) >= INSTALLATION_CACHE_SIZE:
+                    self._coverage = {k: v for k, v in self._coverage.items() if v.expires > now}
+                self._coverage[key] = found
+                self._asking.pop(key, None)  # those already waiting hold it; later ones find the answer
+            return found
+
+    def _ask_installation(self, repository: str, expires: float) -> _Coverage:
+        assert self._integration is not None
         owner, _, name = repository.partition("/")
-        expires = now + self.settings.github_installation_cache_ttl
         try:
             installation = self._integration.get_repo_installation(owner, name)
-            found = _Coverage(installation.id, installation.app_slug, expires)
+            return _Coverage(installation.id, installation.app_slug, expires)
         except GithubException as err:
             if err.status != 404:
                 raise
-            found = _Coverage(None, None, expires)  # not installed there (or no such repository)
-        with self._lock:
-            if len(self._coverage) >= INSTALLATION_CACHE_SIZE:
-                self._coverage = {k: v for k, v in self._coverage.items() if v.expires > now}
-            self._coverage[key] = found
-        return found
+            return _Coverage(None, None, expires)  # not installed there (or no such repository)
 
     def invalidate(self, installation_id: int | None) -> None:
         """Forget a token GitHub refused (401), so the next call fetches a new one."""
