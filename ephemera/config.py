@@ -150,7 +150,9 @@ class Settings(BaseSettings):
     github_private_key: SecretStr | None = Field(None, description="GitHub App private key (PEM).")
     github_private_key_file: Path | None = Field(None, description="File holding the App's private key.")
     github_token: SecretStr | None = Field(None, description="A plain token instead of an App.")
-    github_status_context: str = Field("ephemera/preview", description="Context of the commit status.")
+    github_status_context: str = Field(
+        "ephemera/preview", description="Context of the commit status, and name of the check run."
+    )
     github_timeout: float = Field(15.0, gt=0, description="Seconds per GitHub request.")
     github_retry_max_delay: float = Field(300.0, gt=0, description="Longest wait between report retries.")
     github_secondary_rate_limit_delay: float = Field(

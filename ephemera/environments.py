@@ -40,9 +40,24 @@ DESTROYED = "Destroyed"
 ROLLING_OUT = "RollingOut"
 
 
+# status.problems holds at most this many objects, each message cut to this many characters (the CRD's
+# limits): enough for the PR's check run and comment to name what failed, small enough for the object.
+PROBLEMS_MAX = 10
+PROBLEM_MESSAGE_MAX = 1024
+
+
 def _rollout_failed(verdict: Assessment) -> str:
     cause = verdict.summary().rstrip(".")
     return f"The app cannot become ready: {cause}. Fix the PreviewTemplate (or the image), then retry."
+
+
+def _problems(verdict: Assessment) -> list[dict[str, str]]:
+    """The verdict's problems as status.problems: structured, so that GitHub reports (check run,
+    comment) list them without parsing the message."""
+    return [
+        {"kind": p.kind, "name": p.name, "reason": p.reason, "message": p.message[:PROBLEM_MESSAGE_MAX]}
+        for p in verdict.problems[:PROBLEMS_MAX]
+    ]
 
 
 class Failure(Exception):
@@ -239,6 +254,8 @@ class Environments:
         }
         if env.status.phase != phase:
             status["lastTransitionTime"] = at
+        if phase is not Phase.FAILED and env.status.problems:
+            status["problems"] = None  # they were about a failure this transition leaves behind
         status.update(extra or {})
         if self.kube.patch_environment_status(env.name, status) is None:
             return env  # the object is gone; nothing to announce
@@ -267,7 +284,8 @@ class Environments:
             Phase.FAILED,
             failure.reason,
             failure.message,
-            {**failure.status, "failedAt": now_iso(), "permanent": failure.permanent},
+            # An earlier failure's problems never stay on one that has none of its own.
+            {"problems": None, **failure.status, "failedAt": now_iso(), "permanent": failure.permanent},
             logger,
         )
 
@@ -311,6 +329,7 @@ class Environments:
             extra.update(rollout.status())
             verdict = self._assess(namespace, rollout.inventory, rollout.workloads)
             if verdict.failed:
+                extra["problems"] = _problems(verdict)
                 raise PermanentFailure("RolloutFailed", _rollout_failed(verdict), status=extra)
             if not verdict.ready:
                 timeout = rollout.timeout or self.settings.hard_time_limit
@@ -379,7 +398,10 @@ class Environments:
         inventory, workloads = Rollout.awaited(status)
         verdict = self._assess(namespace, inventory, workloads)
         if verdict.failed:
-            self.fail(env, PermanentFailure("RolloutFailed", _rollout_failed(verdict)), logger)
+            failure = PermanentFailure(
+                "RolloutFailed", _rollout_failed(verdict), status={"problems": _problems(verdict)}
+            )
+            self.fail(env, failure, logger)
             return Phase.FAILED.value
         if verdict.ready:
             self._ready(

@@ -95,6 +95,17 @@ class Condition(BaseModel):
     observed_generation: int | None = Field(None, alias="observedGeneration")
 
 
+class StatusProblem(BaseModel):
+    """One object of the app that keeps a rollout from becoming ready, and why (status.problems)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    kind: str
+    name: str
+    reason: str
+    message: str = ""
+
+
 class PreviewEnvironmentStatus(BaseModel):
     """What the operator observed and did."""
 
@@ -116,6 +127,7 @@ class PreviewEnvironmentStatus(BaseModel):
     template: dict[str, Any] | None = None
     inventory: list[dict[str, str]] | None = None
     rollout_deadline: str | None = Field(None, alias="rolloutDeadline")
+    problems: list[StatusProblem] | None = None
     reported: dict[str, Any] | None = None
     conditions: list[Condition] = Field(default_factory=list)
 

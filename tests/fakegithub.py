@@ -2,11 +2,14 @@
 
 It checks the App JWT against the App's public key, issues installation tokens that expire and
 requires one (or a user's plain token) on every call, serves the endpoints Ephemera uses (commit
-statuses, issue comments, deployments and their statuses, which installation covers a repository,
-the authenticated user), records every call, and can inject 5xx answers, rate limits and latency.
+statuses, issue comments, deployments and their statuses, check runs, which installation covers a
+repository, the authenticated user), records every call, and can inject 5xx answers, rate limits and
+latency.
 An installation covers the repositories of its account (all, or a selection); its token is refused
 elsewhere, as GitHub refuses it. Comments carry their author: the App's bot user (and the App) for an
-installation token, the user for a user's token. Its answers are shaped from real recorded exchanges
+installation token, the user for a user's token. Check runs are refused to user tokens and to an
+installation whose App lacks the `checks: write` permission, as GitHub refuses them, and only the App
+that made a check run may edit it. Its answers are shaped from real recorded exchanges
 (../shared/fixtures/github/rest-recordings).
 
     python -m tests.fakegithub --port 8099   (serves /_calls for a look at what it received)
@@ -56,6 +59,10 @@ CALLER: web.RequestKey[tuple[int | None, str | None]] = web.RequestKey("caller",
 # Paths answered with the App's JWT rather than an installation token.
 JWT_PATH = re.compile(r"/app(/.*)?|/repos/[^/]+/[^/]+/installation")
 REPO_PATH = re.compile(r"/repos/(?P<owner>[^/]+)/(?P<repo>[^/]+)(/.*)?")
+# What the App may do on an installation (as an App's settings grant it); tests take some away.
+APP_PERMISSIONS = {"statuses": "write", "pull_requests": "write", "deployments": "write", "checks": "write"}
+CHECK_RUN_STATUSES = ("queued", "in_progress", "completed")
+CHECK_RUN_CONCLUSIONS = ("action_required", "cancelled", "failure", "neutral", "success", "skipped", "timed_out")
 SECONDARY_RATE_LIMIT_MESSAGE = (
     "You have exceeded a secondary rate limit. Please wait a few minutes before you try again. If you reach out "
     "to GitHub Support for help, please include the request ID 6EC6:2C9F:35D9B07:76A8CC9:5BCEBCD5."
@@ -73,6 +80,7 @@ class Installation:
     account: str | None  # None: the tests' catch-all, an installation on every account
     repositories: set[str] | None = None  # full names of the selected repositories; None: all of them
     suspended_at: str | None = None  # when someone suspended it (GitHub still lists it, so marked)
+    permissions: dict[str, str] = field(default_factory=lambda: dict(APP_PERMISSIONS))
 
     def could_cover(self, repository: str) -> bool:
         """Whether it covers `repository` (FakeGitHub.covers also asks whether another installation does)."""
@@ -138,6 +146,7 @@ class FakeGitHub:
         self.comments: dict[int, dict[str, Any]] = {}
         self.deployments: dict[int, dict[str, Any]] = {}
         self.deployment_statuses: dict[int, list[dict[str, Any]]] = {}
+        self.check_runs: dict[int, dict[str, Any]] = {}
         self.rate_remaining = 5000
         self.pulls: dict[str, dict[int, dict[str, Any]]] = {}  # repository (lower case) -> number -> PR
         self.deliveries: list[dict[str, Any]] = []  # the App's hook deliveries, oldest first
@@ -163,6 +172,8 @@ class FakeGitHub:
             if recorded("Repository.testGetHookDeliveries")[2]
             else {},
             "hook_delivery_detail": recorded("Repository.testGetHookDelivery")[2],
+            "check_run": recorded("CheckRun.testCreateCheckRunInProgress")[2],
+            "check_runs": recorded("CheckRun.testGetCheckRunsForRef")[2],
         }
         self._pull_template: dict[str, Any] = {
             **(recorded("Repository.testGetPulls")[2] or [{}])[0],
@@ -179,10 +190,20 @@ class FakeGitHub:
         with self._lock:
             self.faults.append(fault)
 
-    def installation(self, installation_id: int, account: str, repositories: set[str] | None = None) -> None:
-        """Install the App on `account`: on all its repositories, or on `repositories` only."""
+    def installation(
+        self,
+        installation_id: int,
+        account: str,
+        repositories: set[str] | None = None,
+        permissions: dict[str, str] | None = None,
+    ) -> None:
+        """Install the App on `account`: on all its repositories, or on `repositories` only (with the
+        App's permissions, or `permissions` when given: an App whose settings grant less)."""
+        granted = dict(APP_PERMISSIONS) if permissions is None else dict(permissions)
         with self._lock:
-            self.installations[installation_id] = Installation(installation_id, account, repositories)
+            self.installations[installation_id] = Installation(
+                installation_id, account, repositories, permissions=granted
+            )
 
     def installation_of(self, repository: str) -> Installation | None:
         """The App's installation on `repository`, as GitHub answers `GET /repos/{owner}/{repo}/installation`:
@@ -339,7 +360,7 @@ class FakeGitHub:
         self.tokens[token] = (installation, expires)
         body = copy.deepcopy(self._templates["token"])
         body.update(token=token, expires_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(expires)))
-        body["permissions"] = {"statuses": "write", "pull_requests": "write", "deployments": "write"}
+        body["permissions"] = dict(self.installations[installation].permissions)
         body["repository_selection"] = "all" if self.installations[installation].repositories is None else "selected"
         return self._answer(201, body)
 
@@ -355,7 +376,7 @@ class FakeGitHub:
             suspended_at=installation.suspended_at,
             access_tokens_url=self.url(f"/app/installations/{installation.id}/access_tokens"),
             repositories_url=self.url("/installation/repositories"),
-            permissions={"statuses": "write", "pull_requests": "write", "deployments": "write", "metadata": "read"},
+            permissions={**installation.permissions, "metadata": "read"},
         )
         body["account"] = {**body.get("account", {}), "login": account, "url": self.url(f"/users/{account}")}
         return body
@@ -425,7 +446,10 @@ class FakeGitHub:
             return {"user": self._user_json(login), "performed_via_github_app": None}
         bot = f"{self.app_slug}[bot]"
         user = {**self._user_json(bot), "type": "Bot", "id": 10**8 + self.app_id}
-        app = {
+        return {"user": user, "performed_via_github_app": self._app_json()}
+
+    def _app_json(self) -> dict[str, Any]:
+        return {
             "id": self.app_id,
             "slug": self.app_slug,
             "node_id": f"A_{self.app_id}",
@@ -436,10 +460,9 @@ class FakeGitHub:
             "html_url": f"https://github.com/apps/{self.app_slug}",
             "created_at": "2026-01-01T00:00:00Z",
             "updated_at": "2026-01-01T00:00:00Z",
-            "permissions": {"statuses": "write", "pull_requests": "write", "deployments": "write"},
+            "permissions": dict(APP_PERMISSIONS),
             "events": ["pull_request"],
         }
-        return {"user": user, "performed_via_github_app": app}
 
     # Repositories ----------------------------------------------------------------------------------
 
@@ -755,6 +778,160 @@ class FakeGitHub:
         app.router.add_get("/app/hook/deliveries/{id:\\d+}", self.get_hook_delivery)
         app.router.add_post("/app/hook/deliveries/{id:\\d+}/attempts", self.redeliver)
 
+    # Check runs (the Checks API answers GitHub Apps only) -------------------------------------------------
+
+    def _checks_refusal(self, request: web.Request) -> web.Response | None:
+        """GitHub's 403 for a check-run call by a user's token, or by an installation whose App lacks
+        `checks: write`; None when the caller may."""
+        installation_id, login = request[CALLER]
+        docs = "https://docs.github.com/rest/checks/runs"
+        if login is not None:
+            return self._answer(403, {"message": "You must authenticate via a GitHub App.", "documentation_url": docs})
+        installation = self.installations.get(installation_id) if installation_id is not None else None
+        if installation is None or installation.permissions.get("checks") != "write":
+            return self._answer(403, {"message": "Resource not accessible by integration", "documentation_url": docs})
+        return None
+
+    @staticmethod
+    def _check_run_invalid(data: dict[str, Any], creating: bool) -> str | None:
+        """Why GitHub would answer 422 to this check run's fields, or None."""
+        if creating and not (isinstance(data.get("name"), str) and data["name"]):
+            return "name is missing"
+        if creating and not re.fullmatch(r"[0-9a-f]{40}", str(data.get("head_sha", ""))):
+            return "head_sha is not a commit"
+        if "status" in data and data["status"] not in CHECK_RUN_STATUSES:
+            return f"status {data['status']!r} is not one of {CHECK_RUN_STATUSES}"
+        if "conclusion" in data and data["conclusion"] not in CHECK_RUN_CONCLUSIONS:
+            return f"conclusion {data['conclusion']!r} is not one of {CHECK_RUN_CONCLUSIONS}"
+        if data.get("status") == "completed" and "conclusion" not in data:
+            return "conclusion is required when status is completed"
+        output = data.get("output")
+        if output is not None:
+            if not isinstance(output.get("title"), str) or not isinstance(output.get("summary"), str):
+                return "output needs a title and a summary"
+            if len(output["summary"]) > 65535 or len(output.get("text") or "") > 65535:
+                return "output.summary and output.text are at most 65535 characters"
+        details = data.get("details_url")
+        if details is not None and not re.match(r"https?://", str(details)):
+            return "details_url is not a URL"
+        return None
+
+    def _apply_check_run(self, run: dict[str, Any], data: dict[str, Any]) -> None:
+        now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        for key in ("name", "details_url", "external_id"):
+            if key in data:
+                run[key] = data[key]
+        if "conclusion" in data:  # as GitHub: a conclusion completes the run
+            run.update(status="completed", conclusion=data["conclusion"], completed_at=now)
+        elif data.get("status") in ("queued", "in_progress"):
+            run.update(status=data["status"], conclusion=None, completed_at=None)
+        if "output" in data:
+            output = data["output"]
+            run["output"] = {
+                **run["output"],
+                "title": output["title"],
+                "summary": output["summary"],
+                "text": output.get("text"),
+            }
+        run["edits"] = run.get("edits", -1) + 1
+
+    async def create_check_run(self, request: web.Request) -> web.Response:
+        refusal = self._checks_refusal(request)
+        if refusal is not None:
+            return refusal
+        data = request[JSON_BODY] or {}
+        invalid = self._check_run_invalid(data, creating=True)
+        if invalid is not None:
+            return self._answer(422, {"message": "Validation Failed", "errors": [invalid]})
+        rid = self._next_id()
+        repo = self._repo(request)
+        body = copy.deepcopy(self._templates["check_run"])
+        body.update(
+            id=rid,
+            node_id=f"CR_{rid}",
+            head_sha=data["head_sha"],
+            external_id=data.get("external_id", ""),
+            url=self.url(f"/repos/{repo}/check-runs/{rid}"),
+            html_url=f"https://github.com/{repo}/runs/{rid}",
+            details_url=None,
+            status="queued",
+            conclusion=None,
+            started_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            completed_at=None,
+            output={
+                "title": None,
+                "summary": None,
+                "text": None,
+                "annotations_count": 0,
+                "annotations_url": self.url(f"/repos/{repo}/check-runs/{rid}/annotations"),
+            },
+            app=self._app_json(),
+            pull_requests=[],
+            repository=repo,
+            installation=request[CALLER][0],
+        )
+        self._apply_check_run(body, data)
+        with self._lock:
+            self.check_runs[rid] = body
+        return self._answer(201, body)
+
+    def _check_run_of(self, request: web.Request) -> dict[str, Any] | None:
+        run = self.check_runs.get(int(request.match_info["id"]))
+        return run if run is not None and run["repository"] == self._repo(request) else None
+
+    async def get_check_run(self, request: web.Request) -> web.Response:
+        refusal = self._checks_refusal(request)
+        if refusal is not None:
+            return refusal
+        run = self._check_run_of(request)
+        return self._answer(200, run) if run else self._answer(404, {"message": "Not Found"})
+
+    async def update_check_run(self, request: web.Request) -> web.Response:
+        refusal = self._checks_refusal(request)
+        if refusal is not None:
+            return refusal
+        run = self._check_run_of(request)
+        if run is None:
+            return self._answer(404, {"message": "Not Found"})
+        if run["app"]["id"] != self.app_id:  # only the App that made a check run may change it
+            message = "Invalid app_id - check run can only be modified by the GitHub App that created it."
+            return self._answer(403, {"message": message})
+        data = request[JSON_BODY] or {}
+        invalid = self._check_run_invalid(data, creating=False)
+        if invalid is not None:
+            return self._answer(422, {"message": "Validation Failed", "errors": [invalid]})
+        self._apply_check_run(run, data)
+        return self._answer(200, run)
+
+    async def list_check_runs(self, request: web.Request) -> web.Response:
+        """`GET /repos/{owner}/{repo}/commits/{ref}/check-runs`: newest first; `filter=latest` (the
+        default) keeps the newest run of each name and App, `check_name` and `status` narrow it."""
+        refusal = self._checks_refusal(request)
+        if refusal is not None:
+            return refusal
+        query = request.query
+        with self._lock:
+            runs = sorted(self.check_runs.values(), key=lambda r: -int(r["id"]))
+        found = [
+            r
+            for r in runs
+            if r["repository"] == self._repo(request)
+            and r["head_sha"] == request.match_info["sha"]
+            and ("check_name" not in query or r["name"] == query["check_name"])
+            and ("status" not in query or r["status"] == query["status"])
+            and ("app_id" not in query or str(r["app"]["id"]) == query["app_id"])
+        ]
+        if query.get("filter", "latest") == "latest":
+            seen: set[tuple[str, int]] = set()
+            latest = []
+            for run in found:
+                if (run["name"], run["app"]["id"]) not in seen:
+                    seen.add((run["name"], run["app"]["id"]))
+                    latest.append(run)
+            found = latest
+        body = {**self._templates["check_runs"], "total_count": len(found), "check_runs": found}
+        return self._answer(200, body)
+
     async def rate_limit_view(self, _: web.Request) -> web.Response:
         reset = int(time.time()) + 3600
         core = {"limit": 5000, "remaining": self.rate_remaining, "reset": reset, "used": 5000 - self.rate_remaining}
@@ -790,6 +967,10 @@ class FakeGitHub:
         app.router.add_get(repo + "/deployments/{id}", self.get_deployment)
         app.router.add_get(repo + "/deployments/{id}/statuses", self.list_deployment_statuses)
         app.router.add_post(repo + "/deployments/{id}/statuses", self.create_deployment_status)
+        app.router.add_post(repo + "/check-runs", self.create_check_run)
+        app.router.add_get(repo + "/check-runs/{id:\\d+}", self.get_check_run)
+        app.router.add_patch(repo + "/check-runs/{id:\\d+}", self.update_check_run)
+        app.router.add_get(repo + "/commits/{sha}/check-runs", self.list_check_runs)
         app.router.add_get("/rate_limit", self.rate_limit_view)
         app.router.add_get("/_calls", self.dump_calls)
         self._backstop_routes(app)

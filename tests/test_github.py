@@ -457,6 +457,28 @@ def test_installation_answers_expire(github: FakeGitHub) -> None:
     wait_for(refused, timeout=10, what="the new answer: the App is not installed on the repository")
 
 
+def test_concurrent_reports_ask_for_a_repositorys_installation_once(github: FakeGitHub) -> None:
+    repo = f"octo/gh-{uuid.uuid4().hex[:6]}"
+    # A slow answer: every worker that reports on the repository meanwhile waits for it, none asks again.
+    github.inject(Fault(method="GET", path=f"/repos/{repo}/installation", status=None, delay=0.5))
+    auth = GitHubAuth(app_settings(github))
+    errors: list[BaseException] = []
+
+    def check() -> None:
+        try:
+            auth.check_installation(INSTALLATION, repo)
+        except BaseException as err:  # reported below: a thread's exception would be lost
+            errors.append(err)
+
+    threads = [threading.Thread(target=check) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert errors == []
+    assert len([c for c in github.calls if c.path == f"/repos/{repo}/installation"]) == 1
+
+
 @pytest.mark.parametrize(
     ("annotation", "reason"),
     [

@@ -70,6 +70,7 @@ class GitHubAuth:
         self._lock = threading.Lock()
         self._cache: dict[int, _Cached] = {}
         self._coverage: dict[str, _Coverage] = {}  # repository (lower case) -> its installation of the App
+        self._asking: dict[str, threading.Lock] = {}  # repository (lower case) -> held while GitHub is asked
         self._token_login: str | None = None
         self._token_client: Github | None = None
         key = settings.private_key()
@@ -137,7 +138,7 @@ class GitHubAuth:
             raise NoCredentials("no GitHub App (EPHEMERA_GITHUB_APP_ID + key) configured")
         return self._client(Auth.AppAuth(self.settings.github_app_id, key))
 
-    def _app_mode(self, installation_id: int | None) -> bool:
+    def uses_installation(self, installation_id: int | None) -> bool:
         """Whether `client_for(installation_id)` hands out an installation token (else the plain token)."""
         return self._integration is not None and installation_id is not None
 
@@ -148,7 +149,7 @@ class GitHubAuth:
         Asked with the App's JWT (`GET /repos/{owner}/{repo}/installation`): one request per repository
         per EPHEMERA_GITHUB_INSTALLATION_CACHE_TTL, answers "not installed" (404) included. Other errors
         propagate as GithubException (retried like any report)."""
-        if not self._app_mode(installation_id):
+        if not self.uses_installation(installation_id):
             return
         found = self._installation_of(repository)
         if found.installation_id is None:
@@ -161,7 +162,7 @@ class GitHubAuth:
 
     def identity(self, installation_id: int | None, repository: str, client: Github) -> Identity:
         """Who posts for this object: the App (after check_installation) or the token's user."""
-        if self._app_mode(installation_id):
+        if self.uses_installation(installation_id):
             slug = self._installation_of(repository).app_slug
             return Identity(app_id=self.settings.github_app_id, bot_login=f"{slug}[bot]" if slug else None)
         with self._lock:
@@ -175,25 +176,42 @@ class GitHubAuth:
     def _installation_of(self, repository: str) -> _Coverage:
         assert self._integration is not None
         key = repository.lower()
-        now = time.monotonic()
         with self._lock:
             cached = self._coverage.get(key)
-        if cached is not None and cached.expires > now:
-            return cached
+            if cached is not None and cached.expires > time.monotonic():
+                return cached
+            asking = self._asking.setdefault(key, threading.Lock())
+        # One question per repository at a time: the reports of a burst on one repository (one per PR,
+        # in several workers) wait for the first answer rather than each asking GitHub again.
+        with asking:
+            now = time.monotonic()
+            with self._lock:
+                cached = self._coverage.get(key)
+            if cached is not None and cached.expires > now:
+                return cached
+            try:
+                found = self._ask_installation(repository, now + self.settings.github_installation_cache_ttl)
+            except BaseException:
+                with self._lock:
+                    self._asking.pop(key, None)  # those waiting ask in turn
+                raise
+            with self._lock:
+                if len(self._coverage) >= INSTALLATION_CACHE_SIZE:
+                    self._coverage = {k: v for k, v in self._coverage.items() if v.expires > now}
+                self._coverage[key] = found
+                self._asking.pop(key, None)  # those already waiting hold it; later ones find the answer
+            return found
+
+    def _ask_installation(self, repository: str, expires: float) -> _Coverage:
+        assert self._integration is not None
         owner, _, name = repository.partition("/")
-        expires = now + self.settings.github_installation_cache_ttl
         try:
             installation = self._integration.get_repo_installation(owner, name)
-            found = _Coverage(installation.id, installation.app_slug, expires)
+            return _Coverage(installation.id, installation.app_slug, expires)
         except GithubException as err:
             if err.status != 404:
                 raise
-            found = _Coverage(None, None, expires)  # not installed there (or no such repository)
-        with self._lock:
-            if len(self._coverage) >= INSTALLATION_CACHE_SIZE:
-                self._coverage = {k: v for k, v in self._coverage.items() if v.expires > now}
-            self._coverage[key] = found
-        return found
+            return _Coverage(None, None, expires)  # not installed there (or no such repository)
 
     def invalidate(self, installation_id: int | None) -> None:
         """Forget a token GitHub refused (401), so the next call fetches a new one."""

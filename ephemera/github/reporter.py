@@ -1,4 +1,4 @@
-"""Report each environment's state on its PR: a commit status, one sticky comment, a Deployment.
+"""Report each environment's state on its PR: a commit status, a check run, one sticky comment, a Deployment.
 
 A transition listener hands the newest state of each object to a queue; workers report it off the
 reconcile path, in threads (PyGithub is synchronous). Only the newest state of an object is ever
@@ -11,7 +11,13 @@ The object's spec is written by whoever may create PreviewEnvironments, so nothi
 to choose where or what the App posts: the installation must really cover the repository (asked of
 GitHub, cached), the closing reason is one of a fixed set (never the annotation's text), and only
 comments written by Ephemera itself are ever edited. A step GitHub refuses (403, 422) is dropped
-alone: the other reports of that state still go out.
+alone: the other reports of that state still go out. What a failure names (pod messages, Events, a
+template's URL) may carry text from the PR, so it reaches GitHub only inside code spans and blocks.
+
+The check run (named after the status context) is an App's alone: GitHub refuses check runs to other
+tokens, so with EPHEMERA_GITHUB_TOKEN it is skipped (said once in the log). There is one per commit
+and attempt: made in progress (or straight away completed), completed in place, and made anew when
+a completed commit is provisioned again (a retry), as GitHub's own re-runs do; never reopened.
 """
 
 from __future__ import annotations
@@ -20,6 +26,8 @@ import asyncio
 import datetime
 import itertools
 import logging
+import re
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -34,6 +42,7 @@ from prometheus_client import Counter, Gauge
 
 from ephemera.config import Settings
 from ephemera.github.client import GitHubAuth, Identity, NoCredentials, NotInstalled
+from ephemera.github.markdown import code, fenced, link, safe_url
 from ephemera.kube import Kube, KubeError
 from ephemera.metrics import REGISTRY
 from ephemera.transitions import Transition
@@ -76,6 +85,22 @@ DEPLOYMENT_STATES = {
     "Failed": "failure",
     "Destroying": "inactive",
 }
+# A check run's status, or its conclusion once completed. Destroying completes an open run as
+# `cancelled` (see _check_run); other phases leave the commit's check run as it is.
+CHECK_RUN_STATES = {
+    "Provisioning": "in_progress",
+    "Updating": "in_progress",
+    "Ready": "success",
+    "Failed": "failure",
+}
+CHECK_RUN_TITLES = {
+    "Provisioning": "Provisioning the preview",
+    "Updating": "Updating the preview",
+    "Ready": "Preview ready",
+    "Failed": "Preview failed",
+    "cancelled": "Preview torn down",
+}
+PROBLEMS_SHOWN = 10  # objects a failure section lists (status.problems holds at most as many)
 ICONS = {"Ready": "🟢", "Failed": "🔴", "Destroying": "⚪", "Provisioning": "🟡", "Updating": "🟡"}
 
 
@@ -111,29 +136,82 @@ def marker(repository: str, pr: int) -> str:
     return f"<!-- ephemera:preview {repository.lower()}#{pr} -->"
 
 
+def failure_section(t: Transition, *, detail: bool) -> str:
+    """Why the environment failed, as Markdown: its reason and the failing objects with their causes
+    (status.problems), each in a code span; the message in a code block when there is no list (or
+    with `detail`). Nothing here is rendered as Markdown: pod messages and Events may quote the PR."""
+    problems = [p for p in t.status.get("problems") or [] if isinstance(p, dict)]
+    lines = [f"**Why it failed:** {code(t.reason or 'Failed', 80)}"]
+    if problems:
+        lines.append("")
+        for problem in problems[:PROBLEMS_SHOWN]:
+            what = code(f"{problem.get('kind', '')} {problem.get('name', '')}", 200)
+            lines.append(
+                f"- {what}: {code(str(problem.get('reason', '')), 80)}: {code(str(problem.get('message', '')))}"
+            )
+        if len(problems) > PROBLEMS_SHOWN:
+            lines.append(f"- and {len(problems) - PROBLEMS_SHOWN} more")
+    if detail or not problems:
+        lines += ["", fenced(t.message)]
+    else:
+        lines += ["", "Fix the PreviewTemplate (or the image), then push or retry."]
+    return "\n".join(lines)
+
+
 def comment_body(t: Transition) -> str:
     spec, status = t.spec, t.status
     sha = str(spec["commitSha"])
+    url = str(status.get("url") or "")
     if t.phase in ("Destroying", "Destroyed"):
         title = f"⚪ Preview environment torn down: {TEARDOWN_REASONS[closed_reason(t.annotations)]}"
         what = "is being removed" if t.phase == "Destroying" else "has been removed"
         summary = f"The environment for commit `{sha[:7]}` in namespace `{status.get('namespace', '-')}` {what}."
+    elif t.phase == "Failed":
+        title = f"{ICONS['Failed']} Preview environment: Failed"
+        summary = failure_section(t, detail=False)
     else:
         title = f"{ICONS.get(t.phase, '')} Preview environment: {t.phase}".strip()
         summary = t.message
+        if t.phase == "Ready" and url:
+            summary += f"\n\n**Open the preview:** {link(url)}"
     rows = [
         ("Phase", f"**{t.phase}**"),
         ("Namespace", f"`{status.get('namespace') or '-'}`"),
         ("Commit", f"`{sha[:7]}`"),
         ("Updated", t.at),
     ]
-    if status.get("url"):
-        rows.append(("URL", str(status["url"])))
+    if url:
+        rows.append(("URL", link(url)))
     table = "\n".join(f"| {k} | {v} |" for k, v in rows)
     return (
         f"{marker(str(spec['repository']), int(spec['pullRequest']))}\n### {title}\n\n"
         f"| | |\n|---|---|\n{table}\n\n{summary}\n"
     )
+
+
+def check_run_output(t: Transition, state: str) -> dict[str, str]:
+    """The check run's title and summary for `state` (a CHECK_RUN_STATES value, or `cancelled`)."""
+    sha = str(t.spec["commitSha"])
+    namespace = code(str(t.status.get("namespace") or "-"), 80)
+    url = str(t.status.get("url") or "")
+    if state == "cancelled":
+        title = CHECK_RUN_TITLES["cancelled"]
+        summary = f"The environment for commit `{sha[:7]}` was torn down before it was ready."
+    elif state == "in_progress":
+        title = CHECK_RUN_TITLES.get(t.phase, "Preview in progress")
+        doing = "updated" if t.phase == "Updating" else "provisioned"
+        summary = f"The preview of commit `{sha[:7]}` is being {doing} in namespace {namespace}."
+    elif state == "success":
+        title = CHECK_RUN_TITLES["Ready"]
+        where = f"at {link(url)}" if url else f"in namespace {namespace}"
+        summary = f"The preview of commit `{sha[:7]}` is ready {where}."
+    else:
+        reason = re.sub(r"[^A-Za-z0-9]", "", t.reason)[:60]
+        title = f"{CHECK_RUN_TITLES['Failed']}: {reason}" if reason else CHECK_RUN_TITLES["Failed"]
+        summary = f"The preview of commit `{sha[:7]}` in namespace {namespace} failed.\n\n" + failure_section(
+            t, detail=True
+        )
+    return {"title": title, "summary": summary}
 
 
 def secondary_rate_limit(err: GithubException) -> bool:
@@ -199,6 +277,7 @@ class Reporter:
         self._known: dict[str, dict[str, Any]] = {}  # uid -> what was reported (mirrors status.reported)
         self._own_comments: dict[str, int] = {}  # uid -> id of its comment, known to be Ephemera's
         self._unsure: set[str] = set()  # uids resumed after a restart: read GitHub before posting
+        self._checks_skipped = threading.Event()  # said once: check runs need an App
         self._seq = itertools.count()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -340,9 +419,20 @@ class Reporter:
             return self.auth.identity(installation_id, repository, client)
 
         done: dict[str, Any] = {}  # what this report posted: recorded on the object in one write
+        checks: tuple[Step, ...] = (self._check_run,)
+        unsure: tuple[Step, ...] = (self._reconcile, self._reconcile_check_run)
+        if not self.auth.uses_installation(installation_id):
+            checks, unsure = (), (self._reconcile,)
+            if not self._checks_skipped.is_set():
+                self._checks_skipped.set()
+                log.info(
+                    "GitHub check runs skipped: GitHub accepts them only from a GitHub App, and %s reports with "
+                    "EPHEMERA_GITHUB_TOKEN; commit statuses, comments and deployments still go out",
+                    t.name,
+                )
         try:
-            steps = (self._commit_status, self._deployment, self._comment)
-            for step in ((self._reconcile,) if t.uid in self._unsure else ()) + steps:
+            steps = (self._commit_status, *checks, self._deployment, self._comment)
+            for step in (unsure if t.uid in self._unsure else ()) + steps:
                 try:
                     self._step(step, repo, t, client, who, reported, done)
                 except Refused:
@@ -420,7 +510,7 @@ class Reporter:
         except KubeError as err:
             log.warning("could not record the GitHub report on %s: %s", t.name, err)
 
-    # The three reports ---------------------------------------------------------------------------------
+    # The four reports ----------------------------------------------------------------------------------
 
     def _reconcile(self, repo: Repository, t: Transition, reported: dict[str, Any], who: Who) -> dict[str, Any] | None:
         """Read back from GitHub what was posted for this commit: after a restart, a report cut short
@@ -438,6 +528,72 @@ class Reporter:
                 found["deploymentState"] = f"{latest.state}@{deployment.id}"
             break
         return found
+
+    def _reconcile_check_run(
+        self, repo: Repository, t: Transition, reported: dict[str, Any], who: Who
+    ) -> dict[str, Any] | None:
+        """Read back the commit's newest check run of this App (a report cut short may have made one)."""
+        sha = str(t.spec["commitSha"])
+        runs = repo.get_commit(sha).get_check_runs(check_name=self._context, filter="all")
+        ours = [run for run in runs if run.app is not None and run.app.id == self.settings.github_app_id]
+        if not ours:
+            return None
+        newest = max(ours, key=lambda run: run.id)
+        state = newest.conclusion if newest.status == "completed" else newest.status
+        return {"checkRunId": newest.id, "checkRun": f"{state}@{sha}"}
+
+    def _check_run(self, repo: Repository, t: Transition, reported: dict[str, Any], who: Who) -> dict[str, Any] | None:
+        """The commit's check run: one per commit and attempt, completed in place, never reopened."""
+        sha = str(t.spec["commitSha"])
+        recorded = str(reported.get("checkRun") or "")
+        open_id = int(reported.get("checkRunId") or 0) if recorded == f"in_progress@{sha}" else 0
+        state = CHECK_RUN_STATES.get(t.phase)
+        if state is None:
+            if t.phase not in ("Destroying", "Destroyed") or not open_id:
+                return None
+            state = "cancelled"  # torn down before it was ready: the run must not stay in progress
+        key = f"{state}@{sha}"
+        if recorded == key:
+            return None
+        earlier, _, earlier_sha = recorded.partition("@")
+        if earlier == "in_progress" and earlier_sha != sha and reported.get("checkRunId"):
+            self._supersede(repo, t, int(reported["checkRunId"]), earlier_sha)
+        fields: dict[str, Any] = {"output": check_run_output(t, state)}
+        if state == "in_progress":
+            fields["status"] = "in_progress"
+        else:
+            fields.update(status="completed", conclusion=state, completed_at=datetime.datetime.now(datetime.UTC))
+        details = safe_url(str(t.status.get("url") or ""))
+        if details:
+            fields["details_url"] = details
+        if open_id:
+            try:
+                repo.get_check_run(open_id).edit(**fields)  # lazy: a PATCH, without reading the run first
+                return {"checkRun": key}
+            except GithubException as err:
+                if err.status not in (404, 410):
+                    raise
+                log.info("check run %d of %s is gone on GitHub; a new one is made", open_id, t.name)
+        run = repo.create_check_run(name=self._context, head_sha=sha, external_id=t.uid, **fields)
+        return {"checkRunId": run.id, "checkRun": key}
+
+    def _supersede(self, repo: Repository, t: Transition, run_id: int, old_sha: str) -> None:
+        """Complete an earlier commit's run left in progress by a push (`cancelled`), so that it does
+        not stay in progress on that commit forever. Best effort: the new commit's run matters more."""
+        summary = (
+            f"Commit `{old_sha[:7]}` was superseded by `{str(t.spec['commitSha'])[:7]}` before its preview was ready."
+        )
+        try:
+            repo.get_check_run(run_id).edit(
+                status="completed",
+                conclusion="cancelled",
+                completed_at=datetime.datetime.now(datetime.UTC),
+                output={"title": "Preview superseded", "summary": summary},
+            )
+        except GithubException as err:
+            log.warning(
+                "could not complete check run %d of %s (superseded): %s %s", run_id, t.name, err.status, err.data
+            )
 
     def _commit_status(
         self, repo: Repository, t: Transition, reported: dict[str, Any], who: Who
@@ -561,13 +717,20 @@ def _wrote(who: Identity, comment: IssueComment) -> bool:
 
 
 def reported_is_current(status: dict[str, Any], spec: dict[str, Any]) -> bool:
-    """Whether `status.reported` already reflects the object's phase in all three reports (checked at
-    start-up, with no API call): the commit status, the deployment's status and the comment."""
+    """Whether `status.reported` already reflects the object's phase in every report (checked at
+    start-up, with no API call): the commit status, the deployment's status, the comment, and the
+    check run where one was ever made for the object (never with a plain token)."""
     reported = status.get("reported") or {}
     phase = status.get("phase")
     sha = spec.get("commitSha")
     if phase not in COMMIT_STATES and phase not in DEPLOYMENT_STATES:
         return True
+    if reported.get("checkRunId"):
+        check = CHECK_RUN_STATES.get(str(phase))
+        if check is not None and reported.get("checkRun") != f"{check}@{sha}":
+            return False
+        if phase == "Destroying" and reported.get("checkRun") == f"in_progress@{sha}":
+            return False
     if phase in COMMIT_STATES:
         state = COMMIT_STATES[phase][0]
         if phase == "Failed" and not status.get("permanent"):
