@@ -12,11 +12,18 @@ import uuid
 from collections.abc import Iterator
 from typing import Any
 
+import kopf
 import pytest
 
+from ephemera.config import Settings
+from ephemera.devtools.controlplane import ControlPlane
+from ephemera.environments import Environments
+from ephemera.kube import Kube, load_api_client
 from ephemera.models import parse_time
 from ephemera.naming import environment_name
+from ephemera.operator import apps
 from ephemera.templates import slug
+from ephemera.transitions import Transitions
 from tests.conftest import WEBHOOK_SECRET
 from tests.fakegithub import FakeGitHub
 from tests.support import Kubectl, Process, post_webhook, wait_for
@@ -352,3 +359,23 @@ def test_a_fixed_template_brings_a_failed_environment_back_without_a_retry(
     put_template(kubectl, templates, template, repositories=[repo], resources=[web()])
     ready = wait_phase(kubectl, name, "Ready", timeout=120)
     assert ready["template"]["generation"] == 2
+
+
+def test_a_rollout_is_checked_once_its_status_lands(control_plane: ControlPlane) -> None:
+    """Workloads that became ready between the operator's own check and its RollingOut status landing
+    sent their events while the watch did not show the environment waiting: the status's own event
+    must bring the check, or Ready waits for the periodic deadline check (10 s)."""
+    kube = Kube(load_api_client(control_plane.kubeconfig))
+    try:
+        settler = apps.Settler(Environments(kube, Settings(), Transitions()))
+        memo = kopf.Memo()
+        memo.settler = settler
+        rolling = {"metadata": {"name": "env-a"}, "status": {"phase": "Provisioning", "reason": "RollingOut"}}
+        assert apps.rolling_out(rolling)
+        apps.rollout_landed(memo, "env-a")
+        assert settler.due == {"env-a"}
+        deleting = {"metadata": {"name": "b", "deletionTimestamp": "2026-01-01T00:00:00Z"}, "status": rolling["status"]}
+        assert not apps.rolling_out(deleting)
+        assert not apps.rolling_out({"metadata": {"name": "c"}, "status": {"phase": "Ready", "reason": "Ready"}})
+    finally:
+        kube.close()

@@ -204,14 +204,27 @@ def up() -> int:
     print(f"{name} is {phase or 'not reconciled'} after {time.monotonic() - started:.2f} s")
     if status.get("message"):
         print(status["message"])
-    _say("kubectl get previewenvironments")
-    print(_kubectl("get", "previewenvironments"), end="")
+    _say("kubectl get previewenvironments -o wide (the URL column)")
+    print(_kubectl("get", "previewenvironments", "-o", "wide"), end="")
     namespace = str(status.get("namespace") or "")
     if namespace:
         _say(f"What the environment's namespace holds (kubectl -n {namespace} get ...)")
         print(_kubectl("-n", namespace, "get", "resourcequota,limitrange,networkpolicy"), end="")
         _say(f"The app from the template (kubectl -n {namespace} get deployments,replicasets,pods,services,ingresses)")
         print(_kubectl("-n", namespace, "get", "deployments,replicasets,pods,services,ingresses", "-o", "wide"), end="")
+        _say(f"How it rolled out (kubectl -n {namespace} get events)")
+        print(
+            _kubectl(
+                "-n",
+                namespace,
+                "get",
+                "events",
+                "--sort-by=.metadata.creationTimestamp",
+                "-o",
+                "custom-columns=AT:.metadata.creationTimestamp,OBJECT:.involvedObject.name,REASON:.reason,MESSAGE:.message",
+            ),
+            end="",
+        )
     if status.get("url"):
         _say(f"The preview's URL: {status['url']}")
     _say("What the local GitHub server received (commit status, sticky comment, deployment: each with the URL)")

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import kopf
@@ -21,7 +21,7 @@ import kopf
 from ephemera.config import Settings
 from ephemera.environments import ROLLING_OUT, Environment, Environments, Failure
 from ephemera.kube import Kube, KubeError
-from ephemera.models import GROUP, TEMPLATE_PLURAL, VERSION, Phase, now_iso, parse_time
+from ephemera.models import GROUP, PLURAL, TEMPLATE_PLURAL, VERSION, Phase, now_iso, parse_time
 from ephemera.naming import ENVIRONMENT_LABEL, MANAGED_BY, MANAGED_BY_LABEL
 from ephemera.sweeps import Seen
 from ephemera.templates import Template, TemplateError, select
@@ -68,9 +68,10 @@ class Templates:
 
 
 @kopf.on.event(GROUP, VERSION, TEMPLATE_PLURAL, id="templates")
-def template_changed(*, event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
+async def template_changed(*, event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
     """Keep the cache current; an edit (a generation the cache did not hold) rolls out. The listing at
-    the start repeats what `Templates.prime` read, so it rolls nothing out."""
+    the start repeats what `Templates.prime` read, so it rolls nothing out. On the event loop (memory
+    only): the rollout queue is the loop's."""
     templates: Templates = memo.templates
     body: dict[str, Any] = dict(event.get("object") or {})
     meta = body.get("metadata") or {}
@@ -276,6 +277,11 @@ class Settler:
         self._due.add(name)
         self._wake.set()
 
+    @property
+    def due(self) -> frozenset[str]:
+        """The environments to check at the next round."""
+        return frozenset(self._due)
+
     async def _run(self) -> None:
         while True:
             await self._wake.wait()
@@ -297,6 +303,30 @@ def waiting(seen: Seen | None) -> bool:
         and seen.phase in (Phase.PROVISIONING.value, Phase.UPDATING.value)
         and seen.reason == ROLLING_OUT
     )
+
+
+def rolling_out(body: Mapping[str, Any]) -> bool:
+    """Whether an environment's object says that it waits for its app (and is not being deleted)."""
+    status = body.get("status") or {}
+    return status.get("reason") == ROLLING_OUT and not (body.get("metadata") or {}).get("deletionTimestamp")
+
+
+def rollout_landed(memo: kopf.Memo, name: str) -> None:
+    """A rollout's status is visible: check it once. Its workloads may have become ready between the
+    operator's own check and this status landing; their events then came while the watch did not show
+    the environment waiting yet (and were let go), and no workload changes again to settle it."""
+    settler: Settler | None = getattr(memo, "settler", None)
+    if settler is not None:
+        settler.poke(name)
+
+
+def _rolling_out(body: kopf.Body, **_: Any) -> bool:
+    return rolling_out(body)
+
+
+@kopf.on.event(GROUP, VERSION, PLURAL, id="rollout-landed", when=_rolling_out)
+async def rollout_status(*, name: str, memo: kopf.Memo, **_: Any) -> None:
+    rollout_landed(memo, name)
 
 
 async def _workload_changed(*, labels: kopf.Labels, memo: kopf.Memo, **_: Any) -> None:
