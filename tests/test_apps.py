@@ -379,3 +379,13 @@ def test_a_rollout_is_checked_once_its_status_lands(control_plane: ControlPlane)
         assert not apps.rolling_out({"metadata": {"name": "c"}, "status": {"phase": "Ready", "reason": "Ready"}})
     finally:
         kube.close()
+
+
+def test_a_workload_ready_at_its_generation_is_checked_without_the_gathering_delay() -> None:
+    deployment = web()
+    deployment["metadata"]["generation"] = 2
+    deployment["status"] = {"observedGeneration": 2, "replicas": 2, "updatedReplicas": 2, "availableReplicas": 2}
+    assert apps.ready_now(deployment)
+    assert not apps.ready_now({**deployment, "status": {**deployment["status"], "observedGeneration": 1}})
+    assert not apps.ready_now({**deployment, "status": {**deployment["status"], "availableReplicas": 1}})
+    assert not apps.ready_now({"kind": "Service", "metadata": {"name": "web"}})

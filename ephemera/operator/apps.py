@@ -11,6 +11,7 @@ needs a clock: the periodic job in timers.py.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import logging
 from collections.abc import Awaitable, Callable, Mapping
@@ -23,6 +24,7 @@ from ephemera.environments import ROLLING_OUT, Environment, Environments, Failur
 from ephemera.kube import Kube, KubeError
 from ephemera.models import GROUP, PLURAL, TEMPLATE_PLURAL, VERSION, Phase, now_iso, parse_time
 from ephemera.naming import ENVIRONMENT_LABEL, MANAGED_BY, MANAGED_BY_LABEL
+from ephemera.readiness import WORKLOAD_KINDS, workload_state
 from ephemera.sweeps import Seen
 from ephemera.templates import Template, TemplateError, select
 
@@ -263,6 +265,7 @@ class Settler:
         self.service = service
         self._due: set[str] = set()
         self._wake = asyncio.Event()
+        self._urgent = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -273,8 +276,12 @@ class Settler:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
 
-    def poke(self, name: str) -> None:
+    def poke(self, name: str, *, at_once: bool = False) -> None:
+        """Check `name` soon: after SETTLE_DELAY, which gathers the many changes of one rollout into one
+        check, or `at_once` when a change says a workload is ready (likely the last one awaited)."""
         self._due.add(name)
+        if at_once:
+            self._urgent.set()
         self._wake.set()
 
     @property
@@ -285,14 +292,20 @@ class Settler:
     async def _run(self) -> None:
         while True:
             await self._wake.wait()
-            await asyncio.sleep(SETTLE_DELAY)
+            if not self._urgent.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._urgent.wait(), SETTLE_DELAY)
             self._wake.clear()
+            self._urgent.clear()
             due, self._due = self._due, set()
-            for name in sorted(due):
-                try:
-                    await asyncio.to_thread(self.service.settle, name, log)
-                except Exception as err:  # the next change, or the periodic check, tries again
-                    log.warning("could not settle the rollout of %s: %s", name, err)
+            # Side by side (in the handlers' thread pool): in a burst, one slow check must not hold the rest.
+            await asyncio.gather(*(self._settle(name) for name in sorted(due)))
+
+    async def _settle(self, name: str) -> None:
+        try:
+            await asyncio.to_thread(self.service.settle, name, log)
+        except Exception as err:  # the next change, or the periodic check, tries again
+            log.warning("could not settle the rollout of %s: %s", name, err)
 
 
 def waiting(seen: Seen | None) -> bool:
@@ -329,11 +342,16 @@ async def rollout_status(*, name: str, memo: kopf.Memo, **_: Any) -> None:
     rollout_landed(memo, name)
 
 
-async def _workload_changed(*, labels: kopf.Labels, memo: kopf.Memo, **_: Any) -> None:
+def ready_now(body: Mapping[str, Any]) -> bool:
+    """Whether a watched object is a workload that is ready at its generation (from the event alone)."""
+    return body.get("kind") in WORKLOAD_KINDS and workload_state(body)[0]
+
+
+async def _workload_changed(*, labels: kopf.Labels, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     name = labels.get(ENVIRONMENT_LABEL)
     if name and waiting(memo.phases.get(name)):
         settler: Settler = memo.settler
-        settler.poke(name)
+        settler.poke(name, at_once=ready_now(body))
 
 
 # Each kind a rollout waits on, watched only where Ephemera applied it (its pods carry the labels too).
