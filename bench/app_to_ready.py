@@ -108,14 +108,17 @@ class Available:
                 kwargs: dict[str, Any] = {"timeout_seconds": 60}
                 if version:
                     kwargs["resource_version"] = version
-                for event in w.stream(apps.list_deployment_for_all_namespaces, **kwargs):
-                    raw = event.get("raw_object") or {}
-                    meta = raw.get("metadata") or {}
-                    version = meta.get("resourceVersion") or version
-                    if event["type"] != "DELETED" and workload_state({**raw, "kind": "Deployment"})[0]:
-                        self.at.setdefault(str(meta.get("namespace")), time.perf_counter())
-                    if self._stop:
-                        w.stop()
+                try:
+                    for event in w.stream(apps.list_deployment_for_all_namespaces, **kwargs):
+                        raw = event.get("raw_object") or {}
+                        meta = raw.get("metadata") or {}
+                        version = meta.get("resourceVersion") or version
+                        if event["type"] != "DELETED" and workload_state({**raw, "kind": "Deployment"})[0]:
+                            self.at.setdefault(str(meta.get("namespace")), time.perf_counter())
+                        if self._stop:
+                            w.stop()
+                except Exception:
+                    version = None
 
         threading.Thread(target=run, daemon=True).start()
 
