@@ -65,6 +65,7 @@ REPEAT ?= 3
 bench: venv tools
 	for i in $$(seq $(REPEAT)); do $(BIN)/python -m bench.webhook_latency || exit 1; done
 	for i in $$(seq $(REPEAT)); do $(BIN)/python -m bench.pr_to_ready || exit 1; done
+	$(BIN)/python -m bench.app_to_ready
 	$(BIN)/python -m bench.footprint
 	$(BIN)/python -m bench.summary
 

@@ -215,18 +215,23 @@ class Watcher:
                 kwargs: dict[str, Any] = {"timeout_seconds": 60}
                 if version:
                     kwargs["resource_version"] = version
-                for event in w.stream(lister[0], *lister[1], **kwargs):
-                    obj = event["object"]
-                    meta = obj["metadata"] if isinstance(obj, dict) else obj.metadata.to_dict()
-                    version = meta.get("resource_version") or meta.get("resourceVersion") or version
-                    name = meta["name"]
-                    now = time.perf_counter()
-                    if event["type"] == "DELETED":
-                        self.gone.setdefault(name, now)
-                    elif isinstance(obj, dict) and (obj.get("status") or {}).get("phase") == "Ready":
-                        self.ready.setdefault(name, now)
-                    if self._stop:
-                        w.stop()
+                try:
+                    for event in w.stream(lister[0], *lister[1], **kwargs):
+                        obj = event["object"]
+                        meta = obj["metadata"] if isinstance(obj, dict) else obj.metadata.to_dict()
+                        version = meta.get("resource_version") or meta.get("resourceVersion") or version
+                        name = meta["name"]
+                        now = time.perf_counter()
+                        if event["type"] == "DELETED":
+                            self.gone.setdefault(name, now)
+                        elif isinstance(obj, dict) and (obj.get("status") or {}).get("phase") == "Ready":
+                            self.ready.setdefault(name, now)
+                        if self._stop:
+                            w.stop()
+                except Exception:
+                    # A broken or expired watch (e.g. 410 Gone once etcd compacted past it) killed the
+                    # thread, and the benchmark then waited for Ready events nobody recorded: list again.
+                    version = None
 
         self._thread = threading.Thread(target=run, daemon=True)
         self._thread.start()

@@ -121,6 +121,12 @@ class Settings(BaseSettings):
         default_factory=lambda: ["Namespace", "ClusterRole", "ClusterRoleBinding", "RoleBinding/ClusterRole"],
         description="Kinds a template may not create (`RoleBinding/ClusterRole`: a RoleBinding to a ClusterRole).",
     )
+    template_rollout_rate: float = Field(
+        2.0,
+        gt=0,
+        le=1000,
+        description="Environments per second re-provisioned when a PreviewTemplate changes (a bounded rollout).",
+    )
     # What else an environment's ResourceQuota caps (besides cpu, memory and pods).
     quota_load_balancers: int = Field(0, ge=0, description="Services of type LoadBalancer per environment.")
     quota_node_ports: int = Field(0, ge=0, description="Service node ports per environment.")

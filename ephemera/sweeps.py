@@ -40,6 +40,9 @@ class Seen:
     retries: int = 0
     permanent: bool = False
     reason: str | None = None
+    repository: str | None = None  # spec.repository: which PreviewTemplate the object matches
+    template: str | None = None  # status.template.name: the PreviewTemplate its app came from
+    template_generation: int | None = None  # status.template.generation
 
     @property
     def deleting(self) -> bool:

@@ -121,6 +121,8 @@ def operator(
         # 60 s by default (GitHub's minimum); tests/test_github.py checks the default path in-process.
         EPHEMERA_GITHUB_SECONDARY_RATE_LIMIT_DELAY="1",
         EPHEMERA_HELM_BINARY=str(control_plane.bin_dir / "helm"),
+        # One environment a second: tests/test_apps.py checks the spacing of a template's rollout.
+        EPHEMERA_TEMPLATE_ROLLOUT_RATE="1",
     )
     db_upgrade(env)
     proc = Process(["operator"], env, tmp / "operator.log", int(env["EPHEMERA_OPERATOR_PORT"])).start()

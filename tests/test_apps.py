@@ -6,10 +6,13 @@ from __future__ import annotations
 
 import copy
 import datetime
+import functools
+import itertools
 import uuid
 from collections.abc import Iterator
 from typing import Any
 
+import kopf
 import pytest
 
 from ephemera.config import Settings
@@ -18,6 +21,7 @@ from ephemera.environments import Environments
 from ephemera.kube import Kube, load_api_client
 from ephemera.models import parse_time
 from ephemera.naming import environment_name
+from ephemera.operator import apps
 from ephemera.sweeps import Seen, Sweeper
 from ephemera.templates import slug
 from ephemera.transitions import Transitions
@@ -282,3 +286,143 @@ def test_a_long_rollout_is_timed_by_its_template_not_the_stale_sweep(
     assert (after["phase"], after["reason"]) == ("Provisioning", "RollingOut")
     assert after["rolloutDeadline"]
     kubectl.run("delete", "pe", name, "--wait=false")
+
+
+def reprovisions(kubectl: Kubectl, name: str) -> list[datetime.datetime]:
+    """When the operator began re-applying an edited template to `name` (its TemplateChanged Events)."""
+    events = kubectl.json(
+        "get", "events", "-n", "default", "--field-selector", f"involvedObject.name={name},reason=TemplateChanged"
+    )["items"]
+    return sorted(t for e in events if (t := parse_time(e.get("firstTimestamp"))) is not None)
+
+
+def ready_at(kubectl: Kubectl, name: str, generation: int) -> dict[str, Any] | None:
+    """The status of `name` once it is Ready with the app of the template's `generation`."""
+    found = status(kubectl, name)
+    ready = found.get("phase") == "Ready" and (found.get("template") or {}).get("generation") == generation
+    return found if ready else None
+
+
+def gone(kubectl: Kubectl, namespace: str, kind: str, name: str) -> bool:
+    return kubectl.run("get", kind, "-n", namespace, name, check=False).returncode != 0
+
+
+def image_of(kubectl: Kubectl, namespace: str) -> str:
+    deployment = kubectl.json("get", "deployment", "-n", namespace, "web")
+    return str(deployment["spec"]["template"]["spec"]["containers"][0]["image"])
+
+
+def test_an_edited_template_rolls_out_to_its_environments_at_a_bounded_rate(
+    operator: Process, kubectl: Kubectl, templates: list[str]
+) -> None:
+    repo, other_repo = f"octo/roll-{uuid.uuid4().hex[:6]}", f"octo/keep-{uuid.uuid4().hex[:6]}"
+    template = unique("roll")
+    put_template(kubectl, templates, template, repositories=[repo], resources=[web(), SERVICE])
+    put_template(kubectl, templates, unique("keep"), repositories=[other_repo], resources=[web()])
+    names = [unique("roll") for _ in range(3)]
+    for number, name in enumerate(names, start=31):
+        kubectl.apply(make_env(name, number, repo=repo))
+    other = unique("keep")
+    kubectl.apply(make_env(other, 39, repo=other_repo))
+    namespaces = {name: wait_phase(kubectl, name, "Ready", timeout=120)["namespace"] for name in [*names, other]}
+    before = kubectl.json("get", "pe", other)
+    other_generation = kubectl.json("get", "deployment", "-n", namespaces[other], "web")["metadata"]["generation"]
+
+    edited = web()
+    edited["spec"]["template"]["spec"]["containers"][0]["image"] = "shop-next:{{ commit.short }}"
+    put_template(kubectl, templates, template, repositories=[repo], resources=[edited, SERVICE])
+    generation = kubectl.json("get", "pt", template)["metadata"]["generation"]
+    assert generation == 2
+    for name in names:
+        ready = wait_for(
+            functools.partial(ready_at, kubectl, name, generation),
+            timeout=120,
+            what=f"{name} Ready at the template's generation {generation}",
+        )
+        assert image_of(kubectl, ready["namespace"]) == f"shop-next:{SHA_A[:7]}"
+        sets = kubectl.json("get", "replicasets", "-n", ready["namespace"])["items"]
+        by_image = {rs["spec"]["template"]["spec"]["containers"][0]["image"]: rs for rs in sets}
+        assert by_image[f"shop:{SHA_A[:7]}"]["status"].get("replicas", 0) == 0  # the old pods went before Ready
+        assert by_image[f"shop-next:{SHA_A[:7]}"]["status"].get("readyReplicas") == 2
+
+    # Each started once, one a second at most (EPHEMERA_TEMPLATE_ROLLOUT_RATE=1): Events carry whole
+    # seconds, and starts a second or more apart never share one.
+    starts = sorted(t for name in names for t in wait_for(functools.partial(reprovisions, kubectl, name), timeout=30))
+    assert len(starts) == len(names)
+    assert all(later > earlier for earlier, later in itertools.pairwise(starts))
+
+    # Another repository's environment and app are untouched.
+    after = kubectl.json("get", "pe", other)
+    assert after["status"]["lastTransitionTime"] == before["status"]["lastTransitionTime"]
+    assert after["status"]["template"] == before["status"]["template"]
+    assert reprovisions(kubectl, other) == []
+    deployment = kubectl.json("get", "deployment", "-n", namespaces[other], "web")
+    assert deployment["metadata"]["generation"] == other_generation
+
+
+def test_an_environment_its_template_no_longer_matches_has_its_app_pruned(
+    operator: Process, kubectl: Kubectl, templates: list[str]
+) -> None:
+    repo = f"octo/narrow-{uuid.uuid4().hex[:6]}"
+    template = unique("narrow")
+    put_template(kubectl, templates, template, repositories=[repo], resources=[web(), SERVICE])
+    name = unique("narrow")
+    kubectl.apply(make_env(name, 41, repo=repo))
+    namespace = wait_phase(kubectl, name, "Ready", timeout=120)["namespace"]
+    assert kubectl.json("get", "deployment", "-n", namespace, "web")
+
+    put_template(kubectl, templates, template, repositories=[f"{repo}-elsewhere"], resources=[web(), SERVICE])
+    wait_for(lambda: not status(kubectl, name).get("inventory"), timeout=60, what="the inventory emptied")
+    ready = wait_phase(kubectl, name, "Ready", timeout=60)
+    assert not ready.get("template")
+    for kind in ("deployment", "service"):
+        wait_for(
+            functools.partial(gone, kubectl, namespace, kind, "web"),
+            timeout=30,
+            what=f"the {kind} pruned",
+        )
+
+
+def test_a_fixed_template_brings_a_failed_environment_back_without_a_retry(
+    operator: Process, kubectl: Kubectl, templates: list[str]
+) -> None:
+    repo = f"octo/fix-{uuid.uuid4().hex[:6]}"
+    template = unique("fix")
+    put_template(kubectl, templates, template, repositories=[repo], resources=[web(simulate="image-pull")])
+    name = unique("fix")
+    kubectl.apply(make_env(name, 42, repo=repo))
+    assert wait_phase(kubectl, name, "Failed", timeout=120)["permanent"] is True
+
+    put_template(kubectl, templates, template, repositories=[repo], resources=[web()])
+    ready = wait_phase(kubectl, name, "Ready", timeout=120)
+    assert ready["template"]["generation"] == 2
+
+
+def test_a_rollout_is_checked_once_its_status_lands(control_plane: ControlPlane) -> None:
+    """Workloads that became ready between the operator's own check and its RollingOut status landing
+    sent their events while the watch did not show the environment waiting: the status's own event
+    must bring the check, or Ready waits for the periodic deadline check (10 s)."""
+    kube = Kube(load_api_client(control_plane.kubeconfig))
+    try:
+        settler = apps.Settler(Environments(kube, Settings(), Transitions()))
+        memo = kopf.Memo()
+        memo.settler = settler
+        rolling = {"metadata": {"name": "env-a"}, "status": {"phase": "Provisioning", "reason": "RollingOut"}}
+        assert apps.rolling_out(rolling)
+        apps.rollout_landed(memo, "env-a")
+        assert settler.due == {"env-a"}
+        deleting = {"metadata": {"name": "b", "deletionTimestamp": "2026-01-01T00:00:00Z"}, "status": rolling["status"]}
+        assert not apps.rolling_out(deleting)
+        assert not apps.rolling_out({"metadata": {"name": "c"}, "status": {"phase": "Ready", "reason": "Ready"}})
+    finally:
+        kube.close()
+
+
+def test_a_workload_ready_at_its_generation_is_checked_without_the_gathering_delay() -> None:
+    deployment = web()
+    deployment["metadata"]["generation"] = 2
+    deployment["status"] = {"observedGeneration": 2, "replicas": 2, "updatedReplicas": 2, "availableReplicas": 2}
+    assert apps.ready_now(deployment)
+    assert not apps.ready_now({**deployment, "status": {**deployment["status"], "observedGeneration": 1}})
+    assert not apps.ready_now({**deployment, "status": {**deployment["status"], "availableReplicas": 1}})
+    assert not apps.ready_now({"kind": "Service", "metadata": {"name": "web"}})

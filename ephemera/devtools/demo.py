@@ -1,4 +1,5 @@
-"""`make run`: a local control plane, the operator and the webhook, and a PR becoming an environment.
+"""`make run`: a local control plane, the operator and the webhook, and a PR becoming an environment
+that runs its app (the sample PreviewTemplate), with the app's URL on the PR.
 
 python -m ephemera.devtools.demo up     start everything (idempotent) and send a signed PR event
 python -m ephemera.devtools.demo down   stop the processes and the control plane
@@ -29,6 +30,8 @@ RUN_DIR = REPO_ROOT / ".run"
 CLUSTER_DIR = REPO_ROOT / ".cluster"
 KUBECONFIG = CLUSTER_DIR / "kubeconfig"
 PROCESSES = ("github", "operator", "webhook")
+SAMPLE_TEMPLATE = REPO_ROOT / "deploy" / "samples" / "previewtemplate.yaml"
+READY_TIMEOUT = 180.0  # seconds for the app to roll out on the local control plane (a loaded machine)
 
 
 def _say(text: str) -> None:
@@ -133,9 +136,18 @@ def up() -> int:
     RUN_DIR.mkdir(exist_ok=True)
     _say("Local control plane (etcd, kube-apiserver, kube-controller-manager)")
     controlplane_main(["up", str(CLUSTER_DIR)])
-    _say("PreviewEnvironment CRD")
+    _say("CRDs: PreviewEnvironment and PreviewTemplate")
     print(_kubectl("apply", "-f", str(REPO_ROOT / "crds")), end="")
-    _kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd/previewenvironments.ephemera.dev")
+    _kubectl(
+        "wait",
+        "--for=condition=Established",
+        "--timeout=60s",
+        "crd/previewenvironments.ephemera.dev",
+        "crd/previewtemplates.ephemera.dev",
+    )
+    _say(f"The PreviewTemplate every octo-org/shop PR runs ({SAMPLE_TEMPLATE.relative_to(REPO_ROOT)})")
+    print(_kubectl("apply", "-f", str(SAMPLE_TEMPLATE)), end="")
+    print(_kubectl("get", "previewtemplates"), end="")
 
     config = _config()
     env = {
@@ -181,26 +193,41 @@ def up() -> int:
     sha = hashlib.sha1(str(time.time()).encode()).hexdigest()
     _say("GitHub sends a signed pull_request 'opened' event for octo-org/shop#42")
     started = time.monotonic()
-    status, answer = send(int(config["webhook_port"]), config["secret"], sample_event(sha))
-    print(f"webhook answered {status}: {json.dumps(answer)}")
+    code, answer = send(int(config["webhook_port"]), config["secret"], sample_event(sha))
+    print(f"webhook answered {code}: {json.dumps(answer)}")
     name = str(answer.get("name") or "")
-    if status != 202 or not name:
+    if code != 202 or not name:
         return 1
-    deadline = time.monotonic() + 60
-    phase = ""
-    while time.monotonic() < deadline:
-        phase = _kubectl("get", "pe", name, "-o", "jsonpath={.status.phase}")
-        if phase in ("Ready", "Failed"):
-            break
-        time.sleep(0.1)
+    _say("The environment and its app rolling out (kwok plays the kubelet: pods start, no image is pulled)")
+    status = follow(name, started, READY_TIMEOUT)
+    phase = str(status.get("phase") or "")
     print(f"{name} is {phase or 'not reconciled'} after {time.monotonic() - started:.2f} s")
-    _say("kubectl get previewenvironments")
-    print(_kubectl("get", "previewenvironments"), end="")
-    namespace = _kubectl("get", "pe", name, "-o", "jsonpath={.status.namespace}")
+    if status.get("message"):
+        print(status["message"])
+    _say("kubectl get previewenvironments -o wide (the URL column)")
+    print(_kubectl("get", "previewenvironments", "-o", "wide"), end="")
+    namespace = str(status.get("namespace") or "")
     if namespace:
         _say(f"What the environment's namespace holds (kubectl -n {namespace} get ...)")
         print(_kubectl("-n", namespace, "get", "resourcequota,limitrange,networkpolicy"), end="")
-    _say("What the local GitHub server received (commit status, sticky comment, deployment)")
+        _say(f"The app from the template (kubectl -n {namespace} get deployments,replicasets,pods,services,ingresses)")
+        print(_kubectl("-n", namespace, "get", "deployments,replicasets,pods,services,ingresses", "-o", "wide"), end="")
+        _say(f"How it rolled out (kubectl -n {namespace} get events)")
+        print(
+            _kubectl(
+                "-n",
+                namespace,
+                "get",
+                "events",
+                "--sort-by=.metadata.creationTimestamp",
+                "-o",
+                "custom-columns=AT:.metadata.creationTimestamp,OBJECT:.involvedObject.name,REASON:.reason,MESSAGE:.message",
+            ),
+            end="",
+        )
+    if status.get("url"):
+        _say(f"The preview's URL: {status['url']}")
+    _say("What the local GitHub server received (commit status, sticky comment, deployment: each with the URL)")
     github_calls(int(config["github_port"]), "octo-org/shop")
     _say("Try it yourself")
     print(f"export KUBECONFIG={KUBECONFIG}")
@@ -208,6 +235,53 @@ def up() -> int:
     print(f"kubectl delete pe {name}     # tear the environment down")
     print("make run-down                # stop the operator, the webhook and the control plane")
     return 0 if phase == "Ready" else 1
+
+
+def _rollout(namespace: str) -> str:
+    """The app's progress in one line: each Deployment's available replicas, and the pods' states."""
+    items = json.loads(_kubectl("-n", namespace, "get", "deployments,pods", "-o", "json"))["items"]
+    parts = []
+    for item in items:
+        if item["kind"] == "Deployment":
+            st = item.get("status") or {}
+            want = (item.get("spec") or {}).get("replicas", 1)
+            available = any(
+                c.get("type") == "Available" and c.get("status") == "True" for c in st.get("conditions") or []
+            )
+            parts.append(
+                f"Deployment {item['metadata']['name']}: {st.get('updatedReplicas', 0)}/{want} updated, "
+                f"{st.get('availableReplicas', 0)}/{want} available{' (Available)' if available else ''}"
+            )
+    phases: dict[str, int] = {}
+    for item in items:
+        if item["kind"] == "Pod":
+            ready = any(
+                c.get("type") == "Ready" and c.get("status") == "True" for c in item["status"].get("conditions") or []
+            )
+            state = f"{item['status'].get('phase', 'Pending')}{' ready' if ready else ''}"
+            phases[state] = phases.get(state, 0) + 1
+    if phases:
+        parts.append("pods: " + ", ".join(f"{n} {state}" for state, n in sorted(phases.items())))
+    return "; ".join(parts)
+
+
+def follow(name: str, started: float, timeout: float) -> dict[str, Any]:
+    """Print each change of the environment's phase and of its app's rollout; its status once Ready or Failed."""
+    deadline = time.monotonic() + timeout
+    last = ""
+    status: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        status = json.loads(_kubectl("get", "pe", name, "-o", "json")).get("status") or {}
+        line = f"{status.get('phase', 'Pending')} ({status.get('reason') or '-'})"
+        if status.get("namespace") and status.get("inventory"):
+            line += f"  {_rollout(str(status['namespace']))}"
+        if line != last:
+            print(f"{time.monotonic() - started:7.2f} s  {line}")
+            last = line
+        if status.get("phase") in ("Ready", "Failed"):
+            break
+        time.sleep(0.2)
+    return status
 
 
 def github_calls(port: int, repo: str, timeout: float = 15) -> None:
@@ -227,7 +301,10 @@ def github_calls(port: int, repo: str, timeout: float = 15) -> None:
     for call in calls:
         body = call["body"] or {}
         detail = body.get("state") or (body.get("body", "").split("\n")[1] if body.get("body") else "")
-        print(f"{call['status']} {call['method']:5} {call['path']}  {detail}")
+        url = body.get("target_url") or body.get("environment_url")
+        if not url and body.get("body"):  # the comment's table row with the URL
+            url = next((line for line in str(body["body"]).splitlines() if line.startswith("| URL |")), None)
+        print(f"{call['status']} {call['method']:5} {call['path']}  {detail}{f'  {url}' if url else ''}")
 
 
 def down() -> int:

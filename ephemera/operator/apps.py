@@ -1,28 +1,36 @@
 """kopf handlers of the application in a preview: the PreviewTemplates, and the workloads a rollout awaits.
 
 Templates are kept from a watch (listed once at start, before any environment is provisioned), so a
-provision asks the API server nothing to find its template. A rollout that was applied but not yet
-ready is settled by the changes of its own workloads and pods (they carry the environment's label):
-watched, not polled. Only a deadline needs a clock: the periodic job in timers.py.
+provision asks the API server nothing to find its template. An edited template (a new generation; a
+template created or deleted after the start) is re-applied to the environments it concerns, at a
+bounded rate (`Rollouts`). A rollout that was applied but not yet ready is settled by the changes of
+its own workloads and pods (they carry the environment's label): watched, not polled. Only a deadline
+needs a clock: the periodic job in timers.py.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import datetime
 import logging
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import kopf
 
-from ephemera.environments import ROLLING_OUT, Environments
+from ephemera.config import Settings
+from ephemera.environments import ROLLING_OUT, Environment, Environments, Failure
 from ephemera.kube import Kube, KubeError
-from ephemera.models import GROUP, TEMPLATE_PLURAL, VERSION, Phase
+from ephemera.models import GROUP, PLURAL, TEMPLATE_PLURAL, VERSION, Phase, now_iso, parse_time
 from ephemera.naming import ENVIRONMENT_LABEL, MANAGED_BY, MANAGED_BY_LABEL
+from ephemera.readiness import WORKLOAD_KINDS, workload_state
 from ephemera.sweeps import Seen
-from ephemera.templates import Template, TemplateError
+from ephemera.templates import Template, TemplateError, select
 
 log = logging.getLogger(__name__)
 SETTLE_DELAY = 0.2  # seconds that changes of one environment's workloads are gathered before one check
+DEFER_DELAY = 5.0  # seconds before an environment that was mid-rollout is looked at again
 
 
 class Templates:
@@ -43,6 +51,11 @@ class Templates:
     def put(self, body: dict[str, Any]) -> None:
         self._bodies[body["metadata"]["name"]] = body
 
+    def generation(self, name: str) -> int | None:
+        """The generation of the template as last seen; None if it is not known."""
+        body = self._bodies.get(name)
+        return None if body is None else int(body["metadata"].get("generation") or 1)
+
     def drop(self, name: str) -> None:
         self._bodies.pop(name, None)
 
@@ -57,13 +70,192 @@ class Templates:
 
 
 @kopf.on.event(GROUP, VERSION, TEMPLATE_PLURAL, id="templates")
-def template_changed(*, event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
+async def template_changed(*, event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
+    """Keep the cache current; an edit (a generation the cache did not hold) rolls out. The listing at
+    the start repeats what `Templates.prime` read, so it rolls nothing out. On the event loop (memory
+    only): the rollout queue is the loop's."""
     templates: Templates = memo.templates
     body: dict[str, Any] = dict(event.get("object") or {})
+    meta = body.get("metadata") or {}
+    if not meta.get("name"):
+        return
+    name = str(meta["name"])
+    before = templates.generation(name)
     if event.get("type") == "DELETED":
-        templates.drop(body["metadata"]["name"])
-    elif body.get("metadata"):
+        templates.drop(name)
+        changed = before is not None
+    else:
         templates.put(body)
+        changed = before != int(meta.get("generation") or 1)
+    rollouts: Rollouts | None = getattr(memo, "rollouts", None)
+    if changed and rollouts is not None:
+        rollouts.changed(name)
+
+
+def _wanted(templates: list[Template], repository: str) -> tuple[str, int] | None:
+    """(name, generation) of the template `repository` gets now; None for a namespace only."""
+    try:
+        template = select(templates, repository)
+    except TemplateError:
+        return ("", -1)  # ambiguous: a provision says so on the object, which nothing else matches
+    return None if template is None else (template.name, template.generation)
+
+
+class Rollouts:
+    """Re-provision the environments an edited PreviewTemplate concerns, at most `rate` per second.
+
+    Concerned are the environments whose repository selects the template now, and those whose app came
+    from it (a template deleted or narrowed: their app is pruned, or comes from the template they match
+    now). One that already runs the template's generation is skipped; one mid-rollout or retried later
+    by the retry timer is left to its handler (a mid-rollout one is looked at again once it settles, in
+    case it applied the generation before); one being deleted is dropped."""
+
+    def __init__(
+        self,
+        service: Environments,
+        templates: Templates,
+        phases: dict[str, Seen],
+        *,
+        rate: float,
+        active: Callable[[], Awaitable[bool]] | None = None,
+    ) -> None:
+        self.service = service
+        self.templates = templates
+        self.phases = phases
+        self.interval = 1.0 / rate
+        self._active = active
+        self._queue: dict[str, None] = {}  # environment names, in order, each once
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._running: set[asyncio.Task[None]] = set()
+
+    @property
+    def settings(self) -> Settings:
+        return self.service.settings
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="template-rollouts")
+
+    async def stop(self) -> None:
+        tasks = [t for t in [self._task, *self._running] if t is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    def changed(self, template: str) -> int:
+        """Queue the environments that `template` concerns; how many were queued."""
+        current = self.templates()
+        queued = 0
+        for name, seen in list(self.phases.items()):
+            if seen.deleting or seen.repository is None:
+                continue
+            wanted = _wanted(current, seen.repository)
+            if seen.template == template or (wanted is not None and wanted[0] in (template, "")):
+                queued += self._add(name)
+        if queued:
+            log.info(
+                "PreviewTemplate %s changed: %d environment(s) to re-provision, %.3g per second",
+                template,
+                queued,
+                1.0 / self.interval,
+            )
+        return queued
+
+    def _add(self, name: str) -> int:
+        if name in self._queue:
+            return 0
+        self._queue[name] = None
+        self._wake.set()
+        return 1
+
+    def _retried_later(self, seen: Seen) -> bool:
+        """Whether the retry timer will provision this Failed environment again (with the current template)."""
+        if seen.permanent or seen.retries >= self.settings.retry_max_attempts:
+            return False
+        failed = parse_time(seen.failed_at)
+        if failed is None:
+            return False
+        age = (datetime.datetime.now(datetime.UTC) - failed).total_seconds()
+        return age <= self.settings.retry_window
+
+    def verdict(self, seen: Seen | None, wanted: tuple[str, int] | None) -> str:
+        """`go`, `defer` (mid-rollout: look again later) or `skip`, from what the watch last saw."""
+        if seen is None or seen.deleting or seen.repository is None:
+            return "skip"
+        if seen.phase not in (Phase.READY.value, Phase.FAILED.value):
+            return "defer"
+        if seen.phase == Phase.FAILED.value and self._retried_later(seen):
+            return "skip"
+        have = (seen.template, seen.template_generation) if seen.template else None
+        return "skip" if have == wanted else "go"
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        next_start = loop.time()
+        while True:
+            if not self._queue:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            name = next(iter(self._queue))
+            del self._queue[name]
+            seen = self.phases.get(name)
+            wanted = _wanted(self.templates(), seen.repository) if seen and seen.repository else None
+            verdict = self.verdict(seen, wanted)
+            if verdict == "defer":
+                loop.call_later(DEFER_DELAY, self._add, name)
+                continue
+            if verdict == "skip":
+                continue
+            await asyncio.sleep(max(0.0, next_start - loop.time()))
+            if self._active is not None and not await self._active():
+                continue  # a standby: the active replica has the same watch and does it
+            next_start = loop.time() + self.interval
+            task = asyncio.create_task(self._reprovision(name), name=f"template-rollout-{name}")
+            self._running.add(task)
+            task.add_done_callback(self._running.discard)
+
+    async def _reprovision(self, name: str) -> None:
+        try:
+            again = await asyncio.to_thread(self.reprovision, name)
+        except Exception as err:  # the API server is unreachable: try it again later
+            log.warning("could not re-provision %s for its PreviewTemplate: %s", name, err)
+            again = True
+        if again:
+            asyncio.get_running_loop().call_later(DEFER_DELAY, self._add, name)
+
+    def reprovision(self, name: str) -> bool:
+        """Re-apply the environment's template if it still needs it (checked on the object itself, not
+        the watch); whether to look at it again later (it was mid-rollout)."""
+        body = self.service.kube.get_environment(name)
+        if body is None or body["metadata"].get("deletionTimestamp"):
+            return False
+        try:
+            env = Environment.from_body(body)
+        except Failure:
+            return False  # an invalid spec: its Failed status says so, a template changes nothing
+        status = env.status
+        if status.phase not in (Phase.READY, Phase.FAILED) or status.observed_generation != env.generation:
+            return True  # a push or a retry is under way: its handler applies the current template
+        template = (body.get("status") or {}).get("template") or {}
+        have = (template.get("name"), template.get("generation")) if template.get("name") else None
+        wanted = _wanted(self.templates(), env.spec.repository)
+        if have == wanted:
+            return False
+        what = f"PreviewTemplate {wanted[0]} generation {wanted[1]}" if wanted and wanted[0] else "no PreviewTemplate"
+        if wanted is None and have is not None:
+            what = f"no PreviewTemplate any more (was {have[0]})"
+        env = self.service.transition(env, Phase.UPDATING, "TemplateChanged", f"Re-applying: {what}", logger=log)
+        try:
+            self.service.provision(env, updating=True, logger=log)
+        except Failure as failure:
+            if failure.permanent:
+                self.service.fail(env, failure, log)
+            else:  # the retry timer takes it from here, with backoff
+                self.service.transition(
+                    env, Phase.FAILED, failure.reason, failure.message, {"failedAt": now_iso(), "permanent": False}, log
+                )
+        return False
 
 
 class Settler:
@@ -73,6 +265,7 @@ class Settler:
         self.service = service
         self._due: set[str] = set()
         self._wake = asyncio.Event()
+        self._urgent = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -83,21 +276,36 @@ class Settler:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
 
-    def poke(self, name: str) -> None:
+    def poke(self, name: str, *, at_once: bool = False) -> None:
+        """Check `name` soon: after SETTLE_DELAY, which gathers the many changes of one rollout into one
+        check, or `at_once` when a change says a workload is ready (likely the last one awaited)."""
         self._due.add(name)
+        if at_once:
+            self._urgent.set()
         self._wake.set()
+
+    @property
+    def due(self) -> frozenset[str]:
+        """The environments to check at the next round."""
+        return frozenset(self._due)
 
     async def _run(self) -> None:
         while True:
             await self._wake.wait()
-            await asyncio.sleep(SETTLE_DELAY)
+            if not self._urgent.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._urgent.wait(), SETTLE_DELAY)
             self._wake.clear()
+            self._urgent.clear()
             due, self._due = self._due, set()
-            for name in sorted(due):
-                try:
-                    await asyncio.to_thread(self.service.settle, name, log)
-                except Exception as err:  # the next change, or the periodic check, tries again
-                    log.warning("could not settle the rollout of %s: %s", name, err)
+            # Side by side (in the handlers' thread pool): in a burst, one slow check must not hold the rest.
+            await asyncio.gather(*(self._settle(name) for name in sorted(due)))
+
+    async def _settle(self, name: str) -> None:
+        try:
+            await asyncio.to_thread(self.service.settle, name, log)
+        except Exception as err:  # the next change, or the periodic check, tries again
+            log.warning("could not settle the rollout of %s: %s", name, err)
 
 
 def waiting(seen: Seen | None) -> bool:
@@ -110,11 +318,40 @@ def waiting(seen: Seen | None) -> bool:
     )
 
 
-async def _workload_changed(*, labels: kopf.Labels, memo: kopf.Memo, **_: Any) -> None:
+def rolling_out(body: Mapping[str, Any]) -> bool:
+    """Whether an environment's object says that it waits for its app (and is not being deleted)."""
+    status = body.get("status") or {}
+    return status.get("reason") == ROLLING_OUT and not (body.get("metadata") or {}).get("deletionTimestamp")
+
+
+def rollout_landed(memo: kopf.Memo, name: str) -> None:
+    """A rollout's status is visible: check it once. Its workloads may have become ready between the
+    operator's own check and this status landing; their events then came while the watch did not show
+    the environment waiting yet (and were let go), and no workload changes again to settle it."""
+    settler: Settler | None = getattr(memo, "settler", None)
+    if settler is not None:
+        settler.poke(name)
+
+
+def _rolling_out(body: kopf.Body, **_: Any) -> bool:
+    return rolling_out(body)
+
+
+@kopf.on.event(GROUP, VERSION, PLURAL, id="rollout-landed", when=_rolling_out)
+async def rollout_status(*, name: str, memo: kopf.Memo, **_: Any) -> None:
+    rollout_landed(memo, name)
+
+
+def ready_now(body: Mapping[str, Any]) -> bool:
+    """Whether a watched object is a workload that is ready at its generation (from the event alone)."""
+    return body.get("kind") in WORKLOAD_KINDS and workload_state(body)[0]
+
+
+async def _workload_changed(*, labels: kopf.Labels, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     name = labels.get(ENVIRONMENT_LABEL)
     if name and waiting(memo.phases.get(name)):
         settler: Settler = memo.settler
-        settler.poke(name)
+        settler.poke(name, at_once=ready_now(body))
 
 
 # Each kind a rollout waits on, watched only where Ephemera applied it (its pods carry the labels too).

@@ -241,6 +241,7 @@ async def track(*, event: kopf.RawEvent, name: str, memo: kopf.Memo, **_: Any) -
         return
     obj: dict[str, Any] = dict(event.get("object") or {})
     status = obj.get("status") or {}
+    template = status.get("template") or {}
     memo.phases[name] = Seen(
         uid=obj["metadata"]["uid"],
         phase=status.get("phase") or Phase.PENDING.value,
@@ -250,6 +251,9 @@ async def track(*, event: kopf.RawEvent, name: str, memo: kopf.Memo, **_: Any) -
         retries=int(status.get("retries") or 0),
         permanent=bool(status.get("permanent")),
         reason=status.get("reason"),
+        repository=(obj.get("spec") or {}).get("repository"),
+        template=template.get("name"),
+        template_generation=template.get("generation"),
     )
 
 

@@ -6,7 +6,7 @@ import asyncio
 import logging
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, cast
 
@@ -81,6 +81,14 @@ async def configure(*, settings: kopf.OperatorSettings, memo: kopf.Memo, logger:
     memo.vanishing = lifecycle.Vanishing()  # namespaces seen gone, for teardowns waiting on them
     memo.warned = set()  # uids already warned about the soft time limit
     memo.periodic = timers.start(memo, settings.peering.priority, _identity(memo, cfg))
+    memo.rollouts = apps.Rollouts(
+        memo.environments,
+        memo.templates,
+        memo.phases,
+        rate=cfg.template_rollout_rate,
+        active=_active(kube, cfg, settings.peering.priority, _identity(memo, cfg)),
+    )
+    memo.rollouts.start()
     memo.health = await health.start(cfg.operator_host, cfg.operator_port)
     logger.info("Operator started; health and metrics on %s:%d", cfg.operator_host, cfg.operator_port)
 
@@ -98,6 +106,20 @@ def _previews(cfg: Settings, kube: Kube, templates: apps.Templates) -> Previews:
     found = shutil.which("helm")
     helm = cfg.helm_binary or (Path(found) if found else None)
     return Previews(kube, applier, domain=cfg.preview_domain, helm=helm, templates=templates)
+
+
+def _active(kube: Kube, cfg: Settings, priority: int, identity: str) -> Callable[[], Awaitable[bool]] | None:
+    """Whether this replica is the active one (None standalone, where it always is)."""
+    if cfg.peering is None:
+        return None
+
+    async def active() -> bool:
+        try:
+            return await asyncio.to_thread(timers.is_active, kube, cfg.peering, priority, identity)
+        except KubeError:
+            return False
+
+    return active
 
 
 def _identity(memo: kopf.Memo, cfg: Settings) -> str:
@@ -176,6 +198,8 @@ async def cleanup(*, memo: kopf.Memo, **_: Any) -> None:
         task.cancel()
     if getattr(memo, "settler", None) is not None:
         await memo.settler.stop()
+    if getattr(memo, "rollouts", None) is not None:
+        await memo.rollouts.stop()
     if getattr(memo, "records", None) is not None:
         await memo.records.stop()
     if getattr(memo, "reporter", None) is not None:
