@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Build the local control plane (etcd, kube-apiserver, kube-controller-manager, kube-scheduler,
-# kubectl), kwok (a simulated kubelet) and helm from Go modules, once per version, into a cache
+# kubectl), kwok (a simulated kubelet), helm and promtool from Go modules, once per version, into a cache
 # outside the checkout.
 #
 # Usage: hack/build-tools.sh            build whatever is missing, print the bin directory
@@ -199,6 +199,13 @@ build kubernetes kubernetes "$k8s_ldflags" \
   k8s.io/kubernetes/cmd/kube-controller-manager \
   k8s.io/kubernetes/cmd/kube-scheduler \
   k8s.io/kubernetes/cmd/kubectl
+
+# promtool, for `promtool check metrics` on Ephemera's /metrics in the tests. Stamped with its
+# version as Prometheus's release build does (common/version), so a promtool found on PATH can be
+# compared with it and a version bump rebuilds it.
+promtool_ldflags="-s -w -X github.com/prometheus/common/version.Version=${PROMTOOL_VERSION#v}"
+promtool_ldflags+=" -X github.com/prometheus/common/version.Branch=HEAD"
+build promtool promtool "$promtool_ldflags" github.com/prometheus/prometheus/cmd/promtool
 
 # kwok plays the kubelet: it marks scheduled pods Running and Ready through its Stage resources. Its
 # own stages for nodes and pods are data in its module; they are read from Go's module cache here,

@@ -3,9 +3,10 @@
 # with what to do about it (README, "Prerequisites").
 #
 # Usage: hack/check-prereqs.sh python [PYTHON]   Python 3.11 or newer with venv (make venv)
-#        hack/check-prereqs.sh go                 Go 1.26 or newer, flock, and disk for Go's caches
+#        hack/check-prereqs.sh go                 Go (1.26.7 or newer: hack/tools/*/go.mod), flock, disk
 #                                                 (hack/build-tools.sh, before it builds anything)
 set -euo pipefail
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 
 # A cold build of every tool fills Go's module and build caches with about 6 GB (1.7 GB of modules,
 # 4.2 GB of compiled packages, measured for Kubernetes v1.36, etcd, helm and kwok).
@@ -32,12 +33,13 @@ check_python() {
 check_go() {
   command -v go > /dev/null \
     || fail "go not found: the control plane and helm are built from Go modules; install Go 1.26 or newer and put it on PATH (or point EPHEMERA_TOOLS_DIR at binaries of the versions in hack/tools/versions.env)"
-  local version major minor
+  # The newest `go` line of the pinned consumer modules: an older Go would try to download a newer
+  # toolchain, which fails offline.
+  local version need
   version="$(go env GOVERSION)"
-  major="${version#go}"; major="${major%%.*}"
-  minor="${version#go*.}"; minor="${minor%%[!0-9]*}"
-  if [[ ! "$major" =~ ^[0-9]+$ || ! "$minor" =~ ^[0-9]+$ ]] || (( major < 1 || (major == 1 && minor < 26) )); then
-    fail "go is $version; the pinned tools need Go 1.26 or newer"
+  need="$(awk '$1 == "go" { print $2 }' "$here"/tools/*/go.mod | sort -V | tail -n 1)"
+  if [[ "$(printf '%s\n%s\n' "$need" "${version#go}" | sort -V | head -n 1)" != "$need" ]]; then
+    fail "go is $version; the pinned tools (hack/tools/*/go.mod) need Go $need or newer"
   fi
   command -v flock > /dev/null || fail "flock not found: install util-linux (it keeps two builds apart)"
   local cache free_kb

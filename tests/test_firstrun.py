@@ -19,7 +19,7 @@ SYSTEM_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
 VERSIONS = dict(
     line.split("=", 1) for line in (REPO_ROOT / "hack/tools/versions.env").read_text().splitlines() if "=" in line
 )
-BINARIES = ["etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubectl", "helm"]
+BINARIES = ["etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubectl", "helm", "promtool"]
 
 
 def run(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
@@ -52,6 +52,14 @@ def test_prerequisites_are_named_with_what_to_do(tmp_path: Path) -> None:
     assert no_go.returncode == 1
     assert "go not found" in no_go.stderr
     assert "EPHEMERA_TOOLS_DIR" in no_go.stderr
+    # A Go older than the pinned modules ask for (it would try to download a newer toolchain).
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "go").write_text('#!/bin/sh\n[ "$2" = GOVERSION ] && echo go1.26.0\n')
+    (fake / "go").chmod(0o755)
+    old_go = run("/bin/bash", str(CHECK_PREREQS), "go", env={"PATH": f"{fake}:{SYSTEM_PATH}"})
+    assert old_go.returncode == 1
+    assert "go is go1.26.0; the pinned tools (hack/tools/*/go.mod) need Go 1.26." in old_go.stderr
 
 
 def fresh_cache(tmp_path: Path, tools: Path) -> tuple[Path, Path]:
