@@ -1,4 +1,4 @@
-"""The `ephemera` command: `operator`, `webhook`, and more subcommands as they come."""
+"""The `ephemera` command: `operator`, `webhook`, `db`, `environments` (`kubectl ephemera` is ephemera/plugin.py)."""
 
 from __future__ import annotations
 
@@ -10,12 +10,16 @@ import os
 import secrets
 import socket
 import sys
-from typing import Any
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
-from ephemera import logs
+from ephemera import __version__, logs
 from ephemera.config import Settings, get_settings
+
+if TYPE_CHECKING:
+    from ephemera.kube import Kube
 
 
 def _settings() -> Settings:
@@ -65,11 +69,11 @@ def db_upgrade(args: argparse.Namespace) -> int:
 
     settings = _settings()
     upgrade(settings.database_url)
-    print(f"records database at the newest schema ({_safe_url(settings.database_url)})")
+    print(f"records database at the newest schema ({safe_url(settings.database_url)})")
     return 0
 
 
-def _safe_url(url: str) -> str:
+def safe_url(url: str) -> str:
     from sqlalchemy.engine import make_url
 
     return make_url(url).render_as_string(hide_password=True)
@@ -110,9 +114,7 @@ def environments_list(args: argparse.Namespace) -> int:
         )
         for r in rows
     ]
-    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
-    for row in table:
-        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+    print_table(table)
     return 0
 
 
@@ -161,58 +163,82 @@ def backstop_run(args: argparse.Namespace) -> int:
     return 0 if report.complete else 1
 
 
-def environments_history(args: argparse.Namespace) -> int:
+def print_table(table: Sequence[Sequence[str]], indent: str = "") -> None:
+    """Rows as aligned columns (the first row is the heading), as kubectl prints them."""
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    for row in table:
+        print(indent + "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+
+
+async def read_history(database_url: str, name: str) -> list[tuple[Any, list[Any]]]:
+    """Every environment ever called `name`, with its transitions, from the records database."""
     from ephemera.store.engine import make_engine
     from ephemera.store.queries import history
 
-    async def query() -> list[Any]:
-        engine = make_engine(_settings().database_url)
-        try:
-            return await history(engine, args.name)
-        finally:
-            await engine.dispose()
+    engine = make_engine(database_url)
+    try:
+        return await history(engine, name)
+    finally:
+        await engine.dispose()
 
-    found = asyncio.run(query())
+
+def history_data(found: list[tuple[Any, list[Any]]]) -> list[dict[str, Any]]:
+    return [
+        {**row.model_dump(mode="json"), "events": [e.model_dump(mode="json") for e in events]} for row, events in found
+    ]
+
+
+def print_history(found: list[tuple[Any, list[Any]]], indent: str = "") -> None:
+    for row, events in found:
+        print(f"{indent}{row.name} (uid {row.uid}) {row.repository}#{row.pull_request}, now {row.phase}")
+        for event in events:
+            change = f"{event.from_phase or '-':>12} -> {event.to_phase:<12}"
+            print(f"{indent}  {_when(event.at)}  {change} {event.reason}: {event.message or ''}")
+
+
+def environments_history(args: argparse.Namespace) -> int:
+    found = asyncio.run(read_history(_settings().database_url, args.name))
     if not found:
         print(f"no records of an environment named {args.name}", file=sys.stderr)
         return 1
     if args.output == "json":
-        data = [
-            {**row.model_dump(mode="json"), "events": [e.model_dump(mode="json") for e in events]}
-            for row, events in found
-        ]
-        print(json.dumps(data, indent=2))
+        print(json.dumps(history_data(found), indent=2))
         return 0
-    for row, events in found:
-        print(f"{row.name} (uid {row.uid}) {row.repository}#{row.pull_request}, now {row.phase}")
-        for event in events:
-            change = f"{event.from_phase or '-':>12} -> {event.to_phase:<12}"
-            print(f"  {_when(event.at)}  {change} {event.reason}: {event.message or ''}")
+    print_history(found)
+    return 0
+
+
+def request_retry(kube: Kube, name: str) -> int:
+    """Ask the operator to provision `name` again (the retry annotation); an exit status."""
+    from ephemera.kube import KubeError
+    from ephemera.naming import RETRY_ANNOTATION
+
+    try:
+        if kube.get_environment(name) is None:
+            print(f"no PreviewEnvironment named {name}", file=sys.stderr)
+            return 1
+        value = datetime.datetime.now(datetime.UTC).isoformat()
+        kube.patch_environment(name, {"metadata": {"annotations": {RETRY_ANNOTATION: value}}}, missing_ok=False)
+    except KubeError as err:
+        print(f"could not ask for a retry: {err}", file=sys.stderr)
+        return 1
+    print(f"retry of {name} requested ({RETRY_ANNOTATION}={value})")
     return 0
 
 
 def environments_retry(args: argparse.Namespace) -> int:
-    from ephemera.kube import Kube, KubeError, load_api_client
-    from ephemera.naming import RETRY_ANNOTATION
+    from ephemera.kube import Kube, load_api_client
 
     kube = Kube(load_api_client(_settings().kubeconfig))
     try:
-        if kube.get_environment(args.name) is None:
-            print(f"no PreviewEnvironment named {args.name}", file=sys.stderr)
-            return 1
-        value = datetime.datetime.now(datetime.UTC).isoformat()
-        kube.patch_environment(args.name, {"metadata": {"annotations": {RETRY_ANNOTATION: value}}}, missing_ok=False)
-    except KubeError as err:
-        print(f"could not ask for a retry: {err}", file=sys.stderr)
-        return 1
+        return request_retry(kube, args.name)
     finally:
         kube.close()
-    print(f"retry of {args.name} requested ({RETRY_ANNOTATION}={value})")
-    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ephemera", description="Preview environments for GitHub pull requests.")
+    parser.add_argument("--version", action="version", version=f"ephemera {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("operator", help="run the kopf operator").set_defaults(func=run_operator)
     commands.add_parser("webhook", help="run the GitHub webhook receiver").set_defaults(func=run_webhook)

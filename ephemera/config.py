@@ -16,7 +16,7 @@ from ephemera.models import REPOSITORY_PATTERN
 from ephemera.quantity import parse_quantity
 
 # EPHEMERA_* variables that belong to the development tools, not to the processes.
-NOT_SETTINGS = frozenset({"EPHEMERA_CACHE", "EPHEMERA_SOAK"})
+NOT_SETTINGS = frozenset({"EPHEMERA_CACHE", "EPHEMERA_SOAK", "EPHEMERA_TOOLS_DIR"})
 
 # After a secondary rate limit that names no Retry-After, GitHub asks for "at least one minute".
 GITHUB_SECONDARY_RATE_LIMIT_DELAY = 60.0

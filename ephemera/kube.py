@@ -57,11 +57,19 @@ def _transport_errors(method: Callable[P, R]) -> Callable[P, R]:
     return wrapper
 
 
-def load_api_client(kubeconfig: Path | None = None, pool_size: int = 50) -> client.ApiClient:
-    """An ApiClient from `kubeconfig`, else in-cluster config, else the default kubeconfig."""
+def load_api_client(
+    kubeconfig: Path | None = None, pool_size: int = 50, *, context: str | None = None
+) -> client.ApiClient:
+    """An ApiClient from `kubeconfig`, else in-cluster config, else the default kubeconfig.
+
+    A `context` names one of the kubeconfig's contexts (the default kubeconfig's if none is given)."""
     configuration = client.Configuration()
-    if kubeconfig is not None:
-        config.load_kube_config(config_file=str(kubeconfig), client_configuration=configuration)
+    if kubeconfig is not None or context is not None:
+        config.load_kube_config(
+            config_file=str(kubeconfig) if kubeconfig is not None else None,
+            context=context,
+            client_configuration=configuration,
+        )
     else:
         try:
             config.load_incluster_config(client_configuration=configuration)
@@ -234,6 +242,12 @@ class Kube:
     def list_environments(self) -> Iterator[Obj]:
         """Every PreviewEnvironment, in pages, so that thousands never load at once."""
         return self._pages(ENVIRONMENTS, "PreviewEnvironments")
+
+    def list_events(self, kind: str, name: str, namespace: str = "default") -> list[Obj]:
+        """The Events about the object `kind`/`name` (a cluster-scoped object's are kept in `default`)."""
+        selector = f"involvedObject.kind={kind},involvedObject.name={name}"
+        path = f"/api/v1/namespaces/{namespace}/events"
+        return list(self._pages(path, f"Events of {name}", [("fieldSelector", selector)]))
 
     def patch_environment_status(self, name: str, status: Obj) -> Obj | None:
         """Merge `status` into the object's status; None if the object is gone."""

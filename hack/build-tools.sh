@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Build the local control plane (etcd, kube-apiserver, kube-controller-manager, kube-scheduler,
-# kubectl), kwok (a simulated kubelet) and helm from Go modules, once per version, into a cache
+# kubectl), kwok (a simulated kubelet), helm and promtool from Go modules, once per version, into a cache
 # outside the checkout.
 #
 # Usage: hack/build-tools.sh            build whatever is missing, print the bin directory
@@ -9,6 +9,11 @@
 # The versions and the pinned go.mod/go.sum of each consumer module live in hack/tools/.
 # Go's own module and build caches stay at their default places, so a rebuild after a version bump
 # only compiles what changed.
+#
+# A binary that is already on the machine, in a folder of EPHEMERA_TOOLS_DIR (a colon-separated
+# list) or on PATH, is linked into the bin directory instead of built when it reports the pinned
+# version (kwok excepted: its stages come from its Go module). Two runs at once take turns on a lock
+# ($EPHEMERA_CACHE/build-tools.lock), so they never build into the same folder together.
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -21,6 +26,14 @@ bindir="$cache/bin/k8s-$KUBERNETES_VERSION-etcd-$ETCD_VERSION-helm-$HELM_VERSION
 if [[ "${1:-}" == "--print" ]]; then
   echo "$bindir"
   exit 0
+fi
+
+mkdir -p "$cache"
+lock="$cache/build-tools.lock"
+exec {lock_fd}>"$lock"
+if ! flock -n "$lock_fd"; then
+  echo "[build-tools] another build-tools.sh holds $lock; waiting for it to finish" >&2
+  flock "$lock_fd"
 fi
 
 export CGO_ENABLED=0
@@ -50,6 +63,60 @@ binname() {
   echo "$name"
 }
 
+# The version a binary reports, in versions.env's form (v1.2.3); empty if it reports none.
+version_of() {  # version_of NAME PATH
+  case "$1" in
+    etcd) "$2" --version 2>/dev/null | awk '/^etcd Version:/ { print "v" $3; exit }' ;;
+    kube-apiserver | kube-controller-manager | kube-scheduler) "$2" --version 2>/dev/null | awk '{ print $2; exit }' ;;
+    kubectl) "$2" version --client 2>/dev/null | awk '/^Client Version:/ { print $3; exit }' ;;
+    helm) "$2" version --template '{{.Version}}' 2>/dev/null ;;
+    promtool) "$2" --version 2>/dev/null | awk 'NR == 1 { print "v" $3; exit }' ;;
+  esac
+}
+
+pinned_version() {  # pinned_version NAME: the version versions.env asks for; empty if it is never reused
+  case "$1" in
+    etcd) echo "$ETCD_VERSION" ;;
+    kube-apiserver | kube-controller-manager | kube-scheduler | kubectl) echo "$KUBERNETES_VERSION" ;;
+    helm) echo "$HELM_VERSION" ;;
+    promtool) echo "${PROMTOOL_VERSION:-}" ;;
+  esac
+}
+
+# Link a binary of the pinned version from EPHEMERA_TOOLS_DIR or PATH into $bindir; fails if none.
+reuse() {  # reuse NAME
+  local name="$1" want dir real own
+  want="$(pinned_version "$name")"
+  [[ -n "$want" ]] || return 1
+  mkdir -p "$bindir"
+  own="$(cd "$bindir" && pwd -P)"
+  IFS=: read -ra dirs <<< "${EPHEMERA_TOOLS_DIR:+$EPHEMERA_TOOLS_DIR:}$PATH"
+  for dir in "${dirs[@]}"; do
+    [[ -n "$dir" && -f "$dir/$name" && -x "$dir/$name" ]] || continue
+    real="$(cd "$dir" && pwd -P)"
+    [[ "$real" == "$own" ]] && continue
+    if [[ "$(version_of "$name" "$real/$name")" == "$want" ]]; then
+      ln -sfn "$real/$name" "$bindir/$name"
+      log "using $real/$name ($want) instead of building $name"
+      return 0
+    fi
+  done
+  return 1
+}
+
+# A linked binary stays in use while it is there and still reports the pinned version.
+linked_current() {  # linked_current NAME
+  [[ -L "$bindir/$1" && -x "$bindir/$1" && "$(version_of "$1" "$bindir/$1")" == "$(pinned_version "$1")" ]]
+}
+
+# The prerequisites of a build (Go, disk for its caches) are checked once, before the first build.
+prereqs_checked=0
+check_build_prereqs() {
+  [[ $prereqs_checked -eq 1 ]] && return 0
+  bash "$here/check-prereqs.sh" go
+  prereqs_checked=1
+}
+
 # Each build records its -ldflags in $bindir/.NAME.ldflags, and a binary built with other flags
 # than today's is built again. A binary without a record counts as current, except for the tools
 # named in STAMP_REQUIRED, whose flags changed after caches were first filled (helm was built
@@ -64,12 +131,19 @@ build() {
   elif [[ "$STAMP_REQUIRED" == *" $name "* ]]; then
     current=0
   fi
+  local bin
   for pkg in "$@"; do
-    if [[ $current -eq 0 || ! -x "$bindir/$(binname "$pkg")" ]]; then
-      missing+=("$pkg")
+    bin="$(binname "$pkg")"
+    if [[ -L "$bindir/$bin" ]]; then
+      linked_current "$bin" && continue
+      rm -f "$bindir/$bin"
+    elif [[ $current -eq 1 && -x "$bindir/$bin" ]]; then
+      continue
     fi
+    reuse "$bin" || missing+=("$pkg")
   done
   [[ ${#missing[@]} -eq 0 ]] && return 0
+  check_build_prereqs
   log "building $name; a cold build takes many minutes"
   local start=$SECONDS dir out
   dir="$(workdir "$module")"
@@ -95,7 +169,10 @@ for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
   k8s_ldflags+=" -X $pkg.gitTreeState=clean -X $pkg.buildDate=1970-01-01T00:00:00Z"
 done
 
-if [[ ! -x "$bindir/etcd" ]]; then
+if [[ -L "$bindir/etcd" ]] && ! linked_current etcd; then
+  rm -f "$bindir/etcd"
+fi
+if [[ ! -x "$bindir/etcd" ]] && ! reuse etcd; then
   build etcd etcd "-s -w" go.etcd.io/etcd/server/v3
   mv "$bindir/server" "$bindir/etcd"
 fi
@@ -122,6 +199,13 @@ build kubernetes kubernetes "$k8s_ldflags" \
   k8s.io/kubernetes/cmd/kube-controller-manager \
   k8s.io/kubernetes/cmd/kube-scheduler \
   k8s.io/kubernetes/cmd/kubectl
+
+# promtool, for `promtool check metrics` on Ephemera's /metrics in the tests. Stamped with its
+# version as Prometheus's release build does (common/version), so a promtool found on PATH can be
+# compared with it and a version bump rebuilds it.
+promtool_ldflags="-s -w -X github.com/prometheus/common/version.Version=${PROMTOOL_VERSION#v}"
+promtool_ldflags+=" -X github.com/prometheus/common/version.Branch=HEAD"
+build promtool promtool "$promtool_ldflags" github.com/prometheus/prometheus/cmd/promtool
 
 # kwok plays the kubelet: it marks scheduled pods Running and Ready through its Stage resources. Its
 # own stages for nodes and pods are data in its module; they are read from Go's module cache here,

@@ -21,6 +21,7 @@ import datetime
 import ipaddress
 import json
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -75,6 +76,17 @@ def tools_dir(build: bool = True) -> Path:
     args = ["bash", str(script)] if build else ["bash", str(script), "--print"]
     out = subprocess.run(args, check=True, stdout=subprocess.PIPE, text=True).stdout
     return Path(out.strip().splitlines()[-1])
+
+
+def shell_exports(kubeconfig: Path, bin_dir: Path) -> list[str]:
+    """The lines that point a shell at the local cluster: KUBECONFIG, and a PATH on which the built
+    kubectl and helm (and the virtualenv's `ephemera`, `kubectl-ephemera`) come before any other
+    (Debian's /usr/bin/kubectl, say, which is too old for this API server)."""
+    venv_bin = Path(sys.executable).parent
+    return [
+        f"export KUBECONFIG={shlex.quote(str(kubeconfig))}",
+        f'export PATH={shlex.quote(f"{bin_dir}{os.pathsep}{venv_bin}")}{os.pathsep}"$PATH"',
+    ]
 
 
 def free_port() -> int:
@@ -526,7 +538,7 @@ def main(argv: list[str] | None = None) -> int:
         plane.api_port = int((state_dir / "server").read_text().rsplit(":", 1)[1])
         if plane.ready():
             print(f"# control plane already running at {plane.server}", file=sys.stderr)
-            print(f"export KUBECONFIG={plane.kubeconfig}")
+            print("\n".join(shell_exports(plane.kubeconfig, plane.bin_dir)))
             return 0
         stop_state_dir(state_dir)
     shutil.rmtree(state_dir, ignore_errors=True)
@@ -538,7 +550,7 @@ def main(argv: list[str] | None = None) -> int:
         plane.stop()
         raise
     print(f"# control plane ready at {plane.server} in {time.monotonic() - started:.1f} s", file=sys.stderr)
-    print(f"export KUBECONFIG={plane.kubeconfig}")
+    print("\n".join(shell_exports(plane.kubeconfig, plane.bin_dir)))
     return 0
 
 

@@ -23,7 +23,7 @@ import urllib.request
 import uuid
 from typing import Any
 
-from ephemera.devtools.controlplane import REPO_ROOT, free_port
+from ephemera.devtools.controlplane import REPO_ROOT, free_port, shell_exports, tools_dir
 from ephemera.devtools.controlplane import main as controlplane_main
 
 RUN_DIR = REPO_ROOT / ".run"
@@ -204,6 +204,11 @@ def up() -> int:
     print(f"{name} is {phase or 'not reconciled'} after {time.monotonic() - started:.2f} s")
     if status.get("message"):
         print(status["message"])
+    if phase != "Ready":
+        _say("It did not become Ready: the end of each process's log")
+        for log in sorted(RUN_DIR.glob("*.log")):
+            print(f"--- {log} (last 20 lines)")
+            print("\n".join(log.read_text(errors="replace").splitlines()[-20:]))
     _say("kubectl get previewenvironments -o wide (the URL column)")
     print(_kubectl("get", "previewenvironments", "-o", "wide"), end="")
     namespace = str(status.get("namespace") or "")
@@ -230,7 +235,7 @@ def up() -> int:
     _say("What the local GitHub server received (commit status, sticky comment, deployment: each with the URL)")
     github_calls(int(config["github_port"]), "octo-org/shop")
     _say("Try it yourself")
-    print(f"export KUBECONFIG={KUBECONFIG}")
+    print("\n".join(shell_exports(KUBECONFIG, tools_dir(build=False))))
     print("kubectl get pe -w            # watch the phases")
     print(f"kubectl delete pe {name}     # tear the environment down")
     print("make run-down                # stop the operator, the webhook and the control plane")

@@ -17,7 +17,7 @@ from ephemera.github.reporter import reported_is_current
 from ephemera.kube import KubeError
 from ephemera.models import GROUP, KIND, PLURAL, VERSION, Phase
 from ephemera.naming import MANAGED_BY, MANAGED_BY_LABEL
-from ephemera.operator.metrics import RECONCILES
+from ephemera.operator.metrics import reconciled
 from ephemera.sweeps import Seen
 
 Logger = logging.Logger | logging.LoggerAdapter[Any]
@@ -84,12 +84,13 @@ def _run(
 
     A `teardown` has no time limit and is never handed over: kopf releases the finalizer when its
     delete handler stops, so it must stop only once the namespace is gone."""
+    started = time.perf_counter()
     service: Environments = memo.environments
     try:
         env = Environment.from_body(dict(body))
     except PermanentFailure as failure:
         # A spec the API server let through but that cannot work: say so on the object.
-        RECONCILES.labels(handler, "failure").inc()
+        reconciled(handler, "failure", started)
         logger.error("%s: %s", failure.reason, failure.message)
         status = {"phase": Phase.FAILED.value, "reason": failure.reason, "message": failure.message, "permanent": True}
         service.kube.patch_environment_status(body.metadata["name"], status)
@@ -97,7 +98,7 @@ def _run(
     log = _env_logger(logger, env)
     if not teardown and retry > 0 and env.status.phase is Phase.FAILED and env.status.reason == "Stale":
         # The stale sweep gave up on this attempt; the retry timer owns the object from here.
-        RECONCILES.labels(handler, "handed-over").inc()
+        reconciled(handler, "handed-over", started)
         raise kopf.PermanentError("handed over to the retry timer after the stale sweep")
     limits = memo.settings
     elapsed = runtime.total_seconds()
@@ -116,17 +117,17 @@ def _run(
         result = work(service, env, log)
     except Failure as error:
         if error.permanent:
-            RECONCILES.labels(handler, "failure").inc()
+            reconciled(handler, "failure", started)
             memo.warned.discard(env.uid)
             service.fail(env, error, log)
             raise kopf.PermanentError(error.message) from error
-        RECONCILES.labels(handler, "retry").inc()
+        reconciled(handler, "retry", started)
         delay = min(error.delay * 2**retry, MAX_DELAY) if error.backoff else error.delay
         if error.backoff:  # plain waiting (for a namespace to go) is not worth an Event each poll
             log.warning("%s: %s (retry in %.0f s)", error.reason, error.message, delay)
             service.recorder(env.ref(), "Warning", error.reason, f"{error.message} (retry in {delay:.0f} s)")
         raise kopf.TemporaryError(error.message, delay=delay) from error
-    RECONCILES.labels(handler, "success").inc()
+    reconciled(handler, "success", started)
     memo.warned.discard(env.uid)
     return result
 

@@ -1,17 +1,35 @@
-"""Prometheus metrics of the operator."""
+"""Prometheus metrics of the operator.
+
+Every label takes its values from a fixed set named here, and every series of those sets exists from
+the start (at zero), so that dashboards and alerts see them before the first event."""
 
 from __future__ import annotations
 
+import time
+
 from prometheus_client import Counter, Gauge, Histogram
 
+from ephemera.environments import DESTROYED
 from ephemera.metrics import REGISTRY
-from ephemera.models import parse_time
+from ephemera.models import Phase, parse_time
 from ephemera.transitions import Transition
+
+HANDLERS = ("provision", "update", "resume", "destroy")
+OUTCOMES = ("success", "retry", "failure", "handed-over")
+# The phases a transition enters: the object's phases, and Destroyed (the object is gone).
+TRANSITION_PHASES = (*(phase.value for phase in Phase), DESTROYED)
 
 RECONCILES = Counter(
     "ephemera_reconciles",
-    "Handler runs, by handler and outcome (success, retry, failure).",
+    "Handler runs, by handler and outcome (success, retry, failure, handed-over).",
     ["handler", "outcome"],
+    registry=REGISTRY,
+)
+RECONCILE_DURATION = Histogram(
+    "ephemera_reconcile_duration_seconds",
+    "Time of one handler run (one attempt), by handler.",
+    ["handler"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
     registry=REGISTRY,
 )
 ENVIRONMENTS = Gauge(
@@ -28,9 +46,31 @@ TIME_TO_READY = Histogram(
 )
 TRANSITIONS = Counter("ephemera_transitions", "Phase transitions, by the phase entered.", ["phase"], registry=REGISTRY)
 
+for _handler in HANDLERS:
+    RECONCILE_DURATION.labels(_handler)
+    for _outcome in OUTCOMES:
+        RECONCILES.labels(_handler, _outcome)
+for _phase in Phase:
+    ENVIRONMENTS.labels(_phase.value)
+for _entered in TRANSITION_PHASES:
+    TRANSITIONS.labels(_entered)
+
+
+def reconciled(handler: str, outcome: str, started: float) -> None:
+    """Count a handler run that began at `started` (time.perf_counter()) and time it.
+
+    A handler or outcome outside the fixed sets is a programming error, refused here rather than
+    exported as a new series."""
+    if handler not in HANDLERS or outcome not in OUTCOMES:
+        raise ValueError(f"reconcile metrics take fixed labels: handler {handler!r}, outcome {outcome!r}")
+    RECONCILES.labels(handler, outcome).inc()
+    RECONCILE_DURATION.labels(handler).observe(time.perf_counter() - started)
+
 
 def observe_transition(transition: Transition) -> None:
     """A transition listener: counts transitions and times the first Ready."""
+    if transition.phase not in TRANSITION_PHASES:
+        raise ValueError(f"unknown phase {transition.phase!r}")
     TRANSITIONS.labels(transition.phase).inc()
     if transition.phase == "Ready" and transition.old_phase == "Provisioning":
         created, ready = parse_time(transition.created), parse_time(transition.at)

@@ -15,10 +15,11 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
 
 from ephemera.config import Settings
 from ephemera.kube import Kube, KubeError, load_api_client
+from ephemera.metrics import process_registry
 from ephemera.webhook import installations
 from ephemera.webhook.events import BadRequest, Signature, decode_body, parse_pull_request
 from ephemera.webhook.intake import Intake, Outcome
@@ -101,9 +102,24 @@ class InFlight:
 IN_FLIGHT: web.AppKey[InFlight] = web.AppKey("in_flight", InFlight)
 
 
+# What the webhook did with a delivery: the intake's actions, its own answers, and the 4xx statuses
+# of a refused one. Anything else is counted as `other` (a new refusal should be added here).
+OUTCOME_LABELS = frozenset(
+    {"created", "updated", "deleted", "ignored", "pong", "duplicate", "busy", "unavailable", "rejected", "error"}
+    | {"marked", "unmarked", "renamed"}  # installation and repository events (installations.py)
+    | {f"http_{status}" for status in (400, 401, 408, 413, 415, 422)}
+)
+
+
+def outcome_label(outcome: str) -> str:
+    return outcome if outcome in OUTCOME_LABELS else "other"
+
+
 class Metrics:
+    """The webhook's /metrics: its own series, with labels from fixed sets, beside the process's."""
+
     def __init__(self) -> None:
-        self.registry = CollectorRegistry(auto_describe=True)
+        self.registry = process_registry()
         self.events = Counter(
             "ephemera_webhook_events",
             "Webhook deliveries by event, action and outcome.",
@@ -116,6 +132,11 @@ class Metrics:
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1, 5),
             registry=self.registry,
         )
+
+    def delivery(self, event: str, action: str, outcome: str, seconds: float) -> None:
+        """Count one delivery and its time to answer; every label is mapped into its fixed set."""
+        self.events.labels(event_label(event), action_label(action), outcome_label(outcome)).inc()
+        self.latency.observe(seconds)
 
 
 METRICS_OBJ: web.AppKey[Metrics] = web.AppKey("metrics_obj", Metrics)
@@ -234,8 +255,7 @@ async def webhook(request: web.Request) -> web.Response:
         log.info("refused: %s (%s)", err.error, err.detail, extra={"delivery": delivery[:128], "event": event[:64]})
         return error(err.status, err.error, err.detail)
     finally:
-        metrics.events.labels(event_label(event), action_label(action), outcome).inc()
-        metrics.latency.observe(time.perf_counter() - started)
+        metrics.delivery(event, action, outcome, time.perf_counter() - started)
 
 
 ERROR_OUTCOMES = frozenset({"unavailable", "rejected"})

@@ -16,6 +16,8 @@ gen() {  # gen DIR MODULE@VERSION [extra go.mod text]
 gen etcd "go.etcd.io/etcd/server/v3@$ETCD_VERSION"
 gen helm "helm.sh/helm/v3@$HELM_VERSION"
 gen kwok "sigs.k8s.io/kwok@$KWOK_VERSION"
+promtool_minor="${PROMTOOL_VERSION#v3.}"; promtool_minor="${promtool_minor%%.*}"
+gen promtool "github.com/prometheus/prometheus@v0.$((300 + promtool_minor)).${PROMTOOL_VERSION##*.}"
 
 # k8s.io/kubernetes replaces its staging modules with ./staging/...; a consumer pins each one to
 # the matching published v0.N.P instead.
@@ -33,5 +35,6 @@ tidy() {  # tidy DIR PKG...: record the packages to build as tool directives, th
 tidy etcd go.etcd.io/etcd/server/v3
 tidy helm helm.sh/helm/v3/cmd/helm
 tidy kwok sigs.k8s.io/kwok/cmd/kwok
+tidy promtool github.com/prometheus/prometheus/cmd/promtool
 tidy kubernetes k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager \
   k8s.io/kubernetes/cmd/kube-scheduler k8s.io/kubernetes/cmd/kubectl
