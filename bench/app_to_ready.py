@@ -16,8 +16,8 @@ import threading
 import time
 from typing import Any
 
-from bench.harness import Watcher, api_requests, cpu_by_process, delta, report, stack, summary
-from bench.pr_to_ready import open_prs
+from bench.harness import Watcher, cpu_by_process, delta, report, stack, summary
+from bench.pr_to_ready import burst, open_prs
 from ephemera import children
 from ephemera.config import Settings
 from ephemera.devtools.controlplane import ControlPlane
@@ -191,26 +191,8 @@ def main() -> None:
         cpu = cpu_by_process(s)
         floor_wall = floor_burst(kube, available, settings, f"bench/floor-{size}", size)
         costs[f"floor {size}: CPU seconds"] = delta(cpu_by_process(s), cpu)
-        cpu, requests = cpu_by_process(s), api_requests(s)
-        started = time.perf_counter()
-        times = open_prs(s, watcher, f"bench/app-{size}", list(range(1, size + 1)), CONCURRENCY)
-        wall = time.perf_counter() - started
-        costs[f"burst {size}: CPU seconds"] = delta(cpu_by_process(s), cpu)
-        costs[f"burst {size}: API requests per environment"] = {
-            k: round(v / size, 2) for k, v in delta(api_requests(s), requests).items()
-        }
-        b = summary(list(times.values()))
-        rows.append(
-            {
-                "case": f"burst of {size} -> all apps Ready",
-                "n": size,
-                "p50_s": b["p50"],
-                "p99_s": b["p99"],
-                "wall_s": wall,
-                "floor_wall_s": floor_wall,
-                "ratio": wall / floor_wall,
-            }
-        )
+        case = f"burst of {size} -> all apps Ready"
+        rows.append(burst(s, watcher, f"bench/app-{size}", size, CONCURRENCY, floor_wall, case, costs))
         watcher.stop()
         available.stop()
         reports = len(s.github.calls)

@@ -9,6 +9,7 @@ import json
 import sys
 import time
 import urllib.request
+from typing import Any
 
 from bench.harness import (
     Stack,
@@ -54,6 +55,38 @@ def send_all(s: Stack, action: str, repo: str, numbers: list[int], concurrency: 
     with concurrent.futures.ThreadPoolExecutor(concurrency) as pool:
         list(pool.map(one, numbers))
     return sent
+
+
+def burst(
+    s: Stack,
+    watcher: Watcher,
+    repo: str,
+    size: int,
+    concurrency: int,
+    floor_wall: float,
+    case: str,
+    costs: dict[str, Any],
+) -> dict[str, Any]:
+    """Open `size` PRs at once and time them to Ready: the row (against `floor_wall`), and the burst's
+    CPU and API requests per environment added to `costs`."""
+    cpu, requests = cpu_by_process(s), api_requests(s)
+    started = time.perf_counter()
+    times = open_prs(s, watcher, repo, list(range(1, size + 1)), concurrency)
+    wall = time.perf_counter() - started
+    costs[f"burst {size}: CPU seconds"] = delta(cpu_by_process(s), cpu)
+    costs[f"burst {size}: API requests per environment"] = {
+        k: round(v / size, 2) for k, v in delta(api_requests(s), requests).items()
+    }
+    b = summary(list(times.values()))
+    return {
+        "case": case,
+        "n": size,
+        "p50_s": b["p50"],
+        "p99_s": b["p99"],
+        "wall_s": wall,
+        "floor_wall_s": floor_wall,
+        "ratio": wall / floor_wall,
+    }
 
 
 def open_prs(s: Stack, watcher: Watcher, repo: str, numbers: list[int], concurrency: int) -> dict[str, float]:
@@ -138,26 +171,7 @@ def main() -> None:
             cpu = cpu_by_process(s)
             floor_wall = floor(kube, f"bench/floor{size}", size, 32)
             costs[f"floor {size}: CPU seconds"] = delta(cpu_by_process(s), cpu)
-            cpu, requests = cpu_by_process(s), api_requests(s)
-            started = time.perf_counter()
-            times = open_prs(s, watcher, repo, list(range(1, size + 1)), 32)
-            wall = time.perf_counter() - started
-            costs[f"burst {size}: CPU seconds"] = delta(cpu_by_process(s), cpu)
-            costs[f"burst {size}: API requests per environment"] = {
-                k: round(v / size, 2) for k, v in delta(api_requests(s), requests).items()
-            }
-            b = summary(list(times.values()))
-            rows.append(
-                {
-                    "case": f"burst of {size} -> all Ready",
-                    "n": size,
-                    "p50_s": b["p50"],
-                    "p99_s": b["p99"],
-                    "wall_s": wall,
-                    "floor_wall_s": floor_wall,
-                    "ratio": wall / floor_wall,
-                }
-            )
+            rows.append(burst(s, watcher, repo, size, 32, floor_wall, f"burst of {size} -> all Ready", costs))
             started = time.perf_counter()
             close_prs(s, ns_watcher, repo, list(range(1, size + 1)), 32)
             wall = time.perf_counter() - started
