@@ -131,6 +131,16 @@ def operator(
     proc.stop()
 
 
+@pytest.fixture(scope="module")
+def operator_paused(operator: Process) -> Iterator[None]:
+    """The session's operator stopped for a module whose objects no operator must touch (or only its
+    own, with other settings), started again after it."""
+    operator.stop()
+    yield
+    operator.start()
+    wait_for(lambda: http_ok(operator, "/healthz"), timeout=60, what="the session operator back")
+
+
 WEBHOOK_SECRET = "test-webhook-secret"
 
 

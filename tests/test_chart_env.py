@@ -34,10 +34,9 @@ import yaml
 
 from ephemera.devtools.controlplane import REPO_ROOT, ControlPlane, free_port, write_token_kubeconfig
 from ephemera.naming import environment_name
-from tests.conftest import http_ok
 from tests.fakegithub import FakeGitHub, Server
 from tests.postgres import Postgres
-from tests.support import Kubectl, Process, post_webhook, wait_for
+from tests.support import Kubectl, post_webhook, wait_for
 from tests.test_github import INSTALLATION
 from tests.test_webhook import get_pe, pr_event
 
@@ -273,20 +272,10 @@ def applied(kubectl: Kubectl, crd: Path) -> Iterator[list[dict[str, Any]]]:
         kubectl.run("delete", "--ignore-not-found", "--wait=false", "-f", "-", input=json.dumps(doc), check=False)
 
 
-@pytest.fixture
-def sole_operator(operator: Process) -> Iterator[None]:
-    """The session's operator stopped meanwhile: the rendered operator must be the only one that
-    reconciles the test's object (the session's, with another namespace prefix, raced it before)."""
-    operator.stop()
-    yield
-    operator.start()
-    wait_for(lambda: http_ok(operator, "/healthz"), timeout=60, what="the session operator back")
-
-
 @pytest.mark.parametrize("case", ["defaults", "every-option"])
 def test_each_process_is_healthy_with_the_environment_its_deployment_gives_it(
     case: str,
-    sole_operator: None,
+    operator_paused: None,
     control_plane: ControlPlane,
     kubectl: Kubectl,
     postgres: Postgres,

@@ -36,6 +36,11 @@ FIXED_LABELS: dict[str, dict[str, frozenset[str] | None]] = {
     "ephemera_github_rate_limit_remaining": {},
     "ephemera_record_writes": {"outcome": None},
     "ephemera_record_backlog": {},
+    "ephemera_record_dead_letters": {"reason": None},
+    "ephemera_record_dropped": {},
+    "ephemera_record_resyncs": {"outcome": frozenset({"skipped", "run"})},
+    "ephemera_backstop_repairs": {"kind": frozenset({"created", "deleted", "torn_down", "redelivered"})},
+    "ephemera_backstop_last_success_timestamp_seconds": {},
     "ephemera_webhook_events": {
         "event": EVENT_LABELS | {"other"},
         "action": ACTION_LABELS | {"other", "-"},

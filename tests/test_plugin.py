@@ -25,6 +25,8 @@ from tests.support import Kubectl
 from tests.test_operator import SHA_A, make_env
 
 VENV_BIN = Path(sys.executable).parent
+# The objects here carry made-up statuses: no operator may reconcile them meanwhile.
+pytestmark = pytest.mark.usefixtures("operator_paused")
 
 
 def plugin(
