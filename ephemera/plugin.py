@@ -182,38 +182,28 @@ def _print_description(obj: Obj, events: list[Obj], records: Obj) -> None:
     for label, value in fields:
         print(f"{label + ':':<14}{value if value not in (None, '') else '-'}")
     conditions = status.get("conditions") or []
-    print("Conditions:")
-    if conditions:
-        table = [["TYPE", "STATUS", "REASON", "LAST TRANSITION", "MESSAGE"]]
-        table += [
-            [
-                str(c.get("type", "-")),
-                str(c.get("status", "-")),
-                str(c.get("reason") or "-"),
-                str(c.get("lastTransitionTime") or "-"),
-                str(c.get("message") or "-"),
-            ]
+    _section(
+        "Conditions",
+        ["TYPE", "STATUS", "REASON", "LAST TRANSITION", "MESSAGE"],
+        [
+            [c.get("type"), c.get("status"), c.get("reason"), c.get("lastTransitionTime"), c.get("message")]
             for c in conditions
-        ]
-        print_table(table, indent="  ")
-    else:
-        print("  <none>")
-    print("Events:")
-    if events:
-        table = [["LAST SEEN", "TYPE", "REASON", "FROM", "MESSAGE"]]
-        table += [
+        ],
+    )
+    _section(
+        "Events",
+        ["LAST SEEN", "TYPE", "REASON", "FROM", "MESSAGE"],
+        [
             [
-                str(e.get("lastTimestamp") or e.get("eventTime") or "-"),
-                str(e.get("type") or "-"),
-                str(e.get("reason") or "-"),
-                str(e.get("reportingComponent") or (e.get("source") or {}).get("component") or "-"),
-                str(e.get("message") or "-"),
+                e.get("lastTimestamp") or e.get("eventTime"),
+                e.get("type"),
+                e.get("reason"),
+                e.get("reportingComponent") or (e.get("source") or {}).get("component"),
+                e.get("message"),
             ]
             for e in events
-        ]
-        print_table(table, indent="  ")
-    else:
-        print("  <none>")
+        ],
+    )
     print("Records:")
     if not records["available"]:
         print(f"  not shown: {records['error']}")
@@ -221,6 +211,17 @@ def _print_description(obj: Obj, events: list[Obj], records: Obj) -> None:
         print("  <none>")
     else:
         print_history(records["found"], indent="  ")
+
+
+def _section(title: str, heading: list[str], rows: list[list[Any]]) -> None:
+    """A titled table, empty cells as `-`, or `<none>`."""
+    print(f"{title}:")
+    if not rows:
+        print("  <none>")
+        return
+    print_table(
+        [heading, *[[str(cell) if cell not in (None, "") else "-" for cell in row] for row in rows]], indent="  "
+    )
 
 
 def retry(args: argparse.Namespace) -> int:
