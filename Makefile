@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 CLUSTER_DIR := $(CURDIR)/.cluster
-LINT_PATHS := $(wildcard ephemera tests bench)
+LINT_PATHS := $(wildcard ephemera devtools tests bench)
 export KUBECONFIG_LOCAL := $(CLUSTER_DIR)/kubeconfig
 
 .PHONY: help venv tools manifests postgres soak bench cluster cluster-down lint format test run run-down clean lock lock-check
@@ -52,10 +52,10 @@ manifests: tools ## render deploy/manifests/ephemera.yaml from the chart
 	@bash hack/render-manifests.sh
 
 cluster: venv tools ## start a local control plane; prints the export KUBECONFIG and PATH lines
-	@$(BIN)/python -m ephemera.devtools.controlplane up $(CLUSTER_DIR)
+	@$(BIN)/python -m devtools.controlplane up $(CLUSTER_DIR)
 
 cluster-down: venv ## stop the local control plane
-	@$(BIN)/python -m ephemera.devtools.controlplane down $(CLUSTER_DIR)
+	@$(BIN)/python -m devtools.controlplane down $(CLUSTER_DIR)
 
 lint: venv ## ruff check, ruff format --check and mypy --strict
 	$(BIN)/ruff check $(LINT_PATHS)
@@ -87,10 +87,10 @@ bench: venv tools ## the benchmarks, REPEAT times each (3)
 	$(BIN)/python -m bench.summary
 
 run: venv tools ## control plane, operator and webhook; a PR becomes an environment
-	@$(BIN)/python -m ephemera.devtools.demo up
+	@$(BIN)/python -m devtools.demo up
 
 run-down: venv ## stop what make run started
-	@$(BIN)/python -m ephemera.devtools.demo down
+	@$(BIN)/python -m devtools.demo down
 
 clean: cluster-down ## stop the cluster and remove .venv and caches
 	rm -rf $(VENV) .run .mypy_cache .ruff_cache .pytest_cache .hypothesis

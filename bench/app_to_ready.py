@@ -18,14 +18,14 @@ from typing import Any
 
 from bench.harness import Watcher, cpu_by_process, delta, report, stack, summary
 from bench.pr_to_ready import burst, open_prs
+from devtools.controlplane import ControlPlane
+from devtools.support import wait_for
 from ephemera import children
+from ephemera.api.models import PreviewEnvironmentSpec
+from ephemera.api.naming import environment_name
 from ephemera.config import Settings
-from ephemera.devtools.controlplane import ControlPlane
 from ephemera.kube import Kube, load_api_client
-from ephemera.models import PreviewEnvironmentSpec
-from ephemera.naming import environment_name
 from ephemera.readiness import workload_state
-from tests.support import wait_for
 
 SINGLES = 20
 BURST = 100

@@ -11,9 +11,9 @@ from typing import Any
 
 from bench.harness import Watcher, process_usage, report, stack
 from bench.webhook_latency import webhook_round
+from devtools.support import wait_for
+from ephemera.api.naming import environment_name
 from ephemera.kube import Kube, load_api_client
-from ephemera.naming import environment_name
-from tests.support import wait_for
 
 IDLE_SECONDS = 60
 # At the default intervals (sweep and resync every 300 s) an idle window must hold one of each.

@@ -18,9 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ephemera.devtools.controlplane import REPO_ROOT, ControlPlane, running
-from tests.fakegithub import FakeGitHub, Server
-from tests.support import Kubectl, Process, process_env, wait_for
+from devtools.controlplane import REPO_ROOT, ControlPlane, running
+from devtools.fakegithub import FakeGitHub, Server
+from devtools.support import Kubectl, Process, process_env, wait_for
 
 RESULTS = REPO_ROOT / "bench" / "results"
 SECRET = "bench-webhook-secret"  # 20 bytes: the webhook refuses fewer than 16

@@ -23,12 +23,12 @@ from bench.harness import (
     stack,
     summary,
 )
+from devtools.support import wait_for
 from ephemera import children
+from ephemera.api.models import PreviewEnvironmentSpec
+from ephemera.api.naming import environment_name
 from ephemera.config import Settings
 from ephemera.kube import Kube, load_api_client
-from ephemera.models import PreviewEnvironmentSpec
-from ephemera.naming import environment_name
-from tests.support import wait_for
 
 SINGLES = 30
 BURSTS = (100, 500)

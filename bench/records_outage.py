@@ -23,10 +23,10 @@ from typing import Any
 
 from bench.footprint import create
 from bench.harness import Watcher, process_usage, report, stack
+from devtools.postgres import Postgres
+from devtools.support import wait_for
+from ephemera.api.naming import environment_name
 from ephemera.kube import Kube, load_api_client
-from ephemera.naming import environment_name
-from tests.postgres import Postgres
-from tests.support import wait_for
 
 SAMPLE_EVERY = 30.0
 REPO = "bench/idle"  # what bench.footprint.create names its environments after

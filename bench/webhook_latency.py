@@ -13,8 +13,8 @@ import uuid
 import aiohttp
 
 from bench.harness import pr_event, report, signed, stack, summary
+from ephemera.api.naming import environment_name
 from ephemera.kube import Kube, load_api_client
-from ephemera.naming import environment_name
 
 COUNTS = {1: 200, 16: 800, 64: 800}
 

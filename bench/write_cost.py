@@ -12,10 +12,10 @@ from typing import Any
 
 from bench.harness import cpu_by_process, report, stack
 from ephemera import children
+from ephemera.api.models import API_VERSION, KIND, PreviewEnvironmentSpec
+from ephemera.api.naming import FINALIZER, environment_labels, environment_name
 from ephemera.config import Settings
 from ephemera.kube import Kube, load_api_client
-from ephemera.models import API_VERSION, KIND, PreviewEnvironmentSpec
-from ephemera.naming import FINALIZER, environment_labels, environment_name
 
 REPO = "bench/cost"
 

@@ -32,20 +32,21 @@ from github.Repository import Repository
 from prometheus_client import Counter, Gauge
 from pydantic import ValidationError
 
-from ephemera.config import Settings
-from ephemera.github.client import GitHubAuth, NoCredentials
-from ephemera.kube import Kube, KubeError, Obj
-from ephemera.metrics import REGISTRY
-from ephemera.models import parse_time
-from ephemera.naming import (
+from ephemera.api.models import parse_time
+from ephemera.api.naming import (
+    CLOSED_REASON_ANNOTATION,
     ORIGIN_ANNOTATION,
     RENAMED_TO_ANNOTATION,
     TEARDOWN_AFTER_ANNOTATION,
     TEARDOWN_REASON_ANNOTATION,
 )
+from ephemera.config import Settings
+from ephemera.github.client import GitHubAuth, NoCredentials
+from ephemera.kube import Kube, KubeError, Obj
+from ephemera.metrics import REGISTRY
 from ephemera.redelivery import Redeliverer
 from ephemera.webhook.events import PullRequestEvent
-from ephemera.webhook.intake import CLOSED_REASON, Intake
+from ephemera.webhook.intake import Intake
 from ephemera.webhook.tombstones import Tombstones, default_namespace
 
 log = logging.getLogger(__name__)
@@ -407,7 +408,12 @@ class Backstop:
         meta = obj["metadata"]
         reason = str((meta.get("annotations") or {}).get(TEARDOWN_REASON_ANNOTATION) or "uninstalled")
         try:
-            patch = {"metadata": {"resourceVersion": meta["resourceVersion"], "annotations": {CLOSED_REASON: reason}}}
+            patch = {
+                "metadata": {
+                    "resourceVersion": meta["resourceVersion"],
+                    "annotations": {CLOSED_REASON_ANNOTATION: reason},
+                }
+            }
             self.kube.patch_environment(meta["name"], patch, missing_ok=False)
             self.kube.delete_environment(meta["name"], meta["uid"])
         except KubeError as err:

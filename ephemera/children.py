@@ -9,10 +9,10 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
+from ephemera.api.models import API_VERSION, KIND, PreviewEnvironmentSpec
+from ephemera.api.naming import OWNER_UID_ANNOTATION, REPOSITORY_ANNOTATION, environment_labels
+from ephemera.api.quantity import parse_quantity
 from ephemera.config import Settings
-from ephemera.models import API_VERSION, KIND, PreviewEnvironmentSpec
-from ephemera.naming import OWNER_UID_ANNOTATION, REPOSITORY_ANNOTATION, environment_labels
-from ephemera.quantity import parse_quantity
 
 QUOTA_NAME = "ephemera-quota"
 LIMIT_RANGE_NAME = "ephemera-limits"

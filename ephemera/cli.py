@@ -124,8 +124,8 @@ def _origins(settings: Settings) -> dict[str, str]:
     cluster cannot be reached."""
     from kubernetes.config import ConfigException
 
+    from ephemera.api.naming import ORIGIN_ANNOTATION
     from ephemera.kube import Kube, KubeError, load_api_client
-    from ephemera.naming import ORIGIN_ANNOTATION
 
     try:
         kube = Kube(load_api_client(settings.kubeconfig), request_timeout=10.0)
@@ -210,8 +210,8 @@ def environments_history(args: argparse.Namespace) -> int:
 
 def request_retry(kube: Kube, name: str) -> int:
     """Ask the operator to provision `name` again (the retry annotation); an exit status."""
+    from ephemera.api.naming import RETRY_ANNOTATION
     from ephemera.kube import KubeError
-    from ephemera.naming import RETRY_ANNOTATION
 
     try:
         if kube.get_environment(name) is None:

@@ -12,8 +12,8 @@ from typing import Any
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from ephemera.models import REPOSITORY_PATTERN
-from ephemera.quantity import parse_quantity
+from ephemera.api.models import REPOSITORY_PATTERN
+from ephemera.api.quantity import parse_quantity
 
 # EPHEMERA_* variables that belong to the development tools, not to the processes.
 NOT_SETTINGS = frozenset({"EPHEMERA_CACHE", "EPHEMERA_SOAK", "EPHEMERA_TOOLS_DIR"})

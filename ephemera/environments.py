@@ -15,11 +15,9 @@ from typing import Any
 from pydantic import ValidationError
 
 from ephemera import children
-from ephemera.apply import Ref
-from ephemera.config import Settings
-from ephemera.kube import Kube, KubeError, Obj
-from ephemera.models import (
+from ephemera.api.models import (
     API_VERSION,
+    DESTROYED,
     KIND,
     Phase,
     PreviewEnvironmentSpec,
@@ -27,15 +25,23 @@ from ephemera.models import (
     now_iso,
     parse_time,
 )
-from ephemera.naming import MANAGED_BY, MANAGED_BY_LABEL, OWNER_UID_ANNOTATION, environment_labels, environment_names
+from ephemera.api.naming import (
+    MANAGED_BY,
+    MANAGED_BY_LABEL,
+    OWNER_UID_ANNOTATION,
+    environment_labels,
+    environment_names,
+)
+from ephemera.api.quantity import parse_quantity
+from ephemera.apply import Ref
+from ephemera.config import Settings
+from ephemera.kube import Kube, KubeError, Obj
 from ephemera.previews import Previews, Rollout
-from ephemera.quantity import parse_quantity
 from ephemera.readiness import Assessment
 from ephemera.templates import TemplateError
 from ephemera.transitions import Transition, Transitions
 
 # Not a phase of the object (it is gone by then): the last transition the records and GitHub see.
-DESTROYED = "Destroyed"
 # The reason of a Provisioning or Updating status whose app is applied and not yet ready.
 ROLLING_OUT = "RollingOut"
 

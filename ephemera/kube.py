@@ -17,7 +17,7 @@ import urllib3
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
-from ephemera.models import GROUP, PLURAL, TEMPLATE_PLURAL, VERSION
+from ephemera.api.models import GROUP, PLURAL, TEMPLATE_PLURAL, VERSION
 
 Obj = dict[str, Any]
 P = ParamSpec("P")

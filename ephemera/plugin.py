@@ -21,9 +21,9 @@ from typing import Any
 import yaml
 
 from ephemera import __version__
+from ephemera.api.models import KIND
 from ephemera.cli import history_data, print_history, print_table, request_retry
 from ephemera.kube import Kube, KubeError, load_api_client
-from ephemera.models import KIND
 
 Obj = dict[str, Any]
 OUTPUTS = ("json", "yaml", "wide")

@@ -15,10 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ephemera.api.models import PreviewEnvironmentSpec
 from ephemera.apply import Applier, Ref
 from ephemera.charts import render_chart
 from ephemera.kube import Kube
-from ephemera.models import PreviewEnvironmentSpec
 from ephemera.readiness import Assessment
 from ephemera.templates import (
     Template,

@@ -13,7 +13,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from ephemera.models import parse_time
+from ephemera.api.models import parse_time
 
 WORKLOAD_KINDS = ("Deployment", "StatefulSet", "DaemonSet", "Job")
 # A container waiting for one of these will not start without a change: the rollout has failed.

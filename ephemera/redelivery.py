@@ -21,11 +21,11 @@ from typing import Any
 
 from github import GithubException
 
+from ephemera.api.models import parse_time
+from ephemera.api.naming import MANAGED_BY, MANAGED_BY_LABEL
 from ephemera.config import Settings
 from ephemera.github.client import GitHubAuth
 from ephemera.kube import Kube, KubeError, Obj
-from ephemera.models import parse_time
-from ephemera.naming import MANAGED_BY, MANAGED_BY_LABEL
 
 CONFIG_MAP = "ephemera-backstop"
 COMPONENT_LABEL = "app.kubernetes.io/component"

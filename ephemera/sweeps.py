@@ -12,11 +12,8 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from ephemera.config import Settings
-from ephemera.environments import ROLLING_OUT, Environment, Environments, Failure, PermanentFailure
-from ephemera.kube import KubeError, Obj
-from ephemera.models import GROUP, KIND, Phase, now_iso, parse_time
-from ephemera.naming import (
+from ephemera.api.models import GROUP, KIND, Phase, now_iso, parse_time
+from ephemera.api.naming import (
     MANAGED_BY,
     MANAGED_BY_LABEL,
     OWNER_UID_ANNOTATION,
@@ -24,6 +21,9 @@ from ephemera.naming import (
     REPOSITORY_ANNOTATION,
     environment_names,
 )
+from ephemera.config import Settings
+from ephemera.environments import ROLLING_OUT, Environment, Environments, Failure, PermanentFailure
+from ephemera.kube import KubeError, Obj
 
 log = logging.getLogger(__name__)
 

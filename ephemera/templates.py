@@ -21,7 +21,7 @@ from jinja2.exceptions import SecurityError
 from jinja2.sandbox import SandboxedEnvironment
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from ephemera.models import PreviewEnvironmentSpec
+from ephemera.api.models import PreviewEnvironmentSpec
 
 # What a template may never create, unless an admin changes the setting: the namespace itself, cluster
 # roles and bindings, and (`RoleBinding/ClusterRole`) a RoleBinding that grants a ClusterRole.

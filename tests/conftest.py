@@ -15,11 +15,11 @@ from typing import Any
 
 import pytest
 
-from ephemera.devtools.controlplane import REPO_ROOT, ControlPlane, running
+from devtools.controlplane import REPO_ROOT, ControlPlane, running
+from devtools.fakegithub import FakeGitHub, Server
+from devtools.postgres import Postgres
+from devtools.support import SOAK, Kubectl, Process, process_env, wait_for
 from ephemera.kube import Kube, load_api_client
-from tests.fakegithub import FakeGitHub, Server
-from tests.postgres import Postgres
-from tests.support import SOAK, Kubectl, Process, process_env, wait_for
 
 CRD = REPO_ROOT / "crds" / "previewenvironments.yaml"
 TEMPLATE_CRD = REPO_ROOT / "crds" / "previewtemplates.yaml"

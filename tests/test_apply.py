@@ -7,10 +7,10 @@ from typing import Any
 
 import pytest
 
+from devtools.support import Kubectl, wait_for
 from ephemera.apply import FIELD_MANAGER, Applier, Ref
 from ephemera.kube import Kube
 from ephemera.templates import TemplateError
-from tests.support import Kubectl, wait_for
 from tests.test_workloads import deployment
 
 pytestmark = pytest.mark.cluster

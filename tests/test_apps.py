@@ -15,19 +15,19 @@ from typing import Any
 import kopf
 import pytest
 
+from devtools.controlplane import ControlPlane
+from devtools.fakegithub import FakeGitHub
+from devtools.support import Kubectl, Process, post_webhook, wait_for
+from ephemera.api.models import parse_time
+from ephemera.api.naming import environment_name
 from ephemera.config import Settings
-from ephemera.devtools.controlplane import ControlPlane
 from ephemera.environments import Environments
 from ephemera.kube import Kube, load_api_client
-from ephemera.models import parse_time
-from ephemera.naming import environment_name
 from ephemera.operator import apps
 from ephemera.sweeps import Seen, Sweeper
 from ephemera.templates import slug
 from ephemera.transitions import Transitions
 from tests.conftest import WEBHOOK_SECRET
-from tests.fakegithub import FakeGitHub
-from tests.support import Kubectl, Process, post_webhook, wait_for
 from tests.test_github import INSTALLATION, comments, deployments, statuses
 from tests.test_operator import SHA_A, SHA_B, make_env, status, unique, wait_phase
 from tests.test_webhook import pr_event

@@ -19,12 +19,12 @@ from typing import Any
 
 import pytest
 
+from devtools.controlplane import ControlPlane
+from devtools.fakegithub import FakeGitHub, Fault, Server
+from devtools.support import Kubectl, Process, fixture_payload, post_webhook, process_env, wait_for
 from ephemera import backstop as backstop_module
-from ephemera.backstop import ORIGIN, Backstop, Listing, compare
-from ephemera.config import Settings
-from ephemera.devtools.controlplane import ControlPlane
-from ephemera.kube import Kube, Obj
-from ephemera.naming import (
+from ephemera.api.naming import CLOSED_REASON_ANNOTATION as CLOSED_REASON
+from ephemera.api.naming import (
     FINALIZER,
     ORIGIN_ANNOTATION,
     RENAMED_TO_ANNOTATION,
@@ -32,12 +32,12 @@ from ephemera.naming import (
     TEARDOWN_REASON_ANNOTATION,
     environment_name,
 )
+from ephemera.backstop import ORIGIN, Backstop, Listing, compare
+from ephemera.config import Settings
+from ephemera.kube import Kube, Obj
 from ephemera.redelivery import CONFIG_MAP, Redeliverer
-from ephemera.webhook.intake import CLOSED_REASON
 from ephemera.webhook.tombstones import Tombstones
 from tests.conftest import WEBHOOK_SECRET, db_upgrade, http_ok
-from tests.fakegithub import FakeGitHub, Fault, Server
-from tests.support import Kubectl, Process, fixture_payload, post_webhook, process_env, wait_for
 
 STATE = "ephemera-backstop-state"
 SHA = "9f2c6d1a" * 5

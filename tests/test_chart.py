@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 import yaml
 
+from devtools.controlplane import REPO_ROOT, ControlPlane, write_token_kubeconfig
+from devtools.support import Kubectl, Process, post_webhook, process_env, wait_for
+from ephemera.api.naming import environment_name
 from ephemera.config import Settings
-from ephemera.devtools.controlplane import REPO_ROOT, ControlPlane, write_token_kubeconfig
-from ephemera.naming import environment_name
 from tests.conftest import WEBHOOK_SECRET, db_upgrade, http_ok
-from tests.support import Kubectl, Process, post_webhook, process_env, wait_for
 from tests.test_webhook import get_pe, pr_event
 
 CHART = REPO_ROOT / "charts" / "ephemera"

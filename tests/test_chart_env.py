@@ -32,11 +32,11 @@ from typing import Any
 import pytest
 import yaml
 
-from ephemera.devtools.controlplane import REPO_ROOT, ControlPlane, free_port, write_token_kubeconfig
-from ephemera.naming import environment_name
-from tests.fakegithub import FakeGitHub, Server
-from tests.postgres import Postgres
-from tests.support import Kubectl, post_webhook, wait_for
+from devtools.controlplane import REPO_ROOT, ControlPlane, free_port, write_token_kubeconfig
+from devtools.fakegithub import FakeGitHub, Server
+from devtools.postgres import Postgres
+from devtools.support import Kubectl, post_webhook, wait_for
+from ephemera.api.naming import environment_name
 from tests.test_github import INSTALLATION
 from tests.test_webhook import get_pe, pr_event
 

@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 
+from devtools.controlplane import ControlPlane
+from devtools.support import wait_for
 from ephemera.apply import Applier
 from ephemera.charts import RELEASE, render_chart
-from ephemera.devtools.controlplane import ControlPlane
 from ephemera.kube import Kube, load_api_client
 from ephemera.templates import HelmSource, TemplateError, render_tree
-from tests.support import wait_for
 from tests.test_templates import values
 
 pytestmark = pytest.mark.cluster

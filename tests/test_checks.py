@@ -15,15 +15,15 @@ from typing import Any
 import pytest
 from pydantic import SecretStr
 
+from devtools.controlplane import ControlPlane
+from devtools.fakegithub import FakeGitHub, Fault
+from devtools.support import Kubectl, Process, wait_for
 from ephemera.config import Settings
-from ephemera.devtools.controlplane import ControlPlane
 from ephemera.github.client import GitHubAuth
 from ephemera.github.markdown import code, fenced, link
 from ephemera.github.reporter import Reporter, comment_body, reported_is_current
 from ephemera.kube import Kube, load_api_client
 from ephemera.transitions import Transition
-from tests.fakegithub import FakeGitHub, Fault
-from tests.support import Kubectl, Process, wait_for
 from tests.test_apps import put_template, templates, web  # noqa: F401 (templates is a fixture)
 from tests.test_github import INSTALLATION, app_settings, comments, reported, statuses
 from tests.test_operator import SHA_A, SHA_B, make_env, status, unique, wait_phase

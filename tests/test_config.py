@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
+from devtools.controlplane import REPO_ROOT
 from ephemera.config import Settings
-from ephemera.devtools.controlplane import REPO_ROOT
 
 
 def test_every_setting_is_in_the_readme_table() -> None:

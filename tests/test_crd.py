@@ -11,9 +11,9 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from ephemera.devtools.controlplane import REPO_ROOT
-from ephemera.models import PreviewEnvironmentSpec, PreviewEnvironmentStatus
-from tests.support import Kubectl, wait_for
+from devtools.controlplane import REPO_ROOT
+from devtools.support import Kubectl, wait_for
+from ephemera.api.models import PreviewEnvironmentSpec, PreviewEnvironmentStatus
 
 SAMPLE_PATH = REPO_ROOT / "deploy" / "samples" / "previewenvironment.yaml"
 SAMPLE: dict[str, Any] = yaml.safe_load(SAMPLE_PATH.read_text())

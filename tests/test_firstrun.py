@@ -9,8 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from ephemera.devtools.controlplane import REPO_ROOT, ControlPlane
-from tests.support import wait_for
+from devtools.controlplane import REPO_ROOT, ControlPlane
+from devtools.support import wait_for
 
 BUILD_TOOLS = REPO_ROOT / "hack" / "build-tools.sh"
 CHECK_PREREQS = REPO_ROOT / "hack" / "check-prereqs.sh"
@@ -137,7 +137,7 @@ def test_two_builds_at_once_take_turns_on_the_lock(control_plane: ControlPlane, 
 
 def test_cluster_up_prints_a_path_on_which_our_kubectl_and_helm_come_first(control_plane: ControlPlane) -> None:
     # The session's control plane is running: `up` on its folder only prints the lines.
-    up = run(sys.executable, "-m", "ephemera.devtools.controlplane", "up", str(control_plane.state_dir))
+    up = run(sys.executable, "-m", "devtools.controlplane", "up", str(control_plane.state_dir))
     assert up.returncode == 0, up.stderr
     lines = up.stdout.splitlines()
     assert lines[0] == f"export KUBECONFIG={control_plane.kubeconfig}"

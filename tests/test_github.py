@@ -16,14 +16,15 @@ from typing import Any
 import pytest
 from pydantic import SecretStr
 
+from devtools.controlplane import ControlPlane
+from devtools.fakegithub import FakeGitHub, Fault, recorded
+from devtools.support import Kubectl, Process, wait_for
+from ephemera.api.naming import CLOSED_REASON_ANNOTATION as CLOSED_REASON
 from ephemera.config import GITHUB_SECONDARY_RATE_LIMIT_DELAY, Settings
-from ephemera.devtools.controlplane import ControlPlane
 from ephemera.github.client import GitHubAuth, NotInstalled
-from ephemera.github.reporter import CLOSED_REASON, Reporter, closed_reason, marker
+from ephemera.github.reporter import Reporter, closed_reason, marker
 from ephemera.kube import Kube, load_api_client
 from ephemera.transitions import Transition
-from tests.fakegithub import FakeGitHub, Fault, recorded
-from tests.support import Kubectl, Process, wait_for
 from tests.test_operator import SHA_A, SHA_B, make_env, status, wait_phase
 
 INSTALLATION = 4242

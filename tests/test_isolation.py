@@ -13,11 +13,11 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
+from devtools.support import Kubectl, Process, wait_for
 from ephemera import children
+from ephemera.api.models import PreviewEnvironmentSpec
+from ephemera.api.naming import environment_name
 from ephemera.config import Settings
-from ephemera.models import PreviewEnvironmentSpec
-from ephemera.naming import environment_name
-from tests.support import Kubectl, Process, wait_for
 from tests.test_operator import SHA_B, make_env, unique, wait_phase
 
 SPEC = PreviewEnvironmentSpec.model_validate(

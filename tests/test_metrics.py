@@ -13,12 +13,12 @@ from importlib import metadata
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from ephemera.devtools.controlplane import ControlPlane
-from ephemera.models import Phase
+from devtools.controlplane import ControlPlane
+from devtools.support import Kubectl, Process, post_webhook, wait_for
+from ephemera.api.models import Phase
 from ephemera.operator.metrics import HANDLERS, OUTCOMES, TRANSITION_PHASES, reconciled
 from ephemera.webhook.app import ACTION_LABELS, EVENT_LABELS, OUTCOME_LABELS, Metrics, outcome_label
 from tests.conftest import WEBHOOK_SECRET
-from tests.support import Kubectl, Process, post_webhook, wait_for
 from tests.test_operator import make_env, unique, wait_phase
 from tests.test_webhook import pr_event
 

@@ -15,10 +15,11 @@ from typing import Any
 import kopf
 import pytest
 
+from devtools.support import Kubectl, Process, post_webhook, wait_for
 from ephemera import children
-from ephemera.config import Settings
-from ephemera.models import PreviewEnvironmentSpec
-from ephemera.naming import (
+from ephemera.api.models import PreviewEnvironmentSpec
+from ephemera.api.naming import DELIVERY_ANNOTATION as DELIVERY
+from ephemera.api.naming import (
     FINALIZER,
     MANAGED_BY_LABEL,
     OWNER_UID_ANNOTATION,
@@ -27,10 +28,10 @@ from ephemera.naming import (
     environment_name,
     legacy_environment_name,
 )
+from ephemera.api.naming import PR_UPDATED_AT_ANNOTATION as UPDATED_AT
+from ephemera.config import Settings
 from ephemera.operator.lifecycle import Vanishing
-from ephemera.webhook.intake import DELIVERY, UPDATED_AT
 from tests.conftest import WEBHOOK_SECRET, http_ok
-from tests.support import Kubectl, Process, post_webhook, wait_for
 
 SHA_A = "a" * 40
 SHA_B = "b" * 40

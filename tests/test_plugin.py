@@ -15,13 +15,13 @@ from typing import Any
 import pytest
 import yaml
 
-from ephemera.devtools.controlplane import REPO_ROOT, ControlPlane, free_port
+from devtools.controlplane import REPO_ROOT, ControlPlane, free_port
+from devtools.support import Kubectl
+from ephemera.api.naming import RETRY_ANNOTATION
 from ephemera.kube import Kube, load_api_client
-from ephemera.naming import RETRY_ANNOTATION
 from ephemera.store.engine import make_engine, upgrade
 from ephemera.store.records import Records
 from ephemera.transitions import Transition
-from tests.support import Kubectl
 from tests.test_operator import SHA_A, make_env
 
 VENV_BIN = Path(sys.executable).parent

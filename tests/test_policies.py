@@ -19,9 +19,9 @@ from typing import Any
 import pytest
 import yaml
 
-from ephemera.devtools.controlplane import REPO_ROOT, ControlPlane
-from ephemera.naming import MANAGED_BY, MANAGED_BY_LABEL
-from tests.support import Kubectl, wait_for
+from devtools.controlplane import REPO_ROOT, ControlPlane
+from devtools.support import Kubectl, wait_for
+from ephemera.api.naming import MANAGED_BY, MANAGED_BY_LABEL
 
 CHART = REPO_ROOT / "charts" / "ephemera"
 RELEASE, NAMESPACE = "policytest", "ephemera-policies"

@@ -11,12 +11,12 @@ from typing import Any
 
 import pytest
 
+from devtools.controlplane import ControlPlane
+from devtools.support import Kubectl, wait_for
 from ephemera.apply import Applier
-from ephemera.devtools.controlplane import ControlPlane
 from ephemera.kube import Kube
 from ephemera.previews import Previews
 from ephemera.templates import TemplateError
-from tests.support import Kubectl, wait_for
 from tests.test_charts import chart_repo  # noqa: F401 - a fixture
 from tests.test_templates import spec, template_crd  # noqa: F401 - a fixture
 from tests.test_workloads import deployment

@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
+from devtools.support import Kubectl, wait_for
 from ephemera.readiness import Assessment, assess
-from tests.support import Kubectl, wait_for
 from tests.test_workloads import apply, deployment, job
 
 pytestmark = pytest.mark.cluster

@@ -17,12 +17,12 @@ from typing import Any
 
 import pytest
 
-from ephemera.devtools.controlplane import REPO_ROOT, ControlPlane
+from devtools.controlplane import REPO_ROOT, ControlPlane
+from devtools.postgres import Postgres
+from devtools.support import Kubectl, Process, process_env, wait_for
 from ephemera.store.engine import check_schema, current_revision, head_revision, make_engine, upgrade
 from ephemera.store.records import Records
 from ephemera.transitions import Transition
-from tests.postgres import Postgres
-from tests.support import Kubectl, Process, process_env, wait_for
 from tests.test_operator import SHA_B, make_env, wait_phase
 
 LIFECYCLE = ["Provisioning", "Ready", "Updating", "Ready", "Destroying", "Destroyed"]
@@ -419,8 +419,9 @@ async def test_pull_request_numbers_beyond_32_bits_are_recorded(
 async def test_a_full_queue_keeps_every_end_and_owes_a_resync() -> None:
     """A long outage (nothing listens where the database should be): the queue stops growing at
     its bound; an end (Destroyed) takes the place of another transition, which a resync rebuilds."""
-    from ephemera.devtools.controlplane import free_port
-    from ephemera.store.records import DESTROYED, _ResyncDue
+    from devtools.controlplane import free_port
+    from ephemera.api.models import DESTROYED
+    from ephemera.store.records import _ResyncDue
 
     records = Records(make_engine(f"postgresql+asyncpg://postgres@127.0.0.1:{free_port()}/none"), queue_limit=5)
     records.start()
@@ -503,7 +504,7 @@ def test_an_environment_created_and_deleted_while_the_operator_was_down_is_recor
 ) -> None:
     """The finalizer the webhook sets keeps a deleted object until the operator has seen it: the
     cluster still tells, and the records get its teardown (it was never provisioned, so no more)."""
-    from ephemera.naming import FINALIZER
+    from ephemera.api.naming import FINALIZER
     from tests.test_chart import paused
     from tests.test_webhook import get_pe
 

@@ -19,15 +19,15 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ephemera.devtools.controlplane import REPO_ROOT, ControlPlane
-from ephemera.models import REPOSITORY_PATTERN
-from ephemera.naming import MANAGED_BY_LABEL, environment_name
+from devtools.controlplane import REPO_ROOT, ControlPlane
+from devtools.fakegithub import FakeGitHub
+from devtools.postgres import Postgres
+from devtools.support import SOAK, Kubectl, Process, post_webhook, process_env, wait_for
+from ephemera.api.models import REPOSITORY_PATTERN
+from ephemera.api.naming import MANAGED_BY_LABEL, environment_name
 from ephemera.store.engine import make_engine
 from ephemera.store.queries import history
 from tests.conftest import WEBHOOK_SECRET
-from tests.fakegithub import FakeGitHub
-from tests.postgres import Postgres
-from tests.support import SOAK, Kubectl, Process, post_webhook, process_env, wait_for
 from tests.test_github import comments, statuses
 from tests.test_operator import make_env, status, wait_phase
 from tests.test_webhook import get_pe, pr_event

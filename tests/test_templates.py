@@ -9,8 +9,9 @@ from typing import Any
 import pytest
 import yaml
 
-from ephemera.devtools.controlplane import REPO_ROOT
-from ephemera.models import PreviewEnvironmentSpec
+from devtools.controlplane import REPO_ROOT
+from devtools.support import Kubectl, wait_for
+from ephemera.api.models import PreviewEnvironmentSpec
 from ephemera.templates import (
     PreviewTemplateSpec,
     Template,
@@ -22,7 +23,6 @@ from ephemera.templates import (
     select,
     specificity,
 )
-from tests.support import Kubectl, wait_for
 
 CRD = REPO_ROOT / "crds" / "previewtemplates.yaml"
 SHA = "9f2c6d1e3b4a5c6d7e8f9a0b1c2d3e4f5a6b7c8d"

@@ -16,12 +16,10 @@ from typing import Any
 
 import pytest
 
-from ephemera.children import owner_reference
-from ephemera.config import Settings
-from ephemera.devtools.controlplane import REPO_ROOT, ControlPlane
-from ephemera.environments import Environments
-from ephemera.kube import METADATA, Kube
-from ephemera.naming import (
+from devtools.controlplane import REPO_ROOT, ControlPlane
+from devtools.postgres import Postgres
+from devtools.support import Kubectl, Process, wait_for
+from ephemera.api.naming import (
     MANAGED_BY_LABEL,
     OWNER_UID_ANNOTATION,
     REPOSITORY_ANNOTATION,
@@ -29,12 +27,14 @@ from ephemera.naming import (
     environment_name,
     legacy_environment_name,
 )
+from ephemera.children import owner_reference
+from ephemera.config import Settings
+from ephemera.environments import Environments
+from ephemera.kube import METADATA, Kube
 from ephemera.operator.timers import is_active
 from ephemera.sweeps import Sweeper, made_by_ephemera
 from ephemera.transitions import Transitions
 from tests.conftest import http_ok
-from tests.postgres import Postgres
-from tests.support import Kubectl, Process, wait_for
 from tests.test_operator import SHA_B, events_of, exists, make_env, status, wait_phase
 from tests.test_records import history
 
@@ -366,8 +366,8 @@ def test_a_replica_under_peering_runs_the_jobs_under_its_own_entry(
 ) -> None:
     """`ephemera operator` tells kopf the identity it looks for: its keep-alive is found, so it runs
     the operator-wide jobs (the phase gauge is one of them)."""
+    from devtools.support import process_env
     from tests.conftest import db_upgrade
-    from tests.support import process_env
     from tests.test_chart import paused
 
     kubectl.run("apply", "-f", str(REPO_ROOT / "crds" / "clusterkopfpeerings.yaml"))

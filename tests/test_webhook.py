@@ -16,11 +16,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ephemera.devtools.controlplane import REPO_ROOT, ControlPlane, free_port, write_kubeconfig
-from ephemera.naming import FINALIZER, environment_name
-from ephemera.webhook.intake import DELIVERY, UPDATED_AT
+from devtools.controlplane import REPO_ROOT, ControlPlane, free_port, write_kubeconfig
+from devtools.support import FIXTURES, Kubectl, Process, fixture_payload, post_webhook, process_env, wait_for
+from ephemera.api.naming import DELIVERY_ANNOTATION as DELIVERY
+from ephemera.api.naming import FINALIZER, environment_name
+from ephemera.api.naming import PR_UPDATED_AT_ANNOTATION as UPDATED_AT
 from tests.conftest import WEBHOOK_SECRET, http_ok
-from tests.support import FIXTURES, Kubectl, Process, fixture_payload, post_webhook, process_env, wait_for
 
 REPO = "Codertocat/Hello-World"
 

@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from ephemera.devtools.controlplane import NODES, POD_CIDR, ControlPlane
-from tests.support import Kubectl, wait_for
+from devtools.controlplane import NODES, POD_CIDR, ControlPlane
+from devtools.support import Kubectl, wait_for
 
 pytestmark = pytest.mark.cluster
 

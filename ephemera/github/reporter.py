@@ -40,6 +40,7 @@ from github.IssueComment import IssueComment
 from github.Repository import Repository
 from prometheus_client import Counter, Gauge
 
+from ephemera.api.naming import CLOSED_REASON_ANNOTATION
 from ephemera.config import Settings
 from ephemera.github.client import GitHubAuth, Identity, NoCredentials, NotInstalled
 from ephemera.github.markdown import code, fenced, link, safe_url
@@ -57,7 +58,6 @@ RATE_LIMIT = Gauge(
 )
 MAX_ATTEMPTS = 12
 SETTLE = 1.0  # seconds a new state waits, in case a newer one overtakes it
-CLOSED_REASON = "ephemera.dev/closed-reason"
 # What a teardown comment may say about why: the annotation's value picks one of these, never itself
 # reaches the comment (anyone who may patch the object may write it). "deleted": no annotation (the
 # object was deleted directly); "unknown": an annotation that is none of the others.
@@ -124,7 +124,7 @@ class RetryLater(Exception):
 
 def closed_reason(annotations: dict[str, str]) -> str:
     """The teardown's reason as one of TEARDOWN_REASONS' keys, whatever the annotation holds."""
-    raw = annotations.get(CLOSED_REASON)
+    raw = annotations.get(CLOSED_REASON_ANNOTATION)
     if raw is None:
         return "deleted"
     reason = raw.strip().lower().replace(" ", "-").replace("_", "-")

@@ -19,11 +19,11 @@ from typing import Any
 
 import kopf
 
+from ephemera.api.models import GROUP, PLURAL, TEMPLATE_PLURAL, VERSION, Phase, now_iso, parse_time
+from ephemera.api.naming import ENVIRONMENT_LABEL, MANAGED_BY, MANAGED_BY_LABEL
 from ephemera.config import Settings
 from ephemera.environments import ROLLING_OUT, Environment, Environments, Failure
 from ephemera.kube import Kube, KubeError
-from ephemera.models import GROUP, PLURAL, TEMPLATE_PLURAL, VERSION, Phase, now_iso, parse_time
-from ephemera.naming import ENVIRONMENT_LABEL, MANAGED_BY, MANAGED_BY_LABEL
 from ephemera.readiness import WORKLOAD_KINDS, workload_state
 from ephemera.sweeps import Seen
 from ephemera.templates import Template, TemplateError, select

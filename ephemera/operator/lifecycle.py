@@ -12,16 +12,15 @@ from typing import Any, TypeVar
 
 import kopf
 
+from ephemera.api.models import KIND, RESOURCE, Phase
+from ephemera.api.naming import MANAGED_BY, MANAGED_BY_LABEL
 from ephemera.environments import Environment, Environments, Failure, PermanentFailure, Terminating
 from ephemera.github.reporter import reported_is_current
 from ephemera.kube import KubeError
-from ephemera.models import GROUP, KIND, PLURAL, VERSION, Phase
-from ephemera.naming import MANAGED_BY, MANAGED_BY_LABEL
 from ephemera.operator.metrics import reconciled
 from ephemera.sweeps import Seen
 
 Logger = logging.Logger | logging.LoggerAdapter[Any]
-RESOURCE = (GROUP, VERSION, PLURAL)
 MAX_DELAY = 60.0
 NAMESPACE_WAIT = 60.0  # a teardown re-checks its namespace at least this often while it terminates
 T = TypeVar("T")

@@ -9,9 +9,8 @@ import time
 
 from prometheus_client import Counter, Gauge, Histogram
 
-from ephemera.environments import DESTROYED
+from ephemera.api.models import DESTROYED, Phase, parse_time
 from ephemera.metrics import REGISTRY
-from ephemera.models import Phase, parse_time
 from ephemera.transitions import Transition
 
 HANDLERS = ("provision", "update", "resume", "destroy")

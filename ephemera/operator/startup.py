@@ -14,13 +14,13 @@ import kopf
 import kubernetes
 
 from ephemera import children
+from ephemera.api.naming import FINALIZER
 from ephemera.apply import Applier
 from ephemera.config import Settings, get_settings
 from ephemera.environments import Environments
 from ephemera.github.client import GitHubAuth
 from ephemera.github.reporter import Reporter
 from ephemera.kube import Kube, KubeError, load_api_client
-from ephemera.naming import FINALIZER
 from ephemera.operator import apps, health, lifecycle, timers
 from ephemera.operator.metrics import observe_transition
 from ephemera.previews import Previews

@@ -18,17 +18,16 @@ from typing import Any
 
 import kopf
 
+from ephemera.api.models import RESOURCE, Phase, parse_time
+from ephemera.api.naming import RETRY_ANNOTATION
 from ephemera.backstop import Backstop
 from ephemera.environments import Environments
 from ephemera.kube import Kube, KubeError
-from ephemera.models import GROUP, PLURAL, VERSION, Phase, parse_time
-from ephemera.naming import RETRY_ANNOTATION
 from ephemera.operator import apps
 from ephemera.operator.metrics import ENVIRONMENTS
 from ephemera.sweeps import Seen, Sweeper, retry
 
 log = logging.getLogger(__name__)
-RESOURCE = (GROUP, VERSION, PLURAL)
 RETRY_CHECK_INTERVAL = 5.0
 ROLLOUT_CHECK_INTERVAL = 10.0
 

@@ -37,9 +37,9 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 from sqlmodel import col, select
 
+from ephemera.api.models import DESTROYED, parse_time
 from ephemera.kube import Kube, KubeError
 from ephemera.metrics import REGISTRY
-from ephemera.models import parse_time
 from ephemera.store.tables import EnvironmentRow, EventRow
 from ephemera.transitions import Transition
 
@@ -60,7 +60,6 @@ DROPPED = Counter(
 )
 RESYNCS = Counter("ephemera_record_resyncs", "Resyncs of the records by outcome.", ["outcome"], registry=REGISTRY)
 ID_NAMESPACE = uuid.UUID("6f0c4a8e-3a43-4c7e-9d4c-2f6d9a1e5b10")
-DESTROYED = "Destroyed"
 TICK = datetime.timedelta(microseconds=1)
 # SQLSTATE classes of errors that pass: connection exception, insufficient resources, operator
 # intervention (shutdown, "cannot connect now"), system error; and single states worth a retry.

@@ -11,7 +11,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from ephemera.models import REPOSITORY_PATTERN, SHA_PATTERN, TITLE_MAX
+from ephemera.api.models import REPOSITORY_PATTERN, SHA_PATTERN, TITLE_MAX
 
 
 class BadRequest(Exception):

@@ -24,9 +24,9 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from ephemera.api.models import REPOSITORY_PATTERN
+from ephemera.api.naming import RENAMED_TO_ANNOTATION, TEARDOWN_AFTER_ANNOTATION, TEARDOWN_REASON_ANNOTATION
 from ephemera.kube import Kube, KubeError, Obj
-from ephemera.models import REPOSITORY_PATTERN
-from ephemera.naming import RENAMED_TO_ANNOTATION, TEARDOWN_AFTER_ANNOTATION, TEARDOWN_REASON_ANNOTATION
 from ephemera.webhook.events import BadRequest
 from ephemera.webhook.intake import Outcome
 

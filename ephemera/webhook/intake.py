@@ -17,15 +17,20 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from ephemera.api.models import API_VERSION, KIND
+from ephemera.api.naming import (
+    CLOSED_REASON_ANNOTATION,
+    DELIVERY_ANNOTATION,
+    FINALIZER,
+    PR_UPDATED_AT_ANNOTATION,
+    environment_labels,
+    environment_name,
+    legacy_environment_name,
+)
 from ephemera.kube import Kube, KubeError, Obj
-from ephemera.models import API_VERSION, KIND
-from ephemera.naming import FINALIZER, environment_labels, environment_name, legacy_environment_name
 from ephemera.webhook.events import PullRequestEvent
 from ephemera.webhook.tombstones import Tombstones, newer
 
-UPDATED_AT = "ephemera.dev/pr-updated-at"
-DELIVERY = "ephemera.dev/delivery"
-CLOSED_REASON = "ephemera.dev/closed-reason"
 UPSERT_ACTIONS = frozenset({"opened", "reopened", "ready_for_review"})
 ATTEMPTS = 5
 
@@ -121,7 +126,7 @@ class Intake:
         if obj is None:
             return None
         meta = obj["metadata"]
-        seen = (meta.get("annotations") or {}).get(UPDATED_AT)
+        seen = (meta.get("annotations") or {}).get(PR_UPDATED_AT_ANNOTATION)
         if meta.get("deletionTimestamp"):
             if newer(pr.updated_at, seen):
                 return None  # newer than the close, so reopened: a new environment once the old one is gone
@@ -154,7 +159,7 @@ class Intake:
         stale = self._stale(obj, event, closed_at)
         if stale:
             return Outcome("ignored", name, stale)
-        annotations = {UPDATED_AT: event.pull_request.updated_at, DELIVERY: delivery}
+        annotations = {PR_UPDATED_AT_ANNOTATION: event.pull_request.updated_at, DELIVERY_ANNOTATION: delivery}
         if obj is not None and obj["metadata"].get("deletionTimestamp"):
             obj = self._wait_gone(name)  # newer than the close: the PR was reopened
         if obj is None:
@@ -178,7 +183,11 @@ class Intake:
             "metadata": {
                 "name": name,
                 "labels": environment_labels(name, event.repo, event.pr),
-                "annotations": {**(marks or {}), UPDATED_AT: event.pull_request.updated_at, DELIVERY: delivery},
+                "annotations": {
+                    **(marks or {}),
+                    PR_UPDATED_AT_ANNOTATION: event.pull_request.updated_at,
+                    DELIVERY_ANNOTATION: delivery,
+                },
                 # Born protected: the operator need not add it (one request less for each new PR), and
                 # an object deleted before the operator saw it still passes through its teardown.
                 "finalizers": [FINALIZER],
@@ -210,7 +219,7 @@ class Intake:
             return Outcome("ignored", name, "an object of that name belongs to another PR")
         if obj["metadata"].get("deletionTimestamp"):
             return Outcome("ignored", name, "the environment is already being torn down")
-        seen = (obj["metadata"].get("annotations") or {}).get(UPDATED_AT)
+        seen = (obj["metadata"].get("annotations") or {}).get(PR_UPDATED_AT_ANNOTATION)
         if seen and newer(seen, event.pull_request.updated_at):
             return Outcome("ignored", name, "the environment reflects a later event (the PR was reopened)")
         # Say why before deleting, so the final report can tell merged from closed.
@@ -218,9 +227,9 @@ class Intake:
             "metadata": {
                 "resourceVersion": obj["metadata"]["resourceVersion"],
                 "annotations": {
-                    CLOSED_REASON: reason,
-                    UPDATED_AT: event.pull_request.updated_at,
-                    DELIVERY: delivery,
+                    CLOSED_REASON_ANNOTATION: reason,
+                    PR_UPDATED_AT_ANNOTATION: event.pull_request.updated_at,
+                    DELIVERY_ANNOTATION: delivery,
                 },
             }
         }

@@ -22,9 +22,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from ephemera.api.models import parse_time
+from ephemera.api.naming import MANAGED_BY, MANAGED_BY_LABEL, REPOSITORY_ANNOTATION
 from ephemera.kube import Kube, KubeError, Obj
-from ephemera.models import parse_time
-from ephemera.naming import MANAGED_BY, MANAGED_BY_LABEL, REPOSITORY_ANNOTATION
 
 COMPONENT_LABEL = "app.kubernetes.io/component"
 COMPONENT = "closed-pull-requests"

@@ -1,8 +1,8 @@
 """`make run`: a local control plane, the operator and the webhook, and a PR becoming an environment
 that runs its app (the sample PreviewTemplate), with the app's URL on the PR.
 
-python -m ephemera.devtools.demo up     start everything (idempotent) and send a signed PR event
-python -m ephemera.devtools.demo down   stop the processes and the control plane
+python -m devtools.demo up     start everything (idempotent) and send a signed PR event
+python -m devtools.demo down   stop the processes and the control plane
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ import urllib.request
 import uuid
 from typing import Any
 
-from ephemera.devtools.controlplane import REPO_ROOT, free_port, shell_exports, tools_dir
-from ephemera.devtools.controlplane import main as controlplane_main
+from devtools.controlplane import REPO_ROOT, free_port, shell_exports, tools_dir
+from devtools.controlplane import main as controlplane_main
 
 RUN_DIR = REPO_ROOT / ".run"
 CLUSTER_DIR = REPO_ROOT / ".cluster"
@@ -39,7 +39,7 @@ def _say(text: str) -> None:
 
 
 def _kubectl(*args: str) -> str:
-    from ephemera.devtools.controlplane import tools_dir
+    from devtools.controlplane import tools_dir
 
     kubectl = tools_dir(build=False) / "kubectl"
     return subprocess.run(
@@ -168,7 +168,7 @@ def up() -> int:
         key = RUN_DIR / "github-app.pem"
         key.unlink(missing_ok=True)
         _spawn(
-            "github", [python, "-m", "tests.fakegithub", "--port", config["github_port"], "--key-file", str(key)], {}
+            "github", [python, "-m", "devtools.fakegithub", "--port", config["github_port"], "--key-file", str(key)], {}
         )
         deadline = time.monotonic() + 30
         while not key.exists() and time.monotonic() < deadline:

@@ -12,7 +12,7 @@ installation whose App lacks the `checks: write` permission, as GitHub refuses t
 that made a check run may edit it. Its answers are shaped from real recorded exchanges
 (../shared/fixtures/github/rest-recordings).
 
-    python -m tests.fakegithub --port 8099   (serves /_calls for a look at what it received)
+    python -m devtools.fakegithub --port 8099   (serves /_calls for a look at what it received)
 """
 
 from __future__ import annotations

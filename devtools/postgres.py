@@ -8,7 +8,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from ephemera.devtools.controlplane import free_port
+from devtools.controlplane import free_port
 
 
 def _bin() -> Path:

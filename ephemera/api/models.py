@@ -8,13 +8,17 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from ephemera.quantity import parse_quantity
+from ephemera.api.quantity import parse_quantity
 
 GROUP = "ephemera.dev"
 VERSION = "v1alpha1"
 PLURAL = "previewenvironments"
 KIND = "PreviewEnvironment"
 API_VERSION = f"{GROUP}/{VERSION}"
+# kopf\'s (group, version, plural) for the PreviewEnvironment handlers.
+RESOURCE = (GROUP, VERSION, PLURAL)
+# The phase a record takes when its object is gone: the records\' and listeners\' own, never in status.
+DESTROYED = "Destroyed"
 TEMPLATE_KIND = "PreviewTemplate"
 TEMPLATE_PLURAL = "previewtemplates"
 

@@ -25,6 +25,11 @@ TEARDOWN_REASON_ANNOTATION = "ephemera.dev/teardown-reason"
 RENAMED_TO_ANNOTATION = "ephemera.dev/renamed-to"
 # The operator's finalizer: objects the webhook makes carry it from birth (one patch less for each).
 FINALIZER = "ephemera.dev/finalizer"
+# The webhook\'s marks on an object: the PR\'s updated_at it last applied (an older event never wins), the
+# delivery that wrote it, and why the PR closed (the teardown comment picks its words from a fixed set).
+PR_UPDATED_AT_ANNOTATION = "ephemera.dev/pr-updated-at"
+DELIVERY_ANNOTATION = "ephemera.dev/delivery"
+CLOSED_REASON_ANNOTATION = "ephemera.dev/closed-reason"
 
 _NOT_DNS = re.compile(r"[^a-z0-9]+")
 _NOT_LABEL = re.compile(r"[^A-Za-z0-9._-]+")

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ephemera.devtools.controlplane import REPO_ROOT, free_port
+from devtools.controlplane import REPO_ROOT, free_port
 
 
 def wait_for(check: Callable[[], Any], timeout: float = 30.0, interval: float = 0.1, what: str = "") -> Any:

@@ -9,8 +9,8 @@ No container runs: kwok marks the pods that the scheduler bound to its nodes Run
 Jobs' pods Succeeded. A pod labelled `ephemera.dev/simulate` = `crash-loop`, `image-pull` or `fail`
 gets that failure instead (the Stages in hack/kwok/simulate.yaml).
 
-    python -m ephemera.devtools.controlplane up STATE_DIR     start, write STATE_DIR/kubeconfig
-    python -m ephemera.devtools.controlplane down STATE_DIR   stop what `up` started
+    python -m devtools.controlplane up STATE_DIR     start, write STATE_DIR/kubeconfig
+    python -m devtools.controlplane down STATE_DIR   stop what `up` started
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = Path(__file__).resolve().parents[1]
 SERVICE_CIDR = "10.0.0.0/24"
 POD_CIDR = "10.244.0.0/16"
 NODES = 2  # fake nodes kwok plays the kubelet of
