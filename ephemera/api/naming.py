@@ -30,6 +30,16 @@ FINALIZER = "ephemera.dev/finalizer"
 PR_UPDATED_AT_ANNOTATION = "ephemera.dev/pr-updated-at"
 DELIVERY_ANNOTATION = "ephemera.dev/delivery"
 CLOSED_REASON_ANNOTATION = "ephemera.dev/closed-reason"
+# The lifecycle policy (#17). The webhook mirrors two PR labels onto the object: PRIORITY_LABEL
+# ("true" iff the PR is labelled `preview-priority`: admitted ahead of the queue) and
+# KEEP_LABEL_ANNOTATION ("true" iff it is labelled `preview-keep`). A person pins an object with
+# KEEP_ANNOTATION (any value but "false"), extends its life with EXPIRES_AT_ANNOTATION (RFC 3339 UTC),
+# and `/preview wake` sets WAKE_ANNOTATION (the comment's created_at) to revive an Expired one.
+PRIORITY_LABEL = "ephemera.dev/priority"
+KEEP_LABEL_ANNOTATION = "ephemera.dev/keep-label"
+KEEP_ANNOTATION = "ephemera.dev/keep"
+EXPIRES_AT_ANNOTATION = "ephemera.dev/expires-at"
+WAKE_ANNOTATION = "ephemera.dev/wake"
 
 _NOT_DNS = re.compile(r"[^a-z0-9]+")
 _NOT_LABEL = re.compile(r"[^A-Za-z0-9._-]+")

@@ -77,6 +77,7 @@ COMMIT_STATES = {
     "Updating": ("pending", "Preview environment is being updated"),
     "Ready": ("success", "Preview environment is ready"),
     "Failed": ("failure", "Preview environment failed"),
+    "Queued": ("pending", "Preview environment is queued"),
 }
 DEPLOYMENT_STATES = {
     "Provisioning": "in_progress",
@@ -84,6 +85,8 @@ DEPLOYMENT_STATES = {
     "Ready": "success",
     "Failed": "failure",
     "Destroying": "inactive",
+    "Queued": "queued",
+    "Expired": "inactive",
 }
 # A check run's status, or its conclusion once completed. Destroying completes an open run as
 # `cancelled` (see _check_run); other phases leave the commit's check run as it is.
@@ -101,7 +104,17 @@ CHECK_RUN_TITLES = {
     "cancelled": "Preview torn down",
 }
 PROBLEMS_SHOWN = 10  # objects a failure section lists (status.problems holds at most as many)
-ICONS = {"Ready": "🟢", "Failed": "🔴", "Destroying": "⚪", "Provisioning": "🟡", "Updating": "🟡"}
+ICONS = {
+    "Ready": "🟢",
+    "Failed": "🔴",
+    "Destroying": "⚪",
+    "Provisioning": "🟡",
+    "Updating": "🟡",
+    "Queued": "⏳",
+    "Expired": "💤",
+}
+# How an Expired preview comes back, on the PR.
+REVIVE = "**To bring it back:** push a commit, or comment `/preview wake` (someone with write access)."
 
 
 class RetryLater(Exception):
@@ -169,6 +182,15 @@ def comment_body(t: Transition) -> str:
     elif t.phase == "Failed":
         title = f"{ICONS['Failed']} Preview environment: Failed"
         summary = failure_section(t, detail=False)
+    elif t.phase == "Queued":
+        title = f"{ICONS['Queued']} Preview environment: Queued"
+        position = status.get("queuePosition")
+        summary = t.message
+        if isinstance(position, int):
+            summary = f"**Position in the queue:** {position}\n\n{summary}"
+    elif t.phase == "Expired":
+        title = f"{ICONS['Expired']} Preview environment: Expired"
+        summary = f"{t.message}\n\n{REVIVE}"
     else:
         title = f"{ICONS.get(t.phase, '')} Preview environment: {t.phase}".strip()
         summary = t.message

@@ -142,7 +142,7 @@ def provision(
         logger,
         retry,
         runtime,
-        lambda service, env, log: service.provision(env, updating=False, logger=log),
+        lambda service, env, log: memo.admission.provision(env, updating=False, logger=log),
     )
 
 
@@ -157,7 +157,7 @@ def update(
         logger,
         retry,
         runtime,
-        lambda service, env, log: service.provision(env, updating=True, logger=log),
+        lambda service, env, log: memo.admission.provision(env, updating=True, logger=log),
     )
 
 
@@ -165,7 +165,8 @@ def _needs_work(status: kopf.Status, body: kopf.Body) -> bool:
     phase = status.get("phase")
     if phase == Phase.FAILED.value and status.get("permanent"):
         return False  # waits for a spec change or a manual retry
-    settled = phase in (Phase.READY.value, Phase.FAILED.value)
+    # Queued and Expired wait for the policy (a slot, a push, a wake), not for a handler.
+    settled = phase in (Phase.READY.value, Phase.FAILED.value, Phase.QUEUED.value, Phase.EXPIRED.value)
     return not (settled and status.get("observedGeneration") == body.metadata.get("generation"))
 
 
@@ -182,7 +183,7 @@ def resume(
         logger,
         retry,
         runtime,
-        lambda service, env, log: service.provision(env, updating=updating, logger=log),
+        lambda service, env, log: memo.admission.provision(env, updating=updating, logger=log),
     )
 
 

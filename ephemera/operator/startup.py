@@ -21,7 +21,7 @@ from ephemera.environments import Environments
 from ephemera.github.client import GitHubAuth
 from ephemera.github.reporter import Reporter
 from ephemera.kube import Kube, KubeError, load_api_client
-from ephemera.operator import apps, health, lifecycle, timers
+from ephemera.operator import apps, health, lifecycle, policy, timers
 from ephemera.operator.metrics import observe_transition
 from ephemera.previews import Previews
 from ephemera.store.engine import SchemaOutdated, check_schema, make_engine
@@ -67,6 +67,8 @@ async def configure(*, settings: kopf.OperatorSettings, memo: kopf.Memo, logger:
     memo.environments = Environments(
         kube, cfg, transitions, recorder=event_poster(kube), previews=_previews(cfg, kube, memo.templates)
     )
+    # The lifecycle policy's ledger, from one listing before kopf watches anything (caps count it all).
+    await asyncio.to_thread(policy.start, memo, kube, memo.environments)
     memo.settler = apps.Settler(memo.environments)
     memo.settler.start()
     memo.records = await _records(cfg, kube, logger)

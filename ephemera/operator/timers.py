@@ -23,7 +23,7 @@ from ephemera.api.naming import RETRY_ANNOTATION
 from ephemera.backstop import Backstop
 from ephemera.environments import Environments
 from ephemera.kube import Kube, KubeError
-from ephemera.operator import apps
+from ephemera.operator import apps, policy
 from ephemera.operator.metrics import ENVIRONMENTS
 from ephemera.sweeps import Seen, Sweeper, retry
 
@@ -168,6 +168,7 @@ def start(memo: kopf.Memo, priority: int, identity: str) -> list[asyncio.Task[No
         (cfg.resync_interval, resync, "resync"),
         (10.0, gauge, "phase-gauge"),
     ]
+    jobs += policy.jobs(memo)  # the queue's admissions and the expiry
     if cfg.backstop_enabled:
         jobs.append((cfg.pr_resync_interval, pr_resync, "pr-resync"))
     return [asyncio.create_task(_every(seconds, job, name, active), name=name) for seconds, job, name in jobs]
