@@ -213,3 +213,19 @@ class Counts:
     live: int
     by_repository: dict[str, int]
     in_flight: int
+
+
+def note(obj: dict[str, Any]) -> str:
+    """What the policy says of one object, for listings: its place in the queue, when it expires
+    (or expired), or that it is kept; `-` when none applies."""
+    status = obj.get("status") or {}
+    annotations = (obj.get("metadata") or {}).get("annotations") or {}
+    phase = status.get("phase")
+    if phase == Phase.QUEUED.value:
+        position = status.get("queuePosition")
+        return f"queued #{position}" if position else "queued"
+    if phase == Phase.EXPIRED.value:
+        return f"expired {status['expiresAt']}" if status.get("expiresAt") else "expired"
+    if kept(annotations):
+        return "kept"
+    return f"expires {status['expiresAt']}" if status.get("expiresAt") else "-"
