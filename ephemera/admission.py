@@ -129,10 +129,17 @@ class Admission:
         )
 
     def provision(
-        self, env: Environment, *, updating: bool, logger: Logger, extra: dict[str, Any] | None = None
+        self,
+        env: Environment,
+        *,
+        updating: bool,
+        logger: Logger,
+        extra: dict[str, Any] | None = None,
+        detached: bool = False,
     ) -> None:
         """Provision or update `env` as the policy allows. One that holds a namespace is updated at
-        once; one that needs a namespace is admitted or Queued."""
+        once; one that needs a namespace is admitted or Queued. `detached`: no kopf handler retries
+        this call (a wake, the admission round), so an admission that fails ends in the status."""
         now = datetime.datetime.now(datetime.UTC)
         entry = self.entry(env)
         phase = env.status.phase.value if env.status.phase else None
@@ -152,7 +159,10 @@ class Admission:
             if env.name in admitted:
                 self.ledger.reserve(env.name, env.spec.repository)
         if env.name in admitted:
-            self._start(env, entry, now, logger, extra)
+            if detached:
+                self._launch(env, entry, queued_at, logger, extra)
+            else:
+                self._start(env, entry, now, logger, extra)
             return
         position = [e.name for e in waiting if e.name not in admitted].index(env.name) + 1
         hold = holds[env.name]
@@ -202,8 +212,8 @@ class Admission:
         return starting, moves
 
     def admit(self, entry: Entry) -> bool:
-        """Provision a Queued object the round admitted; whether it started. Its failures end as
-        the object's status (Failed; a temporary one is retried by the retry timer)."""
+        """Provision a Queued object the round admitted; whether it started (its failures end in its
+        status: see `_launch`)."""
         try:
             body = self.service.kube.get_environment(entry.name)
         except KubeError as err:
@@ -226,20 +236,45 @@ class Admission:
             return False
         logger = logging.LoggerAdapter(log, {"repository": env.spec.repository, "pr": env.spec.pull_request})
         try:
-            self._start(env, entry, datetime.datetime.now(datetime.UTC), logger, None)
-        except PermanentFailure as failure:
-            self.service.fail(env, failure, logger)
-        except Failure as failure:
-            # Counted as a failed attempt; the retry timer provisions it again after its backoff.
-            self.service.transition(
-                env,
-                Phase.FAILED,
-                failure.reason,
-                failure.message,
-                {"failedAt": iso(datetime.datetime.now(datetime.UTC)), "permanent": False},
-                logger,
-            )
+            namespace = self.service.kube.get_namespace(env.namespace(self.settings.namespace_prefix))
+        except KubeError as err:
+            self.ledger.release(entry.name)
+            log.warning("could not read the namespace of %s to admit it: %s", entry.name, err)
+            return False
+        if namespace is not None and namespace["metadata"].get("deletionTimestamp"):
+            # Its namespace of before (it expired a moment ago) is still going: a later round starts it,
+            # without writing a status for nothing now.
+            self.ledger.release(entry.name)
+            return False
+        self._launch(env, entry, env.status.queued_at or iso_precise(datetime.datetime.now(datetime.UTC)), logger, None)
         return True
+
+    def _launch(
+        self, env: Environment, entry: Entry, queued_at: str, logger: Logger, extra: dict[str, Any] | None
+    ) -> None:
+        """Start an admitted environment where no kopf handler retries: a failure ends in its status.
+        A plain wait (its old namespace still terminating, as right after it expired) puts it back in
+        the queue at its place, for the next round; another temporary failure leaves it Failed for the
+        retry timer; a permanent one, Failed."""
+        now = datetime.datetime.now(datetime.UTC)
+        try:
+            self._start(env, entry, now, logger, extra)
+        except Failure as failure:
+            body = self.service.kube.get_environment(env.name)
+            if body is None or body["metadata"]["uid"] != env.uid:
+                return
+            current = Environment.from_body(body)
+            if failure.permanent:
+                self.service.fail(current, failure, logger)
+                return
+            if failure.backoff:
+                fields = {"failedAt": iso(now), "permanent": False}
+                self.service.transition(current, Phase.FAILED, failure.reason, failure.message, fields, logger)
+                return
+            self.ledger.release(env.name)
+            message = f"Admitted, waiting to start: {failure.message}"
+            fields = {"queuedAt": queued_at, "expiresAt": None}
+            self.service.transition(current, Phase.QUEUED, failure.reason, message, fields, logger)
 
     def write_position(self, name: str, position: int) -> None:
         self.service.kube.patch_environment_status(name, {"queuePosition": position})

@@ -80,7 +80,7 @@ def wake(*, body: kopf.Body, memo: kopf.Memo, logger: kopf.Logger, **_: Any) -> 
         return
     service.kube.patch_environment_status(env.name, {"wakeRequest": value})
     if env.status.phase is Phase.EXPIRED:
-        admission.provision(env, updating=False, logger=logger)
+        admission.provision(env, updating=False, logger=logger, detached=True)
 
 
 def jobs(memo: kopf.Memo) -> list[tuple[float, Callable[[], Coroutine[Any, Any, None]], str]]:
