@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime
 import logging
 import random
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +22,7 @@ from ephemera.api.naming import (
     OWNER_UID_ANNOTATION,
     PR_LABEL,
     REPOSITORY_ANNOTATION,
+    RETRY_ANNOTATION,
     environment_names,
 )
 from ephemera.config import Settings
@@ -251,6 +253,16 @@ def retry_due(status: dict[str, Any], settings: Settings, uid: str, now: datetim
     # still allowed is never drawn past it.
     rng = random.Random(f"{uid}/{status.get('failedAt')}/{attempts}")
     return age >= backoff.delay(attempts, settings.retry_backoff, settings.retry_window, rng)
+
+
+def retry_requested(body: Mapping[str, Any]) -> str | None:
+    """The retry a person asked for (the `ephemera.dev/retry` annotation's value) that is not handled
+    yet, or None: no request, the one the status says was handled, or an object being deleted."""
+    meta, status = body.get("metadata") or {}, body.get("status") or {}
+    request = (meta.get("annotations") or {}).get(RETRY_ANNOTATION)
+    if not request or request == status.get("retryRequest") or meta.get("deletionTimestamp"):
+        return None
+    return str(request)
 
 
 def retry(service: Environments, body: Obj, *, manual: str | None, logger: Any) -> None:

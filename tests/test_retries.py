@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from ephemera.config import Settings
-from ephemera.sweeps import retry_due
+from ephemera.sweeps import retry_due, retry_requested
 
 FAILED_AT = datetime.datetime(2026, 1, 1, tzinfo=datetime.UTC)
 SETTINGS = Settings(retry_backoff=60, retry_window=3600, retry_max_attempts=4)
@@ -50,3 +50,18 @@ def test_no_retry_past_the_attempts_cap_or_of_a_permanent_failure_or_another_pha
     assert not retry_due(_failed(0, permanent=True), SETTINGS, "uid", _after(3000))
     assert not retry_due({**_failed(0), "phase": "Ready"}, SETTINGS, "uid", _after(3000))
     assert not retry_due({**_failed(0), "failedAt": None}, SETTINGS, "uid", _after(3000))
+
+
+def _annotated(request: str | None, handled: str | None = None, **meta: Any) -> dict[str, Any]:
+    annotations = {} if request is None else {"ephemera.dev/retry": request}
+    return {"metadata": {"name": "pe", "annotations": annotations, **meta}, "status": {"retryRequest": handled}}
+
+
+def test_a_retry_is_requested_by_a_new_annotation_value_only() -> None:
+    assert retry_requested(_annotated("2026-01-01T00:00:00Z")) == "2026-01-01T00:00:00Z"
+    assert retry_requested(_annotated("again", handled="before")) == "again"
+    assert retry_requested(_annotated("before", handled="before")) is None  # handled already
+    assert retry_requested(_annotated(None)) is None
+    assert retry_requested(_annotated("")) is None
+    assert retry_requested(_annotated("new", deletionTimestamp="2026-01-01T00:00:00Z")) is None
+    assert retry_requested({"metadata": {"annotations": None}}) is None
