@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -109,9 +109,10 @@ def activity(env: Environment, entry: Entry, ttl: float, now: datetime.datetime,
 class Admission:
     """The entry point of every provision: admits, queues, or lets an update through."""
 
-    def __init__(self, service: Environments, ledger: Ledger) -> None:
+    def __init__(self, service: Environments, ledger: Ledger, ttl_of: Callable[[str], float]) -> None:
         self.service = service
         self.ledger = ledger
+        self.ttl_of = ttl_of  # the TTL of a repository's previews (expiry.Lifetimes)
         self.settings = service.settings
         self.limits = Limits.from_settings(service.settings)
 
@@ -144,7 +145,7 @@ class Admission:
         entry = self.entry(env)
         phase = env.status.phase.value if env.status.phase else None
         if phase in LIVE:
-            stamp = activity(env, entry, self.settings.policy_ttl, now, force=False)
+            stamp = activity(env, entry, self.ttl_of(env.spec.repository), now, force=False)
             self.service.provision(env, updating=updating, logger=logger, first={**stamp, **(extra or {})} or None)
             return
         queued_at = env.status.queued_at or iso_precise(now)
@@ -185,7 +186,7 @@ class Admission:
     def _start(
         self, env: Environment, entry: Entry, now: datetime.datetime, logger: Logger, extra: dict[str, Any] | None
     ) -> None:
-        stamp = activity(env, entry, self.settings.policy_ttl, now, force=True)
+        stamp = activity(env, entry, self.ttl_of(env.spec.repository), now, force=True)
         fields = {**stamp, "queuePosition": None, "queuedAt": None, **(extra or {})}
         # The reservation stays if this fails: the watch frees it once the object leaves the queue
         # (Provisioning, Failed), or its deadline does if even the first status write failed.

@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import datetime
 import logging
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from ephemera.api.models import Phase
+from ephemera.config import Settings
 from ephemera.environments import Environment, Environments, PermanentFailure
 from ephemera.kube import KubeError
 from ephemera.ledger import EXPIRABLE, LIVE, Entry, Ledger, iso
+from ephemera.policy import Policy, for_repository
 
 log = logging.getLogger(__name__)
 
@@ -44,11 +47,23 @@ def wanted(entry: Entry, ttl: float) -> str | None:
     return iso(expiry) if expiry is not None else None
 
 
+class Lifetimes:
+    """The TTL of a repository's previews: its PreviewTemplate's `policy.ttlSeconds`, else the cluster's
+    EPHEMERA_POLICY_TTL (the template chosen as the operator and the webhook choose it)."""
+
+    def __init__(self, settings: Settings, templates: Callable[[], Iterable[Mapping[str, Any]]] = list) -> None:
+        self.base = Policy.from_settings(settings)
+        self.templates = templates
+
+    def __call__(self, repository: str) -> float:
+        return for_repository(self.base, self.templates(), repository).ttl
+
+
 class Expiry:
-    def __init__(self, service: Environments, ledger: Ledger) -> None:
+    def __init__(self, service: Environments, ledger: Ledger, ttl_of: Callable[[str], float]) -> None:
         self.service = service
         self.ledger = ledger
-        self.ttl = service.settings.policy_ttl
+        self.ttl_of = ttl_of
         self.unfinished: dict[str, Environment] = {}  # expired, namespaces not deleted yet
 
     def round(self, now: datetime.datetime | None = None) -> tuple[list[Entry], list[tuple[str, str | None]]]:
@@ -56,13 +71,17 @@ class Expiry:
         now = now or datetime.datetime.now(datetime.UTC)
         expiring: list[Entry] = []
         refresh: list[tuple[str, str | None]] = []
+        ttls: dict[str, float] = {}  # per repository, for this round
         for entry in self.ledger.entries():
-            if due(entry, self.ttl, now):
+            ttl = ttls.get(entry.repository)
+            if ttl is None:
+                ttl = ttls[entry.repository] = self.ttl_of(entry.repository)
+            if due(entry, ttl, now):
                 expiring.append(entry)
                 continue
             if entry.phase not in LIVE or entry.deleting or len(refresh) >= EXPIRY_WRITES:
                 continue
-            value = wanted(entry, self.ttl)
+            value = wanted(entry, ttl)
             if value != entry.expires_at:
                 refresh.append((entry.name, value))
         return expiring, refresh
@@ -75,17 +94,18 @@ class Expiry:
             return False
         now = datetime.datetime.now(datetime.UTC)
         fresh = Entry.from_body(body)
-        if not due(fresh, self.ttl, now):
+        ttl = self.ttl_of(fresh.repository)
+        if not due(fresh, ttl, now):
             return False  # pushed, kept or extended since the watch told us
         try:
             env = Environment.from_body(body)
         except PermanentFailure:
             return False
-        expiry = fresh.expiry(self.ttl)
+        expiry = fresh.expiry(ttl)
         prefix = self.service.settings.namespace_prefix
         namespace = env.namespace(prefix)
         message = (
-            f"No push for {duration(self.ttl)}: expired at {iso(expiry) if expiry else iso(now)} and namespace "
+            f"No push for {duration(ttl)}: expired at {iso(expiry) if expiry else iso(now)} and namespace "
             f"{namespace} deleted. Push a commit, or comment `/preview wake` on the PR, to bring it back."
         )
         cleared: dict[str, Any] = {

@@ -157,23 +157,36 @@ def test_an_idle_environment_expires_and_a_push_revives_it(
 def test_keep_and_extend_hold_off_the_expiry(policy_operator: Process, kubectl: Kubectl) -> None:
     later = (datetime.datetime.now(datetime.UTC) + datetime.timedelta(hours=1)).replace(microsecond=0)
     extended_to = later.isoformat().replace("+00:00", "Z")
-    names = {kind: f"{kind}-{uuid.uuid4().hex[:6]}" for kind in ("label", "annotation", "extended", "idle")}
+    names = {kind: f"{kind}-{uuid.uuid4().hex[:6]}" for kind in ("label", "annotation", "extended", "template", "idle")}
     # One repository each: the cap of two per repository stays out of the way.
     kubectl.apply(environment(names["label"], 1, repo_name("keep"), annotations={KEEP_LABEL_ANNOTATION: "true"}))
     kubectl.apply(environment(names["annotation"], 2, repo_name("keep"), annotations=KEEP))
     kubectl.apply(
         environment(names["extended"], 3, repo_name("keep"), annotations={EXPIRES_AT_ANNOTATION: extended_to})
     )
-    pinned = {kind: wait_phase(kubectl, names[kind], "Ready") for kind in ("label", "annotation", "extended")}
+    # A repository whose PreviewTemplate says its previews never expire (policy.ttlSeconds: 0).
+    template, forever = f"forever-{uuid.uuid4().hex[:6]}", repo_name("forever")
+    kubectl.apply(
+        {
+            "apiVersion": "ephemera.dev/v1alpha1",
+            "kind": "PreviewTemplate",
+            "metadata": {"name": template},
+            "spec": {"repositories": [forever], "policy": {"ttlSeconds": 0}},
+        }
+    )
+    kubectl.apply(environment(names["template"], 4, forever))
+    kinds = ("label", "annotation", "extended", "template")
+    pinned = {kind: wait_phase(kubectl, names[kind], "Ready") for kind in kinds}
     # An idle one made after them: by the round that expires it, the others were past their TTL too.
-    kubectl.apply(environment(names["idle"], 4, repo_name("keep")))
+    kubectl.apply(environment(names["idle"], 5, repo_name("keep")))
     idle = wait_phase(kubectl, names["idle"], "Ready")
     assert all(st["lastActivityAt"] <= idle["lastActivityAt"] for st in pinned.values())
     wait_phase(kubectl, names["idle"], "Expired", timeout=60)
-    for kind in ("label", "annotation"):
+    for kind in ("label", "annotation", "template"):
         st = status(kubectl, names[kind])
         assert st["phase"] == "Ready", kind
-        assert "expiresAt" not in st, kind  # kept: no expiry to show
+        assert "expiresAt" not in st, kind  # kept, or no TTL: no expiry to show
+    kubectl.run("delete", "previewtemplate", template)
     st = wait_for(
         lambda: (s := status(kubectl, names["extended"])).get("expiresAt") == extended_to and s,
         timeout=30,

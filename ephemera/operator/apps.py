@@ -59,6 +59,10 @@ class Templates:
     def drop(self, name: str) -> None:
         self._bodies.pop(name, None)
 
+    def bodies(self) -> list[dict[str, Any]]:
+        """The templates as the API server has them (the policy reads their `policy` blocks)."""
+        return list(self._bodies.values())
+
     def __call__(self) -> list[Template]:
         parsed: list[Template] = []
         for body in list(self._bodies.values()):

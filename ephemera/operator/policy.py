@@ -16,7 +16,7 @@ from ephemera.admission import Admission, activity
 from ephemera.api.models import RESOURCE, Phase
 from ephemera.api.naming import WAKE_ANNOTATION
 from ephemera.environments import Environment, Environments, PermanentFailure
-from ephemera.expiry import Expiry
+from ephemera.expiry import Expiry, Lifetimes
 from ephemera.kube import Kube, KubeError
 from ephemera.ledger import LIVE, Ledger
 from ephemera.metrics import REGISTRY
@@ -41,8 +41,9 @@ def start(memo: kopf.Memo, kube: Kube, service: Environments) -> None:
     kopf watches anything, so that the first admission counts every live environment."""
     memo.ledger = Ledger()
     memo.ledger.prime(kube.list_environments())
-    memo.admission = Admission(service, memo.ledger)
-    memo.expiry = Expiry(service, memo.ledger)
+    lifetimes = Lifetimes(service.settings, memo.templates.bodies)
+    memo.admission = Admission(service, memo.ledger, lifetimes)
+    memo.expiry = Expiry(service, memo.ledger, lifetimes)
 
 
 @kopf.on.event(*RESOURCE, id="policy-ledger")
@@ -74,7 +75,7 @@ def wake(*, body: kopf.Body, memo: kopf.Memo, logger: kopf.Logger, **_: Any) -> 
     now = datetime.datetime.now(datetime.UTC)
     phase = env.status.phase.value if env.status.phase else None
     if phase in LIVE:
-        fields = {**activity(env, admission.entry(env), service.settings.policy_ttl, now, force=True)}
+        fields = activity(env, admission.entry(env), admission.ttl_of(env.spec.repository), now, force=True)
         service.kube.patch_environment_status(env.name, {**fields, "wakeRequest": value})
         logger.info("Woken: its TTL starts again")
         return
