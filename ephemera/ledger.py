@@ -137,6 +137,7 @@ class Ledger:
         self.lock = threading.RLock()  # held across a decision and its reservation
         self._entries: dict[str, Entry] = {}
         self._reserved: dict[str, tuple[float, str]] = {}  # name -> (monotonic deadline, repository)
+        self._seen: dict[str, float] = {}  # name -> monotonic time of the watch event last applied
 
     def prime(self, bodies: Iterable[dict[str, Any]]) -> int:
         with self.lock:
@@ -149,6 +150,7 @@ class Ledger:
         """One watch event of a PreviewEnvironment."""
         name = str((body.get("metadata") or {}).get("name"))
         with self.lock:
+            self._seen[name] = time.monotonic()
             if kind == "DELETED":
                 self._entries.pop(name, None)
                 self._reserved.pop(name, None)
@@ -157,6 +159,23 @@ class Ledger:
             self._entries[name] = entry
             if entry.phase not in (None, Phase.PENDING.value, Phase.QUEUED.value, Phase.EXPIRED.value):
                 self._reserved.pop(name, None)  # the watch counts it from here
+
+    def resync(self, bodies: Iterable[dict[str, Any]], started: float) -> int:
+        """Bring the ledger to a listing begun at `started` (monotonic): drop what the listing no longer
+        has (deleted while this replica's watch was paused, as a standby's is) and take what it says,
+        except where the watch told something newer since. How many entries were dropped."""
+        listed = {entry.name: entry for entry in map(Entry.from_body, bodies)}
+        with self.lock:
+            stale = [name for name in self._entries if name not in listed and self._seen.get(name, 0.0) < started]
+            for name in stale:
+                del self._entries[name]
+                self._seen.pop(name, None)
+            for name, entry in listed.items():
+                if self._seen.get(name, 0.0) < started:
+                    self._entries[name] = entry
+            for name in [name for name in self._seen if name not in self._entries and self._seen[name] < started]:
+                del self._seen[name]
+            return len(stale)
 
     def get(self, name: str) -> Entry | None:
         with self.lock:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import datetime
 import json
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,7 +29,7 @@ from ephemera.api.naming import (
     environment_name,
 )
 from ephemera.kube import Kube
-from ephemera.ledger import Counts, Entry
+from ephemera.ledger import Counts, Entry, Ledger
 from tests.conftest import WEBHOOK_SECRET, http_ok
 from tests.test_backstop import cli
 from tests.test_github import comments
@@ -400,3 +401,18 @@ def test_plan_passes_over_a_full_repository_and_stops_at_the_cluster_cap() -> No
     assert holds["b2"].reason == "ClusterLimit"
     assert plan(waiting, Counts(0, {}, 3), Limits(in_flight=3))[0] == []
     assert plan(waiting, Counts(0, {}, 0), Limits())[0] == ["c1", "a1", "b1", "b2"]  # 0: no limit
+
+
+def test_a_listing_drops_what_the_watch_never_said_was_gone() -> None:
+    ledger = Ledger()
+
+    def body(name: str, phase: str) -> dict[str, Any]:
+        meta = {"name": name, "uid": name, "creationTimestamp": "2026-01-01T00:00:00Z"}
+        return {"metadata": meta, "spec": {"repository": "octo/a"}, "status": {"phase": phase}}
+
+    ledger.prime([body("gone", "Ready"), body("kept", "Ready")])
+    started = time.monotonic()
+    ledger.observe("ADDED", body("new", "Provisioning"))  # seen after the listing began
+    assert ledger.resync([body("kept", "Ready")], started) == 1
+    assert sorted(e.name for e in ledger.entries()) == ["kept", "new"]
+    assert ledger.counts().live == 2

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import logging
+import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -114,6 +115,13 @@ def jobs(memo: kopf.Memo) -> list[tuple[float, Callable[[], Coroutine[Any, Any, 
             except KubeError as err:
                 log.warning("could not write the expiry of %s: %s", name, err)
 
+    async def resync() -> None:
+        started = time.monotonic()
+        bodies = await asyncio.to_thread(lambda: list(memo.kube.list_environments()))
+        dropped = ledger.resync(bodies, started)
+        if dropped:
+            log.info("policy ledger: %d environment(s) gone unseen were dropped", dropped)
+
     async def gauges() -> None:
         counts = ledger.counts()
         IN_FLIGHT.set(counts.in_flight)
@@ -124,4 +132,6 @@ def jobs(memo: kopf.Memo) -> list[tuple[float, Callable[[], Coroutine[Any, Any, 
         (interval, admit, "admission"),
         (interval, expire, "expiry"),
         (min(interval, 10.0), gauges, "policy-gauges"),
+        # A standby's watch is paused: what was deleted meanwhile is never told; one listing mends it.
+        (memo.settings.resync_interval, resync, "policy-ledger-resync"),
     ]
