@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 
 import kopf
 
+from ephemera import backoff
 from ephemera.api.models import KIND, RESOURCE, Phase
 from ephemera.api.naming import MANAGED_BY, MANAGED_BY_LABEL
 from ephemera.environments import Environment, Environments, Failure, PermanentFailure, Terminating
@@ -121,7 +122,7 @@ def _run(
             service.fail(env, error, log)
             raise kopf.PermanentError(error.message) from error
         reconciled(handler, "retry", started)
-        delay = min(error.delay * 2**retry, MAX_DELAY) if error.backoff else error.delay
+        delay = backoff.delay(retry, error.delay, MAX_DELAY) if error.backoff else error.delay
         if error.backoff:  # plain waiting (for a namespace to go) is not worth an Event each poll
             log.warning("%s: %s (retry in %.0f s)", error.reason, error.message, delay)
             service.recorder(env.ref(), "Warning", error.reason, f"{error.message} (retry in {delay:.0f} s)")

@@ -19,13 +19,12 @@ from typing import Any
 import kopf
 
 from ephemera.api.models import RESOURCE, Phase, parse_time
-from ephemera.api.naming import RETRY_ANNOTATION
 from ephemera.backstop import Backstop
 from ephemera.environments import Environments
 from ephemera.kube import Kube, KubeError
 from ephemera.operator import apps
 from ephemera.operator.metrics import ENVIRONMENTS
-from ephemera.sweeps import Seen, Sweeper, retry
+from ephemera.sweeps import Seen, Sweeper, retry, retry_requested
 
 log = logging.getLogger(__name__)
 RETRY_CHECK_INTERVAL = 5.0
@@ -33,9 +32,7 @@ ROLLOUT_CHECK_INTERVAL = 10.0
 
 
 def _retry_requested(body: kopf.Body, **_: Any) -> bool:
-    meta, status = body.get("metadata", {}), body.get("status") or {}
-    new = (meta.get("annotations") or {}).get(RETRY_ANNOTATION)
-    return bool(new) and new != status.get("retryRequest") and not meta.get("deletionTimestamp")
+    return retry_requested(body) is not None
 
 
 # Filtered by `when`, so that the many events of the objects nobody asked to retry cost no thread.
@@ -45,14 +42,13 @@ def manual_retry(*, body: kopf.Body, memo: kopf.Memo, logger: kopf.Logger, **_: 
 
     An event handler, not a field handler: the annotation lives outside what kopf diffs.
     """
-    meta, status = body.get("metadata", {}), body.get("status") or {}
-    new = (meta.get("annotations") or {}).get(RETRY_ANNOTATION)
-    if not new or new == status.get("retryRequest") or meta.get("deletionTimestamp"):
+    request = retry_requested(body)
+    if request is None:
         return
-    if status.get("phase") not in (Phase.FAILED.value, Phase.READY.value):
+    if (body.get("status") or {}).get("phase") not in (Phase.FAILED.value, Phase.READY.value):
         return  # under way already: the running handler will settle it
     service: Environments = memo.environments
-    retry(service, dict(body), manual=str(new), logger=logger)
+    retry(service, dict(body), manual=request, logger=logger)
 
 
 def _alive(peer: dict[str, Any], now: datetime.datetime, *, unknown: bool) -> bool:
