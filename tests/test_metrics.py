@@ -17,6 +17,7 @@ from devtools.controlplane import ControlPlane
 from devtools.support import Kubectl, Process, post_webhook, wait_for
 from ephemera.api.models import Phase
 from ephemera.operator.metrics import HANDLERS, OUTCOMES, TRANSITION_PHASES, reconciled
+from ephemera.policy import REFUSALS
 from ephemera.webhook.app import ACTION_LABELS, EVENT_LABELS, OUTCOME_LABELS, Metrics, outcome_label
 from tests.conftest import WEBHOOK_SECRET
 from tests.test_operator import make_env, unique, wait_phase
@@ -47,6 +48,7 @@ FIXED_LABELS: dict[str, dict[str, frozenset[str] | None]] = {
         "outcome": OUTCOME_LABELS | {"other"},
     },
     "ephemera_webhook_latency_seconds": {},
+    "ephemera_webhook_policy_refusals": {"reason": frozenset(REFUSALS) | {"other"}},
 }
 UNIT_SUFFIXES = ("_seconds", "_bytes")
 

@@ -13,14 +13,14 @@ from typing import Any
 import kopf
 from prometheus_client import Gauge
 
-from ephemera.admission import Admission, activity
+from ephemera.admission import activity
 from ephemera.api.models import RESOURCE, Phase
 from ephemera.api.naming import WAKE_ANNOTATION
-from ephemera.environments import Environment, Environments, PermanentFailure
-from ephemera.expiry import Expiry, Lifetimes
-from ephemera.kube import Kube, KubeError
-from ephemera.ledger import LIVE, Ledger
+from ephemera.environments import Environment, PermanentFailure
+from ephemera.kube import KubeError
+from ephemera.ledger import LIVE
 from ephemera.metrics import REGISTRY
+from ephemera.operator.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
@@ -37,23 +37,13 @@ LIVE_ENVIRONMENTS = Gauge(
 )
 
 
-def start(memo: kopf.Memo, kube: Kube, service: Environments) -> None:
-    """The policy's parts in the memo, the ledger filled from one listing: called at start-up, before
-    kopf watches anything, so that the first admission counts every live environment."""
-    memo.ledger = Ledger()
-    memo.ledger.prime(kube.list_environments())
-    lifetimes = Lifetimes(service.settings, memo.templates.bodies)
-    memo.admission = Admission(service, memo.ledger, lifetimes)
-    memo.expiry = Expiry(service, memo.ledger, lifetimes)
-
-
 @kopf.on.event(*RESOURCE, id="policy-ledger")
 async def observe(*, event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
     """Keep the ledger current: what the caps, the queue and the expiry are decided from."""
     obj = event.get("object")
     if isinstance(obj, dict):
-        ledger: Ledger = memo.ledger
-        ledger.observe(event.get("type"), dict(obj))
+        runtime: Runtime = memo.runtime
+        runtime.ledger.observe(event.get("type"), dict(obj))
 
 
 def _wake_requested(body: kopf.Body, **_: Any) -> bool:
@@ -71,8 +61,8 @@ def wake(*, body: kopf.Body, memo: kopf.Memo, logger: kopf.Logger, **_: Any) -> 
         env = Environment.from_body(dict(body))
     except PermanentFailure:
         return  # an invalid spec: its Failed status says why
-    admission: Admission = memo.admission
-    service: Environments = memo.environments
+    runtime: Runtime = memo.runtime
+    admission, service = runtime.admission, runtime.environments
     now = datetime.datetime.now(datetime.UTC)
     phase = env.status.phase.value if env.status.phase else None
     if phase in LIVE:
@@ -85,12 +75,10 @@ def wake(*, body: kopf.Body, memo: kopf.Memo, logger: kopf.Logger, **_: Any) -> 
         admission.provision(env, updating=False, logger=logger, detached=True)
 
 
-def jobs(memo: kopf.Memo) -> list[tuple[float, Callable[[], Coroutine[Any, Any, None]], str]]:
+def jobs(runtime: Runtime) -> list[tuple[float, Callable[[], Coroutine[Any, Any, None]], str]]:
     """The policy's periodic rounds (interval, job, name), for the operator's jobs loop."""
-    admission: Admission = memo.admission
-    expiry: Expiry = memo.expiry
-    ledger: Ledger = memo.ledger
-    interval: float = memo.settings.policy_interval
+    admission, expiry, ledger = runtime.admission, runtime.expiry, runtime.ledger
+    interval = runtime.settings.policy_interval
 
     async def admit() -> None:
         starting, moves = admission.round()
@@ -117,7 +105,7 @@ def jobs(memo: kopf.Memo) -> list[tuple[float, Callable[[], Coroutine[Any, Any, 
 
     async def resync() -> None:
         started = time.monotonic()
-        bodies = await asyncio.to_thread(lambda: list(memo.kube.list_environments()))
+        bodies = await asyncio.to_thread(lambda: list(runtime.kube.list_environments()))
         dropped = ledger.resync(bodies, started)
         if dropped:
             log.info("policy ledger: %d environment(s) gone unseen were dropped", dropped)
@@ -133,5 +121,5 @@ def jobs(memo: kopf.Memo) -> list[tuple[float, Callable[[], Coroutine[Any, Any, 
         (interval, expire, "expiry"),
         (min(interval, 10.0), gauges, "policy-gauges"),
         # A standby's watch is paused: what was deleted meanwhile is never told; one listing mends it.
-        (memo.settings.resync_interval, resync, "policy-ledger-resync"),
+        (runtime.settings.resync_interval, resync, "policy-ledger-resync"),
     ]

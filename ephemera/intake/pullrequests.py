@@ -37,10 +37,10 @@ from ephemera.api.naming import (
 from ephemera.config import Settings
 from ephemera.github.client import GitHubAuth, NoCredentials
 from ephemera.github.permissions import can_write
+from ephemera.intake.events import PullRequestEvent
+from ephemera.intake.tombstones import Tombstones, newer
 from ephemera.kube import Kube, KubeError, Obj
 from ephemera.policy import Approval, Decision, Policy, PullRequestFacts, decide, for_repository, mirrored
-from ephemera.webhook.events import PullRequestEvent
-from ephemera.webhook.tombstones import Tombstones, newer
 
 UPSERT_ACTIONS = frozenset({"opened", "reopened", "ready_for_review"})
 # The actions the policy judges: each may create, update or (once the PR is no longer admitted) delete.

@@ -17,9 +17,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ephemera.api.models import REPOSITORY_PATTERN
 from ephemera.api.naming import WAKE_ANNOTATION, environment_name, legacy_environment_name
+from ephemera.intake.events import BadRequest
+from ephemera.intake.pullrequests import ATTEMPTS, Outcome
 from ephemera.kube import Kube, KubeError, Obj
-from ephemera.webhook.events import BadRequest
-from ephemera.webhook.intake import ATTEMPTS, Outcome
 
 WAKE_COMMAND = "/preview wake"
 TIME_PATTERN = r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?(Z|[+-]\d{2}:\d{2})$"
