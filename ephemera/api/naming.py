@@ -30,6 +30,10 @@ FINALIZER = "ephemera.dev/finalizer"
 PR_UPDATED_AT_ANNOTATION = "ephemera.dev/pr-updated-at"
 DELIVERY_ANNOTATION = "ephemera.dev/delivery"
 CLOSED_REASON_ANNOTATION = "ephemera.dev/closed-reason"
+# A person's pin: an environment carrying KEEP (any value but "false") is never expired; EXPIRES_AT
+# (RFC 3339 UTC) is the earliest it may expire, pushed later by `kubectl ephemera extend`.
+KEEP_ANNOTATION = "ephemera.dev/keep"
+EXPIRES_AT_ANNOTATION = "ephemera.dev/expires-at"
 
 _NOT_DNS = re.compile(r"[^a-z0-9]+")
 _NOT_LABEL = re.compile(r"[^A-Za-z0-9._-]+")
