@@ -20,13 +20,15 @@ from ephemera.config import Settings, get_settings
 from ephemera.environments import Environments
 from ephemera.github.client import GitHubAuth
 from ephemera.github.reporter import Reporter
+from ephemera.hooks import Hooks
 from ephemera.kube import Kube, KubeError, load_api_client
 from ephemera.operator import apps, health, lifecycle, timers
 from ephemera.operator.metrics import observe_transition
 from ephemera.previews import Previews
 from ephemera.store.engine import SchemaOutdated, check_schema, make_engine
 from ephemera.store.records import Records
-from ephemera.transitions import Transitions
+from ephemera.templates import TemplateError, select
+from ephemera.transitions import Transition, Transitions
 
 PREFIX = "ephemera.dev"
 
@@ -77,6 +79,9 @@ async def configure(*, settings: kopf.OperatorSettings, memo: kopf.Memo, logger:
     memo.reporter = Reporter(cfg, kube, auth)
     memo.reporter.start()
     transitions.subscribe(memo.reporter.listener)
+    memo.hooks = Hooks(cfg, _hook_targets(cfg, memo.templates))
+    memo.hooks.start()
+    transitions.subscribe(memo.hooks.listener)
     memo.phases = {}  # name -> phase, kept by lifecycle.track
     memo.vanishing = lifecycle.Vanishing()  # namespaces seen gone, for teardowns waiting on them
     memo.warned = set()  # uids already warned about the soft time limit
@@ -106,6 +111,24 @@ def _previews(cfg: Settings, kube: Kube, templates: apps.Templates) -> Previews:
     found = shutil.which("helm")
     helm = cfg.helm_binary or (Path(found) if found else None)
     return Previews(kube, applier, domain=cfg.preview_domain, helm=helm, templates=templates)
+
+
+def _hook_targets(cfg: Settings, templates: apps.Templates) -> Callable[[Transition], list[str]]:
+    """A transition's hook targets: EPHEMERA_HOOK_URLS, then those of the PreviewTemplate its repository
+    selects now (none when the choice is ambiguous: that environment is Failed for it anyway)."""
+
+    def targets(transition: Transition) -> list[str]:
+        urls = list(cfg.hook_urls)
+        repository = str(transition.spec.get("repository") or "")
+        try:
+            template = select(templates(), repository)
+        except TemplateError:
+            template = None
+        if template is not None:
+            urls += [hook.url for hook in template.spec.hooks if hook.url not in urls]
+        return urls
+
+    return targets
 
 
 def _active(kube: Kube, cfg: Settings, priority: int, identity: str) -> Callable[[], Awaitable[bool]] | None:
@@ -204,6 +227,8 @@ async def cleanup(*, memo: kopf.Memo, **_: Any) -> None:
         await memo.records.stop()
     if getattr(memo, "reporter", None) is not None:
         await memo.reporter.stop()
+    if getattr(memo, "hooks", None) is not None:
+        await memo.hooks.stop()
     if getattr(memo, "health", None) is not None:
         await memo.health.cleanup()
     if getattr(memo, "kube", None) is not None:
