@@ -24,7 +24,7 @@ from typing import Any
 import aiohttp
 from prometheus_client import Counter
 
-from ephemera import __version__
+from ephemera import __version__, logs
 from ephemera.api.models import GROUP, PLURAL, VERSION
 from ephemera.config import Settings
 from ephemera.metrics import REGISTRY
@@ -96,13 +96,14 @@ def delay(attempt: int, base: float, cap: float, rng: Any = random) -> float:
 
 
 class _Event:
-    __slots__ = ("body", "id", "name", "type")
+    __slots__ = ("about", "body", "id", "name", "type")
 
     def __init__(self, t: Transition) -> None:
         event = cloud_event(t)
         self.id: str = event["id"]
         self.type: str = event["type"]
         self.name = t.name
+        self.about = logs.about(t.name, event["data"]["repository"], event["data"]["pullRequest"])
         self.body = json.dumps(event, separators=(",", ":")).encode()
 
 
@@ -152,6 +153,7 @@ class Hooks:
                     event.name,
                     url,
                     self._queued,
+                    extra=event.about,
                 )
                 continue
             key = (url, transition.uid)
@@ -217,7 +219,14 @@ class Hooks:
                 return
             if status is not None and status < 500 and status not in RETRIABLE:
                 DELIVERIES.labels("refused").inc()
-                log.error("result hook %s for %s refused by %s (%s); not retried", event.type, event.name, url, why)
+                log.error(
+                    "result hook %s for %s refused by %s (%s); not retried",
+                    event.type,
+                    event.name,
+                    url,
+                    why,
+                    extra=event.about,
+                )
                 return
             if attempt == attempts:
                 break
@@ -232,6 +241,7 @@ class Hooks:
                 attempt + 1,
                 attempts,
                 wait,
+                extra=event.about,
             )
             await asyncio.sleep(wait)
         DELIVERIES.labels("dropped").inc()
@@ -242,4 +252,5 @@ class Hooks:
             url,
             attempts,
             why,
+            extra=event.about,
         )

@@ -238,9 +238,12 @@ async def track(*, event: kopf.RawEvent, name: str, memo: kopf.Memo, **_: Any) -
     """Keep every object's phase in memory: feeds the phase gauge and the sweeps with no API call."""
     if event.get("type") == "DELETED":
         memo.phases.pop(name, None)
+        memo.subjects.forget(name)
         return
     obj: dict[str, Any] = dict(event.get("object") or {})
     status = obj.get("status") or {}
+    spec = obj.get("spec") or {}
+    memo.subjects.remember(name, spec.get("repository"), spec.get("pullRequest"))
     template = status.get("template") or {}
     memo.phases[name] = Seen(
         uid=obj["metadata"]["uid"],

@@ -13,7 +13,7 @@ from typing import Any, cast
 import kopf
 import kubernetes
 
-from ephemera import children
+from ephemera import children, logs
 from ephemera.api.naming import FINALIZER
 from ephemera.apply import Applier
 from ephemera.config import Settings, get_settings
@@ -83,6 +83,8 @@ async def configure(*, settings: kopf.OperatorSettings, memo: kopf.Memo, logger:
     memo.hooks.start()
     transitions.subscribe(memo.hooks.listener)
     memo.phases = {}  # name -> phase, kept by lifecycle.track
+    memo.subjects = logs.Subjects()  # name -> repository and PR, kept by lifecycle.track, for the log lines
+    logs.attach(logs.SubjectFilter(memo.subjects))
     memo.vanishing = lifecycle.Vanishing()  # namespaces seen gone, for teardowns waiting on them
     memo.warned = set()  # uids already warned about the soft time limit
     memo.periodic = timers.start(memo, settings.peering.priority, _identity(memo, cfg))
