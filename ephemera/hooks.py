@@ -17,14 +17,13 @@ import hashlib
 import hmac
 import json
 import logging
-import random
 from collections.abc import Callable
 from typing import Any
 
 import aiohttp
 from prometheus_client import Counter
 
-from ephemera import __version__, logs
+from ephemera import __version__, backoff, logs
 from ephemera.api.models import GROUP, PLURAL, VERSION
 from ephemera.config import Settings
 from ephemera.metrics import REGISTRY
@@ -87,12 +86,6 @@ def cloud_event(t: Transition) -> dict[str, Any]:
             "pullRequest": pull_request,
         },
     }
-
-
-def delay(attempt: int, base: float, cap: float, rng: Any = random) -> float:
-    """Exponential backoff with full jitter: uniform in [0, min(cap, base * 2**attempt)]. The contract of
-    ephemera/backoff.py's `delay`, which replaces this once it is on main."""
-    return float(rng.uniform(0.0, min(cap, base * 2.0**attempt)))
 
 
 class _Event:
@@ -231,7 +224,7 @@ class Hooks:
             if attempt == attempts:
                 break
             DELIVERIES.labels("retried").inc()
-            wait = delay(attempt, self.settings.hook_retry_backoff, self.settings.hook_retry_max_delay)
+            wait = backoff.delay(attempt - 1, self.settings.hook_retry_backoff, self.settings.hook_retry_max_delay)
             log.warning(
                 "result hook %s for %s to %s failed (%s); attempt %d of %d in %.1f s",
                 event.type,

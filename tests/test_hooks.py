@@ -23,7 +23,7 @@ from pydantic import SecretStr
 from devtools.controlplane import ControlPlane, free_port
 from devtools.support import Kubectl, Process, process_env, wait_for
 from ephemera.config import Settings
-from ephemera.hooks import CONTENT_TYPE, SIGNATURE_HEADER, Hooks, cloud_event, delay
+from ephemera.hooks import CONTENT_TYPE, SIGNATURE_HEADER, Hooks, cloud_event
 from ephemera.metrics import REGISTRY
 from ephemera.transitions import Transition
 from tests.conftest import db_upgrade, http_ok
@@ -139,16 +139,6 @@ def test_the_cloud_event_of_a_transition() -> None:
     # The id is the transition's: the same for every attempt, another for another transition.
     assert cloud_event(t)["id"] == event["id"]
     assert cloud_event(transition("pr-4-octo-org-hooks", "uid-1", "Ready", "Updating"))["id"] != event["id"]
-
-
-def test_the_backoff_has_full_jitter_under_its_cap() -> None:
-    class Top:
-        @staticmethod
-        def uniform(low: float, high: float) -> float:
-            return high
-
-    assert [delay(n, 1.0, 10.0, Top) for n in (1, 2, 3, 4)] == [2.0, 4.0, 8.0, 10.0]
-    assert all(0.0 <= delay(3, 1.0, 10.0) <= 8.0 for _ in range(100))
 
 
 def hook_settings(**values: Any) -> Settings:
