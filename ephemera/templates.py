@@ -91,6 +91,14 @@ class RepositoryPolicy(BaseModel):
     ttl_seconds: int | None = Field(None, alias="ttlSeconds", ge=0)
 
 
+class HookTarget(BaseModel):
+    """A result hook's target (ephemera/hooks.py)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    url: str = Field(pattern=r"^https?://[^\s/]+\S*$", max_length=2048)
+
+
 class PreviewTemplateSpec(BaseModel):
     """What a matching PR's preview runs; mirrors crds/previewtemplates.yaml."""
 
@@ -103,6 +111,7 @@ class PreviewTemplateSpec(BaseModel):
     manifests: str | None = None
     helm: HelmSource | None = None
     url: str | None = Field(None, max_length=2048)
+    hooks: list[HookTarget] = Field(default_factory=list, max_length=10)
     readiness: Readiness = Field(default_factory=Readiness)
     policy: RepositoryPolicy | None = None
 

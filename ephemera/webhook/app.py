@@ -21,6 +21,7 @@ from aiohttp import web
 from github import GithubException
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
 
+from ephemera import logs
 from ephemera.config import Settings
 from ephemera.github.client import GitHubAuth, NoCredentials
 from ephemera.github.permissions import can_write
@@ -283,7 +284,8 @@ async def webhook(request: web.Request) -> web.Response:
         answer = result.as_json()
         if delivery:
             _remember(app[DELIVERIES], delivery, answer, settings.webhook_delivery_cache)
-        log.info("%s %s", result.action, result.reason, extra={**extra, "environment": result.name})
+        about = logs.about(result.name) if result.name else {}
+        log.info("%s %s", result.action, result.reason, extra={**extra, **about})
         return web.json_response(answer, status=202)
     except BadRequest as err:
         outcome = f"http_{err.status}"
