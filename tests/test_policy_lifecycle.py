@@ -242,6 +242,12 @@ def test_wake_by_a_writer_revives_and_by_anyone_else_changes_nothing(
         secret="not-the-secret-at-all",
     )
     assert forged.status == 401
+    malformed = comment_event(repo, 5, "writer", "/preview wake", "2026-01-01T00:00:03Z")
+    del malformed["comment"]["user"]
+    refused_body = post_webhook(github_webhook.port, "issue_comment", malformed, secret=WEBHOOK_SECRET)
+    assert refused_body.status == 422
+    assert refused_body.body["error"] == "invalid issue_comment event"
+    assert "comment.user" in refused_body.body["detail"]
     assert WAKE_ANNOTATION not in (obj(kubectl, name)["metadata"].get("annotations") or {})
     assert status(kubectl, name)["phase"] == "Expired"
 
