@@ -149,7 +149,7 @@ class Admission:
             self.service.provision(env, updating=updating, logger=logger, first={**stamp, **(extra or {})} or None)
             return
         queued_at = env.status.queued_at or iso_precise(now)
-        me = dataclasses.replace(entry, queued_at=queued_at, priority=entry.priority)
+        me = dataclasses.replace(entry, queued_at=queued_at)
         with self.ledger.lock:
             reserved = self.ledger.reserved()
             waiting = sorted(
@@ -203,10 +203,10 @@ class Admission:
             if not waiting:
                 return [], []
             admitted, _ = plan(waiting, self.ledger.counts(), self.limits)
-            for name in admitted:
-                entry = next(e for e in waiting if e.name == name)
-                self.ledger.reserve(name, entry.repository)
-        chosen = set(admitted)
+            chosen = set(admitted)
+            for entry in waiting:
+                if entry.name in chosen:
+                    self.ledger.reserve(entry.name, entry.repository)
         starting = [e for e in waiting if e.name in chosen]
         rest = [e for e in waiting if e.name not in chosen]
         moves = [(e.name, i) for i, e in enumerate(rest, 1) if e.queue_position != i][:POSITION_WRITES]

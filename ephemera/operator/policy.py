@@ -70,9 +70,12 @@ def wake(*, body: kopf.Body, memo: kopf.Memo, logger: kopf.Logger, **_: Any) -> 
         service.kube.patch_environment_status(env.name, {**fields, "wakeRequest": value})
         logger.info("Woken: its TTL starts again")
         return
-    service.kube.patch_environment_status(env.name, {"wakeRequest": value})
-    if env.status.phase is Phase.EXPIRED:
-        admission.provision(env, updating=False, logger=logger, detached=True)
+    if env.status.phase is not Phase.EXPIRED:
+        service.kube.patch_environment_status(env.name, {"wakeRequest": value})  # Queued: it is coming
+        return
+    # Recorded with its first new status (Queued or Provisioning): a wake that could not even write
+    # that is taken up again on the object's next event.
+    admission.provision(env, updating=False, logger=logger, extra={"wakeRequest": value}, detached=True)
 
 
 def jobs(runtime: Runtime) -> list[tuple[float, Callable[[], Coroutine[Any, Any, None]], str]]:
