@@ -48,6 +48,25 @@ class Seen:
     template: str | None = None  # status.template.name: the PreviewTemplate its app came from
     template_generation: int | None = None  # status.template.generation
 
+    @classmethod
+    def from_body(cls, obj: Mapping[str, Any]) -> Seen:
+        """What a watch event's object says, kept in memory."""
+        meta, status = obj["metadata"], obj.get("status") or {}
+        template = status.get("template") or {}
+        return cls(
+            uid=meta["uid"],
+            phase=status.get("phase") or Phase.PENDING.value,
+            since=status.get("lastTransitionTime"),
+            deleted_at=meta.get("deletionTimestamp"),
+            failed_at=status.get("failedAt"),
+            retries=int(status.get("retries") or 0),
+            permanent=bool(status.get("permanent")),
+            reason=status.get("reason"),
+            repository=(obj.get("spec") or {}).get("repository"),
+            template=template.get("name"),
+            template_generation=template.get("generation"),
+        )
+
     @property
     def deleting(self) -> bool:
         return self.deleted_at is not None

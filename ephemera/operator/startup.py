@@ -50,7 +50,7 @@ async def configure(*, settings: kopf.OperatorSettings, memo: kopf.Memo, logger:
     settings.execution.max_workers = cfg.workers
     settings.queueing.worker_limit = None
     # Events: ours are posted explicitly, with their own reasons (our log lines are not posted again,
-    # see lifecycle._env_logger); of kopf's own lines only warnings and errors, not "Handler succeeded".
+    # see reconciling.env_logger); of kopf's own lines only warnings and errors, not "Handler succeeded".
     settings.posting.level = logging.WARNING
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
