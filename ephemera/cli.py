@@ -42,7 +42,7 @@ def run_operator(args: argparse.Namespace) -> int:
     if priority is None:
         priority = secrets.randbelow(1_000_000) + 1
     # Chosen here rather than by kopf, so that the operator-wide jobs can find this replica's own
-    # entry in the peering object (timers.is_active). POD_ID wins, as in kopf.
+    # entry in the peering object (jobs.is_active). POD_ID wins, as in kopf.
     identity = os.environ.get("POD_ID") or f"ephemera@{socket.gethostname()}/{secrets.token_hex(4)}"
     kopf.run(
         clusterwide=True,

@@ -4,7 +4,6 @@ method and returns; the error policy around them is `reconciling`."""
 from __future__ import annotations
 
 import asyncio
-import collections
 import datetime
 from typing import Any
 
@@ -16,43 +15,9 @@ from ephemera.environments import Environment, Environments, Failure, PermanentF
 from ephemera.github.reporter import reported_is_current
 from ephemera.operator.reconciling import Logger, awaiting_teardown, env_logger, reconciling
 from ephemera.operator.runtime import Runtime
-from ephemera.sweeps import Seen
+from ephemera.retries import retry, retry_requested
 from ephemera.transitions import Transition
-
-
-class Vanishing:
-    """Namespaces the watch saw deleted, by uid: a teardown waits on them instead of polling."""
-
-    def __init__(self, remember: int = 10_000) -> None:
-        self._gone: collections.OrderedDict[str, None] = collections.OrderedDict()
-        self._waiters: dict[str, list[asyncio.Future[None]]] = {}
-        self._remember = remember
-
-    def gone(self, uid: str) -> None:
-        self._gone[uid] = None
-        while len(self._gone) > self._remember:
-            self._gone.popitem(last=False)
-        for waiter in self._waiters.pop(uid, []):
-            if not waiter.done():
-                waiter.set_result(None)
-
-    async def wait(self, uid: str, within: float) -> bool:
-        """Whether the namespace with `uid` went within `within` seconds (or had gone already)."""
-        if uid in self._gone:
-            return True
-        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiters.setdefault(uid, []).append(waiter)
-        try:
-            await asyncio.wait_for(waiter, within)
-            return True
-        except TimeoutError:
-            return False
-        finally:
-            waiters = self._waiters.get(uid, [])
-            if waiter in waiters:
-                waiters.remove(waiter)
-            if not waiters:
-                self._waiters.pop(uid, None)
+from ephemera.watchcache import Seen
 
 
 @kopf.on.create(*RESOURCE, id="provision")
@@ -144,6 +109,26 @@ def _recreate(service: Environments, env_name: str, namespace: str, logger: Logg
     except Failure as failure:
         # The stale sweep retries a Ready environment without its namespace.
         logger.warning("Could not re-create namespace of %s: %s", env_name, failure.message)
+
+
+def _retry_requested(body: kopf.Body, **_: Any) -> bool:
+    return retry_requested(body) is not None
+
+
+# Filtered by `when`, so that the many events of the objects nobody asked to retry cost no thread.
+@kopf.on.event(*RESOURCE, id="manual-retry", when=_retry_requested)
+def manual_retry(*, body: kopf.Body, memo: kopf.Memo, logger: kopf.Logger, **_: Any) -> None:
+    """`kubectl annotate pe NAME ephemera.dev/retry=<anything new> --overwrite` (or `ephemera environments retry`).
+
+    An event handler, not a field handler: the annotation lives outside what kopf diffs.
+    """
+    request = retry_requested(body)
+    if request is None:
+        return
+    if (body.get("status") or {}).get("phase") not in (Phase.FAILED.value, Phase.READY.value):
+        return  # under way already: the running handler will settle it
+    runtime: Runtime = memo.runtime
+    retry(runtime.environments, dict(body), manual=request, logger=logger)
 
 
 def _report_outdated(status: kopf.Status, spec: kopf.Spec, **_: Any) -> bool:

@@ -7,7 +7,7 @@ status, a metric and an Event:
 - a temporary one: kopf tries again after a full-jitter backoff (or after the failure's own delay
   when it is plain waiting, which also posts no Event each poll);
 - past EPHEMERA_SOFT_TIME_LIMIT one Warning; past EPHEMERA_HARD_TIME_LIMIT Failed for good;
-- a retry of an attempt the stale sweep has failed meanwhile stops: the retry timer owns it.
+- a retry of an attempt the stale sweep has failed meanwhile stops: the retry job owns it.
 A teardown has no time limit and is never handed over: kopf releases the finalizer when its delete
 handler stops, so it must stop only once the namespace is gone (`awaiting_teardown`).
 """
@@ -78,7 +78,7 @@ def reconciling(
         raise kopf.PermanentError(failure.message) from failure
     log = env_logger(logger, env)
     if not teardown and retry > 0 and env.status.phase is Phase.FAILED and env.status.reason == "Stale":
-        # The stale sweep gave up on this attempt; the retry timer owns the object from here.
+        # The stale sweep gave up on this attempt; the retry job owns the object from here.
         reconciled(handler, "handed-over", started)
         raise kopf.PermanentError("handed over to the retry timer after the stale sweep")
     try:

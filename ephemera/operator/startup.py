@@ -22,14 +22,14 @@ from ephemera.environments import Environments
 from ephemera.github.client import GitHubAuth
 from ephemera.github.reporter import Reporter
 from ephemera.kube import Kube, KubeError, load_api_client
-from ephemera.operator import apps, health, lifecycle, timers
+from ephemera.operator import apps, health, jobs
 from ephemera.operator.metrics import observe_transition
 from ephemera.operator.runtime import Runtime
 from ephemera.previews import Previews
 from ephemera.store.engine import SchemaOutdated, check_schema, make_engine
 from ephemera.store.records import Records
-from ephemera.sweeps import Seen
 from ephemera.transitions import Transitions
+from ephemera.watchcache import Seen, Vanishing
 
 PREFIX = "ephemera.dev"
 
@@ -108,13 +108,13 @@ async def _start(cfg: Settings, priority: int, identity: str, logger: kopf.Logge
             rollouts=rollouts,
             reporter=reporter,
             phases=phases,
-            vanishing=lifecycle.Vanishing(),
+            vanishing=Vanishing(),
             warned=set(),
             kube=kube,
             records=records,
             health=await health.start(cfg.operator_host, cfg.operator_port),
         )
-        runtime.periodic.extend(timers.start(runtime, priority, identity))
+        runtime.periodic.extend(jobs.start(runtime, priority, identity))
         undo.pop_all()
     return runtime
 
@@ -141,7 +141,7 @@ def _active(kube: Kube, cfg: Settings, priority: int, identity: str) -> Callable
 
     async def active() -> bool:
         try:
-            return await asyncio.to_thread(timers.is_active, kube, cfg.peering, priority, identity)
+            return await asyncio.to_thread(jobs.is_active, kube, cfg.peering, priority, identity)
         except KubeError:
             return False
 
