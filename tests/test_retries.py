@@ -38,6 +38,14 @@ def test_once_due_a_retry_stays_due(uid: str, retries: int, age: float) -> None:
         assert retry_due(_failed(retries), SETTINGS, uid, _after(min(age + 1, 3600)))
 
 
+def test_every_check_of_one_failure_gives_the_same_answer() -> None:
+    """The jitter is drawn once per object and failure: the job checks every few seconds, and a fresh
+    draw at each check would bring the retry early (the earliest of many draws)."""
+    for n in range(50):
+        answers = {retry_due(_failed(2), SETTINGS, f"uid-{n}", _after(120)) for _ in range(10)}
+        assert len(answers) == 1
+
+
 def test_objects_that_failed_together_are_retried_spread_out() -> None:
     """Full jitter: of 200 environments failed at the same moment, some are due well before the
     plain backoff and some not yet at half of it."""
