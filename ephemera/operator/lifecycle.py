@@ -78,8 +78,12 @@ async def track(*, event: kopf.RawEvent, name: str, memo: kopf.Memo, **_: Any) -
     phases = runtime.phases
     if event.get("type") == "DELETED":
         phases.pop(name, None)
+        runtime.subjects.forget(name)
         return
-    phases[name] = Seen.from_body(dict(event.get("object") or {}))
+    obj: dict[str, Any] = dict(event.get("object") or {})
+    spec = obj.get("spec") or {}
+    runtime.subjects.remember(name, spec.get("repository"), spec.get("pullRequest"))
+    phases[name] = Seen.from_body(obj)
 
 
 def _deleted(event: kopf.RawEvent, **_: Any) -> bool:
