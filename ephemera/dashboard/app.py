@@ -18,6 +18,7 @@ from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode
 
 import aiohttp
 from aiohttp import web
@@ -121,7 +122,8 @@ async def environments_page(request: web.Request) -> web.Response:
         listed=watch.listed,
         watch_error=watch.error,
         live_version=watch.version,
-        query=request.query_string,
+        # The rows the page fetches on each change: the same filters, rebuilt from their values only.
+        query=urlencode({k: v for k, v in (("repository", repository), ("phase", phase)) if v}),
     )
 
 
