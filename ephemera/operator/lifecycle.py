@@ -243,9 +243,12 @@ async def track(*, event: kopf.RawEvent, name: str, memo: kopf.Memo, **_: Any) -
     phases = runtime.phases
     if event.get("type") == "DELETED":
         phases.pop(name, None)
+        runtime.subjects.forget(name)
         return
     obj: dict[str, Any] = dict(event.get("object") or {})
     status = obj.get("status") or {}
+    spec = obj.get("spec") or {}
+    runtime.subjects.remember(name, spec.get("repository"), spec.get("pullRequest"))
     template = status.get("template") or {}
     phases[name] = Seen(
         uid=obj["metadata"]["uid"],
