@@ -149,6 +149,16 @@ class Settings(BaseSettings):
         default_factory=list, description="More NetworkPolicy egress rules, as a JSON list of Kubernetes objects."
     )
 
+    # Dashboard (`ephemera dashboard`): a read-only page of its own, never on the webhook's listener.
+    dashboard_host: str = Field("127.0.0.1", description="Address the dashboard listens on.")
+    dashboard_port: int = Field(8082, ge=0, le=65535, description="Port of the dashboard and its /healthz.")
+    dashboard_operator_metrics_url: str | None = Field(
+        None,
+        pattern=r"^https?://",
+        description="The operator's /metrics, where the dashboard reads the GitHub rate limit left and the record "
+        "backlog; unset: those two are shown as not configured.",
+    )
+
     # Records
     database_url: str = Field(
         "sqlite+aiosqlite:///ephemera.db",
@@ -199,6 +209,31 @@ class Settings(BaseSettings):
         description="Namespace of the backstop's cursor ConfigMap; unset: EPHEMERA_WEBHOOK_NAMESPACE's rule.",
     )
 
+    # Result hooks: a signed CloudEvent to each target on every transition (ephemera/hooks.py).
+    hook_urls: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Targets of the result hooks (http(s) URLs), comma-separated or a JSON list.",
+    )
+    hook_secret: SecretStr | None = Field(
+        None, description="Key of the hooks' HMAC-SHA256 signature header (16 bytes or more; required with hooks)."
+    )
+    hook_max_attempts: int = Field(5, ge=1, description="Attempts at delivering one event to one target.")
+    hook_timeout: float = Field(10.0, gt=0, description="Seconds per hook request.")
+    hook_retry_backoff: float = Field(1.0, gt=0, description="Base of the hooks' retry backoff in seconds.")
+    hook_retry_max_delay: float = Field(60.0, gt=0, description="Longest wait between two attempts of a hook.")
+    hook_queue_limit: int = Field(10_000, ge=1, description="Hook events queued at most, over all targets.")
+
+    @field_validator("hook_urls", mode="before")
+    @classmethod
+    def _split_urls(cls, value: Any) -> Any:
+        """A JSON list, or URLs separated by commas."""
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                return json.loads(text)
+            return [part.strip() for part in text.split(",") if part.strip()]
+        return value
+
     # Policy: which PRs get a preview (README, "Policy"). Drafts: EPHEMERA_WEBHOOK_DRAFT_PRS.
     policy_allow: list[str] = Field(
         default_factory=list,
@@ -247,31 +282,6 @@ class Settings(BaseSettings):
     policy_interval: float = Field(
         5.0, gt=0, description="Seconds between the expiry and admission rounds (from memory: no API call when idle)."
     )
-
-    # Result hooks: a signed CloudEvent to each target on every transition (ephemera/hooks.py).
-    hook_urls: Annotated[list[str], NoDecode] = Field(
-        default_factory=list,
-        description="Targets of the result hooks (http(s) URLs), comma-separated or a JSON list.",
-    )
-    hook_secret: SecretStr | None = Field(
-        None, description="Key of the hooks' HMAC-SHA256 signature header (16 bytes or more; required with hooks)."
-    )
-    hook_max_attempts: int = Field(5, ge=1, description="Attempts at delivering one event to one target.")
-    hook_timeout: float = Field(10.0, gt=0, description="Seconds per hook request.")
-    hook_retry_backoff: float = Field(1.0, gt=0, description="Base of the hooks' retry backoff in seconds.")
-    hook_retry_max_delay: float = Field(60.0, gt=0, description="Longest wait between two attempts of a hook.")
-    hook_queue_limit: int = Field(10_000, ge=1, description="Hook events queued at most, over all targets.")
-
-    @field_validator("hook_urls", mode="before")
-    @classmethod
-    def _split_urls(cls, value: Any) -> Any:
-        """A JSON list, or URLs separated by commas."""
-        if isinstance(value, str):
-            text = value.strip()
-            if text.startswith("["):
-                return json.loads(text)
-            return [part.strip() for part in text.split(",") if part.strip()]
-        return value
 
     @model_validator(mode="after")
     def _check(self) -> Settings:

@@ -69,6 +69,14 @@ class Readiness(BaseModel):
     workloads: list[WorkloadRef] | None = None
 
 
+class HookTarget(BaseModel):
+    """A result hook's target (ephemera/hooks.py)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    url: str = Field(pattern=r"^https?://[^\s/]+\S*$", max_length=2048)
+
+
 ForkMode = Literal["approval", "allow", "deny"]
 
 
@@ -89,14 +97,6 @@ class RepositoryPolicy(BaseModel):
     reapprove_on_push: bool | None = Field(None, alias="reapproveOnPush")
     # How long the repositories' previews live without a push (the expiry; 0: never).
     ttl_seconds: int | None = Field(None, alias="ttlSeconds", ge=0)
-
-
-class HookTarget(BaseModel):
-    """A result hook's target (ephemera/hooks.py)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    url: str = Field(pattern=r"^https?://[^\s/]+\S*$", max_length=2048)
 
 
 class PreviewTemplateSpec(BaseModel):

@@ -5,9 +5,16 @@ and head SHA are kept in annotations on it, and every write carries the object's
 so that two webhook replicas racing on one PR cannot roll each other back. Closes are also kept in
 the cluster (`tombstones.py`), since the object they delete can no longer judge a late event.
 
+Which PRs get an environment is the policy's (`ephemera/policy.py`): every event that could create,
+update or delete one is judged first. A refused PR gets nothing; one that has an environment and is
+no longer admitted loses it, as if closed. A fork's approval is the `labeled` event of the approval
+label by someone GitHub says may write (`Writer`); it is recorded on the object, so that later events
+of the PR find it there.
+
 Nothing here is shared between the threads that run `handle` but the Kubernetes client (whose
-connection pool is thread-safe): what must be consistent lives in the API server, and every write
-there carries a resourceVersion.
+connection pool is thread-safe), the permission answers (`github.permissions`) and the templates
+read for the policy (`Policies`), each behind its lock: what must be consistent lives in the API
+server, and every write there carries a resourceVersion.
 """
 
 from __future__ import annotations
@@ -198,7 +205,7 @@ class Intake:
             return self._retrying(lambda: self._delete(event, name, delivery, reason))
         return Outcome("ignored", self.name(event), f"action {action!r} needs no change")
 
-    def decide(self, event: PullRequestEvent, name: str) -> tuple[Policy, Decision, Approval | None]:
+    def judge(self, event: PullRequestEvent, name: str) -> tuple[Policy, Decision, Approval | None]:
         """The policy's decision on the PR as the event shows it (and, for a fork's PR, the approval
         recorded on its environment `name`, or the one this event makes)."""
         policy = self.policies.of(event.repo)
@@ -213,7 +220,7 @@ class Intake:
             if label not in policy.relevant_labels():
                 return Outcome("ignored", self.name(event), f"the label {label!r} changes nothing")
         name = self._existing_name(event)
-        policy, decision, approval = self.decide(event, name)
+        policy, decision, approval = self.judge(event, name)
         if not decision.admit:
             return self._retrying(lambda: self._refused(event, name, delivery, decision))
         if action == "converted_to_draft":

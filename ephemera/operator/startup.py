@@ -26,15 +26,15 @@ from ephemera.github.reporter import Reporter
 from ephemera.hooks import Hooks
 from ephemera.kube import Kube, KubeError, load_api_client
 from ephemera.ledger import Ledger
-from ephemera.operator import apps, health, lifecycle, timers
+from ephemera.operator import apps, health, jobs
 from ephemera.operator.metrics import observe_transition
 from ephemera.operator.runtime import Runtime
 from ephemera.previews import Previews
 from ephemera.store.engine import SchemaOutdated, check_schema, make_engine
 from ephemera.store.records import Records
-from ephemera.sweeps import Seen
 from ephemera.templates import TemplateError, select
 from ephemera.transitions import Transition, Transitions
+from ephemera.watchcache import Seen, Vanishing
 
 PREFIX = "ephemera.dev"
 
@@ -55,7 +55,7 @@ async def configure(*, settings: kopf.OperatorSettings, memo: kopf.Memo, logger:
     settings.execution.max_workers = cfg.workers
     settings.queueing.worker_limit = None
     # Events: ours are posted explicitly, with their own reasons (our log lines are not posted again,
-    # see lifecycle._env_logger); of kopf's own lines only warnings and errors, not "Handler succeeded".
+    # see reconciling.env_logger); of kopf's own lines only warnings and errors, not "Handler succeeded".
     settings.posting.level = logging.WARNING
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
@@ -125,7 +125,7 @@ async def _start(cfg: Settings, priority: int, identity: str, logger: kopf.Logge
             reporter=reporter,
             hooks=hooks,
             phases=phases,
-            vanishing=lifecycle.Vanishing(),
+            vanishing=Vanishing(),
             warned=set(),
             ledger=ledger,
             admission=Admission(environments, ledger, lifetimes),
@@ -135,7 +135,7 @@ async def _start(cfg: Settings, priority: int, identity: str, logger: kopf.Logge
             records=records,
             health=await health.start(cfg.operator_host, cfg.operator_port),
         )
-        runtime.periodic.extend(timers.start(runtime, priority, identity))
+        runtime.periodic.extend(jobs.start(runtime, priority, identity))
         undo.pop_all()
     return runtime
 
@@ -180,7 +180,7 @@ def _active(kube: Kube, cfg: Settings, priority: int, identity: str) -> Callable
 
     async def active() -> bool:
         try:
-            return await asyncio.to_thread(timers.is_active, kube, cfg.peering, priority, identity)
+            return await asyncio.to_thread(jobs.is_active, kube, cfg.peering, priority, identity)
         except KubeError:
             return False
 
