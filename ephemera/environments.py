@@ -22,6 +22,7 @@ from ephemera.api.models import (
     Phase,
     PreviewEnvironmentSpec,
     PreviewEnvironmentStatus,
+    TransitionPhase,
     now_iso,
     parse_time,
 )
@@ -129,8 +130,8 @@ class Environment:
     def announcement(
         self,
         *,
-        old_phase: str | None,
-        phase: str,
+        old_phase: TransitionPhase | None,
+        phase: TransitionPhase,
         reason: str,
         message: str,
         at: str,
@@ -271,10 +272,9 @@ class Environments:
         if phase is not Phase.PROVISIONING:  # a new object's first step: its Ready (or Failed) says enough
             self.recorder(env.ref(), "Warning" if phase is Phase.FAILED else "Normal", reason, message)
         merged = {**env.status.model_dump(by_alias=True, exclude_none=True), **status}
-        old_phase = env.status.phase.value if env.status.phase else None
         self.transitions.publish(
             env.announcement(
-                old_phase=old_phase, phase=phase.value, reason=reason, message=message, at=at, status=merged
+                old_phase=env.status.phase, phase=phase, reason=reason, message=message, at=at, status=merged
             )
         )
         return replace(env, status=PreviewEnvironmentStatus.model_validate(merged))
@@ -524,7 +524,7 @@ class Environments:
         """Announce the end (the object goes once its finalizer is released; no status to write)."""
         self.transitions.publish(
             env.announcement(
-                old_phase=Phase.DESTROYING.value,
+                old_phase=Phase.DESTROYING,
                 phase=DESTROYED,
                 reason="Destroyed",
                 message="The environment's namespace is gone",

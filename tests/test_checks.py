@@ -18,6 +18,7 @@ from pydantic import SecretStr
 from devtools.controlplane import ControlPlane
 from devtools.fakegithub import FakeGitHub, Fault
 from devtools.support import Kubectl, Process, wait_for
+from ephemera.api.models import parse_phase
 from ephemera.config import Settings
 from ephemera.github.client import GitHubAuth
 from ephemera.github.markdown import code, fenced, link
@@ -213,7 +214,7 @@ def transition(
         generation=1,
         spec=spec,
         old_phase=None,
-        phase=phase,
+        phase=parse_phase(phase),
         reason=status.pop("reason", reasons.get(phase, phase)),
         message=status.pop("message", f"{phase} for commit {sha[:7]}"),
         at="2026-11-29T12:00:00Z",

@@ -20,6 +20,7 @@ import pytest
 from devtools.controlplane import REPO_ROOT, ControlPlane
 from devtools.postgres import Postgres
 from devtools.support import Kubectl, Process, process_env, wait_for
+from ephemera.api.models import parse_phase
 from ephemera.store.engine import check_schema, current_revision, head_revision, make_engine, upgrade
 from ephemera.store.records import Records
 from ephemera.transitions import Transition
@@ -151,8 +152,8 @@ def _transition(uid: str, old: str | None, phase: str, at: str, **spec: Any) -> 
         uid=uid,
         generation=1,
         spec={"repository": "octo/unit", "pullRequest": 1, "commitSha": "a" * 40, **spec},
-        old_phase=old,
-        phase=phase,
+        old_phase=parse_phase(old) if old else None,
+        phase=parse_phase(phase),
         reason=phase,
         message=f"now {phase}",
         at=at,

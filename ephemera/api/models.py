@@ -17,8 +17,6 @@ KIND = "PreviewEnvironment"
 API_VERSION = f"{GROUP}/{VERSION}"
 # kopf\'s (group, version, plural) for the PreviewEnvironment handlers.
 RESOURCE = (GROUP, VERSION, PLURAL)
-# The phase a record takes when its object is gone: the records\' and listeners\' own, never in status.
-DESTROYED = "Destroyed"
 TEMPLATE_KIND = "PreviewTemplate"
 TEMPLATE_PLURAL = "previewtemplates"
 
@@ -37,6 +35,28 @@ class Phase(StrEnum):
     UPDATING = "Updating"
     DESTROYING = "Destroying"
     FAILED = "Failed"
+
+
+class RecordPhase(StrEnum):
+    """The phases only a record takes, never an object's status: the listeners' and records' own."""
+
+    DESTROYED = "Destroyed"  # the object is gone
+
+
+DESTROYED = RecordPhase.DESTROYED
+# The phase a transition enters: one of the object's, or the end of its record.
+TransitionPhase = Phase | RecordPhase
+
+
+TRANSITION_PHASES: dict[str, TransitionPhase] = {phase.value: phase for phase in (*Phase, *RecordPhase)}
+
+
+def parse_phase(value: str) -> TransitionPhase:
+    """A phase as status or a record row writes it; ValueError for one that this version does not know."""
+    try:
+        return TRANSITION_PHASES[value]
+    except KeyError:
+        raise ValueError(f"unknown phase {value!r}: one of {', '.join(TRANSITION_PHASES)} was expected") from None
 
 
 class Resources(BaseModel):

@@ -41,6 +41,7 @@ from github.Repository import Repository
 from prometheus_client import Counter, Gauge
 
 from ephemera import backoff
+from ephemera.api.models import DESTROYED, Phase, TransitionPhase, parse_phase
 from ephemera.api.naming import CLOSED_REASON_ANNOTATION
 from ephemera.config import Settings
 from ephemera.github.client import GitHubAuth, Identity, NoCredentials, NotInstalled
@@ -73,36 +74,45 @@ TEARDOWN_REASONS = {
 # and the documentation links GitHub sends with each).
 SECONDARY_RATE_LIMIT = ("secondary rate limit", "abuse detection", "secondary-rate-limits", "abuse-rate-limits")
 
-COMMIT_STATES = {
-    "Provisioning": ("pending", "Preview environment is being provisioned"),
-    "Updating": ("pending", "Preview environment is being updated"),
-    "Ready": ("success", "Preview environment is ready"),
-    "Failed": ("failure", "Preview environment failed"),
+# Each report's state by phase; a phase that is not named here leaves that report as it is.
+COMMIT_STATES: dict[TransitionPhase, tuple[str, str]] = {
+    Phase.PROVISIONING: ("pending", "Preview environment is being provisioned"),
+    Phase.UPDATING: ("pending", "Preview environment is being updated"),
+    Phase.READY: ("success", "Preview environment is ready"),
+    Phase.FAILED: ("failure", "Preview environment failed"),
 }
-DEPLOYMENT_STATES = {
-    "Provisioning": "in_progress",
-    "Updating": "in_progress",
-    "Ready": "success",
-    "Failed": "failure",
-    "Destroying": "inactive",
+DEPLOYMENT_STATES: dict[TransitionPhase, str] = {
+    Phase.PROVISIONING: "in_progress",
+    Phase.UPDATING: "in_progress",
+    Phase.READY: "success",
+    Phase.FAILED: "failure",
+    Phase.DESTROYING: "inactive",
 }
 # A check run's status, or its conclusion once completed. Destroying completes an open run as
 # `cancelled` (see _check_run); other phases leave the commit's check run as it is.
-CHECK_RUN_STATES = {
-    "Provisioning": "in_progress",
-    "Updating": "in_progress",
-    "Ready": "success",
-    "Failed": "failure",
+CHECK_RUN_STATES: dict[TransitionPhase, str] = {
+    Phase.PROVISIONING: "in_progress",
+    Phase.UPDATING: "in_progress",
+    Phase.READY: "success",
+    Phase.FAILED: "failure",
 }
-CHECK_RUN_TITLES = {
-    "Provisioning": "Provisioning the preview",
-    "Updating": "Updating the preview",
-    "Ready": "Preview ready",
-    "Failed": "Preview failed",
-    "cancelled": "Preview torn down",
+CHECK_RUN_TITLES: dict[TransitionPhase, str] = {
+    Phase.PROVISIONING: "Provisioning the preview",
+    Phase.UPDATING: "Updating the preview",
+    Phase.READY: "Preview ready",
+    Phase.FAILED: "Preview failed",
 }
+CHECK_RUN_CANCELLED_TITLE = "Preview torn down"
+# The teardown: what ends an open check run and turns the comment into a teardown notice.
+TEARDOWN_PHASES = frozenset({Phase.DESTROYING, DESTROYED})
 PROBLEMS_SHOWN = 10  # objects a failure section lists (status.problems holds at most as many)
-ICONS = {"Ready": "🟢", "Failed": "🔴", "Destroying": "⚪", "Provisioning": "🟡", "Updating": "🟡"}
+ICONS: dict[TransitionPhase, str] = {
+    Phase.READY: "🟢",
+    Phase.FAILED: "🔴",
+    Phase.DESTROYING: "⚪",
+    Phase.PROVISIONING: "🟡",
+    Phase.UPDATING: "🟡",
+}
 
 
 class RetryLater(Exception):
@@ -164,17 +174,17 @@ def comment_body(t: Transition) -> str:
     spec, status = t.spec, t.status
     sha = str(spec["commitSha"])
     url = str(status.get("url") or "")
-    if t.phase in ("Destroying", "Destroyed"):
+    if t.phase in TEARDOWN_PHASES:
         title = f"⚪ Preview environment torn down: {TEARDOWN_REASONS[closed_reason(t.annotations)]}"
-        what = "is being removed" if t.phase == "Destroying" else "has been removed"
+        what = "is being removed" if t.phase is Phase.DESTROYING else "has been removed"
         summary = f"The environment for commit `{sha[:7]}` in namespace `{status.get('namespace', '-')}` {what}."
-    elif t.phase == "Failed":
-        title = f"{ICONS['Failed']} Preview environment: Failed"
+    elif t.phase is Phase.FAILED:
+        title = f"{ICONS[Phase.FAILED]} Preview environment: {Phase.FAILED}"
         summary = failure_section(t, detail=False)
     else:
         title = f"{ICONS.get(t.phase, '')} Preview environment: {t.phase}".strip()
         summary = t.message
-        if t.phase == "Ready" and url:
+        if t.phase is Phase.READY and url:
             summary += f"\n\n**Open the preview:** {link(url)}"
     rows = [
         ("Phase", f"**{t.phase}**"),
@@ -197,19 +207,19 @@ def check_run_output(t: Transition, state: str) -> dict[str, str]:
     namespace = code(str(t.status.get("namespace") or "-"), 80)
     url = str(t.status.get("url") or "")
     if state == "cancelled":
-        title = CHECK_RUN_TITLES["cancelled"]
+        title = CHECK_RUN_CANCELLED_TITLE
         summary = f"The environment for commit `{sha[:7]}` was torn down before it was ready."
     elif state == "in_progress":
         title = CHECK_RUN_TITLES.get(t.phase, "Preview in progress")
-        doing = "updated" if t.phase == "Updating" else "provisioned"
+        doing = "updated" if t.phase is Phase.UPDATING else "provisioned"
         summary = f"The preview of commit `{sha[:7]}` is being {doing} in namespace {namespace}."
     elif state == "success":
-        title = CHECK_RUN_TITLES["Ready"]
+        title = CHECK_RUN_TITLES[Phase.READY]
         where = f"at {link(url)}" if url else f"in namespace {namespace}"
         summary = f"The preview of commit `{sha[:7]}` is ready {where}."
     else:
         reason = re.sub(r"[^A-Za-z0-9]", "", t.reason)[:60]
-        title = f"{CHECK_RUN_TITLES['Failed']}: {reason}" if reason else CHECK_RUN_TITLES["Failed"]
+        title = f"{CHECK_RUN_TITLES[Phase.FAILED]}: {reason}" if reason else CHECK_RUN_TITLES[Phase.FAILED]
         summary = f"The preview of commit `{sha[:7]}` in namespace {namespace} failed.\n\n" + failure_section(
             t, detail=True
         )
@@ -443,7 +453,7 @@ class Reporter:
         finally:
             if done:
                 self._record(t, done)
-        if t.phase == "Destroyed":
+        if t.phase is DESTROYED:
             self._known.pop(t.uid, None)  # the object is gone: nothing more to report
             self._own_comments.pop(t.uid, None)
 
@@ -551,7 +561,7 @@ class Reporter:
         open_id = int(reported.get("checkRunId") or 0) if recorded == f"in_progress@{sha}" else 0
         state = CHECK_RUN_STATES.get(t.phase)
         if state is None:
-            if t.phase not in ("Destroying", "Destroyed") or not open_id:
+            if t.phase not in TEARDOWN_PHASES or not open_id:
                 return None
             state = "cancelled"  # torn down before it was ready: the run must not stay in progress
         key = f"{state}@{sha}"
@@ -603,7 +613,7 @@ class Reporter:
         if t.phase not in COMMIT_STATES:
             return None
         state, description = COMMIT_STATES[t.phase]
-        if t.phase == "Failed" and not t.status.get("permanent"):
+        if t.phase is Phase.FAILED and not t.status.get("permanent"):
             state = "error"
         sha = str(t.spec["commitSha"])
         key = f"{state}@{sha}"
@@ -723,19 +733,22 @@ def reported_is_current(status: dict[str, Any], spec: dict[str, Any]) -> bool:
     start-up, with no API call): the commit status, the deployment's status, the comment, and the
     check run where one was ever made for the object (never with a plain token)."""
     reported = status.get("reported") or {}
-    phase = status.get("phase")
+    try:
+        phase = parse_phase(str(status.get("phase")))
+    except ValueError:
+        return True  # no phase (or one this version does not know): nothing it would report
     sha = spec.get("commitSha")
     if phase not in COMMIT_STATES and phase not in DEPLOYMENT_STATES:
         return True
     if reported.get("checkRunId"):
-        check = CHECK_RUN_STATES.get(str(phase))
+        check = CHECK_RUN_STATES.get(phase)
         if check is not None and reported.get("checkRun") != f"{check}@{sha}":
             return False
-        if phase == "Destroying" and reported.get("checkRun") == f"in_progress@{sha}":
+        if phase is Phase.DESTROYING and reported.get("checkRun") == f"in_progress@{sha}":
             return False
     if phase in COMMIT_STATES:
         state = COMMIT_STATES[phase][0]
-        if phase == "Failed" and not status.get("permanent"):
+        if phase is Phase.FAILED and not status.get("permanent"):
             state = "error"
         if reported.get("commitStatus") != f"{state}@{sha}":
             return False

@@ -303,12 +303,14 @@ def report_resume(*, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
         env = Environment.from_body(dict(body))
     except PermanentFailure:
         return  # an invalid spec has nothing to report; its Failed status says why
+    if env.status.phase is None:
+        return  # no phase reached yet: nothing to report
     status = dict(body.get("status") or {})
     conditions = status.get("conditions") or [{}]
     memo.reporter.listener(
         env.announcement(
             old_phase=None,
-            phase=str(status.get("phase")),
+            phase=env.status.phase,
             reason=str(status.get("reason") or ""),
             message=str(status.get("message") or ""),
             at=str(conditions[0].get("lastTransitionTime") or ""),
