@@ -17,6 +17,7 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
 
+from ephemera import logs
 from ephemera.config import Settings
 from ephemera.intake import installations
 from ephemera.intake.events import BadRequest, Signature, decode_body, parse_pull_request
@@ -248,7 +249,8 @@ async def webhook(request: web.Request) -> web.Response:
         answer = result.as_json()
         if delivery:
             _remember(app[DELIVERIES], delivery, answer, settings.webhook_delivery_cache)
-        log.info("%s %s", result.action, result.reason, extra={**extra, "environment": result.name})
+        about = logs.about(result.name) if result.name else {}
+        log.info("%s %s", result.action, result.reason, extra={**extra, **about})
         return web.json_response(answer, status=202)
     except BadRequest as err:
         outcome = f"http_{err.status}"
