@@ -23,7 +23,8 @@ from ephemera.api.models import Phase
 from ephemera.api.naming import CLOSED_REASON_ANNOTATION as CLOSED_REASON
 from ephemera.config import GITHUB_SECONDARY_RATE_LIMIT_DELAY, Settings
 from ephemera.github.client import GitHubAuth, NotInstalled
-from ephemera.github.reporter import Reporter, closed_reason, marker
+from ephemera.github.outbox import Reporter
+from ephemera.github.reports import closed_reason, marker
 from ephemera.kube import Kube, load_api_client
 from ephemera.transitions import Transition
 from tests.test_operator import SHA_A, SHA_B, make_env, status, wait_phase

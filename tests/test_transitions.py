@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from ephemera.api.models import DESTROYED, TRANSITION_PHASES, Phase, RecordPhase, TransitionPhase, parse_phase
-from ephemera.github.reporter import comment_body, marker, reported_is_current
+from ephemera.github.reports import comment_body, marker, reported_is_current
 from ephemera.metrics import REGISTRY
 from ephemera.operator.metrics import observe_transition
 from ephemera.store.engine import make_engine, upgrade

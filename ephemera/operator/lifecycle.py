@@ -16,7 +16,7 @@ from ephemera import backoff
 from ephemera.api.models import KIND, RESOURCE, Phase
 from ephemera.api.naming import MANAGED_BY, MANAGED_BY_LABEL
 from ephemera.environments import Environment, Environments, Failure, PermanentFailure, Terminating
-from ephemera.github.reporter import reported_is_current
+from ephemera.github.reports import reported_is_current
 from ephemera.kube import KubeError
 from ephemera.operator.metrics import reconciled
 from ephemera.operator.runtime import Runtime
