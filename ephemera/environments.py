@@ -25,6 +25,7 @@ from ephemera.api.models import (
     TransitionPhase,
     now_iso,
     parse_time,
+    ready_condition,
 )
 from ephemera.api.naming import (
     MANAGED_BY,
@@ -242,22 +243,15 @@ class Environments:
     ) -> Environment:
         """Write the new phase to the object's status, announce it, and return the updated object."""
         at = now_iso()
-        ready = phase is Phase.READY
+        ready = ready_condition(
+            phase, reason, message, generation=env.generation, at=at, previous=env.status.conditions
+        )
         status: dict[str, Any] = {
             "phase": phase.value,
             "reason": reason,
             "message": message,
             "observedGeneration": env.generation,
-            "conditions": [
-                {
-                    "type": "Ready",
-                    "status": "True" if ready else "False",
-                    "reason": reason,
-                    "message": message,
-                    "lastTransitionTime": at,
-                    "observedGeneration": env.generation,
-                }
-            ],
+            "conditions": [ready.model_dump(by_alias=True, exclude_none=True)],
         }
         if env.status.phase != phase:
             status["lastTransitionTime"] = at

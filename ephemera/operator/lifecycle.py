@@ -154,13 +154,12 @@ def report_resume(*, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
 
 def _reached(env: Environment, phase: Phase, status: dict[str, Any]) -> Transition:
     """The state the object's status says it reached, announced again (to the reporter alone)."""
-    conditions = status.get("conditions") or [{}]
     return env.announcement(
         old_phase=None,
         phase=phase,
         reason=str(status.get("reason") or ""),
         message=str(status.get("message") or ""),
-        at=str(conditions[0].get("lastTransitionTime") or ""),
+        at=str(status.get("lastTransitionTime") or ""),  # when the phase began
         status=status,
         resumed=True,
     )

@@ -474,8 +474,10 @@ class Records:
         for obj in job.objects:
             meta, status = obj["metadata"], obj.get("status") or {}
             uid = meta["uid"]
+            # When its phase began: status.lastTransitionTime (the Ready condition's own time changes only
+            # with its status, so a Failed after a Provisioning keeps the earlier one).
             conditions = status.get("conditions") or [{}]
-            at_text = conditions[0].get("lastTransitionTime") or status.get("lastTransitionTime")
+            at_text = status.get("lastTransitionTime") or conditions[0].get("lastTransitionTime")
             if uid in ended or not status.get("phase") or not at_text:
                 continue
             try:
