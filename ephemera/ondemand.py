@@ -115,8 +115,8 @@ def pending(config_map: Obj) -> tuple[list[JobRequest], dict[str, str]]:
 # The command's side --------------------------------------------------------------------------------
 
 
-def submit(kube: Kube, namespace: str, request: JobRequest) -> None:
-    """Put the request on the ConfigMap (made if it is not there yet)."""
+def submit(kube: Kube, namespace: str, *requests: JobRequest) -> None:
+    """Put the requests on the ConfigMap (made if it is not there yet), in one write."""
     if kube.get_config_map(namespace, CONFIG_MAP) is None:
         body = {
             "apiVersion": "v1",
@@ -132,7 +132,8 @@ def submit(kube: Kube, namespace: str, request: JobRequest) -> None:
         except KubeError as err:
             if err.status != 409:  # made by another request meanwhile: fine
                 raise
-    kube.patch_config_map(namespace, CONFIG_MAP, {"metadata": {"annotations": {request.key: request.to_json()}}})
+    annotations = {request.key: request.to_json() for request in requests}
+    kube.patch_config_map(namespace, CONFIG_MAP, {"metadata": {"annotations": annotations}})
 
 
 def wait_report(
@@ -156,6 +157,12 @@ def wait_report(
 
 # The operator's side -------------------------------------------------------------------------------
 
+
+def _now() -> str:
+    """RFC 3339 UTC to the microsecond: two runs of a job are told apart even within one second."""
+    return datetime.datetime.now(datetime.UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
 Run = Callable[[JobRequest], Awaitable[dict[str, Any]]]
 
 
@@ -168,12 +175,14 @@ class JobRequests:
         namespace: str,
         run: Run,
         *,
+        locks: dict[str, asyncio.Lock],
         active: Callable[[], Awaitable[bool]],
         identity: str,
     ) -> None:
         self.kube = kube
         self.namespace = namespace
         self.run = run
+        self.locks = locks  # one per job, also held by the job's periodic run
         self.active = active
         self.identity = identity
         self._handling: set[str] = set()  # ids of requests under way here
@@ -232,22 +241,22 @@ class JobRequests:
         try:
             if not await self.active():
                 return  # the active replica answers it; this one sees it again if it becomes active
-            started = now_iso()
             log.info("job %s requested (%s%s)", request.job, request.id, ", dry run" if request.dry_run else "")
             report: dict[str, Any] = {
                 "id": request.id,
                 "job": request.job,
                 "dryRun": request.dry_run,
                 "replica": self.identity,
-                "startedAt": started,
             }
-            try:
-                report["result"] = await self.run(request)
-                report["ok"] = True
-            except Exception as err:  # the report says what went wrong; the operator goes on
-                log.exception("job %s (%s) failed", request.job, request.id)
-                report.update(ok=False, error=str(err) or type(err).__name__)
-            report["finishedAt"] = now_iso()
+            async with self.locks[request.job]:  # after any run of the same job, periodic or requested
+                report["startedAt"] = _now()
+                try:
+                    report["result"] = await self.run(request)
+                    report["ok"] = True
+                except Exception as err:  # the report says what went wrong; the operator goes on
+                    log.exception("job %s (%s) failed", request.job, request.id)
+                    report.update(ok=False, error=str(err) or type(err).__name__)
+                report["finishedAt"] = _now()
             await self._answer(request.id, report)
         finally:
             self._handling.discard(request.id)

@@ -177,11 +177,10 @@ def start(runtime: Runtime, priority: int, identity: str) -> list[asyncio.Task[N
     tasks = [asyncio.create_task(_every(seconds, job, name, active), name=name) for seconds, job, name in jobs]
 
     async def on_demand(request: JobRequest) -> dict[str, Any]:
-        async with locks[request.job]:
-            return await run_requested(runtime, request)
+        return await run_requested(runtime, request)
 
     namespace = cfg.backstop_namespace or cfg.webhook_namespace or default_namespace()
-    requests = JobRequests(runtime.kube, namespace, on_demand, active=active, identity=identity)
+    requests = JobRequests(runtime.kube, namespace, on_demand, locks=locks, active=active, identity=identity)
     tasks.append(asyncio.create_task(requests.serve(), name="job-requests"))
     return tasks
 
