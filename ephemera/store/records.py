@@ -545,6 +545,13 @@ class Records:
                 return 0
         return len(transitions)
 
+    async def purgeable(self, older_than: datetime.timedelta) -> int:
+        """How many destroyed environments `purge` would delete now (a dry run)."""
+        cutoff = _now() - older_than
+        async with AsyncSession(self.engine) as session:
+            query = sa_select(func.count()).select_from(EnvironmentRow).where(col(EnvironmentRow.destroyed_at) < cutoff)
+            return int((await session.execute(query)).scalar_one())
+
     async def purge(self, older_than: datetime.timedelta, batch: int) -> int:
         """Delete destroyed environments (and their events) older than the retention, `batch` at a time."""
         cutoff = _now() - older_than
