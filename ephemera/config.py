@@ -149,6 +149,16 @@ class Settings(BaseSettings):
         default_factory=list, description="More NetworkPolicy egress rules, as a JSON list of Kubernetes objects."
     )
 
+    # Dashboard (`ephemera dashboard`): a read-only page of its own, never on the webhook's listener.
+    dashboard_host: str = Field("127.0.0.1", description="Address the dashboard listens on.")
+    dashboard_port: int = Field(8082, ge=0, le=65535, description="Port of the dashboard and its /healthz.")
+    dashboard_operator_metrics_url: str | None = Field(
+        None,
+        pattern=r"^https?://",
+        description="The operator's /metrics, where the dashboard reads the GitHub rate limit left and the record "
+        "backlog; unset: those two are shown as not configured.",
+    )
+
     # Records
     database_url: str = Field(
         "sqlite+aiosqlite:///ephemera.db",
