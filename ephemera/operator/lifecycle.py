@@ -13,7 +13,7 @@ from ephemera import retries
 from ephemera.api.models import KIND, RESOURCE, Phase
 from ephemera.api.naming import MANAGED_BY, MANAGED_BY_LABEL
 from ephemera.environments import Environment, Environments, Failure, PermanentFailure, Terminating
-from ephemera.github.reporter import reported_is_current
+from ephemera.github.reports import reported_is_current
 from ephemera.operator.reconciling import Logger, awaiting_teardown, env_logger, reconciling
 from ephemera.operator.runtime import Runtime
 from ephemera.transitions import Transition
@@ -146,19 +146,20 @@ def report_resume(*, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
         env = Environment.from_body(dict(body))
     except PermanentFailure:
         return  # an invalid spec has nothing to report; its Failed status says why
+    if env.status.phase is None:
+        return  # no phase reached yet: nothing to report
     runtime: Runtime = memo.runtime
-    runtime.reporter.listener(_reached(env, dict(body.get("status") or {})))
+    runtime.reporter.listener(_reached(env, env.status.phase, dict(body.get("status") or {})))
 
 
-def _reached(env: Environment, status: dict[str, Any]) -> Transition:
+def _reached(env: Environment, phase: Phase, status: dict[str, Any]) -> Transition:
     """The state the object's status says it reached, announced again (to the reporter alone)."""
-    conditions = status.get("conditions") or [{}]
     return env.announcement(
         old_phase=None,
-        phase=str(status.get("phase")),
+        phase=phase,
         reason=str(status.get("reason") or ""),
         message=str(status.get("message") or ""),
-        at=str(conditions[0].get("lastTransitionTime") or ""),
+        at=str(status.get("lastTransitionTime") or ""),  # when the phase began
         status=status,
         resumed=True,
     )
