@@ -18,7 +18,7 @@ import pytest
 from devtools.controlplane import REPO_ROOT, ControlPlane
 from devtools.postgres import Postgres
 from devtools.support import Kubectl, Process
-from ephemera.api.models import parse_time
+from ephemera.api.models import parse_phase, parse_time
 from ephemera.kube import Kube
 from ephemera.ondemand import JobRequest, submit, wait_report
 from ephemera.store.engine import make_engine
@@ -60,7 +60,10 @@ def seed_destroyed(url: str) -> tuple[str, str]:
     def at(days: int, old: str | None, phase: str) -> Transition:
         when = LONG_AGO + datetime.timedelta(days=days)
         iso = when.isoformat().replace("+00:00", "Z")
-        return Transition(name, uid, 1, spec, old, phase, phase, phase, iso, {}, created=iso, occurred=when)
+        before = parse_phase(old) if old else None
+        return Transition(
+            name, uid, 1, spec, before, parse_phase(phase), phase, phase, iso, {}, created=iso, occurred=when
+        )
 
     async def write() -> None:
         records = Records(make_engine(url))
