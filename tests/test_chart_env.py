@@ -256,6 +256,7 @@ def render_cases(postgres: Postgres, app: FakeGitHub, tmp: Path) -> dict[str, tu
             "app-key": app.private_key_pem,
             "plain-token": "ghp_" + "x" * 36,
             "records-url": postgres.url,
+            "hooks-key": "a-hook-signing-secret-of-32-chars",
         }
     }
     return {

@@ -20,7 +20,7 @@ from ephemera.apply import Applier
 from ephemera.config import Settings, get_settings
 from ephemera.environments import Environments
 from ephemera.github.client import GitHubAuth
-from ephemera.github.reporter import Reporter
+from ephemera.github.outbox import Reporter
 from ephemera.hooks import Hooks
 from ephemera.kube import Kube, KubeError, load_api_client
 from ephemera.operator import apps, health, jobs
