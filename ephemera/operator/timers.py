@@ -24,7 +24,7 @@ from ephemera.backstop import Backstop
 from ephemera.environments import Environments
 from ephemera.kube import Kube, KubeError
 from ephemera.operator import apps
-from ephemera.operator.metrics import ENVIRONMENTS
+from ephemera.operator.metrics import ACTIVE, ENVIRONMENTS
 from ephemera.sweeps import Seen, Sweeper, retry
 
 log = logging.getLogger(__name__)
@@ -115,11 +115,14 @@ def start(memo: kopf.Memo, priority: int, identity: str) -> list[asyncio.Task[No
     sweeper = Sweeper(memo.environments)
 
     async def active() -> bool:
+        # Every job asks, the phase gauge every 10 s: the gauge that says so is as fresh as that.
         try:
-            return await asyncio.to_thread(is_active, memo.kube, cfg.peering, priority, identity)
+            now_active = await asyncio.to_thread(is_active, memo.kube, cfg.peering, priority, identity)
         except KubeError as err:
             log.warning("cannot tell whether this replica is the active one (%s); skipping this round", err)
-            return False
+            now_active = False
+        ACTIVE.set(1 if now_active else 0)
+        return now_active
 
     async def retries() -> None:
         seen: dict[str, Seen] = dict(memo.phases)
