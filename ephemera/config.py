@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 import re
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import Field, SecretStr, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from ephemera.api.models import REPOSITORY_PATTERN
 from ephemera.api.quantity import parse_quantity
@@ -82,7 +83,9 @@ class Settings(BaseSettings):
     sweep_interval: float = Field(5 * 60, gt=0, description="Seconds between stale/orphan sweeps.")
     retry_window: float = Field(60 * 60, gt=0, description="Failed environments younger than this are retried.")
     retry_max_attempts: int = Field(3, ge=0, description="Automatic retries of one failure at most.")
-    retry_backoff: float = Field(60.0, gt=0, description="First retry delay in seconds; doubles each attempt.")
+    retry_backoff: float = Field(
+        60.0, gt=0, description="Longest first retry wait in seconds (full jitter); doubles each attempt."
+    )
     record_retention: float = Field(7 * 24 * 3600, gt=0, description="Seconds destroyed records are kept.")
     purge_interval: float = Field(3600, gt=0, description="Seconds between purges of old records.")
     purge_batch: int = Field(500, ge=1, description="Records deleted per purge statement.")
@@ -194,6 +197,31 @@ class Settings(BaseSettings):
         description="Namespace of the backstop's cursor ConfigMap; unset: EPHEMERA_WEBHOOK_NAMESPACE's rule.",
     )
 
+    # Result hooks: a signed CloudEvent to each target on every transition (ephemera/hooks.py).
+    hook_urls: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Targets of the result hooks (http(s) URLs), comma-separated or a JSON list.",
+    )
+    hook_secret: SecretStr | None = Field(
+        None, description="Key of the hooks' HMAC-SHA256 signature header (16 bytes or more; required with hooks)."
+    )
+    hook_max_attempts: int = Field(5, ge=1, description="Attempts at delivering one event to one target.")
+    hook_timeout: float = Field(10.0, gt=0, description="Seconds per hook request.")
+    hook_retry_backoff: float = Field(1.0, gt=0, description="Base of the hooks' retry backoff in seconds.")
+    hook_retry_max_delay: float = Field(60.0, gt=0, description="Longest wait between two attempts of a hook.")
+    hook_queue_limit: int = Field(10_000, ge=1, description="Hook events queued at most, over all targets.")
+
+    @field_validator("hook_urls", mode="before")
+    @classmethod
+    def _split_urls(cls, value: Any) -> Any:
+        """A JSON list, or URLs separated by commas."""
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                return json.loads(text)
+            return [part.strip() for part in text.split(",") if part.strip()]
+        return value
+
     @model_validator(mode="after")
     def _check(self) -> Settings:
         unknown = sorted(
@@ -225,6 +253,11 @@ class Settings(BaseSettings):
         for repository in self.backstop_repositories:
             if not re.fullmatch(REPOSITORY_PATTERN, repository):
                 raise ValueError(f"EPHEMERA_BACKSTOP_REPOSITORIES: {repository!r} is not owner/name")
+        for url in self.hook_urls:
+            if not re.fullmatch(r"https?://[^\s/]+\S*", url):
+                raise ValueError(f"EPHEMERA_HOOK_URLS: {url!r} is not an http(s) URL")
+        if self.hook_urls and len((self.hook_secret or SecretStr("")).get_secret_value().encode()) < 16:
+            raise ValueError("EPHEMERA_HOOK_URLS needs EPHEMERA_HOOK_SECRET (16 bytes or more): every hook is signed")
         if self.soft_time_limit > self.hard_time_limit:
             raise ValueError("EPHEMERA_SOFT_TIME_LIMIT must not exceed EPHEMERA_HARD_TIME_LIMIT")
         return self

@@ -69,6 +69,14 @@ class Readiness(BaseModel):
     workloads: list[WorkloadRef] | None = None
 
 
+class HookTarget(BaseModel):
+    """A result hook's target (ephemera/hooks.py)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    url: str = Field(pattern=r"^https?://[^\s/]+\S*$", max_length=2048)
+
+
 class PreviewTemplateSpec(BaseModel):
     """What a matching PR's preview runs; mirrors crds/previewtemplates.yaml."""
 
@@ -81,6 +89,7 @@ class PreviewTemplateSpec(BaseModel):
     manifests: str | None = None
     helm: HelmSource | None = None
     url: str | None = Field(None, max_length=2048)
+    hooks: list[HookTarget] = Field(default_factory=list, max_length=10)
     readiness: Readiness = Field(default_factory=Readiness)
 
     @model_validator(mode="after")

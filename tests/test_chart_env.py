@@ -37,6 +37,7 @@ from devtools.fakegithub import FakeGitHub, Server
 from devtools.postgres import Postgres
 from devtools.support import Kubectl, post_webhook, wait_for
 from ephemera.api.naming import environment_name
+from tests.conftest import wait_policies_lifted
 from tests.test_github import INSTALLATION
 from tests.test_webhook import get_pe, pr_event
 
@@ -270,6 +271,7 @@ def applied(kubectl: Kubectl, crd: Path) -> Iterator[list[dict[str, Any]]]:
     yield objects
     for doc in reversed(objects):
         kubectl.run("delete", "--ignore-not-found", "--wait=false", "-f", "-", input=json.dumps(doc), check=False)
+    wait_policies_lifted(kubectl)
 
 
 @pytest.mark.parametrize("case", ["defaults", "every-option"])

@@ -16,6 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from devtools.controlplane import ControlPlane
 from devtools.support import Kubectl, Process, post_webhook, wait_for
 from ephemera.api.models import Phase
+from ephemera.hooks import OUTCOMES as HOOK_OUTCOMES
 from ephemera.operator.metrics import HANDLERS, OUTCOMES, TRANSITION_PHASES, reconciled
 from ephemera.webhook.app import ACTION_LABELS, EVENT_LABELS, OUTCOME_LABELS, Metrics, outcome_label
 from tests.conftest import WEBHOOK_SECRET
@@ -49,6 +50,7 @@ FIXED_LABELS: dict[str, dict[str, frozenset[str] | None]] = {
         "outcome": OUTCOME_LABELS | {"other"},
     },
     "ephemera_webhook_latency_seconds": {},
+    "ephemera_hook_deliveries": {"outcome": frozenset(HOOK_OUTCOMES)},
 }
 UNIT_SUFFIXES = ("_seconds", "_bytes")
 
