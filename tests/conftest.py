@@ -170,7 +170,13 @@ def wait_policies_lifted(kubectl: Kubectl) -> None:
             "apiVersion": "ephemera.dev/v1alpha1",
             "kind": "PreviewEnvironment",
             "metadata": {"name": f"policy-probe-{uuid.uuid4().hex[:8]}"},
-            "spec": {"repository": "octo/probe", "pullRequest": 1, "commitSha": "a" * 40, "installationId": 1},
+            "spec": {
+                "repository": "octo/probe",
+                "pullRequest": 1,
+                "commitSha": "a" * 40,
+                "branch": "main",
+                "installationId": 1,
+            },
         }
         return kubectl.run("create", "--dry-run=server", "-f", "-", input=json.dumps(body), check=False).returncode == 0
 
