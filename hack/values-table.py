@@ -67,7 +67,7 @@ def main() -> int:
     fresh = rendered(current)
     if args.check:
         if fresh != current:
-            print(f"{README} is out of date: run python hack/values-table.py", file=sys.stderr)
+            print(f"{README} is out of date: run make chart-readme", file=sys.stderr)
             return 1
         return 0
     README.write_text(fresh)
