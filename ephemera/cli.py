@@ -1,4 +1,5 @@
-"""The `ephemera` command: `operator`, `webhook`, `db`, `environments` (`kubectl ephemera` is ephemera/plugin.py)."""
+"""The `ephemera` command: `operator`, `webhook`, `dashboard`, `db`, `environments` (`kubectl ephemera` is
+ephemera/plugin.py)."""
 
 from __future__ import annotations
 
@@ -42,7 +43,7 @@ def run_operator(args: argparse.Namespace) -> int:
     if priority is None:
         priority = secrets.randbelow(1_000_000) + 1
     # Chosen here rather than by kopf, so that the operator-wide jobs can find this replica's own
-    # entry in the peering object (timers.is_active). POD_ID wins, as in kopf.
+    # entry in the peering object (jobs.is_active). POD_ID wins, as in kopf.
     identity = os.environ.get("POD_ID") or f"ephemera@{socket.gethostname()}/{secrets.token_hex(4)}"
     kopf.run(
         clusterwide=True,
@@ -57,6 +58,15 @@ def run_operator(args: argparse.Namespace) -> int:
 
 def run_webhook(args: argparse.Namespace) -> int:
     from ephemera.webhook import app
+
+    settings = _settings()
+    logs.configure(settings.log_level, settings.log_format)
+    app.run(settings)
+    return 0
+
+
+def run_dashboard(args: argparse.Namespace) -> int:
+    from ephemera.dashboard import app
 
     settings = _settings()
     logs.configure(settings.log_level, settings.log_format)
@@ -242,6 +252,9 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("operator", help="run the kopf operator").set_defaults(func=run_operator)
     commands.add_parser("webhook", help="run the GitHub webhook receiver").set_defaults(func=run_webhook)
+    commands.add_parser(
+        "dashboard", help="run the read-only dashboard page (environments, history, totals)"
+    ).set_defaults(func=run_dashboard)
 
     db = commands.add_parser("db", help="the records database").add_subparsers(dest="db_command", required=True)
     db.add_parser("upgrade", help="apply the schema migrations").set_defaults(func=db_upgrade)

@@ -8,7 +8,7 @@ import os
 import re
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -21,6 +21,8 @@ NOT_SETTINGS = frozenset({"EPHEMERA_CACHE", "EPHEMERA_SOAK", "EPHEMERA_TOOLS_DIR
 
 # After a secondary rate limit that names no Retry-After, GitHub asks for "at least one minute".
 GITHUB_SECONDARY_RATE_LIMIT_DELAY = 60.0
+# An allowlist entry: an owner (user or organisation) or owner/name.
+ALLOW_ENTRY = r"^[A-Za-z0-9][A-Za-z0-9-]{0,38}(_[A-Za-z0-9]{1,38})?(/[A-Za-z0-9._-]{1,100})?$"
 
 
 class Settings(BaseSettings):
@@ -147,6 +149,16 @@ class Settings(BaseSettings):
         default_factory=list, description="More NetworkPolicy egress rules, as a JSON list of Kubernetes objects."
     )
 
+    # Dashboard (`ephemera dashboard`): a read-only page of its own, never on the webhook's listener.
+    dashboard_host: str = Field("127.0.0.1", description="Address the dashboard listens on.")
+    dashboard_port: int = Field(8082, ge=0, le=65535, description="Port of the dashboard and its /healthz.")
+    dashboard_operator_metrics_url: str | None = Field(
+        None,
+        pattern=r"^https?://",
+        description="The operator's /metrics, where the dashboard reads the GitHub rate limit left and the record "
+        "backlog; unset: those two are shown as not configured.",
+    )
+
     # Records
     database_url: str = Field(
         "sqlite+aiosqlite:///ephemera.db",
@@ -222,6 +234,36 @@ class Settings(BaseSettings):
             return [part.strip() for part in text.split(",") if part.strip()]
         return value
 
+    # Policy: which PRs get a preview (README, "Policy"). Drafts: EPHEMERA_WEBHOOK_DRAFT_PRS.
+    policy_allow: list[str] = Field(
+        default_factory=list,
+        description='Owners and repositories whose PRs may get a preview, as JSON: ["octo-org", "octo/shop"]; '
+        "empty: every repository the App is installed on (or the token reaches).",
+    )
+    policy_bot_authors: list[str] = Field(
+        default_factory=lambda: ["dependabot[bot]", "renovate[bot]"],
+        description="Logins whose PRs get no preview (case-insensitive), as JSON; [] admits bots.",
+    )
+    policy_skip_all_bots: bool = Field(
+        False, description="Also refuse every PR whose author GitHub marks as a bot (user.type Bot)."
+    )
+    policy_opt_in: bool = Field(
+        False, description="Opt-in mode: only PRs labelled EPHEMERA_POLICY_OPT_IN_LABEL get a preview."
+    )
+    policy_opt_in_label: str = Field(
+        "preview", min_length=1, max_length=50, description="The label that opts a PR in (opt-in mode)."
+    )
+    policy_forks: Literal["approval", "allow", "deny"] = Field(
+        "approval",
+        description="PRs from forks: `approval` (a writer applies EPHEMERA_POLICY_APPROVAL_LABEL), `allow`, `deny`.",
+    )
+    policy_approval_label: str = Field(
+        "preview-approved", min_length=1, max_length=50, description="The label by which a writer approves a fork."
+    )
+    policy_reapprove_on_push: bool = Field(
+        True, description="A push to an approved fork's PR removes its preview until a writer approves again."
+    )
+
     @model_validator(mode="after")
     def _check(self) -> Settings:
         unknown = sorted(
@@ -250,6 +292,9 @@ class Settings(BaseSettings):
                 ipaddress.ip_network(cidr, strict=True)
             except ValueError as err:
                 raise ValueError(f"EPHEMERA_EGRESS_ALLOW_CIDRS: {err} (write a network, e.g. 10.20.0.0/16)") from err
+        for entry in self.policy_allow:
+            if not re.fullmatch(ALLOW_ENTRY, entry):
+                raise ValueError(f"EPHEMERA_POLICY_ALLOW: {entry!r} is neither an owner nor owner/name")
         for repository in self.backstop_repositories:
             if not re.fullmatch(REPOSITORY_PATTERN, repository):
                 raise ValueError(f"EPHEMERA_BACKSTOP_REPOSITORIES: {repository!r} is not owner/name")

@@ -64,6 +64,9 @@ TEARDOWN_REASONS = {
     "merged": "the PR was merged",
     "closed": "the PR was closed",
     "converted-to-draft": "the PR was converted to draft",
+    "opt-in-label-removed": "the PR's opt-in label was removed",
+    "approval-needed": "a new push from the fork needs approval again (a writer re-applies the approval label)",
+    "policy": "the policy no longer admits the PR",
     "deleted": "the environment was deleted",
     "unknown": "the environment was deleted",
 }

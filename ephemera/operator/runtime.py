@@ -20,11 +20,10 @@ from ephemera.hooks import Hooks
 from ephemera.kube import Kube
 from ephemera.logs import Subjects
 from ephemera.store.records import Records
-from ephemera.sweeps import Seen
+from ephemera.watchcache import Seen, Vanishing
 
-if TYPE_CHECKING:  # handler modules, which read the runtime themselves
+if TYPE_CHECKING:  # a handler module, which reads the runtime itself
     from ephemera.operator.apps import Rollouts, Settler, Templates
-    from ephemera.operator.lifecycle import Vanishing
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -23,15 +23,15 @@ from ephemera.github.client import GitHubAuth
 from ephemera.github.reporter import Reporter
 from ephemera.hooks import Hooks
 from ephemera.kube import Kube, KubeError, load_api_client
-from ephemera.operator import apps, health, lifecycle, timers
+from ephemera.operator import apps, health, jobs
 from ephemera.operator.metrics import observe_transition
 from ephemera.operator.runtime import Runtime
 from ephemera.previews import Previews
 from ephemera.store.engine import SchemaOutdated, check_schema, make_engine
 from ephemera.store.records import Records
-from ephemera.sweeps import Seen
 from ephemera.templates import TemplateError, select
 from ephemera.transitions import Transition, Transitions
+from ephemera.watchcache import Seen, Vanishing
 
 PREFIX = "ephemera.dev"
 
@@ -52,7 +52,7 @@ async def configure(*, settings: kopf.OperatorSettings, memo: kopf.Memo, logger:
     settings.execution.max_workers = cfg.workers
     settings.queueing.worker_limit = None
     # Events: ours are posted explicitly, with their own reasons (our log lines are not posted again,
-    # see lifecycle._env_logger); of kopf's own lines only warnings and errors, not "Handler succeeded".
+    # see reconciling.env_logger); of kopf's own lines only warnings and errors, not "Handler succeeded".
     settings.posting.level = logging.WARNING
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
@@ -117,14 +117,14 @@ async def _start(cfg: Settings, priority: int, identity: str, logger: kopf.Logge
             reporter=reporter,
             hooks=hooks,
             phases=phases,
-            vanishing=lifecycle.Vanishing(),
+            vanishing=Vanishing(),
             warned=set(),
             subjects=subjects,
             kube=kube,
             records=records,
             health=await health.start(cfg.operator_host, cfg.operator_port),
         )
-        runtime.periodic.extend(timers.start(runtime, priority, identity))
+        runtime.periodic.extend(jobs.start(runtime, priority, identity))
         undo.pop_all()
     return runtime
 
@@ -169,7 +169,7 @@ def _active(kube: Kube, cfg: Settings, priority: int, identity: str) -> Callable
 
     async def active() -> bool:
         try:
-            return await asyncio.to_thread(timers.is_active, kube, cfg.peering, priority, identity)
+            return await asyncio.to_thread(jobs.is_active, kube, cfg.peering, priority, identity)
         except KubeError:
             return False
 

@@ -1,11 +1,12 @@
-"""Timers and periodic jobs in place of Celery Beat.
+"""The operator-wide periodic jobs, in place of Celery Beat (asyncio tasks, not kopf timers).
 
 One task each for the whole operator, working from what the watch already keeps in memory, so that
 an idle environment costs no API call: retries of Failed environments (backoff and cap), the sweep
-(stale phases, lost namespaces, orphans), the purge of old records, the records resync and the phase
-gauge; and the backstop (`ephemera/backstop.py`), which lists GitHub's open PRs and so costs requests
-to GitHub, not to the API server, every EPHEMERA_PR_RESYNC_INTERVAL. A person's retry (the
-`ephemera.dev/retry` annotation) is a kopf field handler.
+(stale phases, lost namespaces, orphans), the rollout deadlines, the purge of old records, the
+records resync and the phase gauge; and the backstop (`ephemera/backstop.py`), which lists GitHub's
+open PRs and so costs requests to GitHub, not to the API server, every EPHEMERA_PR_RESYNC_INTERVAL.
+Only the active replica runs them (`is_active`). A person's retry (the `ephemera.dev/retry`
+annotation) is a kopf handler in lifecycle.py.
 """
 
 from __future__ import annotations
@@ -16,39 +17,19 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import kopf
-
-from ephemera.api.models import RESOURCE, Phase, parse_time
+from ephemera.api.models import Phase, parse_time
 from ephemera.backstop import Backstop
 from ephemera.kube import Kube, KubeError
 from ephemera.operator import apps
 from ephemera.operator.metrics import ACTIVE, ENVIRONMENTS
 from ephemera.operator.runtime import Runtime
-from ephemera.sweeps import Seen, Sweeper, retry, retry_requested
+from ephemera.retries import retry_due_ones
+from ephemera.sweeps import Sweeper
+from ephemera.watchcache import Seen
 
 log = logging.getLogger(__name__)
 RETRY_CHECK_INTERVAL = 5.0
 ROLLOUT_CHECK_INTERVAL = 10.0
-
-
-def _retry_requested(body: kopf.Body, **_: Any) -> bool:
-    return retry_requested(body) is not None
-
-
-# Filtered by `when`, so that the many events of the objects nobody asked to retry cost no thread.
-@kopf.on.event(*RESOURCE, id="manual-retry", when=_retry_requested)
-def manual_retry(*, body: kopf.Body, memo: kopf.Memo, logger: kopf.Logger, **_: Any) -> None:
-    """`kubectl annotate pe NAME ephemera.dev/retry=<anything new> --overwrite` (or `ephemera environments retry`).
-
-    An event handler, not a field handler: the annotation lives outside what kopf diffs.
-    """
-    request = retry_requested(body)
-    if request is None:
-        return
-    if (body.get("status") or {}).get("phase") not in (Phase.FAILED.value, Phase.READY.value):
-        return  # under way already: the running handler will settle it
-    runtime: Runtime = memo.runtime
-    retry(runtime.environments, dict(body), manual=request, logger=logger)
 
 
 def _alive(peer: dict[str, Any], now: datetime.datetime, *, unknown: bool) -> bool:
@@ -123,7 +104,7 @@ def start(runtime: Runtime, priority: int, identity: str) -> list[asyncio.Task[N
     async def retries() -> None:
         seen: dict[str, Seen] = dict(runtime.phases)
         if any(item.phase == Phase.FAILED.value for item in seen.values()):
-            await asyncio.to_thread(sweeper.retry_due_ones, seen, log)
+            await asyncio.to_thread(retry_due_ones, runtime.environments, seen, log)
 
     async def sweep() -> None:
         seen: dict[str, Seen] = dict(runtime.phases)
