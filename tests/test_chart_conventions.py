@@ -116,6 +116,7 @@ def test_fullname_and_name_overrides_are_honoured_everywhere(control_plane: Cont
         "--set", "metrics.serviceMonitor.enabled=true",
         "--set", "metrics.prometheusRule.enabled=true",
         "--set", "metrics.dashboard.enabled=true",
+        "--set", "dashboard.enabled=true",
         "--set", "webhook.ingress.enabled=true",
         "--set", "rbac.viewers[0].kind=Group",
         "--set", "rbac.viewers[0].name=devs",
