@@ -19,10 +19,12 @@ from pydantic import SecretStr
 from devtools.controlplane import ControlPlane
 from devtools.fakegithub import FakeGitHub, Fault, recorded
 from devtools.support import Kubectl, Process, wait_for
+from ephemera.api.models import Phase
 from ephemera.api.naming import CLOSED_REASON_ANNOTATION as CLOSED_REASON
 from ephemera.config import GITHUB_SECONDARY_RATE_LIMIT_DELAY, Settings
 from ephemera.github.client import GitHubAuth, NotInstalled
-from ephemera.github.reporter import Reporter, closed_reason, marker
+from ephemera.github.outbox import Reporter
+from ephemera.github.reports import closed_reason, marker
 from ephemera.kube import Kube, load_api_client
 from ephemera.transitions import Transition
 from tests.test_operator import SHA_A, SHA_B, make_env, status, wait_phase
@@ -106,6 +108,7 @@ def test_full_lifecycle_reports_in_order(operator: Process, kubectl: Kubectl, gi
     remaining = re.search(r"^ephemera_github_rate_limit_remaining (\S+)$", text, re.M)
     assert remaining is not None
     assert 0 < float(remaining.group(1)) < 5000
+    assert re.search(r"^ephemera_github_rate_limit_limit 5000\.0$", text, re.M)  # what the alert divides by
     assert 'ephemera_github_reports_total{kind="comment",outcome="success"}' in text
     # Every call carried an installation token of the App's installation, but the App's question (with
     # its JWT) of which installation covers the repository: asked once.
@@ -218,8 +221,8 @@ def transition(repo: str, pr: int, *, installation: int | None = None, **status:
         uid=str(uuid.uuid4()),
         generation=1,
         spec=spec,
-        old_phase="Provisioning",
-        phase="Ready",
+        old_phase=Phase.PROVISIONING,
+        phase=Phase.READY,
         reason="Ready",
         message="Preview environment is ready",
         at="2026-11-29T11:00:00Z",

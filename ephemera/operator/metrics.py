@@ -9,14 +9,12 @@ import time
 
 from prometheus_client import Counter, Gauge, Histogram
 
-from ephemera.api.models import DESTROYED, Phase, parse_time
+from ephemera.api.models import TRANSITION_PHASES, Phase, parse_time
 from ephemera.metrics import REGISTRY
 from ephemera.transitions import Transition
 
 HANDLERS = ("provision", "update", "resume", "destroy")
 OUTCOMES = ("success", "retry", "failure", "handed-over")
-# The phases a transition enters: the object's phases, and Destroyed (the object is gone).
-TRANSITION_PHASES = (*(phase.value for phase in Phase), DESTROYED)
 
 RECONCILES = Counter(
     "ephemera_reconciles",
@@ -43,6 +41,12 @@ TIME_TO_READY = Histogram(
     buckets=(0.25, 0.5, 1, 2, 5, 10, 30, 60, 300, 1800),
     registry=REGISTRY,
 )
+ACTIVE = Gauge(
+    "ephemera_operator_active",
+    "1 while this replica is the active one (it runs the operator-wide jobs and sets the phase gauge); 0 on a "
+    "standby, or when it cannot tell (the API server does not answer).",
+    registry=REGISTRY,
+)
 TRANSITIONS = Counter("ephemera_transitions", "Phase transitions, by the phase entered.", ["phase"], registry=REGISTRY)
 
 for _handler in HANDLERS:
@@ -51,6 +55,7 @@ for _handler in HANDLERS:
         RECONCILES.labels(_handler, _outcome)
 for _phase in Phase:
     ENVIRONMENTS.labels(_phase.value)
+# The phases a transition enters: the object's phases, and Destroyed (the object is gone).
 for _entered in TRANSITION_PHASES:
     TRANSITIONS.labels(_entered)
 
@@ -68,10 +73,8 @@ def reconciled(handler: str, outcome: str, started: float) -> None:
 
 def observe_transition(transition: Transition) -> None:
     """A transition listener: counts transitions and times the first Ready."""
-    if transition.phase not in TRANSITION_PHASES:
-        raise ValueError(f"unknown phase {transition.phase!r}")
-    TRANSITIONS.labels(transition.phase).inc()
-    if transition.phase == "Ready" and transition.old_phase == "Provisioning":
+    TRANSITIONS.labels(transition.phase.value).inc()
+    if transition.phase is Phase.READY and transition.old_phase is Phase.PROVISIONING:
         created, ready = parse_time(transition.created), parse_time(transition.at)
         if created and ready:
             TIME_TO_READY.observe(max(0.0, (ready - created).total_seconds()))

@@ -17,7 +17,7 @@ from ephemera.admission import Admission
 from ephemera.config import Settings
 from ephemera.environments import Environments
 from ephemera.expiry import Expiry
-from ephemera.github.reporter import Reporter
+from ephemera.github.outbox import Reporter
 from ephemera.hooks import Hooks
 from ephemera.kube import Kube
 from ephemera.ledger import Ledger
