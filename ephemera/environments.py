@@ -22,8 +22,10 @@ from ephemera.api.models import (
     Phase,
     PreviewEnvironmentSpec,
     PreviewEnvironmentStatus,
+    TransitionPhase,
     now_iso,
     parse_time,
+    ready_condition,
 )
 from ephemera.api.naming import (
     MANAGED_BY,
@@ -129,8 +131,8 @@ class Environment:
     def announcement(
         self,
         *,
-        old_phase: str | None,
-        phase: str,
+        old_phase: TransitionPhase | None,
+        phase: TransitionPhase,
         reason: str,
         message: str,
         at: str,
@@ -241,22 +243,15 @@ class Environments:
     ) -> Environment:
         """Write the new phase to the object's status, announce it, and return the updated object."""
         at = now_iso()
-        ready = phase is Phase.READY
+        ready = ready_condition(
+            phase, reason, message, generation=env.generation, at=at, previous=env.status.conditions
+        )
         status: dict[str, Any] = {
             "phase": phase.value,
             "reason": reason,
             "message": message,
             "observedGeneration": env.generation,
-            "conditions": [
-                {
-                    "type": "Ready",
-                    "status": "True" if ready else "False",
-                    "reason": reason,
-                    "message": message,
-                    "lastTransitionTime": at,
-                    "observedGeneration": env.generation,
-                }
-            ],
+            "conditions": [ready.model_dump(by_alias=True, exclude_none=True)],
         }
         if env.status.phase != phase:
             status["lastTransitionTime"] = at
@@ -271,10 +266,9 @@ class Environments:
         if phase is not Phase.PROVISIONING:  # a new object's first step: its Ready (or Failed) says enough
             self.recorder(env.ref(), "Warning" if phase is Phase.FAILED else "Normal", reason, message)
         merged = {**env.status.model_dump(by_alias=True, exclude_none=True), **status}
-        old_phase = env.status.phase.value if env.status.phase else None
         self.transitions.publish(
             env.announcement(
-                old_phase=old_phase, phase=phase.value, reason=reason, message=message, at=at, status=merged
+                old_phase=env.status.phase, phase=phase, reason=reason, message=message, at=at, status=merged
             )
         )
         return replace(env, status=PreviewEnvironmentStatus.model_validate(merged))
@@ -541,7 +535,7 @@ class Environments:
         """Announce the end (the object goes once its finalizer is released; no status to write)."""
         self.transitions.publish(
             env.announcement(
-                old_phase=Phase.DESTROYING.value,
+                old_phase=Phase.DESTROYING,
                 phase=DESTROYED,
                 reason="Destroyed",
                 message="The environment's namespace is gone",

@@ -23,7 +23,7 @@ import yaml
 from ephemera import __version__
 from ephemera.api.models import KIND, parse_time
 from ephemera.api.naming import EXPIRES_AT_ANNOTATION, KEEP_ANNOTATION
-from ephemera.cli import history_data, print_history, print_table, request_retry
+from ephemera.cli import add_job_arguments, history_data, print_history, print_table, request_job, request_retry
 from ephemera.durations import format_time, parse_duration
 from ephemera.kube import Kube, KubeError, load_api_client
 
@@ -336,6 +336,14 @@ def extend(args: argparse.Namespace) -> int:
     return _annotate(args, later, lambda done: f"extended: expires at {done[EXPIRES_AT_ANNOTATION]} at the earliest")
 
 
+def jobs_run(args: argparse.Namespace) -> int:
+    kube = _kube(args)
+    try:
+        return request_job(kube, args.namespace or "default", args)
+    finally:
+        kube.close()
+
+
 def version(args: argparse.Namespace) -> int:
     output = _output(args)
     if output in ("json", "yaml"):
@@ -384,6 +392,13 @@ def build_parser() -> argparse.ArgumentParser:
     extending.add_argument("name")
     extending.add_argument("duration", help="e.g. 2h, 3d, 1h30m")
     extending.set_defaults(func=extend)
+    jobs = commands.add_parser("jobs", parents=[common], help="the operator's periodic jobs, run now")
+    jobs_commands = jobs.add_subparsers(dest="jobs_command", required=True)
+    running = jobs_commands.add_parser(
+        "run", parents=[common], help="ask the active operator replica to run a job now; prints its report"
+    )
+    add_job_arguments(running)
+    running.set_defaults(func=jobs_run)
     commands.add_parser("version", parents=[common], help="print Ephemera's version").set_defaults(func=version)
     return parser
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import datetime
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ephemera.api.models import GROUP, KIND, Phase, parse_time
 from ephemera.api.naming import (
@@ -34,6 +34,8 @@ class SweepReport:
     recreated: int = 0
     orphans: int = 0
     stuck_deletions: int = 0
+    # What was done to which object (or would have been, in a dry run), for `ephemera jobs run sweep`.
+    actions: list[str] = field(default_factory=list)
 
     def __bool__(self) -> bool:
         return bool(self.stale or self.recreated or self.orphans or self.stuck_deletions)
@@ -71,14 +73,24 @@ def made_by_ephemera(namespace: Obj, prefix: str) -> tuple[str, str] | None:
 
 
 class Sweeper:
-    def __init__(self, service: Environments, selector: str = f"{MANAGED_BY_LABEL}={MANAGED_BY}") -> None:
+    def __init__(
+        self, service: Environments, selector: str = f"{MANAGED_BY_LABEL}={MANAGED_BY}", *, dry_run: bool = False
+    ) -> None:
         self.service = service
         self.kube = service.kube
         self.settings = service.settings
         self.selector = selector  # the namespaces the sweep reads: Ephemera's label
+        self.dry_run = dry_run  # judge everything as usual, change nothing
+        self._actions: list[str] = []
+
+    def _act(self, action: str) -> bool:
+        """Note `action`; whether to carry it out (not in a dry run)."""
+        self._actions.append(action)
+        return not self.dry_run
 
     def sweep(self, seen: dict[str, Seen]) -> SweepReport:
-        report = SweepReport()
+        self._actions = []
+        report = SweepReport(actions=self._actions)
         now = datetime.datetime.now(datetime.UTC)
         threshold = self.settings.stale_threshold
         for name, item in list(seen.items()):
@@ -118,7 +130,8 @@ class Sweeper:
             f"Stuck in {env.status.phase.value} for more than {self.settings.stale_threshold:.0f} s "
             "(EPHEMERA_STALE_THRESHOLD); see the Events for the cause. It is retried automatically.",
         )
-        self.service.fail(env, failure)
+        if self._act(f"stale: {name} failed after {env.status.phase.value} for too long"):
+            self.service.fail(env, failure)
         return 1
 
     def _unstick(self, name: str) -> int:
@@ -131,8 +144,9 @@ class Sweeper:
         existing = self.kube.get_namespace(namespace)
         if existing is None or not self.service.owns(env, existing):
             return 0
-        self.kube.delete_namespace(namespace, existing["metadata"]["uid"])
-        self.service.report_stuck(env, [namespace], self.settings.stale_threshold, "EPHEMERA_STALE_THRESHOLD")
+        if self._act(f"stuck deletion: namespace {namespace} of {name} deleted again"):
+            self.kube.delete_namespace(namespace, existing["metadata"]["uid"])
+            self.service.report_stuck(env, [namespace], self.settings.stale_threshold, "EPHEMERA_STALE_THRESHOLD")
         return 1
 
     def _recreate_missing(self, seen: dict[str, Seen], namespaces: dict[str, Obj]) -> int:
@@ -149,6 +163,9 @@ class Sweeper:
                 continue
             env = Environment.from_body(body)
             if env.status.phase is not Phase.READY or (env.status.namespace or "") in namespaces:
+                continue
+            if not self._act(f"lost namespace: {name}'s namespace re-created"):
+                recreated += 1
                 continue
             try:
                 self.service.provision(env, updating=True, logger=log)
@@ -186,7 +203,10 @@ class Sweeper:
                 return deleted
             if uid in listed:
                 continue
-            log.warning("deleting orphan namespace %s (its PreviewEnvironment %s %s is gone)", meta["name"], name, uid)
-            self.kube.delete_namespace(meta["name"], meta["uid"])
+            if self._act(f"orphan: namespace {meta['name']} deleted (its PreviewEnvironment {name} is gone)"):
+                log.warning(
+                    "deleting orphan namespace %s (its PreviewEnvironment %s %s is gone)", meta["name"], name, uid
+                )
+                self.kube.delete_namespace(meta["name"], meta["uid"])
             deleted += 1
         return deleted

@@ -298,7 +298,9 @@ def test_processes_run_a_full_lifecycle_under_the_charts_identities(
 ) -> None:
     op_config = token_kubeconfig(kubectl, control_plane, "ephemera-operator", tmp_path / "operator.kubeconfig")
     wh_config = token_kubeconfig(kubectl, control_plane, "ephemera-webhook", tmp_path / "webhook.kubeconfig")
-    op_env = process_env(op_config, tmp_path, EPHEMERA_PEERING="ephemera")
+    # The release's namespace, as the chart's Deployment sets it: the operator's ConfigMaps (the backstop's,
+    # the job requests') are there, where its Roles are.
+    op_env = process_env(op_config, tmp_path, EPHEMERA_PEERING="ephemera", EPHEMERA_WEBHOOK_NAMESPACE=NAMESPACE)
     db_upgrade(op_env)
     wh_env = process_env(
         wh_config, tmp_path, EPHEMERA_WEBHOOK_SECRET=WEBHOOK_SECRET, EPHEMERA_WEBHOOK_NAMESPACE=NAMESPACE

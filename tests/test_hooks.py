@@ -22,6 +22,7 @@ from pydantic import SecretStr
 
 from devtools.controlplane import ControlPlane, free_port
 from devtools.support import Kubectl, Process, process_env, wait_for
+from ephemera.api.models import parse_phase
 from ephemera.config import Settings
 from ephemera.hooks import CONTENT_TYPE, SIGNATURE_HEADER, Hooks, cloud_event
 from ephemera.metrics import REGISTRY
@@ -111,7 +112,9 @@ def receiver() -> Iterator[Receiver]:
 
 def transition(name: str, uid: str, old: str | None, phase: str, **status: Any) -> Transition:
     spec = {"repository": "octo-org/hooks", "pullRequest": 4, "commitSha": SHA_A}
-    return Transition(name, uid, 1, spec, old, phase, f"{phase}Reason", f"now {phase}", "2026-01-01T00:00:00Z", status)
+    old_phase = parse_phase(old) if old else None
+    at = "2026-01-01T00:00:00Z"
+    return Transition(name, uid, 1, spec, old_phase, parse_phase(phase), f"{phase}Reason", f"now {phase}", at, status)
 
 
 def test_the_cloud_event_of_a_transition() -> None:

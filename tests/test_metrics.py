@@ -15,9 +15,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from devtools.controlplane import ControlPlane
 from devtools.support import Kubectl, Process, post_webhook, wait_for
-from ephemera.api.models import Phase
+from ephemera.api.models import TRANSITION_PHASES, Phase
 from ephemera.hooks import OUTCOMES as HOOK_OUTCOMES
-from ephemera.operator.metrics import HANDLERS, OUTCOMES, TRANSITION_PHASES, reconciled
+from ephemera.operator.metrics import HANDLERS, OUTCOMES, reconciled
 from ephemera.policy import REFUSALS
 from ephemera.webhook.app import ACTION_LABELS, EVENT_LABELS, OUTCOME_LABELS, Metrics, outcome_label
 from tests.conftest import WEBHOOK_SECRET

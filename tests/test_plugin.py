@@ -18,6 +18,7 @@ import yaml
 
 from devtools.controlplane import REPO_ROOT, ControlPlane, free_port
 from devtools.support import Kubectl
+from ephemera.api.models import parse_phase
 from ephemera.api.naming import EXPIRES_AT_ANNOTATION, KEEP_ANNOTATION, RETRY_ANNOTATION
 from ephemera.kube import Kube, load_api_client
 from ephemera.plugin import current_expiry
@@ -133,7 +134,10 @@ def test_plugin_honours_context(control_plane: ControlPlane, crd: Path, kubectl:
 
 def transition(name: str, uid: str, old: str | None, phase: str, reason: str, at: str) -> Transition:
     spec = {"repository": "octo-org/plugin", "pullRequest": 9, "commitSha": SHA_A}
-    return Transition(name, uid, 1, spec, old, phase, reason, f"{reason} happened", at, {}, created=at)
+    old_phase = parse_phase(old) if old else None
+    return Transition(
+        name, uid, 1, spec, old_phase, parse_phase(phase), reason, f"{reason} happened", at, {}, created=at
+    )
 
 
 def test_describe_shows_status_conditions_events_and_records(

@@ -7,8 +7,10 @@ from typing import Any
 
 import pytest
 
+from devtools.support import fixture_payload
 from ephemera.api.naming import KEEP_LABEL_ANNOTATION, PRIORITY_LABEL
 from ephemera.config import Settings
+from ephemera.intake.events import parse_pull_request
 from ephemera.policy import (
     REFUSALS,
     Approval,
@@ -181,3 +183,14 @@ def test_the_cluster_policy_comes_from_the_settings() -> None:
 def test_an_allowlist_entry_must_be_an_owner_or_a_repository() -> None:
     with pytest.raises(ValueError, match="EPHEMERA_POLICY_ALLOW"):
         Settings(policy_allow=["octo-org/shop/extra"])
+
+
+def test_a_label_event_from_an_apps_bot_with_a_long_slug_is_accepted() -> None:
+    """The sender is parsed now (who applied a label); a bot's login may pass a person's 39 characters."""
+    data = fixture_payload("pull_request", "labeled.payload.json")
+    data["sender"]["login"] = "octo-org-release-automation-assistant[bot]"
+    event = parse_pull_request(data)
+    assert event.sender is not None
+    assert event.sender.login == "octo-org-release-automation-assistant[bot]"
+    assert not event.fork
+    assert event.labels == frozenset({"bug"})

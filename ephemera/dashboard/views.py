@@ -24,7 +24,7 @@ Obj = Mapping[str, Any]
 PHASES = tuple(phase.value for phase in Phase)
 # Object names as the API server allows them for a cluster-scoped custom resource (DNS subdomain).
 NAME_PATTERN = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
-# What the operator exports for the totals page (ephemera/github/reporter.py, ephemera/store/records.py).
+# What the operator exports for the totals page (ephemera/github/outbox.py, ephemera/store/records.py).
 RATE_LIMIT_METRIC = "ephemera_github_rate_limit_remaining"
 BACKLOG_METRIC = "ephemera_record_backlog"
 

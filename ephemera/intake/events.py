@@ -105,6 +105,11 @@ class _User(_Model):
     type: str = Field("User", max_length=32)
 
 
+class _Sender(_Model):
+    # Who acted: a person, or an App's bot user (`<slug>[bot]`), whose login may pass a person's 39.
+    login: str = Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9\[\]_.-]+$")
+
+
 class _Label(_Model):
     # GitHub's labels are at most 50 characters; names are compared, never shown as Markdown.
     name: str = Field(min_length=1, max_length=100)
@@ -148,7 +153,7 @@ class PullRequestEvent(_Model):
     repository: _Repository
     installation: _Installation | None = None
     label: _Label | None = None  # the label a `labeled` or `unlabeled` event is about
-    sender: _User | None = None  # who did it (for `labeled`: who applied the label)
+    sender: _Sender | None = None  # who did it (for `labeled`: who applied the label)
 
     @property
     def repo(self) -> str:

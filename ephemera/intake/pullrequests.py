@@ -56,7 +56,7 @@ ATTEMPTS = 5
 # Seconds the PreviewTemplates (their `policy` blocks) are kept between two reads: a burst of events
 # reads them once, and a template's edit counts within this long.
 TEMPLATES_TTL = 10.0
-# Why a refusal deletes an existing environment, in the teardown comment's words (reporter.TEARDOWN_REASONS).
+# Why a refusal deletes an existing environment, in the teardown comment's words (github/reports.TEARDOWN_REASONS).
 TEARDOWN_REASONS = {
     "draft": "converted to draft",
     "not_opted_in": "opt-in-label-removed",

@@ -6,7 +6,8 @@ an idle environment costs no API call: retries of Failed environments (backoff a
 records resync and the phase gauge; and the backstop (`ephemera/backstop.py`), which lists GitHub's
 open PRs and so costs requests to GitHub, not to the API server, every EPHEMERA_PR_RESYNC_INTERVAL.
 Only the active replica runs them (`is_active`). A person's retry (the `ephemera.dev/retry`
-annotation) is a kopf handler in lifecycle.py.
+annotation) is a kopf handler in lifecycle.py. `ephemera jobs run` asks for a run of the sweep, the
+purge or the retries now (ephemera/ondemand.py): it takes the same lock as the periodic run.
 """
 
 from __future__ import annotations
@@ -19,11 +20,13 @@ from typing import Any
 
 from ephemera.api.models import Phase, parse_time
 from ephemera.backstop import Backstop
+from ephemera.intake.tombstones import default_namespace
 from ephemera.kube import Kube, KubeError
+from ephemera.ondemand import JobRequest, JobRequests
 from ephemera.operator import apps
 from ephemera.operator.metrics import ACTIVE, ENVIRONMENTS
 from ephemera.operator.runtime import Runtime
-from ephemera.retries import retry_due_ones
+from ephemera.retries import retry, retry_due_ones
 from ephemera.sweeps import Sweeper
 from ephemera.watchcache import Seen
 
@@ -90,6 +93,8 @@ def start(runtime: Runtime, priority: int, identity: str) -> list[asyncio.Task[N
     in the peering object (kopf's keep-alive)."""
     cfg = runtime.settings
     sweeper = Sweeper(runtime.environments)
+    # One run of each job at a time, periodic or asked for (`ephemera jobs run`).
+    locks = {"sweep": asyncio.Lock(), "purge": asyncio.Lock(), "retry-failed": asyncio.Lock()}
 
     async def active() -> bool:
         # Every job asks, the phase gauge every 10 s: the gauge that says so is as fresh as that.
@@ -104,11 +109,13 @@ def start(runtime: Runtime, priority: int, identity: str) -> list[asyncio.Task[N
     async def retries() -> None:
         seen: dict[str, Seen] = dict(runtime.phases)
         if any(item.phase == Phase.FAILED.value for item in seen.values()):
-            await asyncio.to_thread(retry_due_ones, runtime.environments, seen, log)
+            async with locks["retry-failed"]:
+                await asyncio.to_thread(retry_due_ones, runtime.environments, seen, log)
 
     async def sweep() -> None:
         seen: dict[str, Seen] = dict(runtime.phases)
-        report = await asyncio.to_thread(sweeper.sweep, seen)
+        async with locks["sweep"]:
+            report = await asyncio.to_thread(sweeper.sweep, seen)
         if report:
             log.info("sweep: %s", report)
 
@@ -120,7 +127,8 @@ def start(runtime: Runtime, priority: int, identity: str) -> list[asyncio.Task[N
                 runtime.settler.poke(name)
 
     async def purge() -> None:
-        purged = await runtime.records.purge(datetime.timedelta(seconds=cfg.record_retention), cfg.purge_batch)
+        async with locks["purge"]:
+            purged = await runtime.records.purge(datetime.timedelta(seconds=cfg.record_retention), cfg.purge_batch)
         if purged:
             log.info("purged %d destroyed environment record(s) older than %.0f s", purged, cfg.record_retention)
 
@@ -150,4 +158,62 @@ def start(runtime: Runtime, priority: int, identity: str) -> list[asyncio.Task[N
     ]
     if cfg.backstop_enabled:
         jobs.append((cfg.pr_resync_interval, pr_resync, "pr-resync"))
-    return [asyncio.create_task(_every(seconds, job, name, active), name=name) for seconds, job, name in jobs]
+    tasks = [asyncio.create_task(_every(seconds, job, name, active), name=name) for seconds, job, name in jobs]
+
+    async def on_demand(request: JobRequest) -> dict[str, Any]:
+        return await run_requested(runtime, request)
+
+    namespace = cfg.backstop_namespace or cfg.webhook_namespace or default_namespace()
+    requests = JobRequests(runtime.kube, namespace, on_demand, locks=locks, active=active, identity=identity)
+    tasks.append(asyncio.create_task(requests.serve(), name="job-requests"))
+    return tasks
+
+
+async def run_requested(runtime: Runtime, request: JobRequest) -> dict[str, Any]:
+    """One requested run of a job (its lock held by the caller): what it did, or would do in a dry run."""
+    cfg = runtime.settings
+    seen: dict[str, Seen] = dict(runtime.phases)
+    if request.job == "sweep":
+        report = await asyncio.to_thread(Sweeper(runtime.environments, dry_run=request.dry_run).sweep, seen)
+        return {
+            "stale": report.stale,
+            "stuckDeletions": report.stuck_deletions,
+            "recreated": report.recreated,
+            "orphans": report.orphans,
+            "actions": report.actions,
+        }
+    if request.job == "purge":
+        older_than = datetime.timedelta(seconds=request.older_than or cfg.record_retention)
+        if request.dry_run:
+            count = await runtime.records.purgeable(older_than)
+        else:
+            count = await runtime.records.purge(older_than, cfg.purge_batch)
+        return {"olderThanSeconds": older_than.total_seconds(), "records": count}
+    max_age = request.max_age or cfg.retry_window
+    return await asyncio.to_thread(_retry_failed, runtime, seen, max_age, request)
+
+
+def _retry_failed(runtime: Runtime, seen: dict[str, Seen], max_age: float, request: JobRequest) -> dict[str, Any]:
+    """Provision again now every Failed environment that failed less than `max_age` seconds ago, as a
+    person's retry would (the backoff is not waited for, the count starts again); permanent failures
+    (a spec that cannot work) are listed, not retried."""
+    now = datetime.datetime.now(datetime.UTC)
+    retried, permanent = [], []
+    for name, item in sorted(seen.items()):
+        failed_at = parse_time(item.failed_at)
+        if item.phase != Phase.FAILED.value or item.deleting or failed_at is None:
+            continue
+        if (now - failed_at).total_seconds() > max_age:
+            continue
+        if item.permanent:
+            permanent.append(name)
+            continue
+        if not request.dry_run:
+            body = runtime.kube.get_environment(name)
+            if body is None or body["metadata"]["uid"] != item.uid:
+                continue  # gone or replaced since the watch saw it
+            if (body.get("status") or {}).get("phase") != Phase.FAILED.value:
+                continue  # already under way again
+            retry(runtime.environments, body, manual=f"job {request.id}", logger=log)
+        retried.append(name)
+    return {"maxAgeSeconds": max_age, "retried": retried, "permanent": permanent}

@@ -9,13 +9,13 @@ from typing import Any
 
 import kopf
 
+from ephemera import retries
 from ephemera.api.models import KIND, RESOURCE, Phase
 from ephemera.api.naming import MANAGED_BY, MANAGED_BY_LABEL
 from ephemera.environments import Environment, Environments, Failure, PermanentFailure, Terminating
-from ephemera.github.reporter import reported_is_current
+from ephemera.github.reports import reported_is_current
 from ephemera.operator.reconciling import Logger, awaiting_teardown, env_logger, reconciling
 from ephemera.operator.runtime import Runtime
-from ephemera.retries import retry, retry_requested
 from ephemera.transitions import Transition
 from ephemera.watchcache import Seen
 
@@ -116,7 +116,7 @@ def _recreate(service: Environments, env_name: str, namespace: str, logger: Logg
 
 
 def _retry_requested(body: kopf.Body, **_: Any) -> bool:
-    return retry_requested(body) is not None
+    return retries.retry_requested(body) is not None
 
 
 # Filtered by `when`, so that the many events of the objects nobody asked to retry cost no thread.
@@ -126,13 +126,13 @@ def manual_retry(*, body: kopf.Body, memo: kopf.Memo, logger: kopf.Logger, **_: 
 
     An event handler, not a field handler: the annotation lives outside what kopf diffs.
     """
-    request = retry_requested(body)
+    request = retries.retry_requested(body)
     if request is None:
         return
     if (body.get("status") or {}).get("phase") not in (Phase.FAILED.value, Phase.READY.value):
         return  # under way already: the running handler will settle it
     runtime: Runtime = memo.runtime
-    retry(runtime.environments, dict(body), manual=request, logger=logger)
+    retries.retry(runtime.environments, dict(body), manual=request, logger=logger)
 
 
 def _report_outdated(status: kopf.Status, spec: kopf.Spec, **_: Any) -> bool:
@@ -146,19 +146,20 @@ def report_resume(*, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
         env = Environment.from_body(dict(body))
     except PermanentFailure:
         return  # an invalid spec has nothing to report; its Failed status says why
+    if env.status.phase is None:
+        return  # no phase reached yet: nothing to report
     runtime: Runtime = memo.runtime
-    runtime.reporter.listener(_reached(env, dict(body.get("status") or {})))
+    runtime.reporter.listener(_reached(env, env.status.phase, dict(body.get("status") or {})))
 
 
-def _reached(env: Environment, status: dict[str, Any]) -> Transition:
+def _reached(env: Environment, phase: Phase, status: dict[str, Any]) -> Transition:
     """The state the object's status says it reached, announced again (to the reporter alone)."""
-    conditions = status.get("conditions") or [{}]
     return env.announcement(
         old_phase=None,
-        phase=str(status.get("phase")),
+        phase=phase,
         reason=str(status.get("reason") or ""),
         message=str(status.get("message") or ""),
-        at=str(conditions[0].get("lastTransitionTime") or ""),
+        at=str(status.get("lastTransitionTime") or ""),  # when the phase began
         status=status,
         resumed=True,
     )

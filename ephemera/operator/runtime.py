@@ -15,7 +15,7 @@ from aiohttp import web
 
 from ephemera.config import Settings
 from ephemera.environments import Environments
-from ephemera.github.reporter import Reporter
+from ephemera.github.outbox import Reporter
 from ephemera.hooks import Hooks
 from ephemera.kube import Kube
 from ephemera.logs import Subjects
