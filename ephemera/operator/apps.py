@@ -75,6 +75,10 @@ class Templates:
         self.put(body)
         return name if before != int(meta.get("generation") or 1) else None
 
+    def bodies(self) -> list[dict[str, Any]]:
+        """The templates as the API server has them (the policy reads their `policy` blocks)."""
+        return list(self._bodies.values())
+
     def __call__(self) -> list[Template]:
         parsed: list[Template] = []
         for body in list(self._bodies.values()):

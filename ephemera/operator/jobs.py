@@ -23,7 +23,7 @@ from ephemera.backstop import Backstop
 from ephemera.intake.tombstones import default_namespace
 from ephemera.kube import Kube, KubeError
 from ephemera.ondemand import JobRequest, JobRequests
-from ephemera.operator import apps
+from ephemera.operator import apps, policy
 from ephemera.operator.metrics import ACTIVE, ENVIRONMENTS
 from ephemera.operator.runtime import Runtime
 from ephemera.retries import retry, retry_due_ones
@@ -156,6 +156,7 @@ def start(runtime: Runtime, priority: int, identity: str) -> list[asyncio.Task[N
         (cfg.resync_interval, resync, "resync"),
         (10.0, gauge, "phase-gauge"),
     ]
+    jobs += policy.jobs(runtime)  # the queue's admissions and the expiry
     if cfg.backstop_enabled:
         jobs.append((cfg.pr_resync_interval, pr_resync, "pr-resync"))
     tasks = [asyncio.create_task(_every(seconds, job, name, active), name=name) for seconds, job, name in jobs]
