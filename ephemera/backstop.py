@@ -116,6 +116,11 @@ class Report:
     complete: bool = True
     problems: list[str] = field(default_factory=list)
 
+    def incomplete(self, problem: str) -> None:
+        """Something was not compared or repaired: the pass is not complete, and this says why."""
+        self.complete = False
+        self.problems.append(problem)
+
     def as_dict(self) -> dict[str, Any]:
         return {
             "created": self.created,
@@ -249,8 +254,7 @@ class Backstop:
         """One pass: list, compare, repair, redeliver. Blocking (PyGithub and the Kubernetes client)."""
         report = Report()
         if not self.auth.configured:
-            report.complete = False
-            report.problems.append("no GitHub App and no token configured: nothing to compare with")
+            report.incomplete("no GitHub App and no token configured: nothing to compare with")
             return report
         started = self.clock()
         environments = list(self.kube.list_environments())
@@ -270,8 +274,7 @@ class Backstop:
                 report.redelivered = self.redeliverer.run()
                 REPAIRS.labels("redelivered").inc(report.redelivered)
             except (GithubException, KubeError, requests.RequestException) as err:
-                report.complete = False
-                report.problems.append(f"redelivery: {err}")
+                report.incomplete(f"redelivery: {err}")
         if report.complete:
             LAST_SUCCESS.set(self.clock())
         log.info("backstop pass: %s", report.as_dict())
@@ -291,8 +294,7 @@ class Backstop:
             pages = PaginatedList(Installation, app.requester, "/app/installations", {"per_page": PAGE_SIZE})
             installations = [installation.raw_data for installation in pages]
         except (GithubException, requests.RequestException) as err:
-            report.complete = False
-            report.problems.append(f"listing the App's installations: {err}")
+            report.incomplete(f"listing the App's installations: {err}")
             return
         for installation in installations:
             installation_id = int(installation["id"])
@@ -304,8 +306,7 @@ class Backstop:
                 repositories = PaginatedList(Repository, client.requester, url, params, list_item="repositories")
                 names = [repository.full_name for repository in repositories]
             except (GithubException, NoCredentials, requests.RequestException) as err:
-                report.complete = False
-                report.problems.append(f"listing installation {installation_id}'s repositories: {err}")
+                report.incomplete(f"listing installation {installation_id}'s repositories: {err}")
                 continue
             for name in names:
                 yield name, installation_id, client
@@ -316,8 +317,7 @@ class Backstop:
             remaining, limit = client.requester.rate_limiting
             ratelimit.observe((remaining, limit))
             if 0 <= remaining < RATE_FLOOR:
-                report.complete = False
-                report.problems.append(f"{remaining} GitHub requests left: {repository} is left for the next pass")
+                report.incomplete(f"{remaining} GitHub requests left: {repository} is left for the next pass")
                 yield listing
                 continue
             try:
@@ -325,14 +325,11 @@ class Backstop:
                     listing.open[int(pr["number"])] = pr
                 listing.complete = True
             except RateLimitExceededException as err:
-                report.complete = False
-                report.problems.append(f"rate limited listing {repository}: {err.status}")
+                report.incomplete(f"rate limited listing {repository}: {err.status}")
             except GithubException as err:
-                report.complete = False
-                report.problems.append(f"listing {repository}'s open PRs: {err.status}")
+                report.incomplete(f"listing {repository}'s open PRs: {err.status}")
             except requests.RequestException as err:  # GitHub unreachable, or too slow
-                report.complete = False
-                report.problems.append(f"listing {repository}'s open PRs: {err}")
+                report.incomplete(f"listing {repository}'s open PRs: {err}")
             yield listing
 
     # Repairs --------------------------------------------------------------------------------------
@@ -344,8 +341,7 @@ class Backstop:
         try:
             outcome = self.intake.handle(event, DELIVERY, marks={ORIGIN_ANNOTATION: ORIGIN})
         except (KubeError, GitHubUnavailable) as err:
-            report.complete = False
-            report.problems.append(f"creating the environment of {listing.repository}#{event.pr}: {err}")
+            report.incomplete(f"creating the environment of {listing.repository}#{event.pr}: {err}")
             return
         if outcome.action == "refused":
             report.refused += 1
@@ -367,8 +363,7 @@ class Backstop:
             client = self.auth.client_for(check.installation_id)
             _, pr = client.requester.requestJsonAndCheck("GET", f"/repos/{check.current}/pulls/{check.pull_request}")
         except (GithubException, NoCredentials, requests.RequestException) as err:
-            report.complete = False
-            report.problems.append(f"fetching {check.current}#{check.pull_request}: {err}")
+            report.incomplete(f"fetching {check.current}#{check.pull_request}: {err}")
             return
         if pr.get("state") != "closed":
             return  # open, yet not listed: the listing raced a reopen, or was short; the next pass sees it
@@ -378,8 +373,7 @@ class Backstop:
         try:
             outcome = self.intake.handle(event, DELIVERY)
         except KubeError as err:
-            report.complete = False
-            report.problems.append(f"deleting {check.name}: {err}")
+            report.incomplete(f"deleting {check.name}: {err}")
             return
         if outcome.action == "deleted":
             report.deleted += 1
@@ -406,8 +400,7 @@ class Backstop:
         except KubeError as err:
             if err.status in (404, 409):
                 return  # gone, or changed since the listing: the next pass judges again
-            report.complete = False
-            report.problems.append(f"cancelling the teardown of {meta['name']}: {err}")
+            report.incomplete(f"cancelling the teardown of {meta['name']}: {err}")
             return
         report.unmarked += 1
         log.info("backstop: %s is covered by its installation again: teardown cancelled", meta["name"])
@@ -427,8 +420,7 @@ class Backstop:
         except KubeError as err:
             if err.status in (404, 409):
                 return  # gone, or changed (perhaps unmarked) since the listing: the next pass judges again
-            report.complete = False
-            report.problems.append(f"tearing down {meta['name']}: {err}")
+            report.incomplete(f"tearing down {meta['name']}: {err}")
             return
         report.torn_down += 1
         REPAIRS.labels("torn_down").inc()

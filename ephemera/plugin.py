@@ -24,7 +24,7 @@ from ephemera import __version__
 from ephemera.api.models import KIND, parse_time
 from ephemera.api.naming import EXPIRES_AT_ANNOTATION, KEEP_ANNOTATION
 from ephemera.cli import add_job_arguments, history_data, print_history, print_table, request_job, request_retry
-from ephemera.durations import format_time, parse_duration
+from ephemera.durations import age, format_time, parse_duration
 from ephemera.kube import Kube, KubeError, load_api_client
 from ephemera.ledger import note
 
@@ -41,6 +41,16 @@ def _kube(args: argparse.Namespace) -> Kube:
     return Kube(
         load_api_client(Path(kubeconfig) if kubeconfig else None, pool_size=4, context=getattr(args, "context", None))
     )
+
+
+def _fail(message: str) -> int:
+    """Say what went wrong on stderr as kubectl does (`error: ...`); the command's exit code, 1."""
+    print(f"error: {message}", file=sys.stderr)
+    return 1
+
+
+def _not_found(name: str) -> int:
+    return _fail(f'previewenvironments "{name}" not found')
 
 
 def _output(args: argparse.Namespace) -> str | None:
@@ -63,11 +73,7 @@ def _age(timestamp: str | None, now: datetime.datetime) -> str:
         then = datetime.datetime.fromisoformat(timestamp.replace("Z", "+00:00"))
     except ValueError:
         return "-"
-    seconds = max(0, int((now - then).total_seconds()))
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= 2 * size:
-            return f"{seconds // size}{unit}"
-    return f"{seconds}s"
+    return age(then, now)
 
 
 def list_environments(args: argparse.Namespace) -> int:
@@ -80,8 +86,7 @@ def list_environments(args: argparse.Namespace) -> int:
             and (args.repository is None or (obj.get("spec") or {}).get("repository") == args.repository)
         ]
     except KubeError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+        return _fail(str(err))
     finally:
         kube.close()
     items.sort(key=lambda obj: obj["metadata"]["name"])
@@ -148,12 +153,10 @@ def describe(args: argparse.Namespace) -> int:
     try:
         obj = kube.get_environment(args.name)
         if obj is None:
-            print(f'error: previewenvironments "{args.name}" not found', file=sys.stderr)
-            return 1
+            return _not_found(args.name)
         events = kube.list_events(KIND, args.name)
     except KubeError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+        return _fail(str(err))
     finally:
         kube.close()
     events.sort(key=lambda e: e.get("lastTimestamp") or e.get("eventTime") or "")
@@ -244,23 +247,19 @@ def open_url(args: argparse.Namespace) -> int:
     try:
         obj = kube.get_environment(args.name)
     except KubeError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+        return _fail(str(err))
     finally:
         kube.close()
     if obj is None:
-        print(f'error: previewenvironments "{args.name}" not found', file=sys.stderr)
-        return 1
+        return _not_found(args.name)
     status = obj.get("status") or {}
     url = status.get("url")
     if not url:
         phase = status.get("phase") or "Pending"
-        print(f"error: {args.name} has no URL (phase {phase}; set EPHEMERA_ENVIRONMENT_URL)", file=sys.stderr)
-        return 1
+        return _fail(f"{args.name} has no URL (phase {phase}; set EPHEMERA_ENVIRONMENT_URL)")
     print(url)
     if args.browser and not webbrowser.open(url):
-        print("error: no browser could be started here; open the URL above yourself", file=sys.stderr)
-        return 1
+        return _fail("no browser could be started here; open the URL above yourself")
     return 0
 
 
@@ -278,8 +277,7 @@ def _annotate(
         for _ in range(CONFLICT_ATTEMPTS):
             obj = kube.get_environment(args.name)
             if obj is None:
-                print(f'error: previewenvironments "{args.name}" not found', file=sys.stderr)
-                return 1
+                return _not_found(args.name)
             annotations = change(obj)
             patch = {"metadata": {"resourceVersion": obj["metadata"]["resourceVersion"], "annotations": annotations}}
             try:
@@ -290,8 +288,7 @@ def _annotate(
                 raise
             break
         else:
-            print(f"error: {args.name} kept changing; try again", file=sys.stderr)
-            return 1
+            return _fail(f"{args.name} kept changing; try again")
         output = _output(args)
         if output in ("json", "yaml"):
             _dump(kube.get_environment(args.name), output)
@@ -299,8 +296,7 @@ def _annotate(
             print(f"previewenvironment.ephemera.dev/{args.name} {done(annotations)}")
         return 0
     except KubeError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+        return _fail(str(err))
     finally:
         kube.close()
 
@@ -327,8 +323,7 @@ def extend(args: argparse.Namespace) -> int:
     try:
         duration = parse_duration(args.duration)
     except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+        return _fail(str(err))
 
     def later(obj: Obj) -> Annotations:
         now = datetime.datetime.now(datetime.UTC)
