@@ -24,3 +24,14 @@ def parse_duration(text: str) -> datetime.timedelta:
 def format_time(moment: datetime.datetime) -> str:
     """RFC 3339 in UTC with a Z and whole seconds, as Kubernetes writes times."""
     return moment.astimezone(datetime.UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+
+
+def age(then: datetime.datetime | None, now: datetime.datetime) -> str:
+    """An age as kubectl prints it: 45s, 12m, 5h, 3d (the dashboard's and the plugin's tables)."""
+    if then is None:
+        return "-"
+    seconds = max(0, int((now - then).total_seconds()))
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= 2 * size:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"

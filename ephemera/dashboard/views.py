@@ -19,6 +19,7 @@ from urllib.parse import urlsplit
 from prometheus_client.parser import text_string_to_metric_families
 
 from ephemera.api.models import Phase, parse_time
+from ephemera.durations import age
 
 Obj = Mapping[str, Any]
 PHASES = tuple(phase.value for phase in Phase)
@@ -49,17 +50,6 @@ def safe_link(url: Any) -> str | None:
     except ValueError:
         return None
     return url if parts.scheme in ("http", "https") and parts.netloc else None
-
-
-def age(then: datetime.datetime | None, now: datetime.datetime) -> str:
-    """An age as kubectl prints it: 45s, 12m, 5h, 3d."""
-    if then is None:
-        return "-"
-    seconds = max(0, int((now - then).total_seconds()))
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= 2 * size:
-            return f"{seconds // size}{unit}"
-    return f"{seconds}s"
 
 
 @dataclass(frozen=True)
