@@ -142,6 +142,35 @@ def operator_paused(operator: Process) -> Iterator[None]:
     wait_for(lambda: http_ok(operator, "/healthz"), timeout=60, what="the session operator back")
 
 
+def operator_with(operator: Process, settings: dict[str, str]) -> Iterator[Process]:
+    """The body of a fixture (`yield from`): the session's operator restarted with `settings` over its
+    own while the fixture lasts, then started again as it was."""
+    operator.stop()
+    proc = Process(operator.args, {**operator.env, **settings}, operator.log_path, operator.port).start()
+    wait_for(lambda: http_ok(proc, "/healthz"), timeout=60, what="operator /healthz")
+    yield proc
+    proc.stop()
+    operator.start()
+    wait_for(lambda: http_ok(operator, "/healthz"), timeout=60, what="operator /healthz")
+
+
+def start_webhook(control_plane: ControlPlane, tmp: Path, log: str = "webhook", **settings: str) -> Process:
+    """`ephemera webhook` with `settings` against the real API server, its log in `tmp`, once ready."""
+    env = process_env(control_plane.kubeconfig, tmp, **settings)
+    proc = Process(["webhook"], env, tmp / f"{log}.log", int(env["EPHEMERA_WEBHOOK_PORT"])).start()
+    wait_for(lambda: http_ok(proc, "/readyz"), timeout=60, what=f"{log} /readyz")
+    return proc
+
+
+def app_settings(github: FakeGitHub) -> dict[str, str]:
+    """The settings of a GitHub App on the local GitHub server."""
+    return {
+        "EPHEMERA_GITHUB_API_URL": github.url(""),
+        "EPHEMERA_GITHUB_APP_ID": str(github.app_id),
+        "EPHEMERA_GITHUB_PRIVATE_KEY": github.private_key_pem,
+    }
+
+
 WEBHOOK_SECRET = "test-webhook-secret"
 
 
@@ -149,11 +178,7 @@ WEBHOOK_SECRET = "test-webhook-secret"
 def webhook(crd: Path, control_plane: ControlPlane, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Process]:
     """`ephemera webhook` as in production, with a secret, against the real API server."""
     tmp = tmp_path_factory.mktemp("webhook")
-    env = process_env(
-        control_plane.kubeconfig, tmp, EPHEMERA_WEBHOOK_SECRET=WEBHOOK_SECRET, EPHEMERA_WEBHOOK_BODY_TIMEOUT="2"
-    )
-    proc = Process(["webhook"], env, tmp / "webhook.log", int(env["EPHEMERA_WEBHOOK_PORT"])).start()
-    wait_for(lambda: http_ok(proc, "/readyz"), timeout=60, what="webhook /readyz")
+    proc = start_webhook(control_plane, tmp, EPHEMERA_WEBHOOK_SECRET=WEBHOOK_SECRET, EPHEMERA_WEBHOOK_BODY_TIMEOUT="2")
     yield proc
     proc.stop()
 

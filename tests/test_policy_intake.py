@@ -25,7 +25,7 @@ from pydantic import SecretStr
 
 from devtools.controlplane import REPO_ROOT, ControlPlane
 from devtools.fakegithub import FakeGitHub, Fault
-from devtools.support import Answer, Kubectl, Process, fixture_payload, post_webhook, process_env, wait_for
+from devtools.support import Answer, Kubectl, Process, fixture_payload, post_webhook, wait_for
 from ephemera.api.naming import (
     APPROVED_BY_ANNOTATION,
     APPROVED_SHA_ANNOTATION,
@@ -39,7 +39,7 @@ from ephemera.backstop import Backstop
 from ephemera.config import Settings
 from ephemera.kube import Kube
 from ephemera.policy import Policy
-from tests.conftest import http_ok
+from tests.conftest import app_settings, start_webhook
 from tests.test_github import INSTALLATION
 from tests.test_webhook import get_pe, gone
 
@@ -96,6 +96,27 @@ def event(
     return data
 
 
+def fork_of(repository: str) -> str:
+    """The outsider's fork of `repository`, the head of the fork PRs here."""
+    return f"outsider/{repository.split('/')[1]}"
+
+
+def approval(repository: str, number: int, head: str, updated_at: str, *, sender: str) -> dict[str, Any]:
+    """`sender` puts the approval label on the outsider's fork PR."""
+    return event(
+        "labeled",
+        repository,
+        number,
+        head,
+        updated_at,
+        author="outsider",
+        fork=fork_of(repository),
+        labels=("preview-approved",),
+        label="preview-approved",
+        sender=sender,
+    )
+
+
 def at(second: int) -> str:
     return f"2026-03-01T10:00:{second:02d}Z"
 
@@ -131,18 +152,14 @@ def hook(
 ) -> Iterator[Process]:
     """`ephemera webhook` with a policy: an allowlist of OWNER, no drafts, the App to ask GitHub."""
     tmp = tmp_path_factory.mktemp("policy-webhook")
-    env = process_env(
-        control_plane.kubeconfig,
+    proc = start_webhook(
+        control_plane,
         tmp,
         EPHEMERA_WEBHOOK_SECRET=SECRET,
         EPHEMERA_WEBHOOK_DRAFT_PRS="false",
         EPHEMERA_POLICY_ALLOW=json.dumps([OWNER]),
-        EPHEMERA_GITHUB_API_URL=github.url(""),
-        EPHEMERA_GITHUB_APP_ID=str(github.app_id),
-        EPHEMERA_GITHUB_PRIVATE_KEY=github.private_key_pem,
+        **app_settings(github),
     )
-    proc = Process(["webhook"], env, tmp / "webhook.log", int(env["EPHEMERA_WEBHOOK_PORT"])).start()
-    wait_for(lambda: http_ok(proc, "/readyz"), timeout=60, what="webhook /readyz")
     yield proc
     proc.stop()
     # The objects carry the operator's finalizer and no operator runs here: let them go.
@@ -209,23 +226,12 @@ def test_a_fork_gets_nothing_until_a_writer_approves_and_a_push_needs_approval_a
 ) -> None:
     repository, head = repo(), sha()
     github.collaborator(repository, WRITER, "write")
-    fork = f"outsider/{repository.split('/')[1]}"
+    fork = fork_of(repository)
     name = environment_name(repository, 3)
     refused(send(hook, event("opened", repository, 3, head, at(0), author="outsider", fork=fork)), "fork_unapproved")
     assert get_pe(kubectl, name) is None
 
-    approved = event(
-        "labeled",
-        repository,
-        3,
-        head,
-        at(1),
-        author="outsider",
-        fork=fork,
-        labels=("preview-approved",),
-        label="preview-approved",
-        sender=WRITER,
-    )
+    approved = approval(repository, 3, head, at(1), sender=WRITER)
     answer = send(hook, approved)
     assert answer.body["result"] == "created", answer.body
     obj = get_pe(kubectl, name)
@@ -264,22 +270,10 @@ def test_an_approval_label_from_someone_without_write_access_is_ignored(
     hook: Process, kubectl: Kubectl, github: FakeGitHub
 ) -> None:
     repository, head = repo(), sha()
-    fork = f"outsider/{repository.split('/')[1]}"
     github.collaborator(repository, "outsider", "write")  # even an author who can write cannot approve their own
     name = environment_name(repository, 4)
     for labeller, second in ((VISITOR, 1), ("outsider", 2)):
-        labelled = event(
-            "labeled",
-            repository,
-            4,
-            head,
-            at(second),
-            author="outsider",
-            fork=fork,
-            labels=("preview-approved",),
-            label="preview-approved",
-            sender=labeller,
-        )
+        labelled = approval(repository, 4, head, at(second), sender=labeller)
         refused(send(hook, labelled), "fork_unapproved")
         assert get_pe(kubectl, name) is None
     # The visitor was asked about (and can only read); the author's own label needed no question.
@@ -292,19 +286,8 @@ def test_a_push_after_approval_keeps_the_preview_where_configured(
 ) -> None:
     repository, head, pushed = templates["trusted"], sha(), sha()
     github.collaborator(repository, WRITER, "maintain")
-    fork = f"outsider/{repository.split('/')[1]}"
-    approved = event(
-        "labeled",
-        repository,
-        5,
-        head,
-        at(1),
-        author="outsider",
-        fork=fork,
-        labels=("preview-approved",),
-        label="preview-approved",
-        sender=WRITER,
-    )
+    fork = fork_of(repository)
+    approved = approval(repository, 5, head, at(1), sender=WRITER)
     assert send(hook, approved).body["result"] == "created"
     push = event(
         "synchronize", repository, 5, pushed, at(2), author="outsider", fork=fork, labels=("preview-approved",)
@@ -363,7 +346,7 @@ def test_the_backstop_creates_nothing_the_policy_refuses(
 ) -> None:
     """One decision for both: of four open PRs with no environment, the backstop makes one."""
     repository = repo("backstop")
-    fork = f"outsider/{repository.split('/')[1]}"
+    fork = fork_of(repository)
     github.pull_request(repository, 1, sha=sha(), labels=("preview-priority",))
     github.pull_request(repository, 2, sha=sha(), author="dependabot[bot]")
     github.pull_request(repository, 3, sha=sha(), draft=True)
@@ -393,20 +376,8 @@ def test_an_approval_github_cannot_check_now_fails_the_delivery_for_a_redelivery
     """GitHub's 5xx on the permission question is neither a yes nor a no: 503, and nothing written."""
     repository, head = repo(), sha()
     github.collaborator(repository, WRITER, "admin")
-    fork = f"outsider/{repository.split('/')[1]}"
     github.inject(Fault(method="GET", path=rf"/repos/{repository}/collaborators/{WRITER}/permission", status=502))
-    approved = event(
-        "labeled",
-        repository,
-        8,
-        head,
-        at(1),
-        author="outsider",
-        fork=fork,
-        labels=("preview-approved",),
-        label="preview-approved",
-        sender=WRITER,
-    )
+    approved = approval(repository, 8, head, at(1), sender=WRITER)
     failed = post_webhook(hook.port, "pull_request", approved, secret=SECRET, delivery="policy-redelivered-1")
     assert (failed.status, failed.body["error"]) == (503, "github unavailable"), failed
     assert get_pe(kubectl, environment_name(repository, 8)) is None

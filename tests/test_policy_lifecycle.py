@@ -18,7 +18,7 @@ import pytest
 from devtools.controlplane import ControlPlane
 from devtools.fakegithub import FakeGitHub
 from devtools.postgres import Postgres
-from devtools.support import Kubectl, Process, fixture_payload, post_webhook, process_env, wait_for
+from devtools.support import Kubectl, Process, fixture_payload, post_webhook, wait_for
 from ephemera.admission import Limits, plan
 from ephemera.api.naming import (
     EXPIRES_AT_ANNOTATION,
@@ -30,7 +30,7 @@ from ephemera.api.naming import (
 )
 from ephemera.kube import Kube
 from ephemera.ledger import Counts, Entry, Ledger
-from tests.conftest import WEBHOOK_SECRET, http_ok
+from tests.conftest import WEBHOOK_SECRET, app_settings, http_ok, operator_with, start_webhook
 from tests.test_backstop import cli
 from tests.test_github import comments
 from tests.test_operator import SHA_B, exists, make_env, status, wait_phase
@@ -52,13 +52,7 @@ KEEP = {KEEP_ANNOTATION: "true"}  # the cap tests' objects must not expire meanw
 @pytest.fixture(scope="module")
 def policy_operator(operator: Process) -> Iterator[Process]:
     """The session's operator, restarted with a TTL of seconds and small caps."""
-    operator.stop()
-    proc = Process(operator.args, {**operator.env, **POLICY}, operator.log_path, operator.port).start()
-    wait_for(lambda: http_ok(proc, "/healthz"), timeout=60, what="operator /healthz")
-    yield proc
-    proc.stop()
-    operator.start()
-    wait_for(lambda: http_ok(operator, "/healthz"), timeout=60, what="operator /healthz")
+    yield from operator_with(operator, POLICY)
 
 
 @pytest.fixture(scope="module")
@@ -67,16 +61,7 @@ def github_webhook(
 ) -> Iterator[Process]:
     """`ephemera webhook` as the App's: it asks the local GitHub who may write."""
     tmp = tmp_path_factory.mktemp("policy-webhook")
-    env = process_env(
-        control_plane.kubeconfig,
-        tmp,
-        EPHEMERA_WEBHOOK_SECRET=WEBHOOK_SECRET,
-        EPHEMERA_GITHUB_API_URL=github.url(""),
-        EPHEMERA_GITHUB_APP_ID=str(github.app_id),
-        EPHEMERA_GITHUB_PRIVATE_KEY=github.private_key_pem,
-    )
-    proc = Process(["webhook"], env, tmp / "webhook.log", int(env["EPHEMERA_WEBHOOK_PORT"])).start()
-    wait_for(lambda: http_ok(proc, "/readyz"), timeout=60, what="webhook /readyz")
+    proc = start_webhook(control_plane, tmp, EPHEMERA_WEBHOOK_SECRET=WEBHOOK_SECRET, **app_settings(github))
     yield proc
     proc.stop()
 
@@ -264,15 +249,22 @@ def test_wake_by_a_writer_revives_and_by_anyone_else_changes_nothing(
 # Caps and fairness --------------------------------------------------------------------------------
 
 
+def full_repository(kubectl: Kubectl, prefix: str) -> tuple[str, list[str]]:
+    """A new repository with PER_REPOSITORY (2) environments Ready, kept, so that the next one queues; the
+    repository and four names, the first two of them those environments'."""
+    repo = repo_name(prefix)
+    names = [f"{prefix}{i}-{uuid.uuid4().hex[:6]}" for i in range(4)]
+    for pr, name in enumerate(names[:PER_REPOSITORY], 1):
+        kubectl.apply(environment(name, pr, repo, annotations=KEEP))
+    for name in names[:PER_REPOSITORY]:
+        wait_phase(kubectl, name, "Ready")
+    return repo, names
+
+
 def test_the_cap_queues_the_third_pr_and_admits_in_order_across_a_restart(
     policy_operator: Process, kubectl: Kubectl, github: FakeGitHub, control_plane: ControlPlane
 ) -> None:
-    repo = repo_name("cap")
-    names = [f"cap{i}-{uuid.uuid4().hex[:6]}" for i in range(4)]
-    for pr, name in enumerate(names[:2], 1):
-        kubectl.apply(environment(name, pr, repo, annotations=KEEP))
-    for name in names[:2]:
-        wait_phase(kubectl, name, "Ready")
+    repo, names = full_repository(kubectl, "cap")
     kubectl.apply(environment(names[2], 3, repo, annotations=KEEP))
     third = wait_phase(kubectl, names[2], "Queued")
     assert third["reason"] == "RepositoryLimit"
@@ -311,12 +303,7 @@ def test_the_cap_queues_the_third_pr_and_admits_in_order_across_a_restart(
 
 
 def test_a_priority_pr_goes_ahead_of_the_queue(policy_operator: Process, kubectl: Kubectl) -> None:
-    repo = repo_name("prio")
-    names = [f"prio{i}-{uuid.uuid4().hex[:6]}" for i in range(4)]
-    for pr, name in enumerate(names[:2], 1):
-        kubectl.apply(environment(name, pr, repo, annotations=KEEP))
-    for name in names[:2]:
-        wait_phase(kubectl, name, "Ready")
+    repo, names = full_repository(kubectl, "prio")
     kubectl.apply(environment(names[2], 3, repo, annotations=KEEP))
     wait_phase(kubectl, names[2], "Queued")
     kubectl.apply(environment(names[3], 4, repo, annotations=KEEP, labels={PRIORITY_LABEL: "true"}))

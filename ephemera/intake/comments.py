@@ -13,26 +13,20 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import Field, ValidationError
 
-from ephemera.api.models import REPOSITORY_PATTERN
 from ephemera.api.naming import WAKE_ANNOTATION, environment_name, legacy_environment_name
-from ephemera.intake.events import BadRequest
+from ephemera.intake.events import TIME_PATTERN, BadRequest, _Installation, _Model, _Repository
 from ephemera.intake.pullrequests import ATTEMPTS, Outcome
 from ephemera.kube import Kube, KubeError, Obj
 
 WAKE_COMMAND = "/preview wake"
-TIME_PATTERN = r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?(Z|[+-]\d{2}:\d{2})$"
 
 log = logging.getLogger(__name__)
 
 # (repository, login, installation id) -> whether the login may write to the repository; raises when
 # GitHub cannot tell (the delivery then fails, and is redelivered).
 CanWrite = Callable[[str, str, int | None], bool]
-
-
-class _Model(BaseModel):
-    model_config = ConfigDict(extra="ignore", strict=True)
 
 
 class _User(_Model):
@@ -49,14 +43,6 @@ class _Issue(_Model):
     number: int = Field(ge=1, le=2**53)
     # Present (an object of links) only when the issue is a pull request.
     pull_request: dict[str, Any] | None = None
-
-
-class _Repository(_Model):
-    full_name: str = Field(pattern=REPOSITORY_PATTERN, max_length=140)
-
-
-class _Installation(_Model):
-    id: int = Field(ge=1, le=2**53)
 
 
 class IssueCommentEvent(_Model):

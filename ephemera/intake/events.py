@@ -79,6 +79,10 @@ def _printable(value: str) -> str:
     return value
 
 
+# GitHub's timestamps (RFC 3339), as the deliveries' `updated_at` and `created_at` carry them.
+TIME_PATTERN = r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?(Z|[+-]\d{2}:\d{2})$"
+
+
 class _Model(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True)
 
@@ -124,7 +128,7 @@ class _PullRequest(_Model):
     user: _User
     labels: list[_Label] = Field(default_factory=list, max_length=100)
     title: str = ""
-    updated_at: str = Field(pattern=r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?(Z|[+-]\d{2}:\d{2})$")
+    updated_at: str = Field(pattern=TIME_PATTERN)
     draft: bool = False
     merged: bool | None = None
     state: str | None = None
