@@ -10,16 +10,17 @@ from __future__ import annotations
 
 import concurrent.futures
 import copy
+import functools
 import json
 import sys
 import threading
 import time
 from typing import Any
 
-from bench.harness import Watcher, cpu_by_process, delta, report, stack, summary
-from bench.pr_to_ready import burst, open_prs
+from bench.harness import Watcher, stack, summary
+from bench.pr_to_ready import floor_then_burst, open_prs, publish
 from devtools.controlplane import ControlPlane
-from devtools.support import wait_for
+from devtools.support import wait_for, web_ingress
 from ephemera import children
 from ephemera.api.models import PreviewEnvironmentSpec
 from ephemera.api.naming import environment_name
@@ -53,27 +54,7 @@ SERVICE: dict[str, Any] = {
     "metadata": {"name": "web"},
     "spec": {"selector": {"app": "web"}, "ports": [{"port": 80, "targetPort": 8080}]},
 }
-INGRESS: dict[str, Any] = {
-    "apiVersion": "networking.k8s.io/v1",
-    "kind": "Ingress",
-    "metadata": {"name": "web"},
-    "spec": {
-        "rules": [
-            {
-                "host": "{{ host }}",
-                "http": {
-                    "paths": [
-                        {
-                            "path": "/",
-                            "pathType": "Prefix",
-                            "backend": {"service": {"name": "web", "port": {"number": 80}}},
-                        }
-                    ]
-                },
-            }
-        ]
-    },
-}
+INGRESS = web_ingress()
 PLURALS = {"Deployment": "deployments", "Service": "services", "Ingress": "ingresses"}
 
 
@@ -187,18 +168,14 @@ def main() -> None:
         )
         rows.append({"case": "p50 over the floor", "n": SINGLES, "p50_s": one["p50"] - base["p50"]})
 
-        # The floor first, while Ephemera is idle (after a burst its GitHub reports run on for a while).
-        cpu = cpu_by_process(s)
-        floor_wall = floor_burst(kube, available, settings, f"bench/floor-{size}", size)
-        costs[f"floor {size}: CPU seconds"] = delta(cpu_by_process(s), cpu)
+        measure_floor = functools.partial(floor_burst, kube, available, settings, f"bench/floor-{size}", size)
         case = f"burst of {size} -> all apps Ready"
-        rows.append(burst(s, watcher, f"bench/app-{size}", size, CONCURRENCY, floor_wall, case, costs))
+        rows.append(floor_then_burst(s, watcher, f"bench/app-{size}", size, CONCURRENCY, measure_floor, case, costs))
         watcher.stop()
         available.stop()
         reports = len(s.github.calls)
         kube.close()
-    print(json.dumps({"github_calls": reports, **costs}, indent=1))
-    report("app_to_ready", rows, ["case", "n", "p50_s", "p99_s", "wall_s", "floor_wall_s", "ratio"])
+    publish("app_to_ready", reports, costs, rows)
 
 
 if __name__ == "__main__":

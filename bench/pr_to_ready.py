@@ -5,10 +5,12 @@ a minimal script that makes the same namespaces, quotas, limit ranges and polici
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import json
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
 from typing import Any
 
 from bench.harness import (
@@ -89,6 +91,30 @@ def burst(
     }
 
 
+def publish(name: str, github_calls: int, costs: dict[str, object], rows: list[dict[str, Any]]) -> None:
+    """Print the costs, then the rows as the table `name` (the columns of both PR -> Ready benchmarks)."""
+    print(json.dumps({"github_calls": github_calls, **costs}, indent=1))
+    report(name, rows, ["case", "n", "p50_s", "p99_s", "wall_s", "floor_wall_s", "ratio"])
+
+
+def floor_then_burst(
+    s: Stack,
+    watcher: Watcher,
+    repo: str,
+    size: int,
+    concurrency: int,
+    floor: Callable[[], float],
+    case: str,
+    costs: dict[str, Any],
+) -> dict[str, Any]:
+    """The floor first, while Ephemera is idle (after a burst its GitHub reports run on for a while), its
+    CPU added to `costs`; then the burst of `size` PRs against the floor's wall time (see `burst`)."""
+    cpu = cpu_by_process(s)
+    floor_wall = floor()
+    costs[f"floor {size}: CPU seconds"] = delta(cpu_by_process(s), cpu)
+    return burst(s, watcher, repo, size, concurrency, floor_wall, case, costs)
+
+
 def open_prs(s: Stack, watcher: Watcher, repo: str, numbers: list[int], concurrency: int) -> dict[str, float]:
     """Seconds from each PR's `opened` request to its environment's Ready."""
     sent = send_all(s, "opened", repo, numbers, concurrency)
@@ -167,11 +193,9 @@ def main() -> None:
 
         for size in bursts:
             repo = f"bench/burst{size}"
-            # The floor first, while Ephemera is idle (after a burst its GitHub reports run on for a while).
-            cpu = cpu_by_process(s)
-            floor_wall = floor(kube, f"bench/floor{size}", size, 32)
-            costs[f"floor {size}: CPU seconds"] = delta(cpu_by_process(s), cpu)
-            rows.append(burst(s, watcher, repo, size, 32, floor_wall, f"burst of {size} -> all Ready", costs))
+            measure_floor = functools.partial(floor, kube, f"bench/floor{size}", size, 32)
+            case = f"burst of {size} -> all Ready"
+            rows.append(floor_then_burst(s, watcher, repo, size, 32, measure_floor, case, costs))
             started = time.perf_counter()
             close_prs(s, ns_watcher, repo, list(range(1, size + 1)), 32)
             wall = time.perf_counter() - started
@@ -189,8 +213,7 @@ def main() -> None:
         ns_watcher.stop()
         reports = len(s.github.calls)
         kube.close()
-    print(json.dumps({"github_calls": reports, **costs}, indent=1))
-    report("pr_to_ready", rows, ["case", "n", "p50_s", "p99_s", "wall_s", "floor_wall_s", "ratio"])
+    publish("pr_to_ready", reports, costs, rows)
 
 
 if __name__ == "__main__":

@@ -174,3 +174,29 @@ def post_webhook(
             return Answer(response.status, json.loads(response.read() or b"{}"))
     except urllib.error.HTTPError as err:
         return Answer(err.code, json.loads(err.read() or b"{}"))
+
+
+def web_ingress(service: str = "web", port: int = 80) -> dict[str, Any]:
+    """The Ingress of a PreviewTemplate's app, routing the preview's host to one Service: the tests' and the
+    benchmarks' templates share it (a fresh dict a call, so no caller changes another's)."""
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "Ingress",
+        "metadata": {"name": service},
+        "spec": {
+            "rules": [
+                {
+                    "host": "{{ host }}",
+                    "http": {
+                        "paths": [
+                            {
+                                "path": "/",
+                                "pathType": "Prefix",
+                                "backend": {"service": {"name": service, "port": {"number": port}}},
+                            }
+                        ]
+                    },
+                }
+            ]
+        },
+    }

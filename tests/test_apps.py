@@ -16,7 +16,7 @@ import pytest
 
 from devtools.controlplane import ControlPlane
 from devtools.fakegithub import FakeGitHub
-from devtools.support import Kubectl, Process, post_webhook, wait_for
+from devtools.support import Kubectl, Process, post_webhook, wait_for, web_ingress
 from ephemera.api.models import parse_time
 from ephemera.api.naming import environment_name
 from ephemera.config import Settings
@@ -69,27 +69,7 @@ def web(simulate: str | None = None, min_ready: int = 0) -> dict[str, Any]:
 
 
 SERVICE = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "web"}, "spec": {"ports": [{"port": 80}]}}
-INGRESS = {
-    "apiVersion": "networking.k8s.io/v1",
-    "kind": "Ingress",
-    "metadata": {"name": "web"},
-    "spec": {
-        "rules": [
-            {
-                "host": "{{ host }}",
-                "http": {
-                    "paths": [
-                        {
-                            "path": "/",
-                            "pathType": "Prefix",
-                            "backend": {"service": {"name": "web", "port": {"number": 80}}},
-                        }
-                    ]
-                },
-            }
-        ]
-    },
-}
+INGRESS = web_ingress()
 
 
 def condition_time(obj: dict[str, Any], kind: str) -> datetime.datetime | None:

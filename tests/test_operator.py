@@ -31,7 +31,7 @@ from ephemera.api.naming import (
 from ephemera.api.naming import PR_UPDATED_AT_ANNOTATION as UPDATED_AT
 from ephemera.config import Settings
 from ephemera.watchcache import Vanishing
-from tests.conftest import WEBHOOK_SECRET, http_ok
+from tests.conftest import WEBHOOK_SECRET, operator_with
 
 SHA_A = "a" * 40
 SHA_B = "b" * 40
@@ -416,14 +416,7 @@ def test_a_stale_failed_environment_keeps_its_finalizer_until_its_teardown_runs(
 @pytest.fixture
 def impatient_operator(operator: Process) -> Iterator[Process]:
     """The session's operator, restarted with a namespace delete timeout of 3 s."""
-    operator.stop()
-    env = {**operator.env, "EPHEMERA_NAMESPACE_DELETE_TIMEOUT": "3"}
-    impatient = Process(operator.args, env, operator.log_path, operator.port).start()
-    wait_for(lambda: http_ok(impatient, "/healthz"), timeout=60, what="operator /healthz")
-    yield impatient
-    impatient.stop()
-    operator.start()
-    wait_for(lambda: http_ok(operator, "/healthz"), timeout=60, what="operator /healthz")
+    yield from operator_with(operator, {"EPHEMERA_NAMESPACE_DELETE_TIMEOUT": "3"})
 
 
 def test_a_teardown_past_the_delete_timeout_says_what_holds_it(impatient_operator: Process, kubectl: Kubectl) -> None:

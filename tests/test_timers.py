@@ -35,7 +35,7 @@ from ephemera.operator.jobs import is_active
 from ephemera.retries import retry_due_ones
 from ephemera.sweeps import Sweeper, made_by_ephemera
 from ephemera.transitions import Transitions
-from tests.conftest import http_ok
+from tests.conftest import http_ok, operator_with
 from tests.test_operator import SHA_B, events_of, exists, make_env, status, wait_phase
 from tests.test_records import history
 
@@ -55,13 +55,7 @@ SHORT = {
 @pytest.fixture(scope="module")
 def fast_operator(operator: Process) -> Iterator[Process]:
     """The session's operator, restarted with every interval and threshold in seconds."""
-    operator.stop()
-    fast = Process(operator.args, {**operator.env, **SHORT}, operator.log_path, operator.port).start()
-    wait_for(lambda: http_ok(fast, "/healthz"), timeout=60, what="operator /healthz")
-    yield fast
-    fast.stop()
-    operator.start()
-    wait_for(lambda: http_ok(operator, "/healthz"), timeout=60, what="operator /healthz")
+    yield from operator_with(operator, SHORT)
 
 
 def stays(check: Callable[[], bool], seconds: float, what: str) -> None:

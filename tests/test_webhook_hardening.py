@@ -25,6 +25,7 @@ from ephemera.config import Settings
 from ephemera.intake.tombstones import COMPONENT, Tombstones, config_map_name
 from ephemera.kube import Kube, KubeError
 from tests.conftest import WEBHOOK_SECRET, http_ok
+from tests.conftest import start_webhook as webhook_process
 from tests.test_webhook import get_pe, gone, pr_event
 
 STATE_NAMESPACE = "ephemera-webhook-state"
@@ -33,10 +34,7 @@ DEFAULT_BODY_LIMIT = 327_680  # 320 KiB, the figure the README and the chart quo
 
 def start_webhook(control_plane: ControlPlane, tmp: Path, name: str, **overrides: str) -> Process:
     settings = {"EPHEMERA_WEBHOOK_SECRET": WEBHOOK_SECRET, "EPHEMERA_WEBHOOK_NAMESPACE": STATE_NAMESPACE}
-    env = process_env(control_plane.kubeconfig, tmp, **{**settings, **overrides})
-    proc = Process(["webhook"], env, tmp / f"{name}.log", int(env["EPHEMERA_WEBHOOK_PORT"])).start()
-    wait_for(lambda: http_ok(proc, "/readyz"), timeout=60, what=f"webhook {name} /readyz")
-    return proc
+    return webhook_process(control_plane, tmp, name, **{**settings, **overrides})
 
 
 @pytest.fixture(scope="module")
