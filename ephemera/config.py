@@ -94,7 +94,9 @@ class Settings(BaseSettings):
         10.0, ge=0, description="Seconds the operator spends writing queued records when it stops."
     )
     peering: str | None = Field(
-        None, description="kopf peering name for several replicas (one active); unset runs standalone."
+        None,
+        description="kopf peering name for several replicas (one active); unset runs standalone. With "
+        "EPHEMERA_SHARDS > 1 each shard keeps its own: `<name>-shard-<EPHEMERA_SHARD>`.",
     )
     peering_priority: int | None = Field(
         None, description="This replica's peering priority (highest is active); unset picks a random one."
@@ -105,6 +107,14 @@ class Settings(BaseSettings):
     workers: int = Field(
         50, ge=1, description="Threads for the operator's handlers: most objects provisioned or mended at once."
     )
+    shards: int = Field(
+        1,
+        ge=1,
+        le=1000,
+        description="Operator shards (webhook and operator alike): each object is labelled with the hash of its "
+        "repository modulo this, and each shard's operator handles only its own label.",
+    )
+    shard: int = Field(0, ge=0, description="This operator's shard, 0 to EPHEMERA_SHARDS-1.")
     environment_url: str | None = Field(
         None, description="Template of an environment's URL, e.g. https://{namespace}.preview.example.com."
     )
@@ -225,6 +235,11 @@ class Settings(BaseSettings):
         for repository in self.backstop_repositories:
             if not re.fullmatch(REPOSITORY_PATTERN, repository):
                 raise ValueError(f"EPHEMERA_BACKSTOP_REPOSITORIES: {repository!r} is not owner/name")
+        if self.shard >= self.shards:
+            raise ValueError(f"EPHEMERA_SHARD={self.shard} must be below EPHEMERA_SHARDS={self.shards}")
+        if self.shards > 1 and self.peering is not None and not self.peering.endswith(f"-shard-{self.shard}"):
+            # Each shard stands by for itself: one peering object for two shards would pause all but one.
+            self.peering = f"{self.peering}-shard-{self.shard}"
         if self.soft_time_limit > self.hard_time_limit:
             raise ValueError("EPHEMERA_SOFT_TIME_LIMIT must not exceed EPHEMERA_HARD_TIME_LIMIT")
         return self

@@ -18,6 +18,7 @@ from ephemera.environments import Environment, Environments, Failure, PermanentF
 from ephemera.github.reporter import reported_is_current
 from ephemera.kube import KubeError
 from ephemera.operator.metrics import reconciled
+from ephemera.shards import ours
 from ephemera.sweeps import Seen
 
 Logger = logging.Logger | logging.LoggerAdapter[Any]
@@ -271,6 +272,8 @@ async def namespace_gone(*, event: kopf.RawEvent, memo: kopf.Memo, logger: Logge
     refs: list[dict[str, Any]] = obj.get("metadata", {}).get("ownerReferences") or []
     owners = [ref for ref in refs if ref.get("kind") == KIND]
     seen: Seen | None = memo.phases.get(owners[0]["name"]) if owners else None
+    if seen is None and memo.settings.shards > 1:
+        return  # another shard's environment (this watch holds only this shard's)
     if owners and not (seen is not None and seen.deleting):  # a teardown needs nothing more
         await asyncio.to_thread(_recreate, owners[0]["name"], obj["metadata"]["name"], memo, logger)
 
@@ -280,6 +283,8 @@ def _recreate(env_name: str, namespace: str, memo: kopf.Memo, logger: Logger) ->
     body = service.kube.get_environment(env_name)
     if body is None or body["metadata"].get("deletionTimestamp"):
         return  # torn down on purpose
+    if not ours(body, memo.settings):
+        return  # moved to another shard meanwhile: that one mends it
     status = body.get("status") or {}
     if status.get("phase") != Phase.READY.value or status.get("namespace") != namespace:
         return  # not settled: the running handlers will see it

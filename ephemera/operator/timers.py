@@ -164,10 +164,11 @@ def start(memo: kopf.Memo, priority: int, identity: str) -> list[asyncio.Task[No
         (min(cfg.retry_backoff, RETRY_CHECK_INTERVAL), retries, "retries"),
         (cfg.sweep_interval, sweep, "sweep"),
         (ROLLOUT_CHECK_INTERVAL, rollouts, "rollout-deadlines"),
-        (cfg.purge_interval, purge, "purge"),
         (cfg.resync_interval, resync, "resync"),
         (10.0, gauge, "phase-gauge"),
     ]
+    if cfg.shard == 0:  # the records are shared and their purge is by age alone: one shard does it
+        jobs.append((cfg.purge_interval, purge, "purge"))
     if cfg.backstop_enabled:
         jobs.append((cfg.pr_resync_interval, pr_resync, "pr-resync"))
     return [asyncio.create_task(_every(seconds, job, name, active), name=name) for seconds, job, name in jobs]

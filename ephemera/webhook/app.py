@@ -373,7 +373,13 @@ def create_app(settings: Settings, kube: Kube | None = None) -> web.Application:
             namespace=settings.webhook_namespace or default_namespace(),
             retention=settings.webhook_tombstone_retention,
         )
-        app[INTAKE] = Intake(client, tombstones, prefix=settings.namespace_prefix, draft_prs=settings.webhook_draft_prs)
+        app[INTAKE] = Intake(
+            client,
+            tombstones,
+            prefix=settings.namespace_prefix,
+            draft_prs=settings.webhook_draft_prs,
+            shards=settings.shards,
+        )
         app[LIFECYCLE] = installations.Lifecycle(client, grace=settings.backstop_teardown_grace)
         yield
         app[EXECUTOR].shutdown(wait=True)

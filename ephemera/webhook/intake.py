@@ -23,9 +23,11 @@ from ephemera.api.naming import (
     DELIVERY_ANNOTATION,
     FINALIZER,
     PR_UPDATED_AT_ANNOTATION,
+    SHARD_LABEL,
     environment_labels,
     environment_name,
     legacy_environment_name,
+    shard_of,
 )
 from ephemera.kube import Kube, KubeError, Obj
 from ephemera.webhook.events import PullRequestEvent
@@ -53,9 +55,17 @@ class Intake:
     """Apply pull_request events to PreviewEnvironments."""
 
     def __init__(
-        self, kube: Kube, tombstones: Tombstones, *, prefix: str, draft_prs: bool, reopen_wait: float = 30.0
+        self,
+        kube: Kube,
+        tombstones: Tombstones,
+        *,
+        prefix: str,
+        draft_prs: bool,
+        reopen_wait: float = 30.0,
+        shards: int = 1,
     ) -> None:
         self.kube = kube
+        self.shards = shards
         self.tombstones = tombstones
         self.reopen_wait = reopen_wait
         self.prefix = prefix
@@ -182,7 +192,12 @@ class Intake:
             "kind": KIND,
             "metadata": {
                 "name": name,
-                "labels": environment_labels(name, event.repo, event.pr),
+                # Only a new object gets its shard here: moving an existing one is the operator's
+                # handover (it waits until nothing is in flight), never a side effect of an event.
+                "labels": {
+                    **environment_labels(name, event.repo, event.pr),
+                    SHARD_LABEL: str(shard_of(event.repo, self.shards)),
+                },
                 "annotations": {
                     **(marks or {}),
                     PR_UPDATED_AT_ANNOTATION: event.pull_request.updated_at,
