@@ -7,17 +7,22 @@ from __future__ import annotations
 import contextlib
 import datetime
 import itertools
+import json
+import subprocess
+import sys
 import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import yaml
 
-from devtools.controlplane import REPO_ROOT, ControlPlane
+from devtools.controlplane import REPO_ROOT, ControlPlane, free_port, write_token_kubeconfig
 from devtools.postgres import Postgres
 from devtools.support import Kubectl, Process, post_webhook, process_env, wait_for
 from ephemera.api.naming import SHARD_LABEL, environment_name, shard_of
+from tests import test_chart_env as chart_env
 from tests.conftest import WEBHOOK_SECRET, db_upgrade, http_ok
 from tests.test_chart import paused
 from tests.test_reliability import all_phases
@@ -218,3 +223,103 @@ def test_a_new_shard_count_moves_objects_without_a_lost_or_doubled_provision(sha
         assert len(mine) == len(everything)
     finally:
         delete_all(kubectl, settled + [environment_name(r, 1) for r in repos[8:]])
+
+
+def test_the_chart_runs_one_operator_per_shard_with_the_environment_it_renders(
+    operator: Process,
+    control_plane: ControlPlane,
+    kubectl: Kubectl,
+    postgres: Postgres,
+    tmp_path: Path,
+) -> None:
+    """`operator.shards: 2`: two operator Deployments, each with its shard, the count and its own peering
+    object, and a webhook that labels for two; run with exactly the rendered environments, under the
+    chart's ServiceAccounts and RBAC, each shard makes its own PRs Ready."""
+    namespace, release = f"chart-shards-{uuid.uuid4().hex[:6]}", "shardtest"
+    secret = "a-webhook-secret-of-32-characters"
+    rendered = chart_env.helm(
+        control_plane,
+        "template", release, str(chart_env.CHART), "--namespace", namespace,
+        "--set", "operator.shards=2",
+        "--set", "operator.peering=shardtest",
+        "--set", f"secrets.webhookSecret={secret}",
+        "--set", f"secrets.databaseUrl={postgres.url}",
+        "--set", "backstop.enabled=false",
+    )  # fmt: skip
+    docs = [d for d in yaml.safe_load_all(rendered) if d]
+    secrets = {d["metadata"]["name"]: dict(d.get("stringData") or {}) for d in docs if d["kind"] == "Secret"}
+    deployments = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Deployment"}
+    fullname = f"{release}-ephemera"
+    assert set(deployments) == {f"{fullname}-operator-0", f"{fullname}-operator-1", f"{fullname}-webhook"}
+    peerings = {d["metadata"]["name"] for d in docs if d["kind"] == "ClusterKopfPeering"}
+    assert peerings == {"shardtest-shard-0", "shardtest-shard-1"}
+
+    def container(deployment: str) -> chart_env.Container:
+        spec = deployments[deployment]["spec"]["template"]["spec"]["containers"][0]
+        return chart_env.Container(spec["name"], list(spec["args"]), chart_env.resolve_env(spec, secrets, {}), [])
+
+    operators = [container(f"{fullname}-operator-{i}") for i in (0, 1)]
+    webhook = container(f"{fullname}-webhook")
+    for i, op in enumerate(operators):
+        assert (op.env["EPHEMERA_SHARD"], op.env["EPHEMERA_SHARDS"]) == (str(i), "2")
+        assert op.env["EPHEMERA_PEERING"] == f"shardtest-shard-{i}"
+    assert webhook.env["EPHEMERA_SHARDS"] == "2"
+
+    kubectl.run("apply", "-f", str(REPO_ROOT / "crds"))
+    kubectl.run("create", "namespace", namespace)
+    applied = [{"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}}]
+    for doc in docs:
+        if doc["kind"] in chart_env.CLUSTER_KINDS:
+            if doc["kind"] == "ServiceAccount":
+                doc["metadata"]["namespace"] = namespace
+            kubectl.apply(doc)
+            applied.append(doc)
+
+    def token(account: str) -> Path:
+        value = kubectl.run("-n", namespace, "create", "token", account, "--duration=1h").stdout.strip()
+        path = tmp_path / f"{account}.kubeconfig"
+        write_token_kubeconfig(path, control_plane.server, control_plane.pki / "ca.crt", value)
+        return path
+
+    env = {**operators[0].env, **chart_env.image_env(None)}
+    subprocess.run(
+        [str(Path(sys.executable).parent / "ephemera"), "db", "upgrade"], env=env, check=True, capture_output=True
+    )
+    running: list[chart_env.Running] = []
+    names: list[str] = []
+    with paused(operator):
+        try:
+            for i, op in enumerate(operators):
+                # Both render the same port (they run in pods of their own): the second moves here.
+                op.env["EPHEMERA_OPERATOR_PORT"] = str(free_port())
+                op.probes = [("/healthz", int(op.env["EPHEMERA_OPERATOR_PORT"]))]
+                op.name = f"operator-{i}"
+                running.append(chart_env.start(op, token(f"{fullname}-operator"), tmp_path))
+            webhook.env["EPHEMERA_WEBHOOK_PORT"] = str(free_port())
+            webhook.probes = [("/readyz", int(webhook.env["EPHEMERA_WEBHOOK_PORT"]))]
+            running.append(chart_env.start(webhook, token(f"{fullname}-webhook"), tmp_path))
+            for proc in running:
+                wait_for(proc.healthy, timeout=90, what=f"{proc.container.name} healthy")
+            port = int(webhook.env["EPHEMERA_WEBHOOK_PORT"])
+            repos = repositories(2, 1, uuid.uuid4().hex[:6])
+            for shard in (0, 1):
+                at = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+                event = pr_event("opened", repo=repos[shard][0], number=7, sha=SHA, updated_at=at)
+                answer = post_webhook(port, "pull_request", event, secret=secret, delivery=str(uuid.uuid4()))
+                assert answer.status == 202, answer
+                names.append(environment_name(repos[shard][0], 7, operators[0].env["EPHEMERA_NAMESPACE_PREFIX"]))
+            wait_for(lambda: ready(kubectl, names), timeout=120, what="both shards' environments Ready")
+            for shard, name in enumerate(names):
+                assert label(kubectl, name) == str(shard)
+                assert name in running[shard].output()
+                assert name not in running[1 - shard].output()
+                assert "forbidden" not in running[shard].output().lower()
+            delete_all(kubectl, names)
+        finally:
+            for proc in running:
+                proc.proc.terminate()
+                proc.proc.wait(timeout=30)
+            for doc in reversed(applied):
+                kubectl.run(
+                    "delete", "--ignore-not-found", "--wait=false", "-f", "-", input=json.dumps(doc), check=False
+                )
