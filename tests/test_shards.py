@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import hashlib
 import itertools
 import json
 import subprocess
@@ -14,14 +15,19 @@ import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
+from pydantic import ValidationError
 
 from devtools.controlplane import REPO_ROOT, ControlPlane, free_port, write_token_kubeconfig
 from devtools.postgres import Postgres
 from devtools.support import Kubectl, Process, post_webhook, process_env, wait_for
-from ephemera.api.naming import SHARD_LABEL, environment_name, shard_of
+from ephemera import shards as shards_service
+from ephemera.api.naming import RETRY_ANNOTATION, SHARD_LABEL, environment_name, shard_of
+from ephemera.config import Settings
+from ephemera.shards import DIFFBASE_ANNOTATION
 from tests import test_chart_env as chart_env
 from tests.conftest import WEBHOOK_SECRET, db_upgrade, http_ok
 from tests.test_chart import paused
@@ -323,3 +329,69 @@ def test_the_chart_runs_one_operator_per_shard_with_the_environment_it_renders(
                 kubectl.run(
                     "delete", "--ignore-not-found", "--wait=false", "-f", "-", input=json.dumps(doc), check=False
                 )
+
+
+def _settled_object(**changes: Any) -> dict[str, Any]:
+    spec = {"repository": "octo/one", "pullRequest": 1, "commitSha": SHA, "branch": "b"}
+    obj: dict[str, Any] = {
+        "metadata": {
+            "name": "pr-1",
+            "generation": 2,
+            "resourceVersion": "7",
+            "labels": {SHARD_LABEL: "0"},
+            "annotations": {DIFFBASE_ANNOTATION: json.dumps({"spec": spec})},
+        },
+        "spec": spec,
+        "status": {"phase": "Ready", "observedGeneration": 2},
+    }
+    for path, value in changes.items():
+        *parents, leaf = path.split("__")
+        target_dict = obj
+        for parent in parents:
+            target_dict = target_dict[parent]
+        target_dict[leaf] = value
+    return obj
+
+
+@pytest.mark.parametrize(
+    ("changes", "expected"),
+    [
+        ({}, True),
+        ({"metadata__annotations": {"ephemera.dev/provision": "{}"}}, False),  # kopf has a handler under way
+        ({"spec": {"repository": "octo/one", "pullRequest": 1, "commitSha": "d" * 40, "branch": "b"}}, False),
+        ({"status": {"phase": "Ready", "observedGeneration": 1}}, False),  # a push not yet observed
+        ({"status": {"phase": "Provisioning", "observedGeneration": 2}}, False),
+        ({"metadata__deletionTimestamp": "2026-01-01T00:00:00Z"}, False),
+        ({"status": {"phase": "Failed", "observedGeneration": 2, "permanent": True}}, True),
+        # Failed long ago, outside the retry window: nothing will provision it again by itself.
+        ({"status": {"phase": "Failed", "observedGeneration": 2, "failedAt": "2000-01-01T00:00:00Z"}}, True),
+    ],
+)
+def test_only_a_settled_object_is_handed_over(changes: dict[str, Any], expected: bool) -> None:
+    settings = Settings(shards=2, shard=0)
+    assert shards_service.settled(_settled_object(**changes), settings) is expected
+
+
+def test_a_failed_object_due_a_retry_is_not_settled() -> None:
+    settings = Settings(shards=2, shard=0)
+    now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    obj = _settled_object(status={"phase": "Failed", "observedGeneration": 2, "failedAt": now, "retries": 0})
+    assert not shards_service.settled(obj, settings)
+    obj["metadata"]["annotations"][RETRY_ANNOTATION] = "now"
+    assert not shards_service.settled(_settled_object(metadata__annotations=obj["metadata"]["annotations"]), settings)
+
+
+def test_the_shard_of_a_repository_is_stable_and_case_insensitive() -> None:
+    # sha256, not Python's salted hash(): every process and release agrees.
+    assert [shard_of("octo-org/shop", n) for n in (1, 2, 3, 10)] == [
+        0,
+        *(int.from_bytes(hashlib.sha256(b"octo-org/shop").digest()[:8], "big") % n for n in (2, 3, 10)),
+    ]
+    assert shard_of("Octo-Org/Shop", 10) == shard_of("octo-org/shop", 10)
+
+
+def test_shard_settings_are_checked_and_each_shard_has_its_own_peering() -> None:
+    with pytest.raises(ValidationError, match="EPHEMERA_SHARD=2 must be below EPHEMERA_SHARDS=2"):
+        Settings(shards=2, shard=2)
+    assert Settings(shards=3, shard=1, peering="ephemera").peering == "ephemera-shard-1"
+    assert Settings(shards=1, peering="ephemera").peering == "ephemera"
