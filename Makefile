@@ -57,10 +57,11 @@ cluster: venv tools ## start a local control plane; prints the export KUBECONFIG
 cluster-down: venv ## stop the local control plane
 	@$(BIN)/python -m devtools.controlplane down $(CLUSTER_DIR)
 
-lint: venv ## ruff check, ruff format --check and mypy --strict
+lint: venv ## ruff check, ruff format --check, mypy --strict and the import layers (lint-imports)
 	$(BIN)/ruff check $(LINT_PATHS)
 	$(BIN)/ruff format --check $(LINT_PATHS)
 	$(BIN)/mypy
+	$(BIN)/lint-imports --no-cache
 
 format: venv ## ruff format and ruff check --fix
 	$(BIN)/ruff format $(LINT_PATHS)

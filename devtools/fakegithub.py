@@ -152,6 +152,9 @@ class FakeGitHub:
         self.deliveries: list[dict[str, Any]] = []  # the App's hook deliveries, oldest first
         self.redelivery_status = 202  # what a redelivered attempt gets from the webhook
         self.pull_faults: dict[tuple[str, int], tuple[int, int]] = {}  # (repository, page) -> (status, count)
+        # (repository, login), lower case -> GitHub's legacy permission and the role's name; anyone
+        # else reads (the repositories here are public).
+        self.collaborators: dict[tuple[str, str], tuple[str, str]] = {}
         self._ids = itertools.count(1000)
         self._lock = threading.Lock()
         self.port = 0
@@ -174,6 +177,7 @@ class FakeGitHub:
             "hook_delivery_detail": recorded("Repository.testGetHookDelivery")[2],
             "check_run": recorded("CheckRun.testCreateCheckRunInProgress")[2],
             "check_runs": recorded("CheckRun.testGetCheckRunsForRef")[2],
+            "collaborator_permission": recorded("Repository.testCollaboratorRoleName")[2],
         }
         self._pull_template: dict[str, Any] = {
             **(recorded("Repository.testGetPulls")[2] or [{}])[0],
@@ -218,6 +222,13 @@ class FakeGitHub:
         """Whether the installation's token may reach `repository`."""
         found = self.installation_of(repository)
         return found is not None and found.id == installation_id
+
+    def collaborator(self, repository: str, login: str, role: str) -> None:
+        """Give `login` a role on `repository` (admin, maintain, write, triage, read), as GitHub reports
+        it: `permission` is the legacy level (maintain reads as write, triage as read)."""
+        permission = {"maintain": "write", "triage": "read"}.get(role, role)
+        with self._lock:
+            self.collaborators[(repository.lower(), login.lower())] = (permission, role)
 
     def user_token(self, login: str) -> str:
         """A plain token of the user `login` (one that never expires, as a personal access token may)."""
@@ -605,6 +616,17 @@ class FakeGitHub:
         self.deployment_statuses[did].append(body)
         return self._answer(201, body)
 
+    async def collaborator_permission(self, request: web.Request) -> web.Response:
+        """`GET /repos/{owner}/{repo}/collaborators/{username}/permission`: the user's permission and
+        role (Repository.testCollaboratorRoleName); `read` for anyone not made a collaborator."""
+        login = request.match_info["username"]
+        with self._lock:
+            permission, role = self.collaborators.get((self._repo(request).lower(), login.lower()), ("read", "read"))
+        body = copy.deepcopy(self._templates["collaborator_permission"])
+        body["user"] = {**(body.get("user") or {}), **self._user_json(login)}
+        body.update(permission=permission, role_name=role)
+        return self._answer(200, body)
+
     # Backstop: pull requests and the App's hook deliveries -----------------------------------------
     # Shaped from Repository.testGetPulls (a listing's items), PullRequest.setUp (one PR), Issue131
     # .testGetPullsWithOrgHeadUser (Link-header paging) and Repository.testGetHookDeliveries/Delivery.
@@ -971,6 +993,7 @@ class FakeGitHub:
         app.router.add_get(repo + "/check-runs/{id:\\d+}", self.get_check_run)
         app.router.add_patch(repo + "/check-runs/{id:\\d+}", self.update_check_run)
         app.router.add_get(repo + "/commits/{sha}/check-runs", self.list_check_runs)
+        app.router.add_get(repo + "/collaborators/{username}/permission", self.collaborator_permission)
         app.router.add_get("/rate_limit", self.rate_limit_view)
         app.router.add_get("/_calls", self.dump_calls)
         self._backstop_routes(app)

@@ -43,13 +43,13 @@ from ephemera.api.naming import (
 )
 from ephemera.config import Settings
 from ephemera.github.client import GitHubAuth, NoCredentials
+from ephemera.intake.events import PullRequestEvent
+from ephemera.intake.pullrequests import Intake
+from ephemera.intake.tombstones import Tombstones, default_namespace
 from ephemera.kube import Kube, KubeError, Obj
 from ephemera.metrics import REGISTRY
 from ephemera.redelivery import Redeliverer
 from ephemera.shards import selector
-from ephemera.webhook.events import PullRequestEvent
-from ephemera.webhook.intake import Intake
-from ephemera.webhook.tombstones import Tombstones, default_namespace
 
 log = logging.getLogger(__name__)
 

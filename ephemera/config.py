@@ -82,7 +82,9 @@ class Settings(BaseSettings):
     sweep_interval: float = Field(5 * 60, gt=0, description="Seconds between stale/orphan sweeps.")
     retry_window: float = Field(60 * 60, gt=0, description="Failed environments younger than this are retried.")
     retry_max_attempts: int = Field(3, ge=0, description="Automatic retries of one failure at most.")
-    retry_backoff: float = Field(60.0, gt=0, description="First retry delay in seconds; doubles each attempt.")
+    retry_backoff: float = Field(
+        60.0, gt=0, description="Longest first retry wait in seconds (full jitter); doubles each attempt."
+    )
     record_retention: float = Field(7 * 24 * 3600, gt=0, description="Seconds destroyed records are kept.")
     purge_interval: float = Field(3600, gt=0, description="Seconds between purges of old records.")
     purge_batch: int = Field(500, ge=1, description="Records deleted per purge statement.")

@@ -38,6 +38,7 @@ from ephemera.config import Settings
 from ephemera.kube import Kube, KubeError, Obj
 from ephemera.previews import Previews, Rollout
 from ephemera.readiness import Assessment
+from ephemera.shards import ours
 from ephemera.templates import TemplateError
 from ephemera.transitions import Transition, Transitions
 
@@ -295,6 +296,12 @@ class Environments:
             logger,
         )
 
+    def refuse(self, name: str, failure: PermanentFailure) -> None:
+        """Say on an object whose spec cannot be read (one the API server let through) why it cannot
+        work: Failed for good, until the spec changes. Nothing is announced: there is no environment."""
+        status = {"phase": Phase.FAILED.value, "reason": failure.reason, "message": failure.message, "permanent": True}
+        self.kube.patch_environment_status(name, status)
+
     # Ownership ------------------------------------------------------------------------------------
 
     def owns(self, env: Environment, namespace: Obj) -> bool:
@@ -481,6 +488,19 @@ class Environments:
                 if env.status.phase is not Phase.PROVISIONING:
                     notes.append(f"{child['kind']} {name} updated")
         return notes
+
+    def ready_with(self, name: str, namespace: str) -> Environment | None:
+        """Environment `name` if it is Ready with `namespace` and not being deleted: one that needs its
+        namespace made again at once when that goes (any other is its handlers' to settle)."""
+        body = self.kube.get_environment(name)
+        if body is None or body["metadata"].get("deletionTimestamp"):
+            return None  # torn down on purpose
+        if not ours(body, self.settings):
+            return None  # moved to another shard meanwhile: that one mends it
+        status = body.get("status") or {}
+        if status.get("phase") != Phase.READY.value or status.get("namespace") != namespace:
+            return None  # not settled: the running handlers will see it
+        return Environment.from_body(body)
 
     def destroy(self, env: Environment, logger: logging.Logger | logging.LoggerAdapter[Any]) -> Terminating | None:
         """Delete the environment's namespaces (only its own). None once nothing is left (the end is

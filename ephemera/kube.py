@@ -7,11 +7,10 @@ The official client is synchronous: call these from kopf's sync handlers (a thre
 from __future__ import annotations
 
 import datetime
-import functools
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, ParamSpec, TypeVar
+from typing import Any
 
 import urllib3
 from kubernetes import client, config
@@ -20,8 +19,6 @@ from kubernetes.client.exceptions import ApiException
 from ephemera.api.models import GROUP, PLURAL, TEMPLATE_PLURAL, VERSION
 
 Obj = dict[str, Any]
-P = ParamSpec("P")
-R = TypeVar("R")
 
 
 class KubeError(Exception):
@@ -42,19 +39,6 @@ def _wrap(err: ApiException, what: str) -> KubeError:
     # 409 conflicts, 429 throttling and 5xx pass; 4xx validation and permission errors do not.
     temporary = status in (0, 409, 429) or status >= 500
     return KubeError(f"{what}: {status} {detail}", status=status, temporary=temporary)
-
-
-def _transport_errors(method: Callable[P, R]) -> Callable[P, R]:
-    """Turn a failure to reach the API server (refused, reset, timed out) into a temporary KubeError."""
-
-    @functools.wraps(method)
-    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-        try:
-            return method(*args, **kwargs)
-        except (urllib3.exceptions.HTTPError, OSError) as err:
-            raise KubeError(f"{method.__name__}: Kubernetes API unreachable: {err}", status=0) from err
-
-    return wrapper
 
 
 def load_api_client(
@@ -129,7 +113,10 @@ class Kube:
         content_type: str = "application/json",
         accept: str = "application/json",
     ) -> Obj:
-        """One API request; the decoded JSON answer, or ApiException as the generated client raises it."""
+        """One API request; the decoded JSON answer, or ApiException as the generated client raises it.
+
+        The single way to the API server, so the one place that turns a failure to reach it (refused,
+        reset, timed out) into a temporary KubeError."""
         _, url, headers, data, _ = self.api_client.param_serialize(
             method,
             path,
@@ -138,8 +125,11 @@ class Kube:
             body=body,
             auth_settings=["BearerToken"],
         )
-        response = self.api_client.call_api(method, url, headers, data, _request_timeout=self.timeout)
-        raw = response.read()
+        try:
+            response = self.api_client.call_api(method, url, headers, data, _request_timeout=self.timeout)
+            raw = response.read()
+        except (urllib3.exceptions.HTTPError, OSError) as err:
+            raise KubeError(f"{method} {path}: Kubernetes API unreachable: {err}", status=0) from err
         if not 200 <= response.status <= 299:
             raise ApiException(http_resp=response)
         answer: Obj = json.loads(raw) if raw else {}
@@ -165,8 +155,6 @@ class Kube:
                 data = self._request("GET", path, query=(query or []) + paging, accept=accept)
             except ApiException as err:
                 raise _wrap(err, f"listing {what}") from err
-            except (urllib3.exceptions.HTTPError, OSError) as err:  # a generator: the decorator cannot see these
-                raise KubeError(f"listing {what}: Kubernetes API unreachable: {err}", status=0) from err
             # An empty list of metadata comes back as `"items": null`: no items, not an error.
             yield from data.get("items") or []
             token = (data.get("metadata") or {}).get("continue")
@@ -401,8 +389,3 @@ class Kube:
                 continue
             found += [f"{kind}/{item['metadata']['name']}" for item in data.get("items") or []]
         return found
-
-
-for _name, _method in list(vars(Kube).items()):
-    if callable(_method) and not _name.startswith("_") and _name != "close":
-        setattr(Kube, _name, _transport_errors(_method))

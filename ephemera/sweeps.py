@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import datetime
 import logging
+import random
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from ephemera import backoff
 from ephemera.api.models import GROUP, KIND, Phase, now_iso, parse_time
 from ephemera.api.naming import (
     MANAGED_BY,
@@ -19,6 +22,7 @@ from ephemera.api.naming import (
     OWNER_UID_ANNOTATION,
     PR_LABEL,
     REPOSITORY_ANNOTATION,
+    RETRY_ANNOTATION,
     environment_names,
     shard_of,
 )
@@ -132,10 +136,10 @@ class Sweeper:
         """Retry every Failed, retriable object whose backoff has passed."""
         retried = 0
         for name, item in list(seen.items()):
-            if item.deleting or not retry_due(item.retry_status(), self.settings):
+            if item.deleting or not retry_due(item.retry_status(), self.settings, item.uid):
                 continue
             body = self._body(name, item.uid)
-            if body is None or not retry_due(dict(body.get("status") or {}), self.settings):
+            if body is None or not retry_due(dict(body.get("status") or {}), self.settings, item.uid):
                 continue  # changed since the watch last told us
             retry(self.service, body, manual=None, logger=logger)
             retried += 1
@@ -238,8 +242,8 @@ class Sweeper:
         return deleted
 
 
-def retry_due(status: dict[str, Any], settings: Settings, now: datetime.datetime | None = None) -> bool:
-    """Whether a Failed environment is due an automatic retry (window, attempts and backoff)."""
+def retry_due(status: dict[str, Any], settings: Settings, uid: str, now: datetime.datetime | None = None) -> bool:
+    """Whether the Failed environment with `uid` is due an automatic retry (window, attempts and backoff)."""
     if status.get("phase") != Phase.FAILED.value or status.get("permanent"):
         return False
     failed_at = parse_time(status.get("failedAt"))
@@ -252,7 +256,22 @@ def retry_due(status: dict[str, Any], settings: Settings, now: datetime.datetime
     age = (now - failed_at).total_seconds()
     if age > settings.retry_window:
         return False
-    return bool(age >= settings.retry_backoff * 2**attempts)
+    # The jitter is drawn from the object and its failure, not afresh at each check: every check of
+    # one failure (and every replica, and a restarted operator) agrees on when it is due, while
+    # objects that failed together are retried spread out. The window bounds the wait: an attempt
+    # still allowed is never drawn past it.
+    rng = random.Random(f"{uid}/{status.get('failedAt')}/{attempts}")
+    return age >= backoff.delay(attempts, settings.retry_backoff, settings.retry_window, rng)
+
+
+def retry_requested(body: Mapping[str, Any]) -> str | None:
+    """The retry a person asked for (the `ephemera.dev/retry` annotation's value) that is not handled
+    yet, or None: no request, the one the status says was handled, or an object being deleted."""
+    meta, status = body.get("metadata") or {}, body.get("status") or {}
+    request = (meta.get("annotations") or {}).get(RETRY_ANNOTATION)
+    if not request or request == status.get("retryRequest") or meta.get("deletionTimestamp"):
+        return None
+    return str(request)
 
 
 def retry(service: Environments, body: Obj, *, manual: str | None, logger: Any) -> None:

@@ -12,7 +12,6 @@ import uuid
 from collections.abc import Iterator
 from typing import Any
 
-import kopf
 import pytest
 
 from devtools.controlplane import ControlPlane
@@ -405,11 +404,9 @@ def test_a_rollout_is_checked_once_its_status_lands(control_plane: ControlPlane)
     kube = Kube(load_api_client(control_plane.kubeconfig))
     try:
         settler = apps.Settler(Environments(kube, Settings(), Transitions()))
-        memo = kopf.Memo()
-        memo.settler = settler
         rolling = {"metadata": {"name": "env-a"}, "status": {"phase": "Provisioning", "reason": "RollingOut"}}
         assert apps.rolling_out(rolling)
-        apps.rollout_landed(memo, "env-a")
+        apps.rollout_landed(settler, "env-a")
         assert settler.due == {"env-a"}
         deleting = {"metadata": {"name": "b", "deletionTimestamp": "2026-01-01T00:00:00Z"}, "status": rolling["status"]}
         assert not apps.rolling_out(deleting)

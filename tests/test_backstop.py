@@ -34,9 +34,9 @@ from ephemera.api.naming import (
 )
 from ephemera.backstop import ORIGIN, Backstop, Listing, compare
 from ephemera.config import Settings
+from ephemera.intake.tombstones import Tombstones
 from ephemera.kube import Kube, Obj
 from ephemera.redelivery import CONFIG_MAP, Redeliverer
-from ephemera.webhook.tombstones import Tombstones
 from tests.conftest import WEBHOOK_SECRET, db_upgrade, http_ok
 
 STATE = "ephemera-backstop-state"

@@ -22,8 +22,8 @@ from devtools.controlplane import ControlPlane
 from devtools.support import FIXTURES, Kubectl, Process, post_webhook, process_env, sign, wait_for
 from ephemera.api.naming import environment_name
 from ephemera.config import Settings
+from ephemera.intake.tombstones import COMPONENT, Tombstones, config_map_name
 from ephemera.kube import Kube, KubeError
-from ephemera.webhook.tombstones import COMPONENT, Tombstones, config_map_name
 from tests.conftest import WEBHOOK_SECRET, http_ok
 from tests.test_webhook import get_pe, gone, pr_event
 

@@ -30,6 +30,20 @@ FINALIZER = "ephemera.dev/finalizer"
 PR_UPDATED_AT_ANNOTATION = "ephemera.dev/pr-updated-at"
 DELIVERY_ANNOTATION = "ephemera.dev/delivery"
 CLOSED_REASON_ANNOTATION = "ephemera.dev/closed-reason"
+# The policy's marks (#17). The webhook mirrors two of the PR's labels onto the object on every event
+# it applies: PRIORITY_LABEL = "true" iff the PR carries `preview-priority` (a label, so that the queue
+# can select on it), KEEP_LABEL_ANNOTATION = "true" iff it carries `preview-keep`; each absent otherwise.
+PRIORITY_LABEL = "ephemera.dev/priority"
+KEEP_LABEL_ANNOTATION = "ephemera.dev/keep-label"
+# A person's pin (`kubectl ephemera keep`): any value but "false" keeps the environment from expiring.
+KEEP_ANNOTATION = "ephemera.dev/keep"
+# An expiry later than last push + ttl (`kubectl ephemera extend`), RFC 3339 UTC.
+EXPIRES_AT_ANNOTATION = "ephemera.dev/expires-at"
+# `/preview wake` by a writer (signed issue_comment): the comment's created_at; revives an Expired one.
+WAKE_ANNOTATION = "ephemera.dev/wake"
+# A fork's approval: the head SHA a writer approved with the approval label, and who did.
+APPROVED_SHA_ANNOTATION = "ephemera.dev/approved-sha"
+APPROVED_BY_ANNOTATION = "ephemera.dev/approved-by"
 # The operator shard an object belongs to (`shard_of` its repository, as a decimal string): with
 # EPHEMERA_SHARDS > 1 each operator Deployment watches only the objects that carry its own index.
 SHARD_LABEL = "ephemera.dev/shard"

@@ -40,6 +40,7 @@ from github.IssueComment import IssueComment
 from github.Repository import Repository
 from prometheus_client import Counter, Gauge
 
+from ephemera import backoff
 from ephemera.api.naming import CLOSED_REASON_ANNOTATION
 from ephemera.config import Settings
 from ephemera.github.client import GitHubAuth, Identity, NoCredentials, NotInstalled
@@ -105,8 +106,9 @@ ICONS = {"Ready": "🟢", "Failed": "🔴", "Destroying": "⚪", "Provisioning":
 
 
 class RetryLater(Exception):
-    """A report to try again: after `delay` seconds, doubled per attempt when `backoff` is set (up to
-    EPHEMERA_GITHUB_RETRY_MAX_DELAY), and never sooner than `floor` seconds."""
+    """A report to try again: after `delay` seconds, or, when `backoff` is set, after a full-jitter
+    backoff from `delay` doubled per attempt (up to EPHEMERA_GITHUB_RETRY_MAX_DELAY); never sooner
+    than `floor` seconds."""
 
     def __init__(self, delay: float, why: str, *, backoff: bool = True, floor: float = 0.0) -> None:
         super().__init__(why)
@@ -118,7 +120,7 @@ class RetryLater(Exception):
         """Seconds to wait before attempt number `attempt` + 1 (`attempt` >= 1 failed so far)."""
         delay = self.delay
         if self.backoff:
-            delay = min(delay * 2 ** (attempt - 1), max_delay)
+            delay = backoff.delay(attempt - 1, delay, max_delay)
         return max(delay, self.floor)
 
 
@@ -348,7 +350,7 @@ class Reporter:
                 log.exception("GitHub report for %s failed unexpectedly", job.transition.name)
                 job.attempt += 1
                 if job.attempt < MAX_ATTEMPTS:
-                    self._later(job, min(2.0**job.attempt, self.settings.github_retry_max_delay))
+                    self._later(job, backoff.delay(job.attempt, 1.0, self.settings.github_retry_max_delay))
             finally:
                 self._active.discard(uid)
                 self._schedule(uid)  # a newer state that arrived meanwhile

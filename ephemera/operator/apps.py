@@ -24,6 +24,7 @@ from ephemera.api.naming import ENVIRONMENT_LABEL, MANAGED_BY, MANAGED_BY_LABEL
 from ephemera.config import Settings
 from ephemera.environments import ROLLING_OUT, Environment, Environments, Failure
 from ephemera.kube import Kube, KubeError
+from ephemera.operator.runtime import Runtime
 from ephemera.readiness import WORKLOAD_KINDS, workload_state
 from ephemera.shards import ours
 from ephemera.sweeps import Seen
@@ -75,7 +76,8 @@ async def template_changed(*, event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -
     """Keep the cache current; an edit (a generation the cache did not hold) rolls out. The listing at
     the start repeats what `Templates.prime` read, so it rolls nothing out. On the event loop (memory
     only): the rollout queue is the loop's."""
-    templates: Templates = memo.templates
+    runtime: Runtime = memo.runtime
+    templates = runtime.templates
     body: dict[str, Any] = dict(event.get("object") or {})
     meta = body.get("metadata") or {}
     if not meta.get("name"):
@@ -88,9 +90,8 @@ async def template_changed(*, event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -
     else:
         templates.put(body)
         changed = before != int(meta.get("generation") or 1)
-    rollouts: Rollouts | None = getattr(memo, "rollouts", None)
-    if changed and rollouts is not None:
-        rollouts.changed(name)
+    if changed:
+        runtime.rollouts.changed(name)
 
 
 def _wanted(templates: list[Template], repository: str) -> tuple[str, int] | None:
@@ -325,13 +326,11 @@ def rolling_out(body: Mapping[str, Any]) -> bool:
     return status.get("reason") == ROLLING_OUT and not (body.get("metadata") or {}).get("deletionTimestamp")
 
 
-def rollout_landed(memo: kopf.Memo, name: str) -> None:
+def rollout_landed(settler: Settler, name: str) -> None:
     """A rollout's status is visible: check it once. Its workloads may have become ready between the
     operator's own check and this status landing; their events then came while the watch did not show
     the environment waiting yet (and were let go), and no workload changes again to settle it."""
-    settler: Settler | None = getattr(memo, "settler", None)
-    if settler is not None:
-        settler.poke(name)
+    settler.poke(name)
 
 
 def _rolling_out(body: kopf.Body, **_: Any) -> bool:
@@ -340,7 +339,8 @@ def _rolling_out(body: kopf.Body, **_: Any) -> bool:
 
 @kopf.on.event(GROUP, VERSION, PLURAL, id="rollout-landed", when=_rolling_out)
 async def rollout_status(*, name: str, memo: kopf.Memo, **_: Any) -> None:
-    rollout_landed(memo, name)
+    runtime: Runtime = memo.runtime
+    rollout_landed(runtime.settler, name)
 
 
 def ready_now(body: Mapping[str, Any]) -> bool:
@@ -350,9 +350,9 @@ def ready_now(body: Mapping[str, Any]) -> bool:
 
 async def _workload_changed(*, labels: kopf.Labels, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     name = labels.get(ENVIRONMENT_LABEL)
-    if name and waiting(memo.phases.get(name)):
-        settler: Settler = memo.settler
-        settler.poke(name, at_once=ready_now(body))
+    runtime: Runtime = memo.runtime
+    if name and waiting(runtime.phases.get(name)):
+        runtime.settler.poke(name, at_once=ready_now(body))
 
 
 # Each kind a rollout waits on, watched only where Ephemera applied it (its pods carry the labels too).

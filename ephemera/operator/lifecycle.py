@@ -12,13 +12,14 @@ from typing import Any, TypeVar
 
 import kopf
 
+from ephemera import backoff
 from ephemera.api.models import KIND, RESOURCE, Phase
 from ephemera.api.naming import MANAGED_BY, MANAGED_BY_LABEL
 from ephemera.environments import Environment, Environments, Failure, PermanentFailure, Terminating
 from ephemera.github.reporter import reported_is_current
 from ephemera.kube import KubeError
 from ephemera.operator.metrics import reconciled
-from ephemera.shards import ours
+from ephemera.operator.runtime import Runtime
 from ephemera.sweeps import Seen
 
 Logger = logging.Logger | logging.LoggerAdapter[Any]
@@ -85,22 +86,22 @@ def _run(
     A `teardown` has no time limit and is never handed over: kopf releases the finalizer when its
     delete handler stops, so it must stop only once the namespace is gone."""
     started = time.perf_counter()
-    service: Environments = memo.environments
+    shared: Runtime = memo.runtime
+    service = shared.environments
     try:
         env = Environment.from_body(dict(body))
     except PermanentFailure as failure:
         # A spec the API server let through but that cannot work: say so on the object.
         reconciled(handler, "failure", started)
         logger.error("%s: %s", failure.reason, failure.message)
-        status = {"phase": Phase.FAILED.value, "reason": failure.reason, "message": failure.message, "permanent": True}
-        service.kube.patch_environment_status(body.metadata["name"], status)
+        service.refuse(body.metadata["name"], failure)
         raise kopf.PermanentError(failure.message) from failure
     log = _env_logger(logger, env)
     if not teardown and retry > 0 and env.status.phase is Phase.FAILED and env.status.reason == "Stale":
         # The stale sweep gave up on this attempt; the retry timer owns the object from here.
         reconciled(handler, "handed-over", started)
         raise kopf.PermanentError("handed over to the retry timer after the stale sweep")
-    limits = memo.settings
+    limits = shared.settings
     elapsed = runtime.total_seconds()
     time_limited = not teardown
     try:
@@ -110,25 +111,25 @@ def _run(
                 f"Not Ready after {elapsed:.0f} s (hard limit EPHEMERA_HARD_TIME_LIMIT={limits.hard_time_limit:.0f} s);"
                 " see the Events for the cause, fix it, then retry.",
             )
-        if time_limited and elapsed > limits.soft_time_limit and env.uid not in memo.warned:
-            memo.warned.add(env.uid)
+        if time_limited and elapsed > limits.soft_time_limit and env.uid not in shared.warned:
+            shared.warned.add(env.uid)
             log.warning("Still not Ready after %.0f s (soft time limit)", elapsed)
             service.recorder(env.ref(), "Warning", "SoftTimeLimit", f"Still not Ready after {elapsed:.0f} s")
         result = work(service, env, log)
     except Failure as error:
         if error.permanent:
             reconciled(handler, "failure", started)
-            memo.warned.discard(env.uid)
+            shared.warned.discard(env.uid)
             service.fail(env, error, log)
             raise kopf.PermanentError(error.message) from error
         reconciled(handler, "retry", started)
-        delay = min(error.delay * 2**retry, MAX_DELAY) if error.backoff else error.delay
+        delay = backoff.delay(retry, error.delay, MAX_DELAY) if error.backoff else error.delay
         if error.backoff:  # plain waiting (for a namespace to go) is not worth an Event each poll
             log.warning("%s: %s (retry in %.0f s)", error.reason, error.message, delay)
             service.recorder(env.ref(), "Warning", error.reason, f"{error.message} (retry in {delay:.0f} s)")
         raise kopf.TemporaryError(error.message, delay=delay) from error
     reconciled(handler, "success", started)
-    memo.warned.discard(env.uid)
+    shared.warned.discard(env.uid)
     return result
 
 
@@ -207,14 +208,15 @@ async def destroy(
     )
     if terminating is None:
         return
-    vanishing: Vanishing = memo.vanishing
-    timeout: float = memo.settings.namespace_delete_timeout
+    shared: Runtime = memo.runtime
+    vanishing = shared.vanishing
+    timeout = shared.settings.namespace_delete_timeout
     started = time.monotonic()
     # Wake at the timeout if it is still ahead, so that the report comes on time.
     left = timeout - runtime.total_seconds()
     within = min(NAMESPACE_WAIT, left) if left > 0 else NAMESPACE_WAIT
     await asyncio.gather(*(vanishing.wait(uid, within) for _, uid in terminating.namespaces))
-    service: Environments = memo.environments
+    service = shared.environments
     try:
         finished = await asyncio.to_thread(service.finish, terminating)
         if not finished and runtime.total_seconds() + time.monotonic() - started >= timeout:
@@ -237,13 +239,15 @@ async def destroy(
 @kopf.on.event(*RESOURCE, id="track")
 async def track(*, event: kopf.RawEvent, name: str, memo: kopf.Memo, **_: Any) -> None:
     """Keep every object's phase in memory: feeds the phase gauge and the sweeps with no API call."""
+    runtime: Runtime = memo.runtime
+    phases = runtime.phases
     if event.get("type") == "DELETED":
-        memo.phases.pop(name, None)
+        phases.pop(name, None)
         return
     obj: dict[str, Any] = dict(event.get("object") or {})
     status = obj.get("status") or {}
     template = status.get("template") or {}
-    memo.phases[name] = Seen(
+    phases[name] = Seen(
         uid=obj["metadata"]["uid"],
         phase=status.get("phase") or Phase.PENDING.value,
         since=status.get("lastTransitionTime"),
@@ -267,28 +271,21 @@ async def namespace_gone(*, event: kopf.RawEvent, memo: kopf.Memo, logger: Logge
     """A namespace of ours is gone: wake the teardown waiting for it, or, while its environment
     lives on, re-create it at once."""
     obj: dict[str, Any] = dict(event.get("object") or {})
-    vanishing: Vanishing = memo.vanishing
-    vanishing.gone(obj["metadata"]["uid"])
+    runtime: Runtime = memo.runtime
+    runtime.vanishing.gone(obj["metadata"]["uid"])
     refs: list[dict[str, Any]] = obj.get("metadata", {}).get("ownerReferences") or []
     owners = [ref for ref in refs if ref.get("kind") == KIND]
-    seen: Seen | None = memo.phases.get(owners[0]["name"]) if owners else None
-    if seen is None and memo.settings.shards > 1:
+    seen = runtime.phases.get(owners[0]["name"]) if owners else None
+    if seen is None and runtime.settings.shards > 1:
         return  # another shard's environment (this watch holds only this shard's)
     if owners and not (seen is not None and seen.deleting):  # a teardown needs nothing more
-        await asyncio.to_thread(_recreate, owners[0]["name"], obj["metadata"]["name"], memo, logger)
+        await asyncio.to_thread(_recreate, runtime.environments, owners[0]["name"], obj["metadata"]["name"], logger)
 
 
-def _recreate(env_name: str, namespace: str, memo: kopf.Memo, logger: Logger) -> None:
-    service: Environments = memo.environments
-    body = service.kube.get_environment(env_name)
-    if body is None or body["metadata"].get("deletionTimestamp"):
-        return  # torn down on purpose
-    if not ours(body, memo.settings):
-        return  # moved to another shard meanwhile: that one mends it
-    status = body.get("status") or {}
-    if status.get("phase") != Phase.READY.value or status.get("namespace") != namespace:
-        return  # not settled: the running handlers will see it
-    env = Environment.from_body(body)
+def _recreate(service: Environments, env_name: str, namespace: str, logger: Logger) -> None:
+    env = service.ready_with(env_name, namespace)
+    if env is None:
+        return
     try:
         service.provision(env, updating=True, logger=_env_logger(logger, env))
     except Failure as failure:
@@ -309,7 +306,8 @@ def report_resume(*, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
         return  # an invalid spec has nothing to report; its Failed status says why
     status = dict(body.get("status") or {})
     conditions = status.get("conditions") or [{}]
-    memo.reporter.listener(
+    runtime: Runtime = memo.runtime
+    runtime.reporter.listener(
         env.announcement(
             old_phase=None,
             phase=str(status.get("phase")),

@@ -1,8 +1,9 @@
-"""Operator start-up and clean-up: kopf settings, and the clients every handler shares via `memo`."""
+"""Operator start-up and clean-up: kopf settings, and the Runtime every handler shares (`memo.runtime`)."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import shutil
@@ -23,9 +24,11 @@ from ephemera.github.reporter import Reporter
 from ephemera.kube import Kube, KubeError, load_api_client
 from ephemera.operator import apps, health, lifecycle, timers
 from ephemera.operator.metrics import observe_transition
+from ephemera.operator.runtime import Runtime
 from ephemera.previews import Previews
 from ephemera.store.engine import SchemaOutdated, check_schema, make_engine
 from ephemera.store.records import Records
+from ephemera.sweeps import Seen
 from ephemera.transitions import Transitions
 
 PREFIX = "ephemera.dev"
@@ -56,41 +59,64 @@ async def configure(*, settings: kopf.OperatorSettings, memo: kopf.Memo, logger:
     settings.peering.mandatory = cfg.peering is not None
     # Our own /healthz serves liveness; kopf's probes need nothing else.
 
-    kube = Kube(await asyncio.to_thread(load_api_client, cfg.kubeconfig, cfg.workers + 10))
-    transitions = Transitions()
-    transitions.subscribe(observe_transition)
-    memo.settings = cfg
-    memo.kube = kube
-    memo.transitions = transitions
-    memo.templates = apps.Templates()
-    await asyncio.to_thread(memo.templates.prime, kube)  # before any environment is provisioned
-    memo.environments = Environments(
-        kube, cfg, transitions, recorder=event_poster(kube), previews=_previews(cfg, kube, memo.templates)
-    )
-    memo.settler = apps.Settler(memo.environments)
-    memo.settler.start()
-    memo.records = await _records(cfg, kube, logger)
-    transitions.subscribe(memo.records.listener)
-    auth = await asyncio.to_thread(GitHubAuth, cfg)
-    if not auth.configured:
-        logger.info("GitHub reporting is off: no GitHub App and no token configured")
-    memo.reporter = Reporter(cfg, kube, auth)
-    memo.reporter.start()
-    transitions.subscribe(memo.reporter.listener)
-    memo.phases = {}  # name -> phase, kept by lifecycle.track
-    memo.vanishing = lifecycle.Vanishing()  # namespaces seen gone, for teardowns waiting on them
-    memo.warned = set()  # uids already warned about the soft time limit
-    memo.periodic = timers.start(memo, settings.peering.priority, _identity(memo, cfg))
-    memo.rollouts = apps.Rollouts(
-        memo.environments,
-        memo.templates,
-        memo.phases,
-        rate=cfg.template_rollout_rate,
-        active=_active(kube, cfg, settings.peering.priority, _identity(memo, cfg)),
-    )
-    memo.rollouts.start()
-    memo.health = await health.start(cfg.operator_host, cfg.operator_port)
+    identity = _identity(memo, cfg)
+    memo.runtime = await _start(cfg, settings.peering.priority, identity, logger)
     logger.info("Operator started; health and metrics on %s:%d", cfg.operator_host, cfg.operator_port)
+
+
+async def _start(cfg: Settings, priority: int, identity: str, logger: kopf.Logger) -> Runtime:
+    """Make the clients and start the background work, consumers of transitions before their producers.
+    A start that fails half-way closes what it opened (kopf retries it)."""
+    async with contextlib.AsyncExitStack() as undo:
+        kube = Kube(await asyncio.to_thread(load_api_client, cfg.kubeconfig, cfg.workers + 10))
+        undo.callback(kube.close)
+        transitions = Transitions()
+        transitions.subscribe(observe_transition)
+        templates = apps.Templates()
+        await asyncio.to_thread(templates.prime, kube)  # before any environment is provisioned
+        environments = Environments(
+            kube, cfg, transitions, recorder=event_poster(kube), previews=_previews(cfg, kube, templates)
+        )
+        records = await _records(cfg, kube, logger)
+        undo.push_async_callback(records.stop)
+        transitions.subscribe(records.listener)
+        auth = await asyncio.to_thread(GitHubAuth, cfg)
+        if not auth.configured:
+            logger.info("GitHub reporting is off: no GitHub App and no token configured")
+        reporter = Reporter(cfg, kube, auth)
+        reporter.start()
+        undo.push_async_callback(reporter.stop)
+        transitions.subscribe(reporter.listener)
+        settler = apps.Settler(environments)
+        settler.start()
+        undo.push_async_callback(settler.stop)
+        phases: dict[str, Seen] = {}  # kept by lifecycle.track
+        rollouts = apps.Rollouts(
+            environments,
+            templates,
+            phases,
+            rate=cfg.template_rollout_rate,
+            active=_active(kube, cfg, priority, identity),
+        )
+        rollouts.start()
+        undo.push_async_callback(rollouts.stop)
+        runtime = Runtime(
+            settings=cfg,
+            environments=environments,
+            templates=templates,
+            settler=settler,
+            rollouts=rollouts,
+            reporter=reporter,
+            phases=phases,
+            vanishing=lifecycle.Vanishing(),
+            warned=set(),
+            kube=kube,
+            records=records,
+            health=await health.start(cfg.operator_host, cfg.operator_port),
+        )
+        runtime.periodic.extend(timers.start(runtime, priority, identity))
+        undo.pop_all()
+    return runtime
 
 
 def _previews(cfg: Settings, kube: Kube, templates: apps.Templates) -> Previews:
@@ -125,7 +151,7 @@ def _active(kube: Kube, cfg: Settings, priority: int, identity: str) -> Callable
 def _identity(memo: kopf.Memo, cfg: Settings) -> str:
     """This replica's name in kopf's peering object: `ephemera operator` chooses it and passes it in
     the memo; under `kopf run` it is POD_ID, which kopf takes as its identity when set."""
-    identity = getattr(memo, "identity", None) or os.environ.get("POD_ID")
+    identity = memo.get("identity") or os.environ.get("POD_ID")
     if identity is None and cfg.peering is not None:
         raise kopf.PermanentError(
             "EPHEMERA_PEERING is set but this replica cannot find its own peering entry: run `ephemera operator`, "
@@ -201,17 +227,5 @@ def login(*, logger: kopf.Logger, settings: kopf.OperatorSettings, **kwargs: Any
 
 @kopf.on.cleanup()
 async def cleanup(*, memo: kopf.Memo, **_: Any) -> None:
-    for task in getattr(memo, "periodic", []):
-        task.cancel()
-    if getattr(memo, "settler", None) is not None:
-        await memo.settler.stop()
-    if getattr(memo, "rollouts", None) is not None:
-        await memo.rollouts.stop()
-    if getattr(memo, "records", None) is not None:
-        await memo.records.stop()
-    if getattr(memo, "reporter", None) is not None:
-        await memo.reporter.stop()
-    if getattr(memo, "health", None) is not None:
-        await memo.health.cleanup()
-    if getattr(memo, "kube", None) is not None:
-        memo.kube.close()
+    runtime: Runtime = memo.runtime  # kopf runs cleanup only after a successful startup
+    await runtime.close()

@@ -19,13 +19,13 @@ from typing import Any
 import kopf
 
 from ephemera.api.models import RESOURCE, Phase, parse_time
-from ephemera.api.naming import RETRY_ANNOTATION
 from ephemera.backstop import Backstop
-from ephemera.environments import Environments
 from ephemera.kube import Kube, KubeError
 from ephemera.operator import apps
 from ephemera.operator.metrics import ENVIRONMENTS
-from ephemera.sweeps import Seen, Sweeper, retry
+from ephemera.operator.runtime import Runtime
+from ephemera.shards import Strays
+from ephemera.sweeps import Seen, Sweeper, retry, retry_requested
 
 log = logging.getLogger(__name__)
 RETRY_CHECK_INTERVAL = 5.0
@@ -33,9 +33,7 @@ ROLLOUT_CHECK_INTERVAL = 10.0
 
 
 def _retry_requested(body: kopf.Body, **_: Any) -> bool:
-    meta, status = body.get("metadata", {}), body.get("status") or {}
-    new = (meta.get("annotations") or {}).get(RETRY_ANNOTATION)
-    return bool(new) and new != status.get("retryRequest") and not meta.get("deletionTimestamp")
+    return retry_requested(body) is not None
 
 
 # Filtered by `when`, so that the many events of the objects nobody asked to retry cost no thread.
@@ -45,14 +43,13 @@ def manual_retry(*, body: kopf.Body, memo: kopf.Memo, logger: kopf.Logger, **_: 
 
     An event handler, not a field handler: the annotation lives outside what kopf diffs.
     """
-    meta, status = body.get("metadata", {}), body.get("status") or {}
-    new = (meta.get("annotations") or {}).get(RETRY_ANNOTATION)
-    if not new or new == status.get("retryRequest") or meta.get("deletionTimestamp"):
+    request = retry_requested(body)
+    if request is None:
         return
-    if status.get("phase") not in (Phase.FAILED.value, Phase.READY.value):
+    if (body.get("status") or {}).get("phase") not in (Phase.FAILED.value, Phase.READY.value):
         return  # under way already: the running handler will settle it
-    service: Environments = memo.environments
-    retry(service, dict(body), manual=str(new), logger=logger)
+    runtime: Runtime = memo.runtime
+    retry(runtime.environments, dict(body), manual=request, logger=logger)
 
 
 def _alive(peer: dict[str, Any], now: datetime.datetime, *, unknown: bool) -> bool:
@@ -108,26 +105,26 @@ async def _every(
         await asyncio.sleep(seconds)
 
 
-def start(memo: kopf.Memo, priority: int, identity: str) -> list[asyncio.Task[None]]:
+def start(runtime: Runtime, priority: int, identity: str) -> list[asyncio.Task[None]]:
     """Start the operator-wide jobs; they stop with the operator. `identity` is this replica's name
     in the peering object (kopf's keep-alive)."""
-    cfg = memo.settings
-    sweeper = Sweeper(memo.environments)
+    cfg = runtime.settings
+    sweeper = Sweeper(runtime.environments)
 
     async def active() -> bool:
         try:
-            return await asyncio.to_thread(is_active, memo.kube, cfg.peering, priority, identity)
+            return await asyncio.to_thread(is_active, runtime.kube, cfg.peering, priority, identity)
         except KubeError as err:
             log.warning("cannot tell whether this replica is the active one (%s); skipping this round", err)
             return False
 
     async def retries() -> None:
-        seen: dict[str, Seen] = dict(memo.phases)
+        seen: dict[str, Seen] = dict(runtime.phases)
         if any(item.phase == Phase.FAILED.value for item in seen.values()):
             await asyncio.to_thread(sweeper.retry_due_ones, seen, log)
 
     async def sweep() -> None:
-        seen: dict[str, Seen] = dict(memo.phases)
+        seen: dict[str, Seen] = dict(runtime.phases)
         report = await asyncio.to_thread(sweeper.sweep, seen)
         if report:
             log.info("sweep: %s", report)
@@ -135,27 +132,27 @@ def start(memo: kopf.Memo, priority: int, identity: str) -> list[asyncio.Task[No
     async def rollouts() -> None:
         # A rollout is settled by its workloads' changes; only one that nothing changes any more (stuck
         # short of ready) needs the clock for its deadline.
-        for name, item in list(memo.phases.items()):
+        for name, item in list(runtime.phases.items()):
             if apps.waiting(item):
-                memo.settler.poke(name)
+                runtime.settler.poke(name)
 
     async def purge() -> None:
-        purged = await memo.records.purge(datetime.timedelta(seconds=cfg.record_retention), cfg.purge_batch)
+        purged = await runtime.records.purge(datetime.timedelta(seconds=cfg.record_retention), cfg.purge_batch)
         if purged:
             log.info("purged %d destroyed environment record(s) older than %.0f s", purged, cfg.record_retention)
 
     async def resync() -> None:
-        await memo.records.resync()
+        await runtime.records.resync()
 
     async def gauge() -> None:
         counts: dict[str, int] = {}
-        for seen in list(memo.phases.values()):
+        for seen in list(runtime.phases.values()):
             phase = Phase.DESTROYING.value if seen.deleting else seen.phase  # deleted: its teardown is under way
             counts[phase] = counts.get(phase, 0) + 1
         for phase in Phase:
             ENVIRONMENTS.labels(phase.value).set(counts.get(phase.value, 0))
 
-    backstop = Backstop(cfg, memo.kube)
+    backstop = Backstop(cfg, runtime.kube)
 
     async def pr_resync() -> None:
         await asyncio.to_thread(backstop.run)
@@ -169,6 +166,15 @@ def start(memo: kopf.Memo, priority: int, identity: str) -> list[asyncio.Task[No
     ]
     if cfg.shard == 0:  # the records are shared and their purge is by age alone: one shard does it
         jobs.append((cfg.purge_interval, purge, "purge"))
+    if cfg.shards > 1 and cfg.shard == 0:
+        strays = Strays(runtime.kube, cfg)
+
+        async def adopt() -> None:
+            moved = await asyncio.to_thread(strays.adopt)
+            if moved:
+                log.info("adopted %d PreviewEnvironment(s) that no shard watched", moved)
+
+        jobs.append((cfg.sweep_interval, adopt, "strays"))
     if cfg.backstop_enabled:
         jobs.append((cfg.pr_resync_interval, pr_resync, "pr-resync"))
     return [asyncio.create_task(_every(seconds, job, name, active), name=name) for seconds, job, name in jobs]

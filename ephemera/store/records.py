@@ -37,6 +37,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 from sqlmodel import col, select
 
+from ephemera import backoff
 from ephemera.api.models import DESTROYED, parse_time
 from ephemera.api.naming import SHARD_LABEL, shard_of
 from ephemera.kube import Kube, KubeError
@@ -62,6 +63,7 @@ DROPPED = Counter(
 RESYNCS = Counter("ephemera_record_resyncs", "Resyncs of the records by outcome.", ["outcome"], registry=REGISTRY)
 ID_NAMESPACE = uuid.UUID("6f0c4a8e-3a43-4c7e-9d4c-2f6d9a1e5b10")
 TICK = datetime.timedelta(microseconds=1)
+FIRST_DELAY = 0.5  # bound of the first wait for an unavailable database; doubles up to max_delay
 # SQLSTATE classes of errors that pass: connection exception, insufficient resources, operator
 # intervention (shutdown, "cannot connect now"), system error; and single states worth a retry.
 TRANSIENT_SQLSTATE_CLASSES = ("08", "53", "57", "58")
@@ -295,7 +297,7 @@ class Records:
                 BACKLOG.set(self.backlog)
 
     async def _process(self, item: Transition | _ResyncDue) -> None:
-        delay = 0.5
+        attempt = 0
         while True:
             try:
                 if isinstance(item, _ResyncDue):
@@ -316,11 +318,11 @@ class Records:
                     log.warning("records database unavailable (%s); will retry, nothing is lost", err)
                 self.healthy = False
                 try:  # a stop cuts the wait short: the drain starts over with short waits
-                    await asyncio.wait_for(self._retry_now.wait(), delay)
+                    await asyncio.wait_for(self._retry_now.wait(), backoff.delay(attempt, FIRST_DELAY, self.max_delay))
                     self._retry_now.clear()
-                    delay = 0.5
+                    attempt = 0
                 except TimeoutError:
-                    delay = min(delay * 2, self.max_delay)
+                    attempt += 1
                 continue
             self._reachable()
             WRITES.labels("success").inc()

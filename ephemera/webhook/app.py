@@ -18,12 +18,12 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
 
 from ephemera.config import Settings
+from ephemera.intake import installations
+from ephemera.intake.events import BadRequest, Signature, decode_body, parse_pull_request
+from ephemera.intake.pullrequests import Intake, Outcome
+from ephemera.intake.tombstones import Tombstones, default_namespace
 from ephemera.kube import Kube, KubeError, load_api_client
 from ephemera.metrics import process_registry
-from ephemera.webhook import installations
-from ephemera.webhook.events import BadRequest, Signature, decode_body, parse_pull_request
-from ephemera.webhook.intake import Intake, Outcome
-from ephemera.webhook.tombstones import Tombstones, default_namespace
 
 log = logging.getLogger("ephemera.webhook")
 
@@ -106,7 +106,7 @@ IN_FLIGHT: web.AppKey[InFlight] = web.AppKey("in_flight", InFlight)
 # of a refused one. Anything else is counted as `other` (a new refusal should be added here).
 OUTCOME_LABELS = frozenset(
     {"created", "updated", "deleted", "ignored", "pong", "duplicate", "busy", "unavailable", "rejected", "error"}
-    | {"marked", "unmarked", "renamed"}  # installation and repository events (installations.py)
+    | {"marked", "unmarked", "renamed"}  # installation and repository events (ephemera/intake/installations.py)
     | {f"http_{status}" for status in (400, 401, 408, 413, 415, 422)}
 )
 

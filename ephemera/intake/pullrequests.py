@@ -29,9 +29,9 @@ from ephemera.api.naming import (
     legacy_environment_name,
     shard_of,
 )
+from ephemera.intake.events import PullRequestEvent
+from ephemera.intake.tombstones import Tombstones, newer
 from ephemera.kube import Kube, KubeError, Obj
-from ephemera.webhook.events import PullRequestEvent
-from ephemera.webhook.tombstones import Tombstones, newer
 
 UPSERT_ACTIONS = frozenset({"opened", "reopened", "ready_for_review"})
 ATTEMPTS = 5

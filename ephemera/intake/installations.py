@@ -26,9 +26,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ephemera.api.models import REPOSITORY_PATTERN
 from ephemera.api.naming import RENAMED_TO_ANNOTATION, TEARDOWN_AFTER_ANNOTATION, TEARDOWN_REASON_ANNOTATION
+from ephemera.intake.events import BadRequest
+from ephemera.intake.pullrequests import Outcome
 from ephemera.kube import Kube, KubeError, Obj
-from ephemera.webhook.events import BadRequest
-from ephemera.webhook.intake import Outcome
 
 EVENTS = frozenset({"installation", "installation_repositories", "repository"})
 ACTIONS = frozenset({"created", "deleted", "suspend", "unsuspend", "added", "removed", "renamed", "transferred"})

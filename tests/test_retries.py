@@ -1,0 +1,67 @@
+"""When a Failed environment is due its automatic retry: window, attempts, and jittered backoff."""
+
+from __future__ import annotations
+
+import datetime
+from typing import Any
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from ephemera.config import Settings
+from ephemera.sweeps import retry_due, retry_requested
+
+FAILED_AT = datetime.datetime(2026, 1, 1, tzinfo=datetime.UTC)
+SETTINGS = Settings(retry_backoff=60, retry_window=3600, retry_max_attempts=4)
+
+
+def _failed(retries: int, **extra: Any) -> dict[str, Any]:
+    return {"phase": "Failed", "failedAt": FAILED_AT.isoformat(), "retries": retries, "permanent": False, **extra}
+
+
+def _after(seconds: float) -> datetime.datetime:
+    return FAILED_AT + datetime.timedelta(seconds=seconds)
+
+
+@given(uid=st.uuids().map(str), retries=st.integers(min_value=0, max_value=3))
+def test_a_retry_is_due_by_the_bound_and_stays_due_until_the_window_ends(uid: str, retries: int) -> None:
+    bound = min(60 * 2**retries, 3600)
+    assert retry_due(_failed(retries), SETTINGS, uid, _after(bound))
+    assert retry_due(_failed(retries), SETTINGS, uid, _after(3600))
+    assert not retry_due(_failed(retries), SETTINGS, uid, _after(3600.5))
+
+
+@given(uid=st.uuids().map(str), retries=st.integers(min_value=0, max_value=3), age=st.floats(0, 3600))
+def test_once_due_a_retry_stays_due(uid: str, retries: int, age: float) -> None:
+    """Every check of one failure draws the same jitter: a later check never takes back a due retry."""
+    if retry_due(_failed(retries), SETTINGS, uid, _after(age)):
+        assert retry_due(_failed(retries), SETTINGS, uid, _after(min(age + 1, 3600)))
+
+
+def test_objects_that_failed_together_are_retried_spread_out() -> None:
+    """Full jitter: of 200 environments failed at the same moment, some are due well before the
+    plain backoff and some not yet at half of it."""
+    due_at_half = [retry_due(_failed(2), SETTINGS, f"uid-{n}", _after(120)) for n in range(200)]
+    assert 40 < sum(due_at_half) < 160
+
+
+def test_no_retry_past_the_attempts_cap_or_of_a_permanent_failure_or_another_phase() -> None:
+    assert not retry_due(_failed(4), SETTINGS, "uid", _after(3000))
+    assert not retry_due(_failed(0, permanent=True), SETTINGS, "uid", _after(3000))
+    assert not retry_due({**_failed(0), "phase": "Ready"}, SETTINGS, "uid", _after(3000))
+    assert not retry_due({**_failed(0), "failedAt": None}, SETTINGS, "uid", _after(3000))
+
+
+def _annotated(request: str | None, handled: str | None = None, **meta: Any) -> dict[str, Any]:
+    annotations = {} if request is None else {"ephemera.dev/retry": request}
+    return {"metadata": {"name": "pe", "annotations": annotations, **meta}, "status": {"retryRequest": handled}}
+
+
+def test_a_retry_is_requested_by_a_new_annotation_value_only() -> None:
+    assert retry_requested(_annotated("2026-01-01T00:00:00Z")) == "2026-01-01T00:00:00Z"
+    assert retry_requested(_annotated("again", handled="before")) == "again"
+    assert retry_requested(_annotated("before", handled="before")) is None  # handled already
+    assert retry_requested(_annotated(None)) is None
+    assert retry_requested(_annotated("")) is None
+    assert retry_requested(_annotated("new", deletionTimestamp="2026-01-01T00:00:00Z")) is None
+    assert retry_requested({"metadata": {"annotations": None}}) is None
