@@ -71,6 +71,7 @@ postgres: ## install Debian's postgresql package if missing (as root)
 	@bash hack/install-postgres.sh
 
 test: lint tools postgres ## lint, type check and every test (builds and starts what they need)
+	@bash hack/install-chromium.sh
 	$(BIN)/pytest -q -ra
 
 # The long reliability scenarios (100 environments, 10 operator kills, more storms) and their summary.

@@ -93,7 +93,8 @@ def pr_event(action: str, repo: str, number: int, sha: str, updated_at: str) -> 
         "pull_request": {
             "number": number,
             "updated_at": updated_at,
-            "head": {"sha": sha, "ref": f"feature/{number}"},
+            "head": {"sha": sha, "ref": f"feature/{number}", "repo": {"full_name": repo}},
+            "base": {"ref": "main", "repo": {"full_name": repo}},
             "user": {"login": "octocat"},
             "merged": action == "closed",
         },

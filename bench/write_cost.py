@@ -54,7 +54,13 @@ def main() -> None:
             kube.patch_environment(names[number - 1], patch)
 
         def status(number: int) -> None:
-            condition = {"type": "Ready", "status": "True", "reason": "Ready", "message": "ready"}
+            condition = {
+                "type": "Ready",
+                "status": "True",
+                "reason": "Ready",
+                "message": "ready",
+                "lastTransitionTime": "2026-01-01T00:00:00Z",
+            }
             kube.patch_environment_status(
                 names[number - 1], {"phase": "Ready", "message": "ready", "conditions": [condition]}
             )

@@ -642,8 +642,11 @@ class FakeGitHub:
         title: str = "A change",
         draft: bool = False,
         updated_at: str | None = None,
+        labels: tuple[str, ...] = (),
+        head_repository: str | None = None,
     ) -> dict[str, Any]:
-        """Open (or reopen, or push to) a PR on this server: it is listed until `close_pull`."""
+        """Open (or reopen, or push to) a PR on this server: it is listed until `close_pull`. Its head is
+        in `head_repository` (a fork) when given, else in the repository itself."""
         stamp = updated_at or time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         with self._lock:
             pulls = self.pulls.setdefault(repository.lower(), {})
@@ -673,13 +676,15 @@ class FakeGitHub:
                 "full_name": repository,
                 "name": repository.split("/")[1],
             }
+            head = repo if head_repository is None else {**repo, "full_name": head_repository, "fork": True}
             pr["head"] = {
                 **pr["head"],
                 "sha": sha,
                 "ref": ref,
-                "label": f"{repository.split('/')[0]}:{ref}",
-                "repo": repo,
+                "label": f"{head['full_name'].split('/')[0]}:{ref}",
+                "repo": head,
             }
+            pr["labels"] = [{"id": zlib.crc32(name.encode()), "name": name, "default": False} for name in labels]
             pr["base"] = {**(pr.get("base") or {}), "repo": repo}
             pulls[number] = pr
             return copy.deepcopy(pr)

@@ -44,7 +44,7 @@ from ephemera.api.naming import (
 from ephemera.config import Settings
 from ephemera.github.client import GitHubAuth, NoCredentials
 from ephemera.intake.events import PullRequestEvent
-from ephemera.intake.pullrequests import Intake
+from ephemera.intake.pullrequests import GitHubUnavailable, Intake
 from ephemera.intake.tombstones import Tombstones, default_namespace
 from ephemera.kube import Kube, KubeError, Obj
 from ephemera.metrics import REGISTRY
@@ -113,6 +113,7 @@ class Report:
     torn_down: int = 0
     unmarked: int = 0
     redelivered: int = 0
+    refused: int = 0  # open PRs without an environment that the policy refuses one
     complete: bool = True
     problems: list[str] = field(default_factory=list)
 
@@ -123,6 +124,7 @@ class Report:
             "tornDown": self.torn_down,
             "unmarked": self.unmarked,
             "redelivered": self.redelivered,
+            "refused": self.refused,
             "complete": self.complete,
             "problems": self.problems,
         }
@@ -236,13 +238,8 @@ class Backstop:
         self.clock = clock
         namespace = settings.webhook_namespace or default_namespace()
         tombstones = Tombstones(kube, namespace=namespace, retention=settings.webhook_tombstone_retention)
-        self.intake = Intake(
-            kube,
-            tombstones,
-            prefix=settings.namespace_prefix,
-            draft_prs=settings.webhook_draft_prs,
-            shards=settings.shards,
-        )
+        # The webhook's intake, so the webhook's policy: an open PR it refuses gets nothing here either.
+        self.intake = Intake.from_settings(settings, kube, tombstones, self.auth)
         self.redeliverer = (
             Redeliverer(settings, kube, self.auth, namespace=settings.backstop_namespace or namespace, clock=clock)
             if self.auth.app_mode
@@ -351,10 +348,13 @@ class Backstop:
             return
         try:
             outcome = self.intake.handle(event, DELIVERY, marks={ORIGIN_ANNOTATION: ORIGIN})
-        except KubeError as err:
+        except (KubeError, GitHubUnavailable) as err:
             report.complete = False
             report.problems.append(f"creating the environment of {listing.repository}#{event.pr}: {err}")
             return
+        if outcome.action == "refused":
+            report.refused += 1
+            log.debug("backstop: %s#%d gets no environment: %s", listing.repository, event.pr, outcome.reason)
         if outcome.action == "created":
             report.created += 1
             REPAIRS.labels("created").inc()

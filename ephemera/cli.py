@@ -1,4 +1,5 @@
-"""The `ephemera` command: `operator`, `webhook`, `db`, `environments` (`kubectl ephemera` is ephemera/plugin.py)."""
+"""The `ephemera` command: `operator`, `webhook`, `dashboard`, `db`, `environments` (`kubectl ephemera` is
+ephemera/plugin.py)."""
 
 from __future__ import annotations
 
@@ -42,7 +43,7 @@ def run_operator(args: argparse.Namespace) -> int:
     if priority is None:
         priority = secrets.randbelow(1_000_000) + 1
     # Chosen here rather than by kopf, so that the operator-wide jobs can find this replica's own
-    # entry in the peering object (timers.is_active). POD_ID wins, as in kopf.
+    # entry in the peering object (jobs.is_active). POD_ID wins, as in kopf.
     identity = os.environ.get("POD_ID") or f"ephemera@{socket.gethostname()}/{secrets.token_hex(4)}"
     kopf.run(
         clusterwide=True,
@@ -57,6 +58,15 @@ def run_operator(args: argparse.Namespace) -> int:
 
 def run_webhook(args: argparse.Namespace) -> int:
     from ephemera.webhook import app
+
+    settings = _settings()
+    logs.configure(settings.log_level, settings.log_format)
+    app.run(settings)
+    return 0
+
+
+def run_dashboard(args: argparse.Namespace) -> int:
+    from ephemera.dashboard import app
 
     settings = _settings()
     logs.configure(settings.log_level, settings.log_format)
@@ -236,12 +246,103 @@ def environments_retry(args: argparse.Namespace) -> int:
         kube.close()
 
 
+def request_job(kube: Kube, namespace: str, args: argparse.Namespace) -> int:
+    """Ask the active operator replica to run a job now, wait for its report and print it; an exit status."""
+    from ephemera.durations import parse_duration
+    from ephemera.kube import KubeError
+    from ephemera.ondemand import JobRequest, submit, wait_report
+
+    try:
+        older_than = parse_duration(args.older_than).total_seconds() if args.older_than else None
+        max_age = parse_duration(args.max_age).total_seconds() if args.max_age else None
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if older_than is not None and args.job != "purge":
+        print("error: --older-than is for purge", file=sys.stderr)
+        return 2
+    if max_age is not None and args.job != "retry-failed":
+        print("error: --max-age is for retry-failed", file=sys.stderr)
+        return 2
+    request = JobRequest.new(args.job, dry_run=args.dry_run, older_than=older_than, max_age=max_age)
+    try:
+        submit(kube, namespace, request)
+        report = wait_report(kube, namespace, request, timeout=args.timeout)
+    except KubeError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    if report is None:
+        print(
+            f"error: no operator answered within {args.timeout:.0f} s (is one running, watching ConfigMap "
+            f"{namespace}/ephemera-jobs?); the request was withdrawn",
+            file=sys.stderr,
+        )
+        return 1
+    output = getattr(args, "output", None)
+    if output == "json":
+        print(json.dumps(report, indent=2))
+    elif output == "yaml":
+        import yaml
+
+        print(yaml.safe_dump(report, sort_keys=False), end="")
+    else:
+        print_job_report(report)
+    return 0 if report.get("ok") else 1
+
+
+def print_job_report(report: dict[str, Any]) -> None:
+    dry = " (dry run: nothing changed)" if report.get("dryRun") else ""
+    print(f"{report.get('job')} {report.get('id')} on {report.get('replica', '?')}{dry}")
+    print(f"  started {report.get('startedAt', '-')}, finished {report.get('finishedAt', '-')}")
+    if not report.get("ok"):
+        print(f"  failed: {report.get('error')}")
+        return
+    result = report.get("result") or {}
+    for key, value in result.items():
+        if isinstance(value, list):
+            print(f"  {key}: {len(value)}")
+            for item in value:
+                print(f"    {item}")
+        else:
+            print(f"  {key}: {value}")
+
+
+def jobs_run(args: argparse.Namespace) -> int:
+    from ephemera.intake.tombstones import default_namespace
+    from ephemera.kube import Kube, load_api_client
+
+    settings = _settings()
+    namespace = args.namespace or settings.backstop_namespace or settings.webhook_namespace or default_namespace()
+    kube = Kube(load_api_client(settings.kubeconfig))
+    try:
+        return request_job(kube, namespace, args)
+    finally:
+        kube.close()
+
+
+def add_job_arguments(run: argparse.ArgumentParser) -> None:
+    """The arguments of `jobs run`, the same for `ephemera` and `kubectl ephemera`."""
+    from ephemera.ondemand import JOBS
+
+    run.add_argument("job", choices=JOBS, help="the stale sweep, the records purge, or retries of failures")
+    run.add_argument("--older-than", help="purge: records of environments destroyed longer ago than this (14d)")
+    run.add_argument("--max-age", help="retry-failed: failures younger than this (2h)")
+    run.add_argument("--dry-run", action="store_true", help="print what would be done, change nothing")
+    run.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the report (600)")
+    run.add_argument(
+        "--namespace", "-n", help="the release's namespace, where the operator watches ConfigMap ephemera-jobs"
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ephemera", description="Preview environments for GitHub pull requests.")
     parser.add_argument("--version", action="version", version=f"ephemera {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("operator", help="run the kopf operator").set_defaults(func=run_operator)
     commands.add_parser("webhook", help="run the GitHub webhook receiver").set_defaults(func=run_webhook)
+    commands.add_parser(
+        "dashboard", help="run the read-only dashboard page (environments, history, totals)"
+    ).set_defaults(func=run_dashboard)
 
     db = commands.add_parser("db", help="the records database").add_subparsers(dest="db_command", required=True)
     db.add_parser("upgrade", help="apply the schema migrations").set_defaults(func=db_upgrade)
@@ -265,6 +366,14 @@ def build_parser() -> argparse.ArgumentParser:
     backstop_commands.add_parser(
         "run", help="one pass now: environments for open PRs, teardowns for closed ones, failed deliveries redelivered"
     ).set_defaults(func=backstop_run)
+    jobs = commands.add_parser("jobs", help="the operator's periodic jobs, run now")
+    jobs_commands = jobs.add_subparsers(dest="jobs_command", required=True)
+    run = jobs_commands.add_parser(
+        "run", help="ask the active operator replica to run a job now, and print its report when it is done"
+    )
+    add_job_arguments(run)
+    run.add_argument("--output", "-o", choices=["table", "json"], default="table")
+    run.set_defaults(func=jobs_run)
     return parser
 
 

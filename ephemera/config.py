@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 import re
+from collections.abc import Mapping
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, SecretStr, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from ephemera.api.models import REPOSITORY_PATTERN
+from ephemera.api.naming import SHARD_LABEL
 from ephemera.api.quantity import parse_quantity
 
 # EPHEMERA_* variables that belong to the development tools, not to the processes.
@@ -20,6 +23,8 @@ NOT_SETTINGS = frozenset({"EPHEMERA_CACHE", "EPHEMERA_SOAK", "EPHEMERA_TOOLS_DIR
 
 # After a secondary rate limit that names no Retry-After, GitHub asks for "at least one minute".
 GITHUB_SECONDARY_RATE_LIMIT_DELAY = 60.0
+# An allowlist entry: an owner (user or organisation) or owner/name.
+ALLOW_ENTRY = r"^[A-Za-z0-9][A-Za-z0-9-]{0,38}(_[A-Za-z0-9]{1,38})?(/[A-Za-z0-9._-]{1,100})?$"
 
 
 class Settings(BaseSettings):
@@ -156,6 +161,16 @@ class Settings(BaseSettings):
         default_factory=list, description="More NetworkPolicy egress rules, as a JSON list of Kubernetes objects."
     )
 
+    # Dashboard (`ephemera dashboard`): a read-only page of its own, never on the webhook's listener.
+    dashboard_host: str = Field("127.0.0.1", description="Address the dashboard listens on.")
+    dashboard_port: int = Field(8082, ge=0, le=65535, description="Port of the dashboard and its /healthz.")
+    dashboard_operator_metrics_url: str | None = Field(
+        None,
+        pattern=r"^https?://",
+        description="The operator's /metrics, where the dashboard reads the GitHub rate limit left and the record "
+        "backlog; unset: those two are shown as not configured.",
+    )
+
     # Records
     database_url: str = Field(
         "sqlite+aiosqlite:///ephemera.db",
@@ -206,6 +221,61 @@ class Settings(BaseSettings):
         description="Namespace of the backstop's cursor ConfigMap; unset: EPHEMERA_WEBHOOK_NAMESPACE's rule.",
     )
 
+    # Result hooks: a signed CloudEvent to each target on every transition (ephemera/hooks.py).
+    hook_urls: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Targets of the result hooks (http(s) URLs), comma-separated or a JSON list.",
+    )
+    hook_secret: SecretStr | None = Field(
+        None, description="Key of the hooks' HMAC-SHA256 signature header (16 bytes or more; required with hooks)."
+    )
+    hook_max_attempts: int = Field(5, ge=1, description="Attempts at delivering one event to one target.")
+    hook_timeout: float = Field(10.0, gt=0, description="Seconds per hook request.")
+    hook_retry_backoff: float = Field(1.0, gt=0, description="Base of the hooks' retry backoff in seconds.")
+    hook_retry_max_delay: float = Field(60.0, gt=0, description="Longest wait between two attempts of a hook.")
+    hook_queue_limit: int = Field(10_000, ge=1, description="Hook events queued at most, over all targets.")
+
+    @field_validator("hook_urls", mode="before")
+    @classmethod
+    def _split_urls(cls, value: Any) -> Any:
+        """A JSON list, or URLs separated by commas."""
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                return json.loads(text)
+            return [part.strip() for part in text.split(",") if part.strip()]
+        return value
+
+    # Policy: which PRs get a preview (README, "Policy"). Drafts: EPHEMERA_WEBHOOK_DRAFT_PRS.
+    policy_allow: list[str] = Field(
+        default_factory=list,
+        description='Owners and repositories whose PRs may get a preview, as JSON: ["octo-org", "octo/shop"]; '
+        "empty: every repository the App is installed on (or the token reaches).",
+    )
+    policy_bot_authors: list[str] = Field(
+        default_factory=lambda: ["dependabot[bot]", "renovate[bot]"],
+        description="Logins whose PRs get no preview (case-insensitive), as JSON; [] admits bots.",
+    )
+    policy_skip_all_bots: bool = Field(
+        False, description="Also refuse every PR whose author GitHub marks as a bot (user.type Bot)."
+    )
+    policy_opt_in: bool = Field(
+        False, description="Opt-in mode: only PRs labelled EPHEMERA_POLICY_OPT_IN_LABEL get a preview."
+    )
+    policy_opt_in_label: str = Field(
+        "preview", min_length=1, max_length=50, description="The label that opts a PR in (opt-in mode)."
+    )
+    policy_forks: Literal["approval", "allow", "deny"] = Field(
+        "approval",
+        description="PRs from forks: `approval` (a writer applies EPHEMERA_POLICY_APPROVAL_LABEL), `allow`, `deny`.",
+    )
+    policy_approval_label: str = Field(
+        "preview-approved", min_length=1, max_length=50, description="The label by which a writer approves a fork."
+    )
+    policy_reapprove_on_push: bool = Field(
+        True, description="A push to an approved fork's PR removes its preview until a writer approves again."
+    )
+
     @model_validator(mode="after")
     def _check(self) -> Settings:
         unknown = sorted(
@@ -234,9 +304,17 @@ class Settings(BaseSettings):
                 ipaddress.ip_network(cidr, strict=True)
             except ValueError as err:
                 raise ValueError(f"EPHEMERA_EGRESS_ALLOW_CIDRS: {err} (write a network, e.g. 10.20.0.0/16)") from err
+        for entry in self.policy_allow:
+            if not re.fullmatch(ALLOW_ENTRY, entry):
+                raise ValueError(f"EPHEMERA_POLICY_ALLOW: {entry!r} is neither an owner nor owner/name")
         for repository in self.backstop_repositories:
             if not re.fullmatch(REPOSITORY_PATTERN, repository):
                 raise ValueError(f"EPHEMERA_BACKSTOP_REPOSITORIES: {repository!r} is not owner/name")
+        for url in self.hook_urls:
+            if not re.fullmatch(r"https?://[^\s/]+\S*", url):
+                raise ValueError(f"EPHEMERA_HOOK_URLS: {url!r} is not an http(s) URL")
+        if self.hook_urls and len((self.hook_secret or SecretStr("")).get_secret_value().encode()) < 16:
+            raise ValueError("EPHEMERA_HOOK_URLS needs EPHEMERA_HOOK_SECRET (16 bytes or more): every hook is signed")
         if self.shard >= self.shards:
             raise ValueError(f"EPHEMERA_SHARD={self.shard} must be below EPHEMERA_SHARDS={self.shards}")
         if self.shards > 1 and self.peering is not None and not self.peering.endswith(f"-shard-{self.shard}"):
@@ -245,6 +323,10 @@ class Settings(BaseSettings):
         if self.soft_time_limit > self.hard_time_limit:
             raise ValueError("EPHEMERA_SOFT_TIME_LIMIT must not exceed EPHEMERA_HARD_TIME_LIMIT")
         return self
+
+    def shard_handles(self, labels: Mapping[str, str] | None) -> bool:
+        """Whether this operator's shard handles an object with these labels (unsharded: every one)."""
+        return self.shards == 1 or (labels or {}).get(SHARD_LABEL) == str(self.shard)
 
     def private_key(self) -> str | None:
         """The GitHub App private key, from the setting or the file."""

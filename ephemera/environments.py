@@ -22,8 +22,10 @@ from ephemera.api.models import (
     Phase,
     PreviewEnvironmentSpec,
     PreviewEnvironmentStatus,
+    TransitionPhase,
     now_iso,
     parse_time,
+    ready_condition,
 )
 from ephemera.api.naming import (
     MANAGED_BY,
@@ -38,7 +40,6 @@ from ephemera.config import Settings
 from ephemera.kube import Kube, KubeError, Obj
 from ephemera.previews import Previews, Rollout
 from ephemera.readiness import Assessment
-from ephemera.shards import ours
 from ephemera.templates import TemplateError
 from ephemera.transitions import Transition, Transitions
 
@@ -130,8 +131,8 @@ class Environment:
     def announcement(
         self,
         *,
-        old_phase: str | None,
-        phase: str,
+        old_phase: TransitionPhase | None,
+        phase: TransitionPhase,
         reason: str,
         message: str,
         at: str,
@@ -242,22 +243,15 @@ class Environments:
     ) -> Environment:
         """Write the new phase to the object's status, announce it, and return the updated object."""
         at = now_iso()
-        ready = phase is Phase.READY
+        ready = ready_condition(
+            phase, reason, message, generation=env.generation, at=at, previous=env.status.conditions
+        )
         status: dict[str, Any] = {
             "phase": phase.value,
             "reason": reason,
             "message": message,
             "observedGeneration": env.generation,
-            "conditions": [
-                {
-                    "type": "Ready",
-                    "status": "True" if ready else "False",
-                    "reason": reason,
-                    "message": message,
-                    "lastTransitionTime": at,
-                    "observedGeneration": env.generation,
-                }
-            ],
+            "conditions": [ready.model_dump(by_alias=True, exclude_none=True)],
         }
         if env.status.phase != phase:
             status["lastTransitionTime"] = at
@@ -272,10 +266,9 @@ class Environments:
         if phase is not Phase.PROVISIONING:  # a new object's first step: its Ready (or Failed) says enough
             self.recorder(env.ref(), "Warning" if phase is Phase.FAILED else "Normal", reason, message)
         merged = {**env.status.model_dump(by_alias=True, exclude_none=True), **status}
-        old_phase = env.status.phase.value if env.status.phase else None
         self.transitions.publish(
             env.announcement(
-                old_phase=old_phase, phase=phase.value, reason=reason, message=message, at=at, status=merged
+                old_phase=env.status.phase, phase=phase, reason=reason, message=message, at=at, status=merged
             )
         )
         return replace(env, status=PreviewEnvironmentStatus.model_validate(merged))
@@ -495,7 +488,7 @@ class Environments:
         body = self.kube.get_environment(name)
         if body is None or body["metadata"].get("deletionTimestamp"):
             return None  # torn down on purpose
-        if not ours(body, self.settings):
+        if not self.settings.shard_handles(body["metadata"].get("labels")):
             return None  # moved to another shard meanwhile: that one mends it
         status = body.get("status") or {}
         if status.get("phase") != Phase.READY.value or status.get("namespace") != namespace:
@@ -544,7 +537,7 @@ class Environments:
         """Announce the end (the object goes once its finalizer is released; no status to write)."""
         self.transitions.publish(
             env.announcement(
-                old_phase=Phase.DESTROYING.value,
+                old_phase=Phase.DESTROYING,
                 phase=DESTROYED,
                 reason="Destroyed",
                 message="The environment's namespace is gone",

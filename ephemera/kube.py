@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import urllib3
-from kubernetes import client, config
+from kubernetes import client, config, watch
 from kubernetes.client.exceptions import ApiException
 
 from ephemera.api.models import GROUP, PLURAL, TEMPLATE_PLURAL, VERSION
@@ -340,6 +340,39 @@ class Kube:
             self._request("PUT", path, body=body)
         except ApiException as err:
             raise _wrap(err, f"replacing ConfigMap {meta['namespace']}/{meta['name']}") from err
+
+    def patch_config_map(self, namespace: str, name: str, patch: Obj) -> None:
+        """A JSON merge patch (a null removes a key); a KubeError with status 404 if it does not exist."""
+        path = f"/api/v1/namespaces/{namespace}/configmaps/{name}"
+        try:
+            self._request("PATCH", path, body=patch, content_type=MERGE_PATCH)
+        except ApiException as err:
+            raise _wrap(err, f"patching ConfigMap {namespace}/{name}") from err
+
+    def watch_config_map(self, namespace: str, name: str, timeout: int) -> Iterator[tuple[str, Obj]]:
+        """(event type, object) for one ConfigMap, from a watch that lists it first (ADDED) and ends after
+        `timeout` seconds; read it in a thread of its own (it blocks)."""
+        api = client.CoreV1Api(self.api_client)
+        stream = watch.Watch().stream(
+            api.list_namespaced_config_map,
+            namespace,
+            field_selector=f"metadata.name={name}",
+            timeout_seconds=timeout,
+            _request_timeout=timeout + 10,
+        )
+        try:
+            for event in stream:
+                obj = event["object"]
+                yield (
+                    str(event["type"]),
+                    obj if isinstance(obj, dict) else self.api_client.sanitize_for_serialization(obj),
+                )
+        except ApiException as err:
+            raise _wrap(err, f"watching ConfigMap {namespace}/{name}") from err
+        except (urllib3.exceptions.HTTPError, OSError) as err:
+            raise KubeError(
+                f"watching ConfigMap {namespace}/{name}: Kubernetes API unreachable: {err}", status=0
+            ) from err
 
     def get_peering(self, name: str) -> Obj | None:
         """kopf's ClusterKopfPeering object: the live replicas and their priorities."""

@@ -14,21 +14,25 @@ import datetime
 import json
 import sys
 import webbrowser
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from ephemera import __version__
-from ephemera.api.models import KIND
-from ephemera.cli import history_data, print_history, print_table, request_retry
+from ephemera.api.models import KIND, parse_time
+from ephemera.api.naming import EXPIRES_AT_ANNOTATION, KEEP_ANNOTATION
+from ephemera.cli import add_job_arguments, history_data, print_history, print_table, request_job, request_retry
+from ephemera.durations import format_time, parse_duration
 from ephemera.kube import Kube, KubeError, load_api_client
 
 Obj = dict[str, Any]
 OUTPUTS = ("json", "yaml", "wide")
 # A records database that does not answer within this long is reported as unreachable.
 RECORDS_TIMEOUT = 10.0
+# Writes of an annotation that depends on what is there (extend) are retried this often on a conflict.
+CONFLICT_ATTEMPTS = 5
 
 
 def _kube(args: argparse.Namespace) -> Kube:
@@ -257,6 +261,89 @@ def open_url(args: argparse.Namespace) -> int:
     return 0
 
 
+Annotations = dict[str, str | None]
+
+
+def _annotate(
+    args: argparse.Namespace, change: Callable[[Obj], Annotations], done: Callable[[Annotations], str]
+) -> int:
+    """Write the annotations `change(obj)` returns (None removes one) with the object's resourceVersion,
+    so that a concurrent writer is never overwritten unseen (a conflict reads again and retries), then
+    print what was done, or the object with -o json|yaml."""
+    kube = _kube(args)
+    try:
+        for _ in range(CONFLICT_ATTEMPTS):
+            obj = kube.get_environment(args.name)
+            if obj is None:
+                print(f'error: previewenvironments "{args.name}" not found', file=sys.stderr)
+                return 1
+            annotations = change(obj)
+            patch = {"metadata": {"resourceVersion": obj["metadata"]["resourceVersion"], "annotations": annotations}}
+            try:
+                kube.patch_environment(args.name, patch, missing_ok=False)
+            except KubeError as err:
+                if err.status == 409:
+                    continue
+                raise
+            break
+        else:
+            print(f"error: {args.name} kept changing; try again", file=sys.stderr)
+            return 1
+        output = _output(args)
+        if output in ("json", "yaml"):
+            _dump(kube.get_environment(args.name), output)
+        else:
+            print(f"previewenvironment.ephemera.dev/{args.name} {done(annotations)}")
+        return 0
+    except KubeError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    finally:
+        kube.close()
+
+
+def keep(args: argparse.Namespace) -> int:
+    return _annotate(args, lambda obj: {KEEP_ANNOTATION: "true"}, lambda _: "kept: it does not expire")
+
+
+def unkeep(args: argparse.Namespace) -> int:
+    return _annotate(args, lambda obj: {KEEP_ANNOTATION: None}, lambda _: "no longer kept: it expires as usual")
+
+
+def current_expiry(obj: Obj) -> datetime.datetime | None:
+    """The latest expiry known for the object: its annotation, or the operator's computed status.expiresAt."""
+    known = [
+        parse_time((obj["metadata"].get("annotations") or {}).get(EXPIRES_AT_ANNOTATION)),
+        parse_time((obj.get("status") or {}).get("expiresAt")),
+    ]
+    found = [moment for moment in known if moment is not None]
+    return max(found) if found else None
+
+
+def extend(args: argparse.Namespace) -> int:
+    try:
+        duration = parse_duration(args.duration)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+
+    def later(obj: Obj) -> Annotations:
+        now = datetime.datetime.now(datetime.UTC)
+        expiry = current_expiry(obj)
+        start = now if expiry is None or expiry < now else expiry
+        return {EXPIRES_AT_ANNOTATION: format_time(start + duration)}
+
+    return _annotate(args, later, lambda done: f"extended: expires at {done[EXPIRES_AT_ANNOTATION]} at the earliest")
+
+
+def jobs_run(args: argparse.Namespace) -> int:
+    kube = _kube(args)
+    try:
+        return request_job(kube, args.namespace or "default", args)
+    finally:
+        kube.close()
+
+
 def version(args: argparse.Namespace) -> int:
     output = _output(args)
     if output in ("json", "yaml"):
@@ -293,6 +380,25 @@ def build_parser() -> argparse.ArgumentParser:
     opening.add_argument("name")
     opening.add_argument("--browser", action="store_true", help="also open it in a web browser")
     opening.set_defaults(func=open_url)
+    keeping = commands.add_parser("keep", parents=[common], help="pin an environment: it never expires")
+    keeping.add_argument("name")
+    keeping.set_defaults(func=keep)
+    unkeeping = commands.add_parser("unkeep", parents=[common], help="remove the pin; it expires as usual")
+    unkeeping.add_argument("name")
+    unkeeping.set_defaults(func=unkeep)
+    extending = commands.add_parser(
+        "extend", parents=[common], help="push the expiry later: max(now, current expiry) + DURATION"
+    )
+    extending.add_argument("name")
+    extending.add_argument("duration", help="e.g. 2h, 3d, 1h30m")
+    extending.set_defaults(func=extend)
+    jobs = commands.add_parser("jobs", parents=[common], help="the operator's periodic jobs, run now")
+    jobs_commands = jobs.add_subparsers(dest="jobs_command", required=True)
+    running = jobs_commands.add_parser(
+        "run", parents=[common], help="ask the active operator replica to run a job now; prints its report"
+    )
+    add_job_arguments(running)
+    running.set_defaults(func=jobs_run)
     commands.add_parser("version", parents=[common], help="print Ephemera's version").set_defaults(func=version)
     return parser
 

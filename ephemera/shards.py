@@ -29,6 +29,7 @@ from ephemera.api.models import Phase, parse_time
 from ephemera.api.naming import RETRY_ANNOTATION, SHARD_LABEL, shard_of
 from ephemera.config import Settings
 from ephemera.kube import Kube, KubeError, Obj
+from ephemera.retries import retried_later
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +65,7 @@ def target(obj: Mapping[str, Any], shards: int) -> int | None:
 
 def ours(obj: Mapping[str, Any], settings: Settings) -> bool:
     """Whether this operator handles the object (unsharded, it handles every one)."""
-    return settings.shards == 1 or label(obj) == str(settings.shard)
+    return settings.shard_handles((obj.get("metadata") or {}).get("labels"))
 
 
 def misplaced(obj: Mapping[str, Any], shards: int) -> bool:
@@ -100,7 +101,7 @@ def settled(obj: Mapping[str, Any], settings: Settings) -> bool:
     phase = status.get("phase")
     if phase == Phase.READY.value:
         return True
-    return phase == Phase.FAILED.value and not _retried_later(status, settings)
+    return phase == Phase.FAILED.value and not retried_later(status, settings)
 
 
 def untouched(obj: Mapping[str, Any]) -> bool:
@@ -111,16 +112,6 @@ def untouched(obj: Mapping[str, Any]) -> bool:
         and DIFFBASE_ANNOTATION not in annotations
         and _kopf_idle(annotations)
     )
-
-
-def _retried_later(status: Mapping[str, Any], settings: Settings) -> bool:
-    """Whether the retry timer will provision this Failed environment again (it stays until then)."""
-    if status.get("permanent") or int(status.get("retries") or 0) >= settings.retry_max_attempts:
-        return False
-    failed = parse_time(status.get("failedAt"))
-    if failed is None:
-        return False
-    return (datetime.datetime.now(datetime.UTC) - failed).total_seconds() <= settings.retry_window
 
 
 def move(kube: Kube, obj: Obj, shard: int) -> bool:

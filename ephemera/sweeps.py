@@ -1,4 +1,5 @@
-"""The periodic sweeps that replace Celery Beat: stale environments, lost namespaces, orphans.
+"""The periodic sweeps that replace Celery Beat: stale environments, lost namespaces, orphans,
+stuck deletions. (The retries of Failed environments are in retries.py.)
 
 One sweep covers the whole cluster with a fixed number of API calls (one list of Ephemera's
 namespaces) plus one call per object that needs action, so an idle environment costs nothing but
@@ -9,53 +10,24 @@ from __future__ import annotations
 
 import datetime
 import logging
-import random
-from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
 
-from ephemera import backoff
-from ephemera.api.models import GROUP, KIND, Phase, now_iso, parse_time
+from ephemera.api.models import GROUP, KIND, Phase, parse_time
 from ephemera.api.naming import (
     MANAGED_BY,
     MANAGED_BY_LABEL,
     OWNER_UID_ANNOTATION,
     PR_LABEL,
     REPOSITORY_ANNOTATION,
-    RETRY_ANNOTATION,
     environment_names,
     shard_of,
 )
-from ephemera.config import Settings
-from ephemera.environments import ROLLING_OUT, Environment, Environments, Failure, PermanentFailure
+from ephemera.environments import ROLLING_OUT, Environment, Environments, Failure
 from ephemera.kube import KubeError, Obj
 from ephemera.shards import ours
+from ephemera.watchcache import Seen
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True, slots=True)  # one per environment: thousands of them
-class Seen:
-    """What the operator knows of one object from its watch, without asking the API."""
-
-    uid: str
-    phase: str
-    since: str | None  # lastTransitionTime
-    deleted_at: str | None  # deletionTimestamp
-    failed_at: str | None = None
-    retries: int = 0
-    permanent: bool = False
-    reason: str | None = None
-    repository: str | None = None  # spec.repository: which PreviewTemplate the object matches
-    template: str | None = None  # status.template.name: the PreviewTemplate its app came from
-    template_generation: int | None = None  # status.template.generation
-
-    @property
-    def deleting(self) -> bool:
-        return self.deleted_at is not None
-
-    def retry_status(self) -> dict[str, Any]:
-        return {"phase": self.phase, "failedAt": self.failed_at, "retries": self.retries, "permanent": self.permanent}
 
 
 @dataclass
@@ -64,6 +36,8 @@ class SweepReport:
     recreated: int = 0
     orphans: int = 0
     stuck_deletions: int = 0
+    # What was done to which object (or would have been, in a dry run), for `ephemera jobs run sweep`.
+    actions: list[str] = field(default_factory=list)
 
     def __bool__(self) -> bool:
         return bool(self.stale or self.recreated or self.orphans or self.stuck_deletions)
@@ -101,14 +75,24 @@ def made_by_ephemera(namespace: Obj, prefix: str) -> tuple[str, str] | None:
 
 
 class Sweeper:
-    def __init__(self, service: Environments, selector: str = f"{MANAGED_BY_LABEL}={MANAGED_BY}") -> None:
+    def __init__(
+        self, service: Environments, selector: str = f"{MANAGED_BY_LABEL}={MANAGED_BY}", *, dry_run: bool = False
+    ) -> None:
         self.service = service
         self.kube = service.kube
         self.settings = service.settings
         self.selector = selector  # the namespaces the sweep reads: Ephemera's label
+        self.dry_run = dry_run  # judge everything as usual, change nothing
+        self._actions: list[str] = []
+
+    def _act(self, action: str) -> bool:
+        """Note `action`; whether to carry it out (not in a dry run)."""
+        self._actions.append(action)
+        return not self.dry_run
 
     def sweep(self, seen: dict[str, Seen]) -> SweepReport:
-        report = SweepReport()
+        self._actions = []
+        report = SweepReport(actions=self._actions)
         now = datetime.datetime.now(datetime.UTC)
         threshold = self.settings.stale_threshold
         for name, item in list(seen.items()):
@@ -132,19 +116,6 @@ class Sweeper:
         report.orphans = self._delete_orphans(seen, namespaces, now)
         return report
 
-    def retry_due_ones(self, seen: dict[str, Seen], logger: Any) -> int:
-        """Retry every Failed, retriable object whose backoff has passed."""
-        retried = 0
-        for name, item in list(seen.items()):
-            if item.deleting or not retry_due(item.retry_status(), self.settings, item.uid):
-                continue
-            body = self._body(name, item.uid)
-            if body is None or not retry_due(dict(body.get("status") or {}), self.settings, item.uid):
-                continue  # changed since the watch last told us
-            retry(self.service, body, manual=None, logger=logger)
-            retried += 1
-        return retried
-
     def _body(self, name: str, uid: str, *, any_shard: bool = False) -> Obj | None:
         """The object as it is now; None if it is gone, replaced, or (unless `any_shard`) moved to
         another shard since the watch told us of it (its new shard acts on it from then on)."""
@@ -165,7 +136,8 @@ class Sweeper:
             f"Stuck in {env.status.phase.value} for more than {self.settings.stale_threshold:.0f} s "
             "(EPHEMERA_STALE_THRESHOLD); see the Events for the cause. It is retried automatically.",
         )
-        self.service.fail(env, failure)
+        if self._act(f"stale: {name} failed after {env.status.phase.value} for too long"):
+            self.service.fail(env, failure)
         return 1
 
     def _unstick(self, name: str) -> int:
@@ -178,8 +150,9 @@ class Sweeper:
         existing = self.kube.get_namespace(namespace)
         if existing is None or not self.service.owns(env, existing):
             return 0
-        self.kube.delete_namespace(namespace, existing["metadata"]["uid"])
-        self.service.report_stuck(env, [namespace], self.settings.stale_threshold, "EPHEMERA_STALE_THRESHOLD")
+        if self._act(f"stuck deletion: namespace {namespace} of {name} deleted again"):
+            self.kube.delete_namespace(namespace, existing["metadata"]["uid"])
+            self.service.report_stuck(env, [namespace], self.settings.stale_threshold, "EPHEMERA_STALE_THRESHOLD")
         return 1
 
     def _recreate_missing(self, seen: dict[str, Seen], namespaces: dict[str, Obj]) -> int:
@@ -196,6 +169,9 @@ class Sweeper:
                 continue
             env = Environment.from_body(body)
             if env.status.phase is not Phase.READY or (env.status.namespace or "") in namespaces:
+                continue
+            if not self._act(f"lost namespace: {name}'s namespace re-created"):
+                recreated += 1
                 continue
             try:
                 self.service.provision(env, updating=True, logger=log)
@@ -236,62 +212,10 @@ class Sweeper:
                 return deleted
             if uid in listed:
                 continue
-            log.warning("deleting orphan namespace %s (its PreviewEnvironment %s %s is gone)", meta["name"], name, uid)
-            self.kube.delete_namespace(meta["name"], meta["uid"])
+            if self._act(f"orphan: namespace {meta['name']} deleted (its PreviewEnvironment {name} is gone)"):
+                log.warning(
+                    "deleting orphan namespace %s (its PreviewEnvironment %s %s is gone)", meta["name"], name, uid
+                )
+                self.kube.delete_namespace(meta["name"], meta["uid"])
             deleted += 1
         return deleted
-
-
-def retry_due(status: dict[str, Any], settings: Settings, uid: str, now: datetime.datetime | None = None) -> bool:
-    """Whether the Failed environment with `uid` is due an automatic retry (window, attempts and backoff)."""
-    if status.get("phase") != Phase.FAILED.value or status.get("permanent"):
-        return False
-    failed_at = parse_time(status.get("failedAt"))
-    if failed_at is None:
-        return False
-    now = now or datetime.datetime.now(datetime.UTC)
-    attempts = int(status.get("retries") or 0)
-    if attempts >= settings.retry_max_attempts:
-        return False
-    age = (now - failed_at).total_seconds()
-    if age > settings.retry_window:
-        return False
-    # The jitter is drawn from the object and its failure, not afresh at each check: every check of
-    # one failure (and every replica, and a restarted operator) agrees on when it is due, while
-    # objects that failed together are retried spread out. The window bounds the wait: an attempt
-    # still allowed is never drawn past it.
-    rng = random.Random(f"{uid}/{status.get('failedAt')}/{attempts}")
-    return age >= backoff.delay(attempts, settings.retry_backoff, settings.retry_window, rng)
-
-
-def retry_requested(body: Mapping[str, Any]) -> str | None:
-    """The retry a person asked for (the `ephemera.dev/retry` annotation's value) that is not handled
-    yet, or None: no request, the one the status says was handled, or an object being deleted."""
-    meta, status = body.get("metadata") or {}, body.get("status") or {}
-    request = (meta.get("annotations") or {}).get(RETRY_ANNOTATION)
-    if not request or request == status.get("retryRequest") or meta.get("deletionTimestamp"):
-        return None
-    return str(request)
-
-
-def retry(service: Environments, body: Obj, *, manual: str | None, logger: Any) -> None:
-    """Provision a Failed environment again, counting the attempt; a manual retry resets the count."""
-    env = Environment.from_body(body)
-    attempts = 0 if manual is not None else int(env.status.retries or 0) + 1
-    extra: dict[str, Any] = {"retries": attempts}
-    if manual is not None:
-        extra["retryRequest"] = manual
-    if manual is not None:
-        reason, message = "ManualRetry", "Retry requested through the ephemera.dev/retry annotation"
-    else:
-        reason, message = "Retry", f"Automatic retry {attempts} of {service.settings.retry_max_attempts}"
-    env = service.transition(env, Phase.PROVISIONING, reason, message, extra, logger)
-    try:
-        service.provision(env, updating=False, logger=logger)
-    except PermanentFailure as failure:
-        service.fail(env, failure, logger)
-    except Failure as failure:
-        # Counted as a failed attempt; the next one waits for the backoff.
-        service.transition(
-            env, Phase.FAILED, failure.reason, failure.message, {"failedAt": now_iso(), "permanent": False}, logger
-        )

@@ -12,7 +12,7 @@ import fnmatch
 import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import yaml
 from jinja2 import StrictUndefined, TemplateSyntaxError, UndefinedError, nodes
@@ -69,6 +69,34 @@ class Readiness(BaseModel):
     workloads: list[WorkloadRef] | None = None
 
 
+class HookTarget(BaseModel):
+    """A result hook's target (ephemera/hooks.py)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    url: str = Field(pattern=r"^https?://[^\s/]+\S*$", max_length=2048)
+
+
+ForkMode = Literal["approval", "allow", "deny"]
+
+
+class RepositoryPolicy(BaseModel):
+    """A PreviewTemplate's `policy` block: what differs from the cluster-wide policy for the repositories
+    it matches (an unset field keeps the cluster's). Mirrors crds/previewtemplates.yaml;
+    policy.py applies it."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    drafts: bool | None = None
+    bot_authors: list[Annotated[str, Field(min_length=1, max_length=39)]] | None = Field(
+        None, alias="botAuthors", max_length=100
+    )
+    skip_all_bots: bool | None = Field(None, alias="skipAllBots")
+    opt_in: bool | None = Field(None, alias="optIn")
+    forks: ForkMode | None = None
+    reapprove_on_push: bool | None = Field(None, alias="reapproveOnPush")
+
+
 class PreviewTemplateSpec(BaseModel):
     """What a matching PR's preview runs; mirrors crds/previewtemplates.yaml."""
 
@@ -81,7 +109,9 @@ class PreviewTemplateSpec(BaseModel):
     manifests: str | None = None
     helm: HelmSource | None = None
     url: str | None = Field(None, max_length=2048)
+    hooks: list[HookTarget] = Field(default_factory=list, max_length=10)
     readiness: Readiness = Field(default_factory=Readiness)
+    policy: RepositoryPolicy | None = None
 
     @model_validator(mode="after")
     def _one_source(self) -> PreviewTemplateSpec:

@@ -12,6 +12,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from ephemera.api.models import TransitionPhase
+
 log = logging.getLogger(__name__)
 
 
@@ -21,8 +23,9 @@ class Transition:
     uid: str
     generation: int
     spec: dict[str, Any]
-    old_phase: str | None
-    phase: str
+    # Typed, so that a listener matches phases by their enum and sees a new phase as one.
+    old_phase: TransitionPhase | None
+    phase: TransitionPhase
     reason: str
     message: str
     at: str

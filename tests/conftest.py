@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -155,6 +156,34 @@ def webhook(crd: Path, control_plane: ControlPlane, tmp_path_factory: pytest.Tem
     wait_for(lambda: http_ok(proc, "/readyz"), timeout=60, what="webhook /readyz")
     yield proc
     proc.stop()
+
+
+def wait_policies_lifted(kubectl: Kubectl) -> None:
+    """Wait until the chart's admission policies, just deleted, no longer refuse this test's user a
+    PreviewEnvironment with spec.installationId. The API server applies a deleted policy a while
+    longer (from its cache: 20 refusals in 0.7 s were measured after `helm uninstall` returned), and
+    the next module's environments that name an installation, the webhook's among them, would be
+    refused meanwhile (422 from the webhook)."""
+
+    def allowed() -> bool:
+        body = {
+            "apiVersion": "ephemera.dev/v1alpha1",
+            "kind": "PreviewEnvironment",
+            "metadata": {"name": f"policy-probe-{uuid.uuid4().hex[:8]}"},
+            "spec": {
+                "repository": "octo/probe",
+                "pullRequest": 1,
+                "commitSha": "a" * 40,
+                "branch": "probe",
+                "installationId": 1,
+            },
+        }
+        answer = kubectl.run("create", "--dry-run=server", "-f", "-", input=json.dumps(body), check=False)
+        # Anything but the policy's refusal is a test defect, not a wait.
+        assert answer.returncode == 0 or "ValidatingAdmissionPolicy" in answer.stderr, answer.stderr
+        return answer.returncode == 0
+
+    wait_for(allowed, timeout=30, what="the chart's admission policies lifted")
 
 
 def http_ok(proc: Process, path: str) -> bool:

@@ -23,9 +23,10 @@ from ephemera.config import Settings
 from ephemera.environments import Environments
 from ephemera.kube import Kube, load_api_client
 from ephemera.operator import apps
-from ephemera.sweeps import Seen, Sweeper
+from ephemera.sweeps import Sweeper
 from ephemera.templates import slug
 from ephemera.transitions import Transitions
+from ephemera.watchcache import Seen
 from tests.conftest import WEBHOOK_SECRET
 from tests.test_github import INSTALLATION, comments, deployments, statuses
 from tests.test_operator import SHA_A, SHA_B, make_env, status, unique, wait_phase

@@ -16,7 +16,7 @@ from devtools.controlplane import REPO_ROOT, ControlPlane, write_token_kubeconfi
 from devtools.support import Kubectl, Process, post_webhook, process_env, wait_for
 from ephemera.api.naming import environment_name
 from ephemera.config import Settings
-from tests.conftest import WEBHOOK_SECRET, db_upgrade, http_ok
+from tests.conftest import WEBHOOK_SECRET, db_upgrade, http_ok, wait_policies_lifted
 from tests.test_webhook import get_pe, pr_event
 
 CHART = REPO_ROOT / "charts" / "ephemera"
@@ -227,6 +227,7 @@ def installed(control_plane: ControlPlane, kubectl: Kubectl, crd: Path) -> Itera
     assert "Point your GitHub App's webhook at the release" in result.stdout
     yield NAMESPACE
     helm(control_plane, "uninstall", RELEASE, "--namespace", NAMESPACE, check=False)
+    wait_policies_lifted(kubectl)
 
 
 def test_install_creates_every_object(installed: str, kubectl: Kubectl) -> None:

@@ -18,10 +18,12 @@ from pydantic import SecretStr
 from devtools.controlplane import ControlPlane
 from devtools.fakegithub import FakeGitHub, Fault
 from devtools.support import Kubectl, Process, wait_for
+from ephemera.api.models import parse_phase
 from ephemera.config import Settings
 from ephemera.github.client import GitHubAuth
 from ephemera.github.markdown import code, fenced, link
-from ephemera.github.reporter import Reporter, comment_body, reported_is_current
+from ephemera.github.outbox import Reporter
+from ephemera.github.reports import comment_body, reported_is_current
 from ephemera.kube import Kube, load_api_client
 from ephemera.transitions import Transition
 from tests.test_apps import put_template, templates, web  # noqa: F401 (templates is a fixture)
@@ -213,7 +215,7 @@ def transition(
         generation=1,
         spec=spec,
         old_phase=None,
-        phase=phase,
+        phase=parse_phase(phase),
         reason=status.pop("reason", reasons.get(phase, phase)),
         message=status.pop("message", f"{phase} for commit {sha[:7]}"),
         at="2026-11-29T12:00:00Z",
@@ -293,7 +295,7 @@ def test_with_a_plain_token_check_runs_are_skipped_with_one_log_line(
     repo = f"octo/check-{uuid.uuid4().hex[:6]}"
     settings = Settings(github_api_url=github.url(""), github_token=SecretStr(github.user_token("ephemera-ci")))
     reporter = Reporter(settings, Kube(load_api_client(control_plane.kubeconfig)), GitHubAuth(settings))
-    with caplog.at_level(logging.INFO, logger="ephemera.github.reporter"):
+    with caplog.at_level(logging.INFO, logger="ephemera.github.outbox"):
         reporter.report(transition(repo, 32, "Ready", installation=None))
         reporter.report(transition(repo, 33, "Failed", installation=None))
     assert not [c for c in github.calls if c.path.startswith(f"/repos/{repo}/check-runs")], "refused to tokens"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,17 @@ from pydantic import ValidationError
 
 from devtools.controlplane import REPO_ROOT
 from devtools.support import Kubectl, wait_for
-from ephemera.api.models import PreviewEnvironmentSpec, PreviewEnvironmentStatus
+from ephemera.api.models import (
+    CONDITION_MESSAGE_MAX,
+    CONDITION_REASON_MAX,
+    CONDITION_REASON_PATTERN,
+    CONDITION_TYPE_PATTERN,
+    Condition,
+    Phase,
+    PreviewEnvironmentSpec,
+    PreviewEnvironmentStatus,
+    ready_condition,
+)
 
 SAMPLE_PATH = REPO_ROOT / "deploy" / "samples" / "previewenvironment.yaml"
 SAMPLE: dict[str, Any] = yaml.safe_load(SAMPLE_PATH.read_text())
@@ -56,32 +67,101 @@ def test_crd_is_established_and_sample_applies(crd: Path, kubectl: Kubectl) -> N
     kubectl.run("delete", "-f", str(SAMPLE_PATH.parent), "--wait=false")
 
 
+READY_FALSE = {
+    "type": "Ready",
+    "status": "False",
+    "reason": "RolloutFailed",
+    "message": "Deployment web: CrashLoopBackOff",
+    "lastTransitionTime": "2026-01-01T00:00:00Z",
+    "observedGeneration": 1,
+}
+
+
+def _columns(kubectl: Kubectl, name: str, *wide: str) -> dict[str, str]:
+    """`kubectl get pe NAME` (with `wide`: `-o wide`) as column -> value, split where the header's columns begin."""
+    header, row = kubectl.run("get", "pe", name, *wide).stdout.rstrip("\n").splitlines()
+    starts = [match.start() for match in re.finditer(r"\S+", header)]
+    bounds = zip(starts, [*starts[1:], None], strict=True)
+    return {header[a:b].strip(): row[a:b].strip() for a, b in bounds}
+
+
 def test_get_prints_printer_columns(crd: Path, kubectl: Kubectl) -> None:
     obj = _variant("columns", ("pullRequest",), 7)
     kubectl.apply(obj)
     name = obj["metadata"]["name"]
-    kubectl.run(
-        "patch",
-        "pe",
-        name,
-        "--subresource=status",
-        "--type=merge",
-        "-p",
-        json.dumps({"status": {"phase": "Ready", "namespace": "pr-7-x", "commit": "9f2c6d1"}}),
-    )
+    status = {
+        "phase": "Failed",
+        "reason": "RolloutFailed",
+        "message": "Deployment web: CrashLoopBackOff",
+        "namespace": "pr-7-x",
+        "commit": "9f2c6d1",
+        "url": "https://pr-7.preview.example.com/",
+        "conditions": [READY_FALSE],
+    }
+    kubectl.run("patch", "pe", name, "--subresource=status", "--type=merge", "-p", json.dumps({"status": status}))
 
     def columns_match() -> bool:
         # An operator may be running and write its own status: the row must show whatever is there.
-        header, row = kubectl.run("get", "pe", name).stdout.strip().splitlines()
-        status = kubectl.json("get", "pe", name).get("status") or {}
-        assert header.split() == ["NAME", "REPOSITORY", "PR", "COMMIT", "PHASE", "NAMESPACE", "AGE"]
-        want = [name, "octo-org/shop", "7", status.get("commit"), status.get("phase"), status.get("namespace")]
-        return bool(row.split()[:6] == want)
+        columns = _columns(kubectl, name)
+        wide = _columns(kubectl, name, "-o", "wide")
+        found = kubectl.json("get", "pe", name).get("status") or {}
+        ready: dict[str, Any] = next((c for c in found.get("conditions") or [] if c["type"] == "Ready"), {})
+        assert list(columns) == ["NAME", "REPOSITORY", "PR", "COMMIT", "PHASE", "READY", "REASON", "URL", "AGE"]
+        assert list(wide) == [
+            "NAME", "REPOSITORY", "PR", "COMMIT", "PHASE", "READY", "REASON", "NAMESPACE", "URL", "AGE", "MESSAGE"
+        ]  # fmt: skip
+        want = {
+            "NAME": name,
+            "REPOSITORY": "octo-org/shop",
+            "PR": "7",
+            "COMMIT": found.get("commit"),
+            "PHASE": found.get("phase"),
+            "READY": ready.get("status"),
+            "REASON": ready.get("reason"),
+            "URL": found.get("url") or "<none>",
+        }
+        wide_want = {**want, "NAMESPACE": found.get("namespace"), "MESSAGE": ready.get("message")}
+        return all(columns[k] == v for k, v in want.items()) and all(wide[k] == v for k, v in wide_want.items())
 
     wait_for(columns_match, timeout=30, what="the printer columns to show the object")
+    # Unless an operator wrote its own status meanwhile, the row shows what was patched.
+    columns = _columns(kubectl, name, "-o", "wide")
+    if columns["PHASE"] == "Failed":
+        assert (columns["READY"], columns["REASON"]) == ("False", "RolloutFailed")
+        assert columns["MESSAGE"] == "Deployment web: CrashLoopBackOff"
+        assert columns["URL"] == "https://pr-7.preview.example.com/"
     # The short names work too.
     assert name in kubectl.run("get", "preview").stdout
     kubectl.run("delete", "pe", name, "--wait=false")
+
+
+@pytest.mark.parametrize(
+    ("case", "change", "field"),
+    [
+        ("no-reason", {"reason": None}, "reason"),
+        ("no-message", {"message": None}, "message"),
+        ("no-time", {"lastTransitionTime": None}, "lastTransitionTime"),
+        ("spaced-reason", {"reason": "Rollout failed"}, "reason"),
+        ("bad-status", {"status": "Maybe"}, "status"),
+    ],
+    ids=lambda v: v if isinstance(v, str) else "",
+)
+def test_conditions_follow_metav1_condition(
+    crd: Path, kubectl: Kubectl, case: str, change: dict[str, Any], field: str
+) -> None:
+    """The API server refuses a condition that metav1.Condition refuses, naming the field; the model too."""
+    obj = _variant(f"condition-{case}", ("pullRequest",), 8)
+    kubectl.apply(obj)
+    name = obj["metadata"]["name"]
+    condition = {k: v for k, v in {**READY_FALSE, **change}.items() if v is not None}
+    patch = json.dumps({"status": {"phase": "Failed", "conditions": [condition]}})
+    result = kubectl.run("patch", "pe", name, "--subresource=status", "--type=merge", "-p", patch, check=False)
+    kubectl.run("delete", "pe", name, "--wait=false")
+    assert result.returncode != 0
+    assert f"status.conditions[0].{field}" in result.stderr
+    with pytest.raises(ValidationError):
+        PreviewEnvironmentStatus.model_validate({"phase": "Failed", "conditions": [condition]})
+    assert PreviewEnvironmentStatus.model_validate({"phase": "Failed", "conditions": [READY_FALSE]}).conditions
 
 
 @pytest.mark.parametrize(("case", "path", "value", "field"), INVALID, ids=[c[0] for c in INVALID])
@@ -115,6 +195,37 @@ def test_models_have_the_crds_fields() -> None:
     assert set(schema["spec"]["required"]) == {
         f.alias or name for name, f in PreviewEnvironmentSpec.model_fields.items() if f.is_required()
     }
+
+
+def test_the_condition_model_is_the_crds() -> None:
+    items = _crd_schema()["properties"]["status"]["properties"]["conditions"]["items"]
+    fields = Condition.model_fields
+    assert {f.alias or name for name, f in fields.items()} == set(items["properties"])
+    assert {f.alias or name for name, f in fields.items() if f.is_required()} == set(items["required"])
+    assert items["properties"]["type"]["pattern"] == CONDITION_TYPE_PATTERN
+    assert items["properties"]["reason"]["pattern"] == CONDITION_REASON_PATTERN
+    assert items["properties"]["reason"]["maxLength"] == CONDITION_REASON_MAX
+    assert items["properties"]["message"]["maxLength"] == CONDITION_MESSAGE_MAX
+
+
+def test_the_ready_condition_follows_the_phase_and_keeps_its_time_while_its_status_holds() -> None:
+    def enter(phase: Phase, reason: str, at: str, previous: list[Condition]) -> Condition:
+        return ready_condition(phase, reason, f"{phase.value} now", generation=2, at=at, previous=previous)
+
+    provisioning = enter(Phase.PROVISIONING, "Provisioning", "2026-01-01T00:00:01Z", [])
+    assert (provisioning.status, provisioning.last_transition_time) == ("False", "2026-01-01T00:00:01Z")
+    failed = enter(Phase.FAILED, "RolloutFailed", "2026-01-01T00:00:09Z", [provisioning])
+    assert (failed.status, failed.reason, failed.message) == ("False", "RolloutFailed", "Failed now")
+    assert failed.last_transition_time == "2026-01-01T00:00:01Z"  # still False: its time stays
+    ready = enter(Phase.READY, "Ready", "2026-01-01T00:00:20Z", [failed])
+    assert (ready.status, ready.last_transition_time, ready.observed_generation) == ("True", "2026-01-01T00:00:20Z", 2)
+    for phase in Phase:
+        assert enter(phase, "Because", "2026-01-01T00:00:30Z", [ready]).status == (
+            "True" if phase is Phase.READY else "False"
+        )
+    # A reason metav1 would refuse is made one, so that the status write cannot fail on it.
+    assert enter(Phase.FAILED, "2 bad-reason,", "2026-01-01T00:00:40Z", []).reason == "badreason"
+    assert enter(Phase.FAILED, "--", "2026-01-01T00:00:40Z", []).reason == "Failed"
 
 
 def test_every_schema_field_has_a_description() -> None:

@@ -19,10 +19,12 @@ from pydantic import SecretStr
 from devtools.controlplane import ControlPlane
 from devtools.fakegithub import FakeGitHub, Fault, recorded
 from devtools.support import Kubectl, Process, wait_for
+from ephemera.api.models import Phase
 from ephemera.api.naming import CLOSED_REASON_ANNOTATION as CLOSED_REASON
 from ephemera.config import GITHUB_SECONDARY_RATE_LIMIT_DELAY, Settings
 from ephemera.github.client import GitHubAuth, NotInstalled
-from ephemera.github.reporter import Reporter, closed_reason, marker
+from ephemera.github.outbox import Reporter
+from ephemera.github.reports import closed_reason, marker
 from ephemera.kube import Kube, load_api_client
 from ephemera.transitions import Transition
 from tests.test_operator import SHA_A, SHA_B, make_env, status, wait_phase
@@ -218,8 +220,8 @@ def transition(repo: str, pr: int, *, installation: int | None = None, **status:
         uid=str(uuid.uuid4()),
         generation=1,
         spec=spec,
-        old_phase="Provisioning",
-        phase="Ready",
+        old_phase=Phase.PROVISIONING,
+        phase=Phase.READY,
         reason="Ready",
         message="Preview environment is ready",
         at="2026-11-29T11:00:00Z",

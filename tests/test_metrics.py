@@ -15,8 +15,10 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from devtools.controlplane import ControlPlane
 from devtools.support import Kubectl, Process, post_webhook, wait_for
-from ephemera.api.models import Phase
-from ephemera.operator.metrics import HANDLERS, OUTCOMES, TRANSITION_PHASES, reconciled
+from ephemera.api.models import TRANSITION_PHASES, Phase
+from ephemera.hooks import OUTCOMES as HOOK_OUTCOMES
+from ephemera.operator.metrics import HANDLERS, OUTCOMES, reconciled
+from ephemera.policy import REFUSALS
 from ephemera.webhook.app import ACTION_LABELS, EVENT_LABELS, OUTCOME_LABELS, Metrics, outcome_label
 from tests.conftest import WEBHOOK_SECRET
 from tests.test_operator import make_env, unique, wait_phase
@@ -47,6 +49,8 @@ FIXED_LABELS: dict[str, dict[str, frozenset[str] | None]] = {
         "outcome": OUTCOME_LABELS | {"other"},
     },
     "ephemera_webhook_latency_seconds": {},
+    "ephemera_hook_deliveries": {"outcome": frozenset(HOOK_OUTCOMES)},
+    "ephemera_webhook_policy_refusals": {"reason": frozenset(REFUSALS) | {"other"}},
 }
 UNIT_SUFFIXES = ("_seconds", "_bytes")
 

@@ -30,7 +30,7 @@ from ephemera.api.naming import (
 )
 from ephemera.api.naming import PR_UPDATED_AT_ANNOTATION as UPDATED_AT
 from ephemera.config import Settings
-from ephemera.operator.lifecycle import Vanishing
+from ephemera.watchcache import Vanishing
 from tests.conftest import WEBHOOK_SECRET, http_ok
 
 SHA_A = "a" * 40
@@ -384,7 +384,7 @@ def test_a_stale_failed_environment_keeps_its_finalizer_until_its_teardown_runs(
     operator: Process, kubectl: Kubectl
 ) -> None:
     """Deleted while Failed as Stale, its teardown failing at first: it is retried, never handed over
-    to the retry timer (which would let kopf release the finalizer and leave the namespace)."""
+    to the retry job (which would let kopf release the finalizer and leave the namespace)."""
     name = unique("stale-delete")
     kubectl.apply(make_env(name, 111))
     namespace = wait_phase(kubectl, name, "Ready")["namespace"]
@@ -393,7 +393,7 @@ def test_a_stale_failed_environment_keeps_its_finalizer_until_its_teardown_runs(
         "reason": "Stale",
         "message": "Stuck in Updating (set by the test)",
         "permanent": False,
-        "retries": 3,  # no automatic retry left: the retry timer leaves it alone
+        "retries": 3,  # no automatic retry left: the retry job leaves it alone
         "failedAt": datetime.datetime.now(datetime.UTC).isoformat(),
     }
     kubectl.run("patch", "pe", name, "--subresource=status", "--type=merge", "-p", json.dumps({"status": stale}))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import datetime
 import json
 import os
 import subprocess
@@ -17,8 +18,10 @@ import yaml
 
 from devtools.controlplane import REPO_ROOT, ControlPlane, free_port
 from devtools.support import Kubectl
-from ephemera.api.naming import RETRY_ANNOTATION
+from ephemera.api.models import parse_phase
+from ephemera.api.naming import EXPIRES_AT_ANNOTATION, KEEP_ANNOTATION, RETRY_ANNOTATION
 from ephemera.kube import Kube, load_api_client
+from ephemera.plugin import current_expiry
 from ephemera.store.engine import make_engine, upgrade
 from ephemera.store.records import Records
 from ephemera.transitions import Transition
@@ -131,7 +134,10 @@ def test_plugin_honours_context(control_plane: ControlPlane, crd: Path, kubectl:
 
 def transition(name: str, uid: str, old: str | None, phase: str, reason: str, at: str) -> Transition:
     spec = {"repository": "octo-org/plugin", "pullRequest": 9, "commitSha": SHA_A}
-    return Transition(name, uid, 1, spec, old, phase, reason, f"{reason} happened", at, {}, created=at)
+    old_phase = parse_phase(old) if old else None
+    return Transition(
+        name, uid, 1, spec, old_phase, parse_phase(phase), reason, f"{reason} happened", at, {}, created=at
+    )
 
 
 def test_describe_shows_status_conditions_events_and_records(
@@ -219,6 +225,77 @@ def test_retry_and_open(control_plane: ControlPlane, crd: Path, kubectl: Kubectl
     assert refused.returncode == 1
     assert "has no URL" in refused.stderr
     assert plugin(control_plane, "retry", "no-such-environment").returncode == 1
+
+
+def annotations_of(kubectl: Kubectl, name: str) -> dict[str, str]:
+    return dict(kubectl.json("get", "pe", name)["metadata"].get("annotations") or {})
+
+
+def test_keep_and_unkeep(control_plane: ControlPlane, crd: Path, kubectl: Kubectl) -> None:
+    name = create(kubectl, 12, {"phase": "Ready"})
+    kept = plugin(control_plane, "keep", name)
+    assert kept.returncode == 0, kept.stderr
+    assert kept.stdout.strip() == f"previewenvironment.ephemera.dev/{name} kept: it does not expire"
+    assert annotations_of(kubectl, name)[KEEP_ANNOTATION] == "true"
+    # Kept twice is still kept; -o json prints the object as it is now.
+    again = json.loads(plugin(control_plane, "keep", name, "-o", "json").stdout)
+    assert again["metadata"]["annotations"][KEEP_ANNOTATION] == "true"
+
+    unkept = plugin(control_plane, "unkeep", name)
+    assert unkept.returncode == 0, unkept.stderr
+    assert KEEP_ANNOTATION not in annotations_of(kubectl, name)
+    as_yaml = yaml.safe_load(plugin(control_plane, "unkeep", name, "-o", "yaml").stdout)
+    assert KEEP_ANNOTATION not in (as_yaml["metadata"].get("annotations") or {})
+
+    for command in ("keep", "unkeep"):
+        missing = plugin(control_plane, command, "no-such-environment")
+        assert missing.returncode == 1
+        assert "not found" in missing.stderr
+
+
+def expiry(kubectl: Kubectl, name: str) -> datetime.datetime:
+    return datetime.datetime.fromisoformat(annotations_of(kubectl, name)[EXPIRES_AT_ANNOTATION].replace("Z", "+00:00"))
+
+
+def test_extend_pushes_the_expiry_from_the_later_of_now_and_the_current_one(
+    control_plane: ControlPlane, crd: Path, kubectl: Kubectl
+) -> None:
+    name = create(kubectl, 13, {"phase": "Ready"})
+    before = datetime.datetime.now(datetime.UTC).replace(microsecond=0)
+    extended = plugin(control_plane, "extend", name, "2h")
+    after = datetime.datetime.now(datetime.UTC)
+    assert extended.returncode == 0, extended.stderr
+    first = expiry(kubectl, name)
+    # No expiry yet: from now.
+    assert before + datetime.timedelta(hours=2) <= first <= after + datetime.timedelta(hours=2)
+    assert annotations_of(kubectl, name)[EXPIRES_AT_ANNOTATION] in extended.stdout
+
+    # An expiry in the future: from it, not from now.
+    assert plugin(control_plane, "extend", name, "1d").returncode == 0
+    assert expiry(kubectl, name) == first + datetime.timedelta(days=1)
+
+    # An expiry in the past: from now.
+    past = "2020-01-01T00:00:00Z"
+    kubectl.run("annotate", "pe", name, f"{EXPIRES_AT_ANNOTATION}={past}", "--overwrite")
+    before = datetime.datetime.now(datetime.UTC).replace(microsecond=0)
+    assert plugin(control_plane, "extend", name, "30m").returncode == 0
+    assert expiry(kubectl, name) >= before + datetime.timedelta(minutes=30)
+
+    for bad in ("soon", "0h", "2x", "2h-"):
+        refused = plugin(control_plane, "extend", name, bad)
+        assert refused.returncode != 0, bad
+        assert "duration" in refused.stderr, (bad, refused.stderr)
+    assert plugin(control_plane, "extend", "no-such-environment", "2h").returncode == 1
+
+
+def test_the_current_expiry_is_the_later_of_the_annotation_and_the_computed_one() -> None:
+    # policy-lifecycle's status.expiresAt (last push + TTL) may be later than the annotation: extend
+    # counts from it, so that extending never brings an expiry forward.
+    obj: dict[str, Any] = {"metadata": {"annotations": {EXPIRES_AT_ANNOTATION: "2026-01-02T00:00:00Z"}}}
+    assert current_expiry(obj) == datetime.datetime(2026, 1, 2, tzinfo=datetime.UTC)
+    obj["status"] = {"expiresAt": "2026-01-05T00:00:00Z"}
+    assert current_expiry(obj) == datetime.datetime(2026, 1, 5, tzinfo=datetime.UTC)
+    assert current_expiry({"metadata": {}}) is None
 
 
 @pytest.mark.parametrize(

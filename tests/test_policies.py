@@ -22,6 +22,7 @@ import yaml
 from devtools.controlplane import REPO_ROOT, ControlPlane
 from devtools.support import Kubectl, wait_for
 from ephemera.api.naming import MANAGED_BY, MANAGED_BY_LABEL
+from tests.conftest import wait_policies_lifted
 
 CHART = REPO_ROOT / "charts" / "ephemera"
 RELEASE, NAMESPACE = "policytest", "ephemera-policies"
@@ -86,6 +87,7 @@ def release(control_plane: ControlPlane, kubectl: Kubectl, crd: Path) -> Iterato
     yield applied
     for doc in applied.objects:  # cluster-wide policies must not outlive this module
         applied.delete(doc)
+    wait_policies_lifted(kubectl)
     kubectl.run("delete", "namespace", NAMESPACE, "--wait=false", check=False)
 
 

@@ -20,6 +20,7 @@ import pytest
 from devtools.controlplane import REPO_ROOT, ControlPlane
 from devtools.postgres import Postgres
 from devtools.support import Kubectl, Process, process_env, wait_for
+from ephemera.api.models import parse_phase
 from ephemera.store.engine import check_schema, current_revision, head_revision, make_engine, upgrade
 from ephemera.store.records import Records
 from ephemera.transitions import Transition
@@ -151,8 +152,8 @@ def _transition(uid: str, old: str | None, phase: str, at: str, **spec: Any) -> 
         uid=uid,
         generation=1,
         spec={"repository": "octo/unit", "pullRequest": 1, "commitSha": "a" * 40, **spec},
-        old_phase=old,
-        phase=phase,
+        old_phase=parse_phase(old) if old else None,
+        phase=parse_phase(phase),
         reason=phase,
         message=f"now {phase}",
         at=at,
@@ -274,6 +275,24 @@ async def test_a_resync_places_what_it_rebuilds_after_what_is_recorded(sqlite_ur
     (row,) = history(sqlite_url, "pr-1-octo-unit")
     assert [e["to_phase"] for e in row["events"]] == ["Provisioning", "Ready"]
     assert row["phase"] == "Ready"
+
+
+async def test_a_resync_dates_a_phase_by_its_own_time_not_by_the_ready_condition(sqlite_url: str) -> None:
+    """The Ready condition changes its time only when its status does (metav1.Condition): a Failed after
+    a Provisioning keeps the time Ready became False. The phase's own time is status.lastTransitionTime."""
+    from ephemera.store.records import _Resync
+
+    records = Records(make_engine(sqlite_url))
+    await records.write(_transition("u1", None, "Provisioning", "2026-01-01T00:00:01Z"))
+    listing = [_listed("u1", "Failed", "2026-01-01T00:00:01Z", lastTransitionTime="2026-01-01T00:00:30Z")]
+    await records._resync(_Resync(listing, datetime.datetime.now(datetime.UTC)))
+    await records.engine.dispose()
+    (row,) = history(sqlite_url, "pr-1-octo-unit")
+    # SQLite hands back naive times (UTC).
+    assert [(e["to_phase"], _at(e["at"]).replace(tzinfo=None)) for e in row["events"]] == [
+        ("Provisioning", datetime.datetime(2026, 1, 1, 0, 0, 1)),
+        ("Failed", datetime.datetime(2026, 1, 1, 0, 0, 30)),
+    ]
 
 
 async def test_a_transition_rebuilt_by_a_resync_and_announced_too_is_recorded_once(sqlite_url: str) -> None:

@@ -338,7 +338,7 @@ def test_two_replicas_one_active_and_a_standby_takes_over(
 
 
 def test_only_the_highest_live_priority_runs_the_operator_wide_jobs() -> None:
-    from ephemera.operator.timers import is_active
+    from ephemera.operator.jobs import is_active
 
     now = datetime.datetime.now(datetime.UTC)
     fresh, stale = now.isoformat(), (now - datetime.timedelta(minutes=5)).isoformat()

@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from ephemera.config import Settings
-from ephemera.sweeps import retry_due, retry_requested
+from ephemera.retries import retried_later, retry_due, retry_requested
 
 FAILED_AT = datetime.datetime(2026, 1, 1, tzinfo=datetime.UTC)
 SETTINGS = Settings(retry_backoff=60, retry_window=3600, retry_max_attempts=4)
@@ -36,6 +36,14 @@ def test_once_due_a_retry_stays_due(uid: str, retries: int, age: float) -> None:
     """Every check of one failure draws the same jitter: a later check never takes back a due retry."""
     if retry_due(_failed(retries), SETTINGS, uid, _after(age)):
         assert retry_due(_failed(retries), SETTINGS, uid, _after(min(age + 1, 3600)))
+
+
+def test_every_check_of_one_failure_gives_the_same_answer() -> None:
+    """The jitter is drawn once per object and failure: the job checks every few seconds, and a fresh
+    draw at each check would bring the retry early (the earliest of many draws)."""
+    for n in range(50):
+        answers = {retry_due(_failed(2), SETTINGS, f"uid-{n}", _after(120)) for _ in range(10)}
+        assert len(answers) == 1
 
 
 def test_objects_that_failed_together_are_retried_spread_out() -> None:
@@ -65,3 +73,13 @@ def test_a_retry_is_requested_by_a_new_annotation_value_only() -> None:
     assert retry_requested(_annotated("")) is None
     assert retry_requested(_annotated("new", deletionTimestamp="2026-01-01T00:00:00Z")) is None
     assert retry_requested({"metadata": {"annotations": None}}) is None
+
+
+def test_a_failure_is_retried_later_within_the_window_while_attempts_are_left() -> None:
+    """What a template rollout leaves to the retry job: due or not yet, it will be provisioned again."""
+    assert retried_later(_failed(0), SETTINGS, _after(1))
+    assert retried_later(_failed(3), SETTINGS, _after(3600))
+    assert not retried_later(_failed(3), SETTINGS, _after(3601))
+    assert not retried_later(_failed(4), SETTINGS, _after(1))
+    assert not retried_later(_failed(0, permanent=True), SETTINGS, _after(1))
+    assert not retried_later({**_failed(0), "phase": "Ready"}, SETTINGS, _after(1))

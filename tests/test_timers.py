@@ -1,4 +1,4 @@
-"""Cleanup and retries as kopf timers, with intervals shortened to seconds, on the real control plane."""
+"""Cleanup and retries as periodic jobs, with intervals shortened to seconds, on the real control plane."""
 
 from __future__ import annotations
 
@@ -31,7 +31,8 @@ from ephemera.children import owner_reference
 from ephemera.config import Settings
 from ephemera.environments import Environments
 from ephemera.kube import METADATA, Kube
-from ephemera.operator.timers import is_active
+from ephemera.operator.jobs import is_active
+from ephemera.retries import retry_due_ones
 from ephemera.sweeps import Sweeper, made_by_ephemera
 from ephemera.transitions import Transitions
 from tests.conftest import http_ok
@@ -318,7 +319,7 @@ def test_sweeps_of_a_cluster_without_environments_succeed_quietly(
     sweeper = _sweeper(kube, f"{MANAGED_BY_LABEL}=ephemera,ephemera.dev/nothing={uuid.uuid4().hex}")
     with caplog.at_level(logging.WARNING):
         report = sweeper.sweep({})
-        retried = sweeper.retry_due_ones({}, logging.getLogger("test"))
+        retried = retry_due_ones(sweeper.service, {}, logging.getLogger("test"))
     assert not report
     assert retried == 0
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import re
 from enum import StrEnum
 from typing import Any, Literal
 
@@ -17,8 +18,6 @@ KIND = "PreviewEnvironment"
 API_VERSION = f"{GROUP}/{VERSION}"
 # kopf\'s (group, version, plural) for the PreviewEnvironment handlers.
 RESOURCE = (GROUP, VERSION, PLURAL)
-# The phase a record takes when its object is gone: the records\' and listeners\' own, never in status.
-DESTROYED = "Destroyed"
 TEMPLATE_KIND = "PreviewTemplate"
 TEMPLATE_PLURAL = "previewtemplates"
 
@@ -37,6 +36,28 @@ class Phase(StrEnum):
     UPDATING = "Updating"
     DESTROYING = "Destroying"
     FAILED = "Failed"
+
+
+class RecordPhase(StrEnum):
+    """The phases only a record takes, never an object's status: the listeners' and records' own."""
+
+    DESTROYED = "Destroyed"  # the object is gone
+
+
+DESTROYED = RecordPhase.DESTROYED
+# The phase a transition enters: one of the object's, or the end of its record.
+TransitionPhase = Phase | RecordPhase
+
+
+TRANSITION_PHASES: dict[str, TransitionPhase] = {phase.value: phase for phase in (*Phase, *RecordPhase)}
+
+
+def parse_phase(value: str) -> TransitionPhase:
+    """A phase as status or a record row writes it; ValueError for one that this version does not know."""
+    try:
+        return TRANSITION_PHASES[value]
+    except KeyError:
+        raise ValueError(f"unknown phase {value!r}: one of {', '.join(TRANSITION_PHASES)} was expected") from None
 
 
 class Resources(BaseModel):
@@ -88,15 +109,27 @@ class PreviewEnvironmentSpec(BaseModel):
         return self.repository.split("/", 1)[1]
 
 
+# metav1.Condition's rules for a condition's type and reason, and its message's length (the CRD says the same).
+CONDITION_TYPE_PATTERN = (
+    r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])$"
+)
+CONDITION_REASON_PATTERN = r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$"
+CONDITION_REASON_MAX = 1024
+CONDITION_MESSAGE_MAX = 32768
+READY_CONDITION = "Ready"
+
+
 class Condition(BaseModel):
+    """One entry of status.conditions, as metav1.Condition has it."""
+
     model_config = ConfigDict(populate_by_name=True)
 
-    type: str
+    type: str = Field(max_length=316, pattern=CONDITION_TYPE_PATTERN)
     status: Literal["True", "False", "Unknown"]
-    reason: str | None = None
-    message: str | None = None
-    last_transition_time: str | None = Field(None, alias="lastTransitionTime")
-    observed_generation: int | None = Field(None, alias="observedGeneration")
+    reason: str = Field(min_length=1, max_length=CONDITION_REASON_MAX, pattern=CONDITION_REASON_PATTERN)
+    message: str = Field(max_length=CONDITION_MESSAGE_MAX)
+    last_transition_time: str = Field(alias="lastTransitionTime")
+    observed_generation: int | None = Field(None, alias="observedGeneration", ge=0)
 
 
 class StatusProblem(BaseModel):
@@ -134,6 +167,34 @@ class PreviewEnvironmentStatus(BaseModel):
     problems: list[StatusProblem] | None = None
     reported: dict[str, Any] | None = None
     conditions: list[Condition] = Field(default_factory=list)
+
+
+def ready_condition(
+    phase: Phase, reason: str, message: str, *, generation: int, at: str, previous: list[Condition]
+) -> Condition:
+    """The Ready condition of an object entering `phase`: True exactly when the phase is Ready.
+
+    Its lastTransitionTime is `at` only when its status changes (a Failed after a Provisioning keeps
+    the time Ready became False), as metav1.Condition has it. A reason that metav1 would refuse is
+    made one (the phase's own name when nothing is left of it), so that the status write never fails."""
+    status: Literal["True", "False"] = "True" if phase is Phase.READY else "False"
+    was = next((c for c in previous if c.type == READY_CONDITION), None)
+    since = was.last_transition_time if was is not None and was.status == status else at
+    return Condition(
+        type=READY_CONDITION,
+        status=status,
+        reason=condition_reason(reason) or phase.value,
+        message=message[:CONDITION_MESSAGE_MAX],
+        last_transition_time=since,
+        observed_generation=generation,
+    )
+
+
+def condition_reason(reason: str) -> str:
+    """`reason` as metav1.Condition allows it (CamelCase: a letter, then letters, digits, `_`, `,`, `:`,
+    not ending in `,` or `:`); empty when nothing of it is left."""
+    kept = re.sub(r"[^A-Za-z0-9_,:]", "", reason)[:CONDITION_REASON_MAX]
+    return re.sub(r"^[^A-Za-z]+", "", kept).rstrip(",:")
 
 
 def now_iso() -> str:

@@ -83,21 +83,46 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True)
 
 
+class _RepositoryRef(_Model):
+    full_name: str = Field(pattern=REPOSITORY_PATTERN, max_length=140)
+
+
 class _Ref(_Model):
     sha: str = Field(pattern=SHA_PATTERN)
     ref: str = Field(min_length=1, max_length=255)
+    # The head's repository: another one for a fork's PR, null when the fork was deleted.
+    repo: _RepositoryRef | None = None
 
     _ref = field_validator("ref")(_printable)
 
 
+class _Base(_Model):
+    repo: _RepositoryRef | None = None
+
+
 class _User(_Model):
     login: str = Field(min_length=1, max_length=39, pattern=r"^[A-Za-z0-9\[\]_.-]+$")
+    type: str = Field("User", max_length=32)
+
+
+class _Sender(_Model):
+    # Who acted: a person, or an App's bot user (`<slug>[bot]`), whose login may pass a person's 39.
+    login: str = Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9\[\]_.-]+$")
+
+
+class _Label(_Model):
+    # GitHub's labels are at most 50 characters; names are compared, never shown as Markdown.
+    name: str = Field(min_length=1, max_length=100)
+
+    _name = field_validator("name")(_printable)
 
 
 class _PullRequest(_Model):
     number: int = Field(ge=1, le=2**53)
     head: _Ref
+    base: _Base | None = None
     user: _User
+    labels: list[_Label] = Field(default_factory=list, max_length=100)
     title: str = ""
     updated_at: str = Field(pattern=r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?(Z|[+-]\d{2}:\d{2})$")
     draft: bool = False
@@ -127,10 +152,24 @@ class PullRequestEvent(_Model):
     pull_request: _PullRequest
     repository: _Repository
     installation: _Installation | None = None
+    label: _Label | None = None  # the label a `labeled` or `unlabeled` event is about
+    sender: _Sender | None = None  # who did it (for `labeled`: who applied the label)
 
     @property
     def repo(self) -> str:
         return self.repository.full_name
+
+    @property
+    def fork(self) -> bool:
+        """Whether the PR's head is in another repository than its base: a fork's PR (a head whose
+        repository is unknown, as when the fork was deleted, counts as one)."""
+        head = self.pull_request.head.repo
+        base = self.pull_request.base.repo if self.pull_request.base is not None else None
+        return head is None or head.full_name.lower() != (base or self.repository).full_name.lower()
+
+    @property
+    def labels(self) -> frozenset[str]:
+        return frozenset(label.name for label in self.pull_request.labels)
 
     @property
     def pr(self) -> int:

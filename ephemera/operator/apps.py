@@ -5,30 +5,30 @@ provision asks the API server nothing to find its template. An edited template (
 template created or deleted after the start) is re-applied to the environments it concerns, at a
 bounded rate (`Rollouts`). A rollout that was applied but not yet ready is settled by the changes of
 its own workloads and pods (they carry the environment's label): watched, not polled. Only a deadline
-needs a clock: the periodic job in timers.py.
+needs a clock: the periodic job in jobs.py.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import kopf
 
-from ephemera.api.models import GROUP, PLURAL, TEMPLATE_PLURAL, VERSION, Phase, now_iso, parse_time
+from ephemera.api.models import GROUP, PLURAL, TEMPLATE_PLURAL, VERSION, Phase, now_iso
 from ephemera.api.naming import ENVIRONMENT_LABEL, MANAGED_BY, MANAGED_BY_LABEL
 from ephemera.config import Settings
 from ephemera.environments import ROLLING_OUT, Environment, Environments, Failure
 from ephemera.kube import Kube, KubeError
 from ephemera.operator.runtime import Runtime
 from ephemera.readiness import WORKLOAD_KINDS, workload_state
+from ephemera.retries import retried_later
 from ephemera.shards import ours
-from ephemera.sweeps import Seen
 from ephemera.templates import Template, TemplateError, select
+from ephemera.watchcache import Seen
 
 log = logging.getLogger(__name__)
 SETTLE_DELAY = 0.2  # seconds that changes of one environment's workloads are gathered before one check
@@ -109,7 +109,7 @@ class Rollouts:
     Concerned are the environments whose repository selects the template now, and those whose app came
     from it (a template deleted or narrowed: their app is pruned, or comes from the template they match
     now). One that already runs the template's generation is skipped; one mid-rollout or retried later
-    by the retry timer is left to its handler (a mid-rollout one is looked at again once it settles, in
+    by the retry job is left to its handler (a mid-rollout one is looked at again once it settles, in
     case it applied the generation before); one being deleted is dropped."""
 
     def __init__(
@@ -170,23 +170,13 @@ class Rollouts:
         self._wake.set()
         return 1
 
-    def _retried_later(self, seen: Seen) -> bool:
-        """Whether the retry timer will provision this Failed environment again (with the current template)."""
-        if seen.permanent or seen.retries >= self.settings.retry_max_attempts:
-            return False
-        failed = parse_time(seen.failed_at)
-        if failed is None:
-            return False
-        age = (datetime.datetime.now(datetime.UTC) - failed).total_seconds()
-        return age <= self.settings.retry_window
-
     def verdict(self, seen: Seen | None, wanted: tuple[str, int] | None) -> str:
         """`go`, `defer` (mid-rollout: look again later) or `skip`, from what the watch last saw."""
         if seen is None or seen.deleting or seen.repository is None:
             return "skip"
         if seen.phase not in (Phase.READY.value, Phase.FAILED.value):
             return "defer"
-        if seen.phase == Phase.FAILED.value and self._retried_later(seen):
+        if retried_later(seen.retry_status(), self.settings):  # the retry job applies the current template
             return "skip"
         have = (seen.template, seen.template_generation) if seen.template else None
         return "skip" if have == wanted else "go"
@@ -253,7 +243,7 @@ class Rollouts:
         except Failure as failure:
             if failure.permanent:
                 self.service.fail(env, failure, log)
-            else:  # the retry timer takes it from here, with backoff
+            else:  # the retry job takes it from here, with backoff
                 self.service.transition(
                     env, Phase.FAILED, failure.reason, failure.message, {"failedAt": now_iso(), "permanent": False}, log
                 )

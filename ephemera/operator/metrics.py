@@ -9,14 +9,12 @@ import time
 
 from prometheus_client import Counter, Gauge, Histogram
 
-from ephemera.api.models import DESTROYED, Phase, parse_time
+from ephemera.api.models import TRANSITION_PHASES, Phase, parse_time
 from ephemera.metrics import REGISTRY
 from ephemera.transitions import Transition
 
 HANDLERS = ("provision", "update", "resume", "destroy")
 OUTCOMES = ("success", "retry", "failure", "handed-over")
-# The phases a transition enters: the object's phases, and Destroyed (the object is gone).
-TRANSITION_PHASES = (*(phase.value for phase in Phase), DESTROYED)
 
 RECONCILES = Counter(
     "ephemera_reconciles",
@@ -51,6 +49,7 @@ for _handler in HANDLERS:
         RECONCILES.labels(_handler, _outcome)
 for _phase in Phase:
     ENVIRONMENTS.labels(_phase.value)
+# The phases a transition enters: the object's phases, and Destroyed (the object is gone).
 for _entered in TRANSITION_PHASES:
     TRANSITIONS.labels(_entered)
 
@@ -68,10 +67,8 @@ def reconciled(handler: str, outcome: str, started: float) -> None:
 
 def observe_transition(transition: Transition) -> None:
     """A transition listener: counts transitions and times the first Ready."""
-    if transition.phase not in TRANSITION_PHASES:
-        raise ValueError(f"unknown phase {transition.phase!r}")
-    TRANSITIONS.labels(transition.phase).inc()
-    if transition.phase == "Ready" and transition.old_phase == "Provisioning":
+    TRANSITIONS.labels(transition.phase.value).inc()
+    if transition.phase is Phase.READY and transition.old_phase is Phase.PROVISIONING:
         created, ready = parse_time(transition.created), parse_time(transition.at)
         if created and ready:
             TIME_TO_READY.observe(max(0.0, (ready - created).total_seconds()))

@@ -15,14 +15,15 @@ from aiohttp import web
 
 from ephemera.config import Settings
 from ephemera.environments import Environments
-from ephemera.github.reporter import Reporter
+from ephemera.github.outbox import Reporter
+from ephemera.hooks import Hooks
 from ephemera.kube import Kube
+from ephemera.logs import Subjects
 from ephemera.store.records import Records
-from ephemera.sweeps import Seen
+from ephemera.watchcache import Seen, Vanishing
 
-if TYPE_CHECKING:  # handler modules, which read the runtime themselves
+if TYPE_CHECKING:  # a handler module, which reads the runtime itself
     from ephemera.operator.apps import Rollouts, Settler, Templates
-    from ephemera.operator.lifecycle import Vanishing
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -33,9 +34,11 @@ class Runtime:
     settler: Settler  # settles rollouts when their workloads change
     rollouts: Rollouts  # re-applies edited templates
     reporter: Reporter  # reports each state on its PR
+    hooks: Hooks  # sends each state to the result hooks' targets
     phases: dict[str, Seen]  # name -> what the watch last saw of each object (lifecycle.track)
     vanishing: Vanishing  # namespaces seen gone, for the teardowns waiting on them
     warned: set[str]  # uids already warned about the soft time limit
+    subjects: Subjects  # name -> repository and PR of each object (lifecycle.track), for the log lines
     # Kept for the periodic jobs and for closing; no handler uses them.
     kube: Kube
     records: Records
@@ -51,5 +54,6 @@ class Runtime:
         await self.rollouts.stop()
         await self.records.stop()
         await self.reporter.stop()
+        await self.hooks.stop()
         await self.health.cleanup()
         self.kube.close()

@@ -1,5 +1,5 @@
 """kopf handlers of sharding (ephemera/shards.py): this shard's watch, and the handover of objects whose
-shard changed. Shard 0's adoption of the objects no shard watches is a periodic job (timers.py)."""
+shard changed. Shard 0's adoption of the objects no shard watches is a periodic job (jobs.py)."""
 
 from __future__ import annotations
 

@@ -14,22 +14,24 @@ from typing import Any, cast
 import kopf
 import kubernetes
 
-from ephemera import children
+from ephemera import children, logs
 from ephemera.api.naming import FINALIZER
 from ephemera.apply import Applier
 from ephemera.config import Settings, get_settings
 from ephemera.environments import Environments
 from ephemera.github.client import GitHubAuth
-from ephemera.github.reporter import Reporter
+from ephemera.github.outbox import Reporter
+from ephemera.hooks import Hooks
 from ephemera.kube import Kube, KubeError, load_api_client
-from ephemera.operator import apps, health, lifecycle, timers
+from ephemera.operator import apps, health, jobs
 from ephemera.operator.metrics import observe_transition
 from ephemera.operator.runtime import Runtime
 from ephemera.previews import Previews
 from ephemera.store.engine import SchemaOutdated, check_schema, make_engine
 from ephemera.store.records import Records
-from ephemera.sweeps import Seen
-from ephemera.transitions import Transitions
+from ephemera.templates import TemplateError, select
+from ephemera.transitions import Transition, Transitions
+from ephemera.watchcache import Seen, Vanishing
 
 PREFIX = "ephemera.dev"
 
@@ -50,7 +52,7 @@ async def configure(*, settings: kopf.OperatorSettings, memo: kopf.Memo, logger:
     settings.execution.max_workers = cfg.workers
     settings.queueing.worker_limit = None
     # Events: ours are posted explicitly, with their own reasons (our log lines are not posted again,
-    # see lifecycle._env_logger); of kopf's own lines only warnings and errors, not "Handler succeeded".
+    # see reconciling.env_logger); of kopf's own lines only warnings and errors, not "Handler succeeded".
     settings.posting.level = logging.WARNING
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
@@ -87,6 +89,12 @@ async def _start(cfg: Settings, priority: int, identity: str, logger: kopf.Logge
         reporter.start()
         undo.push_async_callback(reporter.stop)
         transitions.subscribe(reporter.listener)
+        hooks = Hooks(cfg, _hook_targets(cfg, templates))
+        hooks.start()
+        undo.push_async_callback(hooks.stop)
+        transitions.subscribe(hooks.listener)
+        subjects = logs.Subjects()
+        logs.attach(logs.SubjectFilter(subjects))
         settler = apps.Settler(environments)
         settler.start()
         undo.push_async_callback(settler.stop)
@@ -107,14 +115,16 @@ async def _start(cfg: Settings, priority: int, identity: str, logger: kopf.Logge
             settler=settler,
             rollouts=rollouts,
             reporter=reporter,
+            hooks=hooks,
             phases=phases,
-            vanishing=lifecycle.Vanishing(),
+            vanishing=Vanishing(),
             warned=set(),
+            subjects=subjects,
             kube=kube,
             records=records,
             health=await health.start(cfg.operator_host, cfg.operator_port),
         )
-        runtime.periodic.extend(timers.start(runtime, priority, identity))
+        runtime.periodic.extend(jobs.start(runtime, priority, identity))
         undo.pop_all()
     return runtime
 
@@ -134,6 +144,24 @@ def _previews(cfg: Settings, kube: Kube, templates: apps.Templates) -> Previews:
     return Previews(kube, applier, domain=cfg.preview_domain, helm=helm, templates=templates)
 
 
+def _hook_targets(cfg: Settings, templates: apps.Templates) -> Callable[[Transition], list[str]]:
+    """A transition's hook targets: EPHEMERA_HOOK_URLS, then those of the PreviewTemplate its repository
+    selects now (none when the choice is ambiguous: that environment is Failed for it anyway)."""
+
+    def targets(transition: Transition) -> list[str]:
+        urls = list(cfg.hook_urls)
+        repository = str(transition.spec.get("repository") or "")
+        try:
+            template = select(templates(), repository)
+        except TemplateError:
+            template = None
+        if template is not None:
+            urls += [hook.url for hook in template.spec.hooks if hook.url not in urls]
+        return urls
+
+    return targets
+
+
 def _active(kube: Kube, cfg: Settings, priority: int, identity: str) -> Callable[[], Awaitable[bool]] | None:
     """Whether this replica is the active one (None standalone, where it always is)."""
     if cfg.peering is None:
@@ -141,7 +169,7 @@ def _active(kube: Kube, cfg: Settings, priority: int, identity: str) -> Callable
 
     async def active() -> bool:
         try:
-            return await asyncio.to_thread(timers.is_active, kube, cfg.peering, priority, identity)
+            return await asyncio.to_thread(jobs.is_active, kube, cfg.peering, priority, identity)
         except KubeError:
             return False
 

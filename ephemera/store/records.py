@@ -38,7 +38,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 from sqlmodel import col, select
 
 from ephemera import backoff
-from ephemera.api.models import DESTROYED, parse_time
+from ephemera.api.models import DESTROYED, Phase, TransitionPhase, parse_phase, parse_time
 from ephemera.api.naming import SHARD_LABEL, shard_of
 from ephemera.kube import Kube, KubeError
 from ephemera.metrics import REGISTRY
@@ -69,7 +69,7 @@ FIRST_DELAY = 0.5  # bound of the first wait for an unavailable database; double
 TRANSIENT_SQLSTATE_CLASSES = ("08", "53", "57", "58")
 TRANSIENT_SQLSTATES = frozenset({"40001", "40P01", "55P03"})  # serialization, deadlock, lock not available
 # A resync infers that an environment was provisioned once in these phases (or with these status fields).
-PROVISIONED_PHASES = frozenset({"Ready", "Updating"})
+PROVISIONED_PHASES = frozenset({Phase.READY, Phase.UPDATING})
 
 
 def event_id(t: Transition) -> str:
@@ -109,12 +109,14 @@ def _stamp(value: datetime.datetime) -> str:
     return value.replace(microsecond=0).isoformat().replace("+00:00", "Z")
 
 
-def _up_to_date(row_phase: str, latest: datetime.datetime | None, phase: str, at: datetime.datetime | None) -> bool:
+def _up_to_date(
+    row_phase: str, latest: datetime.datetime | None, phase: TransitionPhase, at: datetime.datetime | None
+) -> bool:
     """Whether the rows already hold the object's last transition (Kubernetes keeps seconds only)."""
     if latest is None or at is None:
         return latest is not None
     latest = _aware(latest).replace(microsecond=0)
-    return latest > at or (latest == at and row_phase == phase)
+    return latest > at or (latest == at and row_phase == phase.value)
 
 
 def _now() -> datetime.datetime:
@@ -211,10 +213,10 @@ class Records:
                 self._waiting,
             )
             self._dropping = True
-        if item.phase != DESTROYED:
+        if item.phase is not DESTROYED:
             return False
         for index, queued in enumerate(self._queue):
-            if isinstance(queued, Transition) and queued.phase != DESTROYED:
+            if isinstance(queued, Transition) and queued.phase is not DESTROYED:
                 del self._queue[index]
                 self._waiting -= 1
                 return True
@@ -364,7 +366,7 @@ class Records:
                     repository=str(t.spec["repository"]),
                     pull_request=int(t.spec["pullRequest"]),
                     commit_sha=str(t.spec["commitSha"]),
-                    phase=t.phase,
+                    phase=t.phase.value,
                     created_at=_time(t.created),
                     updated_at=at,
                 )
@@ -377,32 +379,33 @@ class Records:
                 )
                 history = [(phase, _aware(when)) for phase, when in await session.execute(query)]
             destroyed = row.destroyed_at is not None
-            if destroyed and (t.phase == DESTROYED or at >= _aware(row.destroyed_at or at)):
+            if destroyed and (t.phase is DESTROYED or at >= _aware(row.destroyed_at or at)):
                 return  # after the end: a late or stale transition cannot bring the environment back
             before = [event for event in history if event[1] <= at]
             after = [event for event in history if event[1] > at]
             previous = before[-1] if before else None
             following = after[0] if after else None
             events: list[Transition] = []
-            again = (previous is not None and previous[0] == t.phase) or (
-                following is not None and following[0] == t.phase
+            # The history's rows hold phases as text: compared with the transition's by value.
+            again = (previous is not None and previous[0] == t.phase.value) or (
+                following is not None and following[0] == t.phase.value
             )
             if not again:
-                lost = t.old_phase is not None and t.old_phase != t.phase
-                if lost and (previous is None or previous[0] != t.old_phase):
-                    events.append(_implied(t, previous))
+                old = t.old_phase
+                if old is not None and old is not t.phase and (previous is None or previous[0] != old.value):
+                    events.append(_implied(t, old, previous))  # lost: the history lacks the phase `t` left
                 events.append(t)
             if following is None and not destroyed:  # the newest: the row shows it
                 row.name = t.name
                 row.commit_sha = str(t.spec["commitSha"])
                 row.installation_id = t.spec.get("installationId", row.installation_id)
                 row.namespace = t.status.get("namespace") or row.namespace
-                row.phase = t.phase
+                row.phase = t.phase.value
                 row.message = t.message
                 row.updated_at = at
-                if t.phase == "Ready" and row.ready_at is None:
+                if t.phase is Phase.READY and row.ready_at is None:
                     row.ready_at = at
-                if t.phase == DESTROYED:
+                if t.phase is DESTROYED:
                     row.destroyed_at = at
             await session.flush()
             for event in events:
@@ -413,8 +416,8 @@ class Records:
             "id": event_id(t),
             "environment_uid": t.uid,
             "at": at,
-            "from_phase": t.old_phase,
-            "to_phase": t.phase,
+            "from_phase": t.old_phase.value if t.old_phase is not None else None,
+            "to_phase": t.phase.value,
             "reason": t.reason[:128],
             "message": t.message,
         }
@@ -481,35 +484,41 @@ class Records:
         waiting = [item for item in [self._current, *self._queue] if isinstance(item, Transition)]
         queued = {t.uid for t in waiting}
         coming = {(t.uid, t.phase) for t in waiting}
-        ending = {t.uid for t in waiting if t.phase == DESTROYED}
+        ending = {t.uid for t in waiting if t.phase is DESTROYED}
         written = 0
         for obj in job.objects:
             meta, status = obj["metadata"], obj.get("status") or {}
             uid = meta["uid"]
-            phase = status.get("phase")
+            # When its phase began: status.lastTransitionTime (the Ready condition's own time changes only
+            # with its status, so a Failed after a Provisioning keeps the earlier one).
             conditions = status.get("conditions") or [{}]
-            at_text = conditions[0].get("lastTransitionTime") or status.get("lastTransitionTime")
-            if uid in ended or not phase or not at_text:
+            at_text = status.get("lastTransitionTime") or conditions[0].get("lastTransitionTime")
+            if uid in ended or not status.get("phase") or not at_text:
+                continue
+            try:
+                phase = parse_phase(str(status["phase"]))
+            except ValueError as err:  # the CRD allows none such: a newer operator's, left to it
+                log.warning("resync skips %s: %s", meta["name"], err)
                 continue
             row = rows.get(uid)
             pending: list[Transition] = []
             provisioned_once = phase in PROVISIONED_PHASES or status.get("provisionedAt") or status.get("namespace")
             provisioning_at = begun.get(uid)
             created = meta.get("creationTimestamp")
-            lost_start = provisioning_at is None and phase != "Provisioning" and provisioned_once and created
-            if lost_start and created and (uid, "Provisioning") not in coming:
+            lost_start = provisioning_at is None and phase is not Phase.PROVISIONING and provisioned_once and created
+            if lost_start and created and (uid, Phase.PROVISIONING) not in coming:
                 # Its first transitions died with a killed operator: its life began with
                 # provisioning when it was created.
-                pending.append(_resync_transition(obj, "Provisioning", created))
+                pending.append(_resync_transition(obj, Phase.PROVISIONING, created))
                 provisioning_at = pending[-1].occurred
             first_ready = status.get("provisionedAt")  # written with its first Ready
-            if uid not in ready_once and phase != "Ready" and first_ready and (uid, "Ready") not in coming:
+            if uid not in ready_once and phase is not Phase.READY and first_ready and (uid, Phase.READY) not in coming:
                 # It was Ready, and moved on before a record of that outlived a killed operator.
                 # Kubernetes keeps only seconds: never before the provisioning it followed.
                 occurred = _time(first_ready) or job.listed_at
                 if provisioning_at is not None and occurred <= provisioning_at:
                     occurred = provisioning_at + TICK
-                pending.append(_resync_transition(obj, "Ready", first_ready, occurred))
+                pending.append(_resync_transition(obj, Phase.READY, first_ready, occurred))
             if uid not in queued and not (row is not None and _up_to_date(row[0], row[2], phase, _time(at_text))):
                 # The object's current phase began after every recorded event (the listing is newer
                 # than the rows): Kubernetes keeps only seconds, so place it after the last one.
@@ -531,10 +540,10 @@ class Records:
             if row_obj is None or await self._elsewhere(row_obj):
                 continue
             pending = []
-            if row_obj.phase != "Destroying":  # its teardown began before the end was recorded
+            if row_obj.phase != Phase.DESTROYING.value:  # its teardown began before the end was recorded
                 began = job.listed_at - datetime.timedelta(milliseconds=1)  # so that it sorts first
-                pending.append(_destroyed_transition(row_obj, began, "Destroying"))
-            pending.append(_destroyed_transition(row_obj, job.listed_at, DESTROYED, "Destroying"))
+                pending.append(_destroyed_transition(row_obj, began, Phase.DESTROYING))
+            pending.append(_destroyed_transition(row_obj, job.listed_at, DESTROYED, Phase.DESTROYING))
             written += await self._write_all(pending)
         if written:
             log.info("resync wrote %d missing transition(s)", written)
@@ -567,6 +576,13 @@ class Records:
                 return 0
         return len(transitions)
 
+    async def purgeable(self, older_than: datetime.timedelta) -> int:
+        """How many destroyed environments `purge` would delete now (a dry run)."""
+        cutoff = _now() - older_than
+        async with AsyncSession(self.engine) as session:
+            query = sa_select(func.count()).select_from(EnvironmentRow).where(col(EnvironmentRow.destroyed_at) < cutoff)
+            return int((await session.execute(query)).scalar_one())
+
     async def purge(self, older_than: datetime.timedelta, batch: int) -> int:
         """Delete destroyed environments (and their events) older than the retention, `batch` at a time."""
         cutoff = _now() - older_than
@@ -587,13 +603,13 @@ class Records:
             total += len(uids)
 
 
-def _implied(t: Transition, previous: tuple[str, datetime.datetime] | None) -> Transition:
-    """The transition into `t.old_phase` that the history lacks: `t` says it happened, before `t`.
+def _implied(t: Transition, old: TransitionPhase, previous: tuple[str, datetime.datetime] | None) -> Transition:
+    """The transition into `old` (`t.old_phase`) that the history lacks: `t` says it happened, before `t`.
 
     Its time is the status's own when `t` carries the status of that phase (an end carries the
     Destroying status), else just before `t`; never before the event that precedes it."""
     when = t.occurred - TICK
-    if t.status.get("phase") == t.old_phase:
+    if t.status.get("phase") == old.value:
         began = _time(t.status.get("lastTransitionTime"))
         if began is not None and began < t.occurred:
             when = began
@@ -604,8 +620,8 @@ def _implied(t: Transition, previous: tuple[str, datetime.datetime] | None) -> T
         uid=t.uid,
         generation=t.generation,
         spec=t.spec,
-        old_phase=previous[0] if previous else None,
-        phase=str(t.old_phase),
+        old_phase=parse_phase(previous[0]) if previous else None,
+        phase=old,
         reason="Inferred",
         message=f"Its own record was lost; {t.phase} came from it",
         at=_stamp(when),
@@ -616,7 +632,7 @@ def _implied(t: Transition, previous: tuple[str, datetime.datetime] | None) -> T
 
 
 def _resync_transition(
-    obj: dict[str, Any], phase: str, at: str, occurred: datetime.datetime | None = None
+    obj: dict[str, Any], phase: TransitionPhase, at: str, occurred: datetime.datetime | None = None
 ) -> Transition:
     meta, status = obj["metadata"], obj.get("status") or {}
     return Transition(
@@ -636,14 +652,14 @@ def _resync_transition(
 
 
 def _destroyed_transition(
-    row: EnvironmentRow, at: datetime.datetime, phase: str = DESTROYED, old_phase: str | None = None
+    row: EnvironmentRow, at: datetime.datetime, phase: TransitionPhase, old_phase: TransitionPhase | None = None
 ) -> Transition:
     return Transition(
         name=row.name,
         uid=row.uid,
         generation=0,
         spec={"repository": row.repository, "pullRequest": row.pull_request, "commitSha": row.commit_sha},
-        old_phase=old_phase or row.phase,
+        old_phase=old_phase or parse_phase(row.phase),
         phase=phase,
         reason="Resync",
         message="The object is gone from the cluster",

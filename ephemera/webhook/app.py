@@ -1,8 +1,10 @@
 """The aiohttp webhook receiver: GitHub pull_request deliveries in, PreviewEnvironments out.
 
-It verifies the signature before reading the JSON, answers 202 as soon as the object is written,
-and never calls GitHub or the database. If the Kubernetes API cannot be reached it answers 503,
-so that GitHub records the failure and the delivery can be redelivered.
+It verifies the signature before reading the JSON, answers 202 as soon as the object is written (or
+the policy refused the PR), and never calls the database. It calls GitHub for one thing only: whether
+the person who applied a fork's approval label may write to the repository. If the Kubernetes API (or
+GitHub, for that question) cannot be reached it answers 503, so that GitHub records the failure and
+the delivery can be redelivered.
 """
 
 from __future__ import annotations
@@ -17,13 +19,16 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
 
+from ephemera import logs
 from ephemera.config import Settings
+from ephemera.github.client import GitHubAuth
 from ephemera.intake import installations
 from ephemera.intake.events import BadRequest, Signature, decode_body, parse_pull_request
-from ephemera.intake.pullrequests import Intake, Outcome
+from ephemera.intake.pullrequests import GitHubUnavailable, Intake, Outcome
 from ephemera.intake.tombstones import Tombstones, default_namespace
 from ephemera.kube import Kube, KubeError, load_api_client
 from ephemera.metrics import process_registry
+from ephemera.policy import REFUSALS
 
 log = logging.getLogger("ephemera.webhook")
 
@@ -106,6 +111,7 @@ IN_FLIGHT: web.AppKey[InFlight] = web.AppKey("in_flight", InFlight)
 # of a refused one. Anything else is counted as `other` (a new refusal should be added here).
 OUTCOME_LABELS = frozenset(
     {"created", "updated", "deleted", "ignored", "pong", "duplicate", "busy", "unavailable", "rejected", "error"}
+    | {"refused"}  # the policy admits no preview for the PR (ephemera/policy.py)
     | {"marked", "unmarked", "renamed"}  # installation and repository events (ephemera/intake/installations.py)
     | {f"http_{status}" for status in (400, 401, 408, 413, 415, 422)}
 )
@@ -132,6 +138,18 @@ class Metrics:
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1, 5),
             registry=self.registry,
         )
+        self.refusals = Counter(
+            "ephemera_webhook_policy_refusals",
+            "pull_request events the policy refused (no environment, or the existing one deleted), by rule.",
+            ["reason"],
+            registry=self.registry,
+        )
+        for reason in REFUSALS:
+            self.refusals.labels(reason)
+
+    def refused(self, reason: str) -> None:
+        """Count a refusal; the reason is one of policy.REFUSALS (anything else would be a bug: `other`)."""
+        self.refusals.labels(reason if reason in REFUSALS else "other").inc()
 
     def delivery(self, event: str, action: str, outcome: str, seconds: float) -> None:
         """Count one delivery and its time to answer; every label is mapped into its fixed set."""
@@ -236,6 +254,10 @@ async def webhook(request: web.Request) -> web.Response:
         loop = asyncio.get_running_loop()
         try:
             result: Outcome = await loop.run_in_executor(app[EXECUTOR], app[INTAKE].handle, parsed, delivery)
+        except GitHubUnavailable as err:
+            outcome = "unavailable"
+            log.warning("GitHub unavailable: %s", err, extra=extra)
+            return error(503, "github unavailable", f"{err}; redeliver the event later")
         except KubeError as err:
             if err.temporary:
                 outcome = "unavailable"
@@ -245,10 +267,13 @@ async def webhook(request: web.Request) -> web.Response:
             log.error("Kubernetes refused the change: %s", err, extra=extra)
             return error(422, "rejected by kubernetes", str(err))
         outcome = result.action
+        if result.policy is not None:
+            metrics.refused(result.policy)
         answer = result.as_json()
         if delivery:
             _remember(app[DELIVERIES], delivery, answer, settings.webhook_delivery_cache)
-        log.info("%s %s", result.action, result.reason, extra={**extra, "environment": result.name})
+        about = logs.about(result.name) if result.name else {}
+        log.info("%s %s", result.action, result.reason, extra={**extra, **about})
         return web.json_response(answer, status=202)
     except BadRequest as err:
         outcome = f"http_{err.status}"
@@ -373,13 +398,8 @@ def create_app(settings: Settings, kube: Kube | None = None) -> web.Application:
             namespace=settings.webhook_namespace or default_namespace(),
             retention=settings.webhook_tombstone_retention,
         )
-        app[INTAKE] = Intake(
-            client,
-            tombstones,
-            prefix=settings.namespace_prefix,
-            draft_prs=settings.webhook_draft_prs,
-            shards=settings.shards,
-        )
+        # GitHub is asked only whether the labeller of a fork's approval may write (nothing else).
+        app[INTAKE] = Intake.from_settings(settings, client, tombstones, GitHubAuth(settings))
         app[LIFECYCLE] = installations.Lifecycle(client, grace=settings.backstop_teardown_grace)
         yield
         app[EXECUTOR].shutdown(wait=True)

@@ -75,3 +75,17 @@ numbers are rendered as integers. Strings (an app id given as "0123") are kept a
 {{ . | toString | quote }}
 {{- end -}}
 {{- end -}}
+
+{{/* The policy (which PRs get a preview): the webhook and the operator's backstop judge alike. */}}
+{{- define "ephemera.policyEnv" -}}
+{{- with .Values.previewPolicy }}
+- {name: EPHEMERA_POLICY_ALLOW, value: {{ .allow | toJson | quote }}}
+- {name: EPHEMERA_POLICY_BOT_AUTHORS, value: {{ .botAuthors | toJson | quote }}}
+- {name: EPHEMERA_POLICY_SKIP_ALL_BOTS, value: {{ .skipAllBots | quote }}}
+- {name: EPHEMERA_POLICY_OPT_IN, value: {{ .optIn | quote }}}
+- {name: EPHEMERA_POLICY_OPT_IN_LABEL, value: {{ .optInLabel | quote }}}
+- {name: EPHEMERA_POLICY_FORKS, value: {{ .forks | quote }}}
+- {name: EPHEMERA_POLICY_APPROVAL_LABEL, value: {{ .approvalLabel | quote }}}
+- {name: EPHEMERA_POLICY_REAPPROVE_ON_PUSH, value: {{ .reapproveOnPush | quote }}}
+{{- end }}
+{{- end -}}

@@ -1,11 +1,13 @@
-"""Timers and periodic jobs in place of Celery Beat.
+"""The operator-wide periodic jobs, in place of Celery Beat (asyncio tasks, not kopf timers).
 
 One task each for the whole operator, working from what the watch already keeps in memory, so that
 an idle environment costs no API call: retries of Failed environments (backoff and cap), the sweep
-(stale phases, lost namespaces, orphans), the purge of old records, the records resync and the phase
-gauge; and the backstop (`ephemera/backstop.py`), which lists GitHub's open PRs and so costs requests
-to GitHub, not to the API server, every EPHEMERA_PR_RESYNC_INTERVAL. A person's retry (the
-`ephemera.dev/retry` annotation) is a kopf field handler.
+(stale phases, lost namespaces, orphans), the rollout deadlines, the purge of old records, the
+records resync and the phase gauge; and the backstop (`ephemera/backstop.py`), which lists GitHub's
+open PRs and so costs requests to GitHub, not to the API server, every EPHEMERA_PR_RESYNC_INTERVAL.
+Only the active replica runs them (`is_active`). A person's retry (the `ephemera.dev/retry`
+annotation) is a kopf handler in lifecycle.py. `ephemera jobs run` asks for a run of the sweep, the
+purge or the retries now (ephemera/ondemand.py): it takes the same lock as the periodic run.
 """
 
 from __future__ import annotations
@@ -16,40 +18,22 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import kopf
-
-from ephemera.api.models import RESOURCE, Phase, parse_time
+from ephemera.api.models import Phase, parse_time
 from ephemera.backstop import Backstop
+from ephemera.intake.tombstones import default_namespace
 from ephemera.kube import Kube, KubeError
+from ephemera.ondemand import JobRequest, JobRequests
 from ephemera.operator import apps
 from ephemera.operator.metrics import ENVIRONMENTS
 from ephemera.operator.runtime import Runtime
+from ephemera.retries import retry, retry_due_ones
 from ephemera.shards import Strays
-from ephemera.sweeps import Seen, Sweeper, retry, retry_requested
+from ephemera.sweeps import Sweeper
+from ephemera.watchcache import Seen
 
 log = logging.getLogger(__name__)
 RETRY_CHECK_INTERVAL = 5.0
 ROLLOUT_CHECK_INTERVAL = 10.0
-
-
-def _retry_requested(body: kopf.Body, **_: Any) -> bool:
-    return retry_requested(body) is not None
-
-
-# Filtered by `when`, so that the many events of the objects nobody asked to retry cost no thread.
-@kopf.on.event(*RESOURCE, id="manual-retry", when=_retry_requested)
-def manual_retry(*, body: kopf.Body, memo: kopf.Memo, logger: kopf.Logger, **_: Any) -> None:
-    """`kubectl annotate pe NAME ephemera.dev/retry=<anything new> --overwrite` (or `ephemera environments retry`).
-
-    An event handler, not a field handler: the annotation lives outside what kopf diffs.
-    """
-    request = retry_requested(body)
-    if request is None:
-        return
-    if (body.get("status") or {}).get("phase") not in (Phase.FAILED.value, Phase.READY.value):
-        return  # under way already: the running handler will settle it
-    runtime: Runtime = memo.runtime
-    retry(runtime.environments, dict(body), manual=request, logger=logger)
 
 
 def _alive(peer: dict[str, Any], now: datetime.datetime, *, unknown: bool) -> bool:
@@ -110,6 +94,8 @@ def start(runtime: Runtime, priority: int, identity: str) -> list[asyncio.Task[N
     in the peering object (kopf's keep-alive)."""
     cfg = runtime.settings
     sweeper = Sweeper(runtime.environments)
+    # One run of each job at a time, periodic or asked for (`ephemera jobs run`).
+    locks = {"sweep": asyncio.Lock(), "purge": asyncio.Lock(), "retry-failed": asyncio.Lock()}
 
     async def active() -> bool:
         try:
@@ -121,11 +107,13 @@ def start(runtime: Runtime, priority: int, identity: str) -> list[asyncio.Task[N
     async def retries() -> None:
         seen: dict[str, Seen] = dict(runtime.phases)
         if any(item.phase == Phase.FAILED.value for item in seen.values()):
-            await asyncio.to_thread(sweeper.retry_due_ones, seen, log)
+            async with locks["retry-failed"]:
+                await asyncio.to_thread(retry_due_ones, runtime.environments, seen, log)
 
     async def sweep() -> None:
         seen: dict[str, Seen] = dict(runtime.phases)
-        report = await asyncio.to_thread(sweeper.sweep, seen)
+        async with locks["sweep"]:
+            report = await asyncio.to_thread(sweeper.sweep, seen)
         if report:
             log.info("sweep: %s", report)
 
@@ -137,7 +125,8 @@ def start(runtime: Runtime, priority: int, identity: str) -> list[asyncio.Task[N
                 runtime.settler.poke(name)
 
     async def purge() -> None:
-        purged = await runtime.records.purge(datetime.timedelta(seconds=cfg.record_retention), cfg.purge_batch)
+        async with locks["purge"]:
+            purged = await runtime.records.purge(datetime.timedelta(seconds=cfg.record_retention), cfg.purge_batch)
         if purged:
             log.info("purged %d destroyed environment record(s) older than %.0f s", purged, cfg.record_retention)
 
@@ -177,4 +166,62 @@ def start(runtime: Runtime, priority: int, identity: str) -> list[asyncio.Task[N
         jobs.append((cfg.sweep_interval, adopt, "strays"))
     if cfg.backstop_enabled:
         jobs.append((cfg.pr_resync_interval, pr_resync, "pr-resync"))
-    return [asyncio.create_task(_every(seconds, job, name, active), name=name) for seconds, job, name in jobs]
+    tasks = [asyncio.create_task(_every(seconds, job, name, active), name=name) for seconds, job, name in jobs]
+
+    async def on_demand(request: JobRequest) -> dict[str, Any]:
+        return await run_requested(runtime, request)
+
+    namespace = cfg.backstop_namespace or cfg.webhook_namespace or default_namespace()
+    requests = JobRequests(runtime.kube, namespace, on_demand, locks=locks, active=active, identity=identity)
+    tasks.append(asyncio.create_task(requests.serve(), name="job-requests"))
+    return tasks
+
+
+async def run_requested(runtime: Runtime, request: JobRequest) -> dict[str, Any]:
+    """One requested run of a job (its lock held by the caller): what it did, or would do in a dry run."""
+    cfg = runtime.settings
+    seen: dict[str, Seen] = dict(runtime.phases)
+    if request.job == "sweep":
+        report = await asyncio.to_thread(Sweeper(runtime.environments, dry_run=request.dry_run).sweep, seen)
+        return {
+            "stale": report.stale,
+            "stuckDeletions": report.stuck_deletions,
+            "recreated": report.recreated,
+            "orphans": report.orphans,
+            "actions": report.actions,
+        }
+    if request.job == "purge":
+        older_than = datetime.timedelta(seconds=request.older_than or cfg.record_retention)
+        if request.dry_run:
+            count = await runtime.records.purgeable(older_than)
+        else:
+            count = await runtime.records.purge(older_than, cfg.purge_batch)
+        return {"olderThanSeconds": older_than.total_seconds(), "records": count}
+    max_age = request.max_age or cfg.retry_window
+    return await asyncio.to_thread(_retry_failed, runtime, seen, max_age, request)
+
+
+def _retry_failed(runtime: Runtime, seen: dict[str, Seen], max_age: float, request: JobRequest) -> dict[str, Any]:
+    """Provision again now every Failed environment that failed less than `max_age` seconds ago, as a
+    person's retry would (the backoff is not waited for, the count starts again); permanent failures
+    (a spec that cannot work) are listed, not retried."""
+    now = datetime.datetime.now(datetime.UTC)
+    retried, permanent = [], []
+    for name, item in sorted(seen.items()):
+        failed_at = parse_time(item.failed_at)
+        if item.phase != Phase.FAILED.value or item.deleting or failed_at is None:
+            continue
+        if (now - failed_at).total_seconds() > max_age:
+            continue
+        if item.permanent:
+            permanent.append(name)
+            continue
+        if not request.dry_run:
+            body = runtime.kube.get_environment(name)
+            if body is None or body["metadata"]["uid"] != item.uid:
+                continue  # gone or replaced since the watch saw it
+            if (body.get("status") or {}).get("phase") != Phase.FAILED.value:
+                continue  # already under way again
+            retry(runtime.environments, body, manual=f"job {request.id}", logger=log)
+        retried.append(name)
+    return {"maxAgeSeconds": max_age, "retried": retried, "permanent": permanent}

@@ -1,4 +1,5 @@
-"""Report each environment's state on its PR: a commit status, a check run, one sticky comment, a Deployment.
+"""The outbox: send each environment's state to its PR (commit status, check run, sticky comment,
+Deployment), as built by `reports.py`, off the reconcile path and with retries.
 
 A transition listener hands the newest state of each object to a queue; workers report it off the
 reconcile path, in threads (PyGithub is synchronous). Only the newest state of an object is ever
@@ -9,10 +10,8 @@ against GitHub itself (what a report cut short posted but did not record), so no
 
 The object's spec is written by whoever may create PreviewEnvironments, so nothing in it is trusted
 to choose where or what the App posts: the installation must really cover the repository (asked of
-GitHub, cached), the closing reason is one of a fixed set (never the annotation's text), and only
-comments written by Ephemera itself are ever edited. A step GitHub refuses (403, 422) is dropped
-alone: the other reports of that state still go out. What a failure names (pod messages, Events, a
-template's URL) may carry text from the PR, so it reaches GitHub only inside code spans and blocks.
+GitHub, cached), and only comments written by Ephemera itself are ever edited. A step GitHub refuses
+(403, 422) is dropped alone: the other reports of that state still go out.
 
 The check run (named after the status context) is an App's alone: GitHub refuses check runs to other
 tokens, so with EPHEMERA_GITHUB_TOKEN it is skipped (said once in the log). There is one per commit
@@ -26,7 +25,6 @@ import asyncio
 import datetime
 import itertools
 import logging
-import re
 import threading
 import time
 from collections.abc import Callable
@@ -41,10 +39,10 @@ from github.Repository import Repository
 from prometheus_client import Counter, Gauge
 
 from ephemera import backoff
-from ephemera.api.naming import CLOSED_REASON_ANNOTATION
+from ephemera.api.models import DESTROYED
 from ephemera.config import Settings
+from ephemera.github import reports
 from ephemera.github.client import GitHubAuth, Identity, NoCredentials, NotInstalled
-from ephemera.github.markdown import code, fenced, link, safe_url
 from ephemera.kube import Kube, KubeError
 from ephemera.metrics import REGISTRY
 from ephemera.transitions import Transition
@@ -59,50 +57,9 @@ RATE_LIMIT = Gauge(
 )
 MAX_ATTEMPTS = 12
 SETTLE = 1.0  # seconds a new state waits, in case a newer one overtakes it
-# What a teardown comment may say about why: the annotation's value picks one of these, never itself
-# reaches the comment (anyone who may patch the object may write it). "deleted": no annotation (the
-# object was deleted directly); "unknown": an annotation that is none of the others.
-TEARDOWN_REASONS = {
-    "merged": "the PR was merged",
-    "closed": "the PR was closed",
-    "converted-to-draft": "the PR was converted to draft",
-    "deleted": "the environment was deleted",
-    "unknown": "the environment was deleted",
-}
 # Words in a 403/429 that mean a secondary rate limit (today's message and the older "abuse" one,
 # and the documentation links GitHub sends with each).
 SECONDARY_RATE_LIMIT = ("secondary rate limit", "abuse detection", "secondary-rate-limits", "abuse-rate-limits")
-
-COMMIT_STATES = {
-    "Provisioning": ("pending", "Preview environment is being provisioned"),
-    "Updating": ("pending", "Preview environment is being updated"),
-    "Ready": ("success", "Preview environment is ready"),
-    "Failed": ("failure", "Preview environment failed"),
-}
-DEPLOYMENT_STATES = {
-    "Provisioning": "in_progress",
-    "Updating": "in_progress",
-    "Ready": "success",
-    "Failed": "failure",
-    "Destroying": "inactive",
-}
-# A check run's status, or its conclusion once completed. Destroying completes an open run as
-# `cancelled` (see _check_run); other phases leave the commit's check run as it is.
-CHECK_RUN_STATES = {
-    "Provisioning": "in_progress",
-    "Updating": "in_progress",
-    "Ready": "success",
-    "Failed": "failure",
-}
-CHECK_RUN_TITLES = {
-    "Provisioning": "Provisioning the preview",
-    "Updating": "Updating the preview",
-    "Ready": "Preview ready",
-    "Failed": "Preview failed",
-    "cancelled": "Preview torn down",
-}
-PROBLEMS_SHOWN = 10  # objects a failure section lists (status.problems holds at most as many)
-ICONS = {"Ready": "🟢", "Failed": "🔴", "Destroying": "⚪", "Provisioning": "🟡", "Updating": "🟡"}
 
 
 class RetryLater(Exception):
@@ -122,98 +79,6 @@ class RetryLater(Exception):
         if self.backoff:
             delay = backoff.delay(attempt - 1, delay, max_delay)
         return max(delay, self.floor)
-
-
-def closed_reason(annotations: dict[str, str]) -> str:
-    """The teardown's reason as one of TEARDOWN_REASONS' keys, whatever the annotation holds."""
-    raw = annotations.get(CLOSED_REASON_ANNOTATION)
-    if raw is None:
-        return "deleted"
-    reason = raw.strip().lower().replace(" ", "-").replace("_", "-")
-    return reason if reason in TEARDOWN_REASONS and reason != "unknown" else "unknown"
-
-
-def marker(repository: str, pr: int) -> str:
-    """The hidden marker that finds Ephemera's one comment on a PR again."""
-    return f"<!-- ephemera:preview {repository.lower()}#{pr} -->"
-
-
-def failure_section(t: Transition, *, detail: bool) -> str:
-    """Why the environment failed, as Markdown: its reason and the failing objects with their causes
-    (status.problems), each in a code span; the message in a code block when there is no list (or
-    with `detail`). Nothing here is rendered as Markdown: pod messages and Events may quote the PR."""
-    problems = [p for p in t.status.get("problems") or [] if isinstance(p, dict)]
-    lines = [f"**Why it failed:** {code(t.reason or 'Failed', 80)}"]
-    if problems:
-        lines.append("")
-        for problem in problems[:PROBLEMS_SHOWN]:
-            what = code(f"{problem.get('kind', '')} {problem.get('name', '')}", 200)
-            lines.append(
-                f"- {what}: {code(str(problem.get('reason', '')), 80)}: {code(str(problem.get('message', '')))}"
-            )
-        if len(problems) > PROBLEMS_SHOWN:
-            lines.append(f"- and {len(problems) - PROBLEMS_SHOWN} more")
-    if detail or not problems:
-        lines += ["", fenced(t.message)]
-    else:
-        lines += ["", "Fix the PreviewTemplate (or the image), then push or retry."]
-    return "\n".join(lines)
-
-
-def comment_body(t: Transition) -> str:
-    spec, status = t.spec, t.status
-    sha = str(spec["commitSha"])
-    url = str(status.get("url") or "")
-    if t.phase in ("Destroying", "Destroyed"):
-        title = f"⚪ Preview environment torn down: {TEARDOWN_REASONS[closed_reason(t.annotations)]}"
-        what = "is being removed" if t.phase == "Destroying" else "has been removed"
-        summary = f"The environment for commit `{sha[:7]}` in namespace `{status.get('namespace', '-')}` {what}."
-    elif t.phase == "Failed":
-        title = f"{ICONS['Failed']} Preview environment: Failed"
-        summary = failure_section(t, detail=False)
-    else:
-        title = f"{ICONS.get(t.phase, '')} Preview environment: {t.phase}".strip()
-        summary = t.message
-        if t.phase == "Ready" and url:
-            summary += f"\n\n**Open the preview:** {link(url)}"
-    rows = [
-        ("Phase", f"**{t.phase}**"),
-        ("Namespace", f"`{status.get('namespace') or '-'}`"),
-        ("Commit", f"`{sha[:7]}`"),
-        ("Updated", t.at),
-    ]
-    if url:
-        rows.append(("URL", link(url)))
-    table = "\n".join(f"| {k} | {v} |" for k, v in rows)
-    return (
-        f"{marker(str(spec['repository']), int(spec['pullRequest']))}\n### {title}\n\n"
-        f"| | |\n|---|---|\n{table}\n\n{summary}\n"
-    )
-
-
-def check_run_output(t: Transition, state: str) -> dict[str, str]:
-    """The check run's title and summary for `state` (a CHECK_RUN_STATES value, or `cancelled`)."""
-    sha = str(t.spec["commitSha"])
-    namespace = code(str(t.status.get("namespace") or "-"), 80)
-    url = str(t.status.get("url") or "")
-    if state == "cancelled":
-        title = CHECK_RUN_TITLES["cancelled"]
-        summary = f"The environment for commit `{sha[:7]}` was torn down before it was ready."
-    elif state == "in_progress":
-        title = CHECK_RUN_TITLES.get(t.phase, "Preview in progress")
-        doing = "updated" if t.phase == "Updating" else "provisioned"
-        summary = f"The preview of commit `{sha[:7]}` is being {doing} in namespace {namespace}."
-    elif state == "success":
-        title = CHECK_RUN_TITLES["Ready"]
-        where = f"at {link(url)}" if url else f"in namespace {namespace}"
-        summary = f"The preview of commit `{sha[:7]}` is ready {where}."
-    else:
-        reason = re.sub(r"[^A-Za-z0-9]", "", t.reason)[:60]
-        title = f"{CHECK_RUN_TITLES['Failed']}: {reason}" if reason else CHECK_RUN_TITLES["Failed"]
-        summary = f"The preview of commit `{sha[:7]}` in namespace {namespace} failed.\n\n" + failure_section(
-            t, detail=True
-        )
-    return {"title": title, "summary": summary}
 
 
 def secondary_rate_limit(err: GithubException) -> bool:
@@ -443,7 +308,7 @@ class Reporter:
         finally:
             if done:
                 self._record(t, done)
-        if t.phase == "Destroyed":
+        if t.phase is DESTROYED:
             self._known.pop(t.uid, None)  # the object is gone: nothing more to report
             self._own_comments.pop(t.uid, None)
 
@@ -523,7 +388,9 @@ class Reporter:
             if status.context == self._context:
                 found["commitStatus"] = f"{status.state}@{sha}"
                 break
-        for deployment in repo.get_deployments(sha=sha, environment=f"pr-{t.spec['pullRequest']}"):  # newest first
+        for deployment in repo.get_deployments(
+            sha=sha, environment=reports.deployment_environment(t.spec)
+        ):  # newest first
             found.update(deploymentId=deployment.id, deploymentSha=sha)
             latest = next(iter(deployment.get_statuses()), None)
             if latest is not None:
@@ -549,49 +416,32 @@ class Reporter:
         sha = str(t.spec["commitSha"])
         recorded = str(reported.get("checkRun") or "")
         open_id = int(reported.get("checkRunId") or 0) if recorded == f"in_progress@{sha}" else 0
-        state = CHECK_RUN_STATES.get(t.phase)
+        state = reports.check_run_state(t.phase, open_run=bool(open_id))
         if state is None:
-            if t.phase not in ("Destroying", "Destroyed") or not open_id:
-                return None
-            state = "cancelled"  # torn down before it was ready: the run must not stay in progress
-        key = f"{state}@{sha}"
-        if recorded == key:
+            return None
+        run = reports.check_run(t, state, datetime.datetime.now(datetime.UTC))
+        if recorded == run.key:
             return None
         earlier, _, earlier_sha = recorded.partition("@")
         if earlier == "in_progress" and earlier_sha != sha and reported.get("checkRunId"):
             self._supersede(repo, t, int(reported["checkRunId"]), earlier_sha)
-        fields: dict[str, Any] = {"output": check_run_output(t, state)}
-        if state == "in_progress":
-            fields["status"] = "in_progress"
-        else:
-            fields.update(status="completed", conclusion=state, completed_at=datetime.datetime.now(datetime.UTC))
-        details = safe_url(str(t.status.get("url") or ""))
-        if details:
-            fields["details_url"] = details
         if open_id:
             try:
-                repo.get_check_run(open_id).edit(**fields)  # lazy: a PATCH, without reading the run first
-                return {"checkRun": key}
+                repo.get_check_run(open_id).edit(**run.fields)  # lazy: a PATCH, without reading the run first
+                return {"checkRun": run.key}
             except GithubException as err:
                 if err.status not in (404, 410):
                     raise
                 log.info("check run %d of %s is gone on GitHub; a new one is made", open_id, t.name)
-        run = repo.create_check_run(name=self._context, head_sha=sha, external_id=t.uid, **fields)
-        return {"checkRunId": run.id, "checkRun": key}
+        made = repo.create_check_run(name=self._context, head_sha=sha, external_id=t.uid, **run.fields)
+        return {"checkRunId": made.id, "checkRun": run.key}
 
     def _supersede(self, repo: Repository, t: Transition, run_id: int, old_sha: str) -> None:
         """Complete an earlier commit's run left in progress by a push (`cancelled`), so that it does
         not stay in progress on that commit forever. Best effort: the new commit's run matters more."""
-        summary = (
-            f"Commit `{old_sha[:7]}` was superseded by `{str(t.spec['commitSha'])[:7]}` before its preview was ready."
-        )
+        fields = reports.superseded_check_run(old_sha, str(t.spec["commitSha"]), datetime.datetime.now(datetime.UTC))
         try:
-            repo.get_check_run(run_id).edit(
-                status="completed",
-                conclusion="cancelled",
-                completed_at=datetime.datetime.now(datetime.UTC),
-                output={"title": "Preview superseded", "summary": summary},
-            )
+            repo.get_check_run(run_id).edit(**fields)
         except GithubException as err:
             log.warning(
                 "could not complete check run %d of %s (superseded): %s %s", run_id, t.name, err.status, err.data
@@ -600,27 +450,18 @@ class Reporter:
     def _commit_status(
         self, repo: Repository, t: Transition, reported: dict[str, Any], who: Who
     ) -> dict[str, Any] | None:
-        if t.phase not in COMMIT_STATES:
+        status = reports.commit_status(t, self._context)
+        if status is None or reported.get("commitStatus") == status.key:
             return None
-        state, description = COMMIT_STATES[t.phase]
-        if t.phase == "Failed" and not t.status.get("permanent"):
-            state = "error"
-        sha = str(t.spec["commitSha"])
-        key = f"{state}@{sha}"
-        if reported.get("commitStatus") == key:
-            return None
-        kwargs: dict[str, Any] = {"state": state, "description": description[:140], "context": self._context}
-        if t.status.get("url"):
-            kwargs["target_url"] = str(t.status["url"])
-        repo.get_commit(sha).create_status(**kwargs)
-        return {"commitStatus": key}
+        repo.get_commit(str(t.spec["commitSha"])).create_status(**status.fields)
+        return {"commitStatus": status.key}
 
     @property
     def _context(self) -> str:
         return self.settings.github_status_context
 
     def _deployment(self, repo: Repository, t: Transition, reported: dict[str, Any], who: Who) -> dict[str, Any] | None:
-        state = DEPLOYMENT_STATES.get(t.phase)
+        state = reports.deployment_state(t.phase)
         if state is None:
             return None
         sha = str(t.spec["commitSha"])
@@ -629,50 +470,37 @@ class Reporter:
         if reported.get("deploymentSha") != sha or not deployment_id:
             if state == "inactive":
                 return None  # nothing was deployed for this commit: nothing to deactivate
-            deployment = repo.create_deployment(
-                ref=sha,
-                environment=f"pr-{t.spec['pullRequest']}",
-                description=f"Preview of {sha[:7]}",
-                auto_merge=False,
-                required_contexts=[],
-                transient_environment=True,
-                production_environment=False,
-            )
+            deployment = repo.create_deployment(**reports.deployment(t))
             deployment_id = deployment.id
             update = {"deploymentId": deployment_id, "deploymentSha": sha}
             # Known at once: a retry of the status below must not create a second deployment.
             reported.update(update)
-        key = f"{state}@{deployment_id}"
-        if reported.get("deploymentState") == key:
+        status = reports.deployment_status(t, state, int(deployment_id))
+        if reported.get("deploymentState") == status.key:
             return update or None
-        deployment = repo.get_deployment(int(deployment_id))
-        kwargs: dict[str, Any] = {"state": state, "description": t.message[:140], "auto_inactive": True}
-        if t.status.get("url"):
-            kwargs["environment_url"] = str(t.status["url"])
-        deployment.create_status(**kwargs)
-        return {**update, "deploymentState": key}
+        repo.get_deployment(int(deployment_id)).create_status(**status.fields)
+        return {**update, "deploymentState": status.key}
 
     def _comment(self, repo: Repository, t: Transition, reported: dict[str, Any], who: Who) -> dict[str, Any] | None:
-        key = f"{t.phase}@{t.spec['commitSha']}"
-        if reported.get("comment") == key:
+        wanted = reports.comment(t)
+        if reported.get("comment") == wanted.key:
             return None
-        body = comment_body(t)
         issue = repo.get_issue(int(t.spec["pullRequest"]))
         found = self._existing_comment(issue, t, reported, who)
         comment = None
         if found is not None:
             comment_id, comment = found
             try:
-                comment.edit(body)
+                comment.edit(**wanted.fields)
             except GithubException as err:
                 if err.status not in (404, 410):
                     raise
                 log.info("comment %d on %s was deleted on GitHub; a new one is made", comment_id, t.name)
                 comment = None
         if comment is None:
-            comment = issue.create_comment(body)
+            comment = issue.create_comment(**wanted.fields)
         self._own_comments[t.uid] = comment.id
-        return {"commentId": comment.id, "comment": key}
+        return {"commentId": comment.id, "comment": wanted.key}
 
     def _existing_comment(
         self, issue: Issue, t: Transition, reported: dict[str, Any], who: Who
@@ -688,7 +516,7 @@ class Reporter:
             if comment is not None:
                 return comment_id, comment
         # Ours, found by the marker: someone else's comment that quotes the marker is left alone.
-        tag = marker(str(t.spec["repository"]), int(t.spec["pullRequest"]))
+        tag = reports.marker(str(t.spec["repository"]), int(t.spec["pullRequest"]))
         for listed in issue.get_comments():
             if tag in (listed.body or "") and _wrote(me, listed):
                 return listed.id, listed
@@ -716,31 +544,3 @@ def _wrote(who: Identity, comment: IssueComment) -> bool:
     user = comment.user
     app = comment.performed_via_github_app
     return who.wrote(user.login if user is not None else None, app.id if app is not None else None)
-
-
-def reported_is_current(status: dict[str, Any], spec: dict[str, Any]) -> bool:
-    """Whether `status.reported` already reflects the object's phase in every report (checked at
-    start-up, with no API call): the commit status, the deployment's status, the comment, and the
-    check run where one was ever made for the object (never with a plain token)."""
-    reported = status.get("reported") or {}
-    phase = status.get("phase")
-    sha = spec.get("commitSha")
-    if phase not in COMMIT_STATES and phase not in DEPLOYMENT_STATES:
-        return True
-    if reported.get("checkRunId"):
-        check = CHECK_RUN_STATES.get(str(phase))
-        if check is not None and reported.get("checkRun") != f"{check}@{sha}":
-            return False
-        if phase == "Destroying" and reported.get("checkRun") == f"in_progress@{sha}":
-            return False
-    if phase in COMMIT_STATES:
-        state = COMMIT_STATES[phase][0]
-        if phase == "Failed" and not status.get("permanent"):
-            state = "error"
-        if reported.get("commitStatus") != f"{state}@{sha}":
-            return False
-    deployment = DEPLOYMENT_STATES.get(phase)
-    deployed = str(reported.get("deploymentState", ""))
-    if deployment is not None and reported.get("deploymentSha") == sha and not deployed.startswith(f"{deployment}@"):
-        return False
-    return bool(reported.get("comment") == f"{phase}@{sha}")
