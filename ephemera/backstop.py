@@ -42,6 +42,7 @@ from ephemera.api.naming import (
     shard_of,
 )
 from ephemera.config import Settings
+from ephemera.github import ratelimit
 from ephemera.github.client import GitHubAuth, NoCredentials
 from ephemera.intake.events import PullRequestEvent
 from ephemera.intake.pullrequests import GitHubUnavailable, Intake
@@ -319,7 +320,8 @@ class Backstop:
             if shards > 1 and shard_of(repository, shards) != self.settings.shard:
                 continue  # another shard's repository: its backstop lists it (one listing per repository)
             listing = Listing(repository, installation_id)
-            remaining, _limit = client.requester.rate_limiting
+            remaining, limit = client.requester.rate_limiting
+            ratelimit.observe((remaining, limit))
             if 0 <= remaining < RATE_FLOOR:
                 report.complete = False
                 report.problems.append(f"{remaining} GitHub requests left: {repository} is left for the next pass")

@@ -276,6 +276,25 @@ class Settings(BaseSettings):
         True, description="A push to an approved fork's PR removes its preview until a writer approves again."
     )
 
+    # Lifecycle policy: expiry of idle environments, caps on live ones and on provisions in flight.
+    policy_ttl: float = Field(
+        72 * 3600.0,
+        ge=0,
+        description="Seconds without a push after which an environment expires (namespace deleted); 0: never.",
+    )
+    policy_max_environments: int = Field(
+        0, ge=0, description="Live environments in the cluster at most; more are Queued. 0: no limit."
+    )
+    policy_max_environments_per_repository: int = Field(
+        0, ge=0, description="Live environments per repository at most; more are Queued. 0: no limit."
+    )
+    policy_max_provisions_in_flight: int = Field(
+        0, ge=0, description="Environments in Provisioning at once at most; more wait Queued. 0: no limit."
+    )
+    policy_interval: float = Field(
+        5.0, gt=0, description="Seconds between the expiry and admission rounds (from memory: no API call when idle)."
+    )
+
     @model_validator(mode="after")
     def _check(self) -> Settings:
         unknown = sorted(

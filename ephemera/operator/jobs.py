@@ -23,8 +23,8 @@ from ephemera.backstop import Backstop
 from ephemera.intake.tombstones import default_namespace
 from ephemera.kube import Kube, KubeError
 from ephemera.ondemand import JobRequest, JobRequests
-from ephemera.operator import apps
-from ephemera.operator.metrics import ENVIRONMENTS
+from ephemera.operator import apps, policy
+from ephemera.operator.metrics import ACTIVE, ENVIRONMENTS
 from ephemera.operator.runtime import Runtime
 from ephemera.retries import retry, retry_due_ones
 from ephemera.shards import Strays
@@ -98,11 +98,14 @@ def start(runtime: Runtime, priority: int, identity: str) -> list[asyncio.Task[N
     locks = {"sweep": asyncio.Lock(), "purge": asyncio.Lock(), "retry-failed": asyncio.Lock()}
 
     async def active() -> bool:
+        # Every job asks, the phase gauge every 10 s: the gauge that says so is as fresh as that.
         try:
-            return await asyncio.to_thread(is_active, runtime.kube, cfg.peering, priority, identity)
+            now_active = await asyncio.to_thread(is_active, runtime.kube, cfg.peering, priority, identity)
         except KubeError as err:
             log.warning("cannot tell whether this replica is the active one (%s); skipping this round", err)
-            return False
+            now_active = False
+        ACTIVE.set(1 if now_active else 0)
+        return now_active
 
     async def retries() -> None:
         seen: dict[str, Seen] = dict(runtime.phases)
@@ -164,6 +167,7 @@ def start(runtime: Runtime, priority: int, identity: str) -> list[asyncio.Task[N
                 log.info("adopted %d PreviewEnvironment(s) that no shard watched", moved)
 
         jobs.append((cfg.sweep_interval, adopt, "strays"))
+    jobs += policy.jobs(runtime)  # the queue's admissions and the expiry
     if cfg.backstop_enabled:
         jobs.append((cfg.pr_resync_interval, pr_resync, "pr-resync"))
     tasks = [asyncio.create_task(_every(seconds, job, name, active), name=name) for seconds, job, name in jobs]

@@ -15,14 +15,17 @@ import kopf
 import kubernetes
 
 from ephemera import children, logs
+from ephemera.admission import Admission
 from ephemera.api.naming import FINALIZER
 from ephemera.apply import Applier
 from ephemera.config import Settings, get_settings
 from ephemera.environments import Environments
+from ephemera.expiry import Expiry, Lifetimes
 from ephemera.github.client import GitHubAuth
 from ephemera.github.outbox import Reporter
 from ephemera.hooks import Hooks
 from ephemera.kube import Kube, KubeError, load_api_client
+from ephemera.ledger import Ledger
 from ephemera.operator import apps, health, jobs
 from ephemera.operator.metrics import observe_transition
 from ephemera.operator.runtime import Runtime
@@ -39,6 +42,14 @@ PREFIX = "ephemera.dev"
 @kopf.on.startup()
 async def configure(*, settings: kopf.OperatorSettings, memo: kopf.Memo, logger: kopf.Logger, **_: Any) -> None:
     cfg = get_settings()
+    _tune(settings, cfg)
+    identity = _identity(memo, cfg)
+    memo.runtime = await _start(cfg, settings.peering.priority, identity, logger)
+    logger.info("Operator started; health and metrics on %s:%d", cfg.operator_host, cfg.operator_port)
+
+
+def _tune(settings: kopf.OperatorSettings, cfg: Settings) -> None:
+    """kopf's own settings: where it keeps progress, how many threads, which Events, timeouts, peering."""
     # Progress and the last handled spec live in annotations: the status schema is structural and
     # would prune kopf's own status fields.
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=PREFIX)
@@ -61,10 +72,6 @@ async def configure(*, settings: kopf.OperatorSettings, memo: kopf.Memo, logger:
     settings.peering.mandatory = cfg.peering is not None
     # Our own /healthz serves liveness; kopf's probes need nothing else.
 
-    identity = _identity(memo, cfg)
-    memo.runtime = await _start(cfg, settings.peering.priority, identity, logger)
-    logger.info("Operator started; health and metrics on %s:%d", cfg.operator_host, cfg.operator_port)
-
 
 async def _start(cfg: Settings, priority: int, identity: str, logger: kopf.Logger) -> Runtime:
     """Make the clients and start the background work, consumers of transitions before their producers.
@@ -79,6 +86,11 @@ async def _start(cfg: Settings, priority: int, identity: str, logger: kopf.Logge
         environments = Environments(
             kube, cfg, transitions, recorder=event_poster(kube), previews=_previews(cfg, kube, templates)
         )
+        # The lifecycle policy's ledger, from one listing before kopf watches anything: the first
+        # admission counts every live environment.
+        ledger = Ledger()
+        await asyncio.to_thread(lambda: ledger.prime(kube.list_environments()))
+        lifetimes = Lifetimes(cfg, templates.bodies)
         records = await _records(cfg, kube, logger)
         undo.push_async_callback(records.stop)
         transitions.subscribe(records.listener)
@@ -119,6 +131,9 @@ async def _start(cfg: Settings, priority: int, identity: str, logger: kopf.Logge
             phases=phases,
             vanishing=Vanishing(),
             warned=set(),
+            ledger=ledger,
+            admission=Admission(environments, ledger, lifetimes),
+            expiry=Expiry(environments, ledger, lifetimes),
             subjects=subjects,
             kube=kube,
             records=records,
