@@ -122,12 +122,14 @@ class Stack:
             EPHEMERA_GITHUB_PRIVATE_KEY=self.github.private_key_pem,
             **env,
         )
-        subprocess.run(
+        upgrade = subprocess.run(
             [sys.executable, "-m", "ephemera.cli", "db", "upgrade"],
             env={**os.environ, **environment},
-            check=True,
             capture_output=True,
+            text=True,
         )
+        if upgrade.returncode != 0:  # say why: a bare CalledProcessError hides the cause
+            raise RuntimeError(f"ephemera db upgrade failed:\n{upgrade.stdout}{upgrade.stderr}")
         self.operator = Process(
             ["operator"], environment, self.tmp / "operator.log", int(environment["EPHEMERA_OPERATOR_PORT"])
         ).start()
