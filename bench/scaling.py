@@ -28,6 +28,25 @@ from ephemera.kube import Kube, load_api_client
 
 WRITE_VERBS = ("POST", "PUT", "PATCH", "DELETE", "APPLY")
 MEMPROBE = REPO_ROOT / "bench" / "memprobe"
+BURST_COLUMNS = [
+    "n",
+    "wall_s",
+    "floor_wall_s",
+    "ratio",
+    "wall_per_env_ms",
+    "writes_per_env",
+    "floor_writes_per_env",
+    "load_avg_1m",
+]
+FOOTPRINT_COLUMNS = [
+    "environments",
+    "timers",
+    "time_to_all_ready_s",
+    "idle_cpu_pct_of_one_core",
+    "rss_mb",
+    "rss_max_mb",
+    "load_avg_1m",
+]
 
 
 def sizes(variable: str, default: str) -> list[int]:
@@ -60,7 +79,8 @@ def burst_rows(s: Stack, kube: Kube, watcher: Watcher, bursts: list[int]) -> lis
             "load_avg_1m": os.getloadavg()[0],
         }
         rows.append(row)
-        print(f"burst {size}: {row}", flush=True)
+        # Written after each size: a run stopped before the largest still leaves the curve so far.
+        report("scaling_bursts", rows, BURST_COLUMNS, final=size == bursts[-1])
     return rows
 
 
@@ -103,7 +123,7 @@ def footprint_rows(s: Stack, kube: Kube, counts: list[int], window: float, trace
                 row["growth"] = _growth(current, previous, size - rows[-1]["environments"])
             previous = current
         rows.append(row)
-        print(f"footprint {size}: {row}", flush=True)
+        report("scaling_footprint", rows, FOOTPRINT_COLUMNS, final=size == counts[-1])
     watcher.stop()
     operator.stop()
     return rows
@@ -147,41 +167,14 @@ def main() -> None:
             s.start_webhook()
             watcher = Watcher(s.plane)
             kube = Kube(load_api_client(s.plane.kubeconfig, pool_size=64))
-            rows = burst_rows(s, kube, watcher, bursts)
+            burst_rows(s, kube, watcher, bursts)
             watcher.stop()
             kube.close()
-        report(
-            "scaling_bursts",
-            rows,
-            [
-                "n",
-                "wall_s",
-                "floor_wall_s",
-                "ratio",
-                "wall_per_env_ms",
-                "writes_per_env",
-                "floor_writes_per_env",
-                "load_avg_1m",
-            ],
-        )
     if counts:
         with stack() as s:
             kube = Kube(load_api_client(s.plane.kubeconfig, pool_size=64))
             rows = footprint_rows(s, kube, counts, window, traced)
             kube.close()
-        report(
-            "scaling_footprint",
-            rows,
-            [
-                "environments",
-                "timers",
-                "time_to_all_ready_s",
-                "idle_cpu_pct_of_one_core",
-                "rss_mb",
-                "rss_max_mb",
-                "load_avg_1m",
-            ],
-        )
         for row in rows:
             for line in row.get("growth", []):
                 print(f"  {row['environments']}: {line}")
