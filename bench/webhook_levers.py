@@ -123,6 +123,7 @@ def main() -> None:
     print(f"webhook variants: {variants}; skipped: {sorted(set(RUNNERS) - set(variants))}", flush=True)
     samples: dict[str, list[float]] = {}
     walls: dict[str, float] = {}
+    by_round: dict[str, list[float]] = {}  # each round's p99: does a lever win in every round, or only overall?
     with stack() as s:
         kube = Kube(load_api_client(s.plane.kubeconfig, pool_size=64))
         single = Kube(load_api_client(s.plane.kubeconfig, pool_size=1))
@@ -137,10 +138,12 @@ def main() -> None:
                 repo = f"lever/{name}-{round_}"
                 lat, wall = asyncio.run(webhook_round(proc.port, CONCURRENCY, COUNT, repo))
                 samples.setdefault(f"webhook: {name}", []).extend(lat)
+                by_round.setdefault(f"webhook: {name}", []).append(summary(lat)["p99"] * 1000)
                 walls[f"webhook: {name}"] = walls.get(f"webhook: {name}", 0.0) + wall
             for i, (name, run) in enumerate(floors.items()):
                 lat, wall = run(f"lever/floor{i}-{round_}")
                 samples.setdefault(name, []).extend(lat)
+                by_round.setdefault(name, []).append(summary(lat)["p99"] * 1000)
                 walls[name] = walls.get(name, 0.0) + wall
             print(f"round {round_ + 1} of {ROUNDS} done, load {os.getloadavg()[0]:.1f}", flush=True)
         for proc in hooks.values():
@@ -159,10 +162,15 @@ def main() -> None:
                 "p99_ms": m["p99"] * 1000,
                 "rps": len(values) / walls[name],
                 "p99_vs_floor": m["p99"] / base["p99"],
+                "p99_by_round_ms": " ".join(f"{v:.0f}" for v in by_round[name]),
                 "load_avg_1m": os.getloadavg()[0],
             }
         )
-    report("webhook_levers", rows, ["variant", "requests", "p50_ms", "p99_ms", "rps", "p99_vs_floor", "load_avg_1m"])
+    report(
+        "webhook_levers",
+        rows,
+        ["variant", "requests", "p50_ms", "p99_ms", "rps", "p99_vs_floor", "p99_by_round_ms", "load_avg_1m"],
+    )
 
 
 if __name__ == "__main__":
