@@ -8,7 +8,7 @@ CLUSTER_DIR := $(CURDIR)/.cluster
 LINT_PATHS := $(wildcard ephemera devtools tests bench)
 export KUBECONFIG_LOCAL := $(CLUSTER_DIR)/kubeconfig
 
-.PHONY: help venv tools manifests postgres soak bench cluster cluster-down lint format test run run-down clean lock lock-check
+.PHONY: help venv tools manifests chart-readme postgres soak bench cluster cluster-down lint format test run run-down clean lock lock-check
 
 # Each target's line in `make help` is its `## ` comment.
 help: ## list every target
@@ -50,6 +50,10 @@ tools: ## build (or find) the control plane's binaries, kwok and helm
 # deploy/manifests/ephemera.yaml, rendered from the chart (tests fail when it is out of date).
 manifests: tools ## render deploy/manifests/ephemera.yaml from the chart
 	@bash hack/render-manifests.sh
+
+# The values table of charts/ephemera/README.md, from values.schema.json (a test fails when it is stale).
+chart-readme: venv ## regenerate the values table of charts/ephemera/README.md from the schema
+	@$(BIN)/python hack/values-table.py
 
 cluster: venv tools ## start a local control plane; prints the export KUBECONFIG and PATH lines
 	@$(BIN)/python -m devtools.controlplane up $(CLUSTER_DIR)

@@ -41,6 +41,7 @@ from ephemera.api.naming import (
     TEARDOWN_REASON_ANNOTATION,
 )
 from ephemera.config import Settings
+from ephemera.github import ratelimit
 from ephemera.github.client import GitHubAuth, NoCredentials
 from ephemera.intake.events import PullRequestEvent
 from ephemera.intake.pullrequests import GitHubUnavailable, Intake
@@ -312,7 +313,8 @@ class Backstop:
     def _listings(self, report: Report) -> Iterator[Listing]:
         for repository, installation_id, client in self._repositories(report):
             listing = Listing(repository, installation_id)
-            remaining, _limit = client.requester.rate_limiting
+            remaining, limit = client.requester.rate_limiting
+            ratelimit.observe((remaining, limit))
             if 0 <= remaining < RATE_FLOOR:
                 report.complete = False
                 report.problems.append(f"{remaining} GitHub requests left: {repository} is left for the next pass")

@@ -214,8 +214,9 @@ class JobRequests:
                     if kind in ("ADDED", "MODIFIED") and self._loop is not None:
                         self._loop.call_soon_threadsafe(self._seen, obj)
             except KubeError as err:
+                # A refusal (RBAC) will not pass by itself: said less often than an outage.
                 log.warning("watching ConfigMap %s/%s for job requests: %s", self.namespace, CONFIG_MAP, err)
-                self._stop.wait(5.0)
+                self._stop.wait(5.0 if err.temporary else 60.0)
 
     def _seen(self, config_map: Obj) -> None:
         requests, bad = pending(config_map)

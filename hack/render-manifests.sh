@@ -9,5 +9,5 @@ mkdir -p "$(dirname "$out")"
 {
   echo "# Rendered from charts/ephemera by hack/render-manifests.sh (make manifests). Do not edit."
   echo "# Fill in the Secret ephemera-secrets (webhook-secret, database-url, github-private-key) before use."
-  "$helm" template ephemera "$root/charts/ephemera" --namespace ephemera --include-crds --kube-version 1.36.0
+  "$helm" template ephemera "$root/charts/ephemera" --namespace ephemera --kube-version 1.36.0
 } > "$out"

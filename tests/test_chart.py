@@ -83,10 +83,13 @@ def kinds(rendered: str) -> list[str]:
 
 
 def test_chart_crds_are_the_top_level_crds() -> None:
+    """The chart's templates/crds.yaml renders files/crds/, which must be the top-level crds/ byte for byte."""
     top = sorted(p.name for p in (REPO_ROOT / "crds").glob("*.yaml"))
-    assert top == sorted(p.name for p in (CHART / "crds").glob("*.yaml"))
+    assert top == sorted(p.name for p in (CHART / "files" / "crds").glob("*.yaml"))
     for name in top:
-        assert filecmp.cmp(REPO_ROOT / "crds" / name, CHART / "crds" / name, shallow=False), name
+        assert filecmp.cmp(REPO_ROOT / "crds" / name, CHART / "files" / "crds" / name, shallow=False), name
+    # Helm installs a crds/ folder once and never upgrades it: the CRDs are templates instead.
+    assert not (CHART / "crds").exists()
 
 
 def pinned(name: str, path: Path) -> str:
@@ -210,6 +213,8 @@ def installed(control_plane: ControlPlane, kubectl: Kubectl, crd: Path) -> Itera
     kubectl.run("apply", "-f", str(REPO_ROOT / "deploy" / "namespace.yaml"))
     dry = kubectl.run("apply", "--dry-run=server", "-k", str(REPO_ROOT / "deploy"), check=False)
     assert dry.returncode == 0, dry.stderr
+    # The session's CRDs were applied by kubectl, not by a release: this one leaves them be
+    # (tests/test_chart_crds.py installs and upgrades CRDs with a release).
     result = helm(
         control_plane,
         "install",
@@ -218,6 +223,8 @@ def installed(control_plane: ControlPlane, kubectl: Kubectl, crd: Path) -> Itera
         "--namespace",
         NAMESPACE,
         "--create-namespace",
+        "--set",
+        "crds.install=false",
         "--set",
         f"secrets.webhookSecret={WEBHOOK_SECRET}",
         "--set",
@@ -244,6 +251,32 @@ def test_install_creates_every_object(installed: str, kubectl: Kubectl) -> None:
     assert kubectl.run("get", "clusterkopfpeering", "ephemera", check=False).returncode == 0
 
 
+def test_the_metrics_services_reach_the_processes_pods(installed: str, kubectl: Kubectl) -> None:
+    """Each metrics Service selects its process's pods (kwok runs them) on the port /metrics is served on."""
+    for component, port in (("operator", 8081), ("webhook", 8080)):
+
+        def endpoints(component: str = component) -> list[tuple[int, int]]:
+            slices = kubectl.json(
+                "-n",
+                installed,
+                "get",
+                "endpointslices",
+                "-l",
+                f"kubernetes.io/service-name=ephemera-{component}-metrics",
+            )["items"]
+            return [
+                (p["port"], len([e for e in s.get("endpoints") or [] if (e.get("conditions") or {}).get("ready")]))
+                for s in slices
+                for p in s.get("ports") or []
+                if p.get("name") == "metrics"
+            ]
+
+        found = wait_for(
+            lambda: [e for e in endpoints() if e[1] > 0], timeout=90, what=f"{component} metrics endpoints"
+        )
+        assert {p for p, _ in found} == {port}
+
+
 def token_kubeconfig(kubectl: Kubectl, control_plane: ControlPlane, account: str, path: Path) -> Path:
     token = kubectl.run("-n", NAMESPACE, "create", "token", account, "--duration=1h").stdout.strip()
     write_token_kubeconfig(path, control_plane.server, control_plane.pki / "ca.crt", token)
@@ -265,7 +298,9 @@ def test_processes_run_a_full_lifecycle_under_the_charts_identities(
 ) -> None:
     op_config = token_kubeconfig(kubectl, control_plane, "ephemera-operator", tmp_path / "operator.kubeconfig")
     wh_config = token_kubeconfig(kubectl, control_plane, "ephemera-webhook", tmp_path / "webhook.kubeconfig")
-    op_env = process_env(op_config, tmp_path, EPHEMERA_PEERING="ephemera")
+    # The release's namespace, as the chart's Deployment sets it: the operator's ConfigMaps (the backstop's,
+    # the job requests') are there, where its Roles are.
+    op_env = process_env(op_config, tmp_path, EPHEMERA_PEERING="ephemera", EPHEMERA_WEBHOOK_NAMESPACE=NAMESPACE)
     db_upgrade(op_env)
     wh_env = process_env(
         wh_config, tmp_path, EPHEMERA_WEBHOOK_SECRET=WEBHOOK_SECRET, EPHEMERA_WEBHOOK_NAMESPACE=NAMESPACE

@@ -324,10 +324,15 @@ def test_each_process_is_healthy_with_the_environment_its_deployment_gives_it(
     )
     assert upgrade.returncode == 0, upgrade.stdout + upgrade.stderr
 
-    fullname = f"{release}-ephemera"
+    # Each Deployment's own ServiceAccount (fullnameOverride changes their names).
+    accounts = {
+        d["metadata"]["labels"]["app.kubernetes.io/component"]: d["spec"]["template"]["spec"]["serviceAccountName"]
+        for d in docs
+        if d["kind"] == "Deployment"
+    }
     running = [
-        start(containers["operator"], token(f"{fullname}-operator"), tmp_path),
-        start(containers["webhook"], token(f"{fullname}-webhook"), tmp_path),
+        start(containers["operator"], token(accounts["operator"]), tmp_path),
+        start(containers["webhook"], token(accounts["webhook"]), tmp_path),
     ]
     try:
         for proc in running:

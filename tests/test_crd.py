@@ -135,17 +135,17 @@ def test_get_prints_printer_columns(crd: Path, kubectl: Kubectl) -> None:
     kubectl.run("delete", "pe", name, "--wait=false")
 
 
-@pytest.mark.parametrize(
-    ("case", "change", "field"),
-    [
-        ("no-reason", {"reason": None}, "reason"),
-        ("no-message", {"message": None}, "message"),
-        ("no-time", {"lastTransitionTime": None}, "lastTransitionTime"),
-        ("spaced-reason", {"reason": "Rollout failed"}, "reason"),
-        ("bad-status", {"status": "Maybe"}, "status"),
-    ],
-    ids=lambda v: v if isinstance(v, str) else "",
-)
+# (name, the change to a valid condition (None: left out), the field the API server must name)
+BAD_CONDITIONS: list[tuple[str, dict[str, Any], str]] = [
+    ("no-reason", {"reason": None}, "reason"),
+    ("no-message", {"message": None}, "message"),
+    ("no-time", {"lastTransitionTime": None}, "lastTransitionTime"),
+    ("spaced-reason", {"reason": "Rollout failed"}, "reason"),
+    ("bad-status", {"status": "Maybe"}, "status"),
+]
+
+
+@pytest.mark.parametrize(("case", "change", "field"), BAD_CONDITIONS, ids=[c[0] for c in BAD_CONDITIONS])
 def test_conditions_follow_metav1_condition(
     crd: Path, kubectl: Kubectl, case: str, change: dict[str, Any], field: str
 ) -> None:

@@ -415,6 +415,44 @@ def test_the_dashboard_serves_nothing_but_reads(dashboard: Process) -> None:
     assert bad.value.code == 404
 
 
+def test_pages_say_what_they_cannot_read_and_show_the_rest(
+    dashboard: Process, control_plane: ControlPlane, kubectl: Kubectl, tmp_path: Path
+) -> None:
+    """A records database and an operator that do not answer: the list still follows the cluster, and
+    the other pages say what is missing and why, instead of failing."""
+    nowhere = free_port()
+    env = process_env(
+        control_plane.kubeconfig,
+        tmp_path,
+        EPHEMERA_DATABASE_URL=f"postgresql+asyncpg://ephemera:x@127.0.0.1:{nowhere}/records",
+        EPHEMERA_DASHBOARD_PORT=str(free_port()),
+        EPHEMERA_DASHBOARD_OPERATOR_METRICS_URL=f"http://127.0.0.1:{nowhere}/metrics",
+    )
+    name = f"dash-norecords-{uuid.uuid4().hex[:6]}"
+    proc = Process(["dashboard"], env, tmp_path / "dashboard.log", int(env["EPHEMERA_DASHBOARD_PORT"])).start()
+    try:
+        wait_for(lambda: http_ok(proc, "/healthz"), timeout=60, what="dashboard /healthz")
+        url = f"http://127.0.0.1:{proc.port}"
+        kubectl.apply(environment(name, f"octo/{name}", 41))
+        wait_for(lambda: f'data-name="{name}"' in read(f"{url}/rows"), timeout=30, what=f"{name} listed")
+        page = read(f"{url}/environments/{name}")
+        assert "The records database is not available: " in page
+        assert f"<h1>{name}</h1>" in page
+        totals = read(f"{url}/totals")
+        assert "The records database is not available: " in totals
+        assert "the operator&#39;s metrics are not reachable" in totals
+        gone = read(f"{url}/environments/dash-never-existed")
+        assert "The records database is not available: " in gone  # not a 404 that it cannot know
+    finally:
+        proc.stop()
+        kubectl.run("delete", "pe", name, "--wait=false", check=False)
+
+
+def read(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=30) as answer:
+        return str(answer.read().decode())
+
+
 # The chart's Deployment: the dashboard runs with exactly the environment and identity it renders.
 
 

@@ -108,6 +108,7 @@ def test_full_lifecycle_reports_in_order(operator: Process, kubectl: Kubectl, gi
     remaining = re.search(r"^ephemera_github_rate_limit_remaining (\S+)$", text, re.M)
     assert remaining is not None
     assert 0 < float(remaining.group(1)) < 5000
+    assert re.search(r"^ephemera_github_rate_limit_limit 5000\.0$", text, re.M)  # what the alert divides by
     assert 'ephemera_github_reports_total{kind="comment",outcome="success"}' in text
     # Every call carried an installation token of the App's installation, but the App's question (with
     # its JWT) of which installation covers the repository: asked once.

@@ -36,6 +36,8 @@ FIXED_LABELS: dict[str, dict[str, frozenset[str] | None]] = {
     "ephemera_time_to_ready_seconds": {},
     "ephemera_github_reports": {"kind": None, "outcome": None},
     "ephemera_github_rate_limit_remaining": {},
+    "ephemera_github_rate_limit_limit": {},
+    "ephemera_operator_active": {},
     "ephemera_record_writes": {"outcome": None},
     "ephemera_record_backlog": {},
     "ephemera_record_dead_letters": {"reason": None},
@@ -147,6 +149,8 @@ def test_operator_exports_process_gc_build_info_and_reconcile_durations(operator
     assert float(provisions.group(1)) >= 1
     for phase in Phase:
         assert f'ephemera_environments{{phase="{phase.value}"}}' in operator_metrics
+    # The session's operator runs alone (no peering): it is the active replica, and says so.
+    assert re.search(r"^ephemera_operator_active 1\.0$", operator_metrics, re.MULTILINE)
 
 
 def test_webhook_exports_process_gc_and_build_info(webhook_metrics: str) -> None:

@@ -387,6 +387,14 @@ def test_a_replica_under_peering_runs_the_jobs_under_its_own_entry(
             )
             assert [e["priority"] for e in entries.values()] == [5]
             wait_for(lambda: "ephemera_environments{" in _metrics(replica), timeout=60, what="the phase gauge job")
+            # It says it is the active replica, until a live peer of a higher priority appears (the
+            # alert on no active replica, and the alerts on the phase gauge, read this).
+            wait_for(lambda: "\nephemera_operator_active 1.0" in _metrics(replica), timeout=30, what="active")
+            leader = {"priority": 10, "lifetime": 60, "lastseen": datetime.datetime.now(datetime.UTC).isoformat()}
+            kubectl.run(
+                "patch", "clusterkopfpeering", peering, "--type=merge", "-p", json.dumps({"status": {"z": leader}})
+            )
+            wait_for(lambda: "\nephemera_operator_active 0.0" in _metrics(replica), timeout=30, what="standby")
         finally:
             replica.stop()
     kubectl.run("delete", "clusterkopfpeering", peering)

@@ -180,7 +180,7 @@ async def environment_page(request: web.Request) -> web.Response:
         )
     except (KubeError, TimeoutError) as err:
         events_error = _reason(err)
-    if obj is None and not found:
+    if obj is None and not found and records_error is None:
         return render(request, "missing.html", status=404, name=name)
     web_url = views.github_web_url(app[SETTINGS].github_api_url)
     now = datetime.datetime.now(datetime.UTC)

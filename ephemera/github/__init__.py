@@ -1,1 +1,3 @@
-"""Reporting to GitHub: commit statuses, one sticky PR comment, and Deployments."""
+"""GitHub: the App's credentials (`client.py`), who may approve (`permissions.py`), and the reports on
+each PR, built (`reports.py`) and sent (`outbox.py`).
+"""

@@ -36,12 +36,13 @@ from github import GithubException
 from github.Issue import Issue
 from github.IssueComment import IssueComment
 from github.Repository import Repository
-from prometheus_client import Counter, Gauge
+from prometheus_client import Counter
 
 from ephemera import backoff
 from ephemera.api.models import DESTROYED
 from ephemera.config import Settings
 from ephemera.github import reports
+from ephemera.github import ratelimit
 from ephemera.github.client import GitHubAuth, Identity, NoCredentials, NotInstalled
 from ephemera.kube import Kube, KubeError
 from ephemera.metrics import REGISTRY
@@ -51,9 +52,6 @@ log = logging.getLogger(__name__)
 
 REPORTS = Counter(
     "ephemera_github_reports", "GitHub reports by kind and outcome.", ["kind", "outcome"], registry=REGISTRY
-)
-RATE_LIMIT = Gauge(
-    "ephemera_github_rate_limit_remaining", "GitHub API requests left in the current window.", registry=REGISTRY
 )
 MAX_ATTEMPTS = 12
 SETTLE = 1.0  # seconds a new state waits, in case a newer one overtakes it
@@ -359,9 +357,7 @@ class Reporter:
     def _observe_rate_limit(self, client: Any) -> None:
         # What the last answer's X-RateLimit-* headers said; `client.rate_limiting` would make a request.
         requester = getattr(client, "_Github__requester", None)
-        remaining = getattr(requester, "rate_limiting", (-1, -1))[0]
-        if remaining >= 0:
-            RATE_LIMIT.set(remaining)
+        ratelimit.observe(getattr(requester, "rate_limiting", (-1, -1)))
 
     def _reported(self, t: Transition) -> dict[str, Any]:
         """What was reported already: known here since the first report, else what the object said

@@ -60,6 +60,21 @@ class Templates:
     def drop(self, name: str) -> None:
         self._bodies.pop(name, None)
 
+    def follow(self, event: kopf.RawEvent) -> str | None:
+        """Apply a watch event; the template's name if that is an edit (a generation the cache did not
+        hold, or a known template deleted), else None."""
+        body: dict[str, Any] = dict(event.get("object") or {})
+        meta = body.get("metadata") or {}
+        if not meta.get("name"):
+            return None
+        name = str(meta["name"])
+        before = self.generation(name)
+        if event.get("type") == "DELETED":
+            self.drop(name)
+            return name if before is not None else None
+        self.put(body)
+        return name if before != int(meta.get("generation") or 1) else None
+
     def __call__(self) -> list[Template]:
         parsed: list[Template] = []
         for body in list(self._bodies.values()):
@@ -76,21 +91,9 @@ async def template_changed(*, event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -
     the start repeats what `Templates.prime` read, so it rolls nothing out. On the event loop (memory
     only): the rollout queue is the loop's."""
     runtime: Runtime = memo.runtime
-    templates = runtime.templates
-    body: dict[str, Any] = dict(event.get("object") or {})
-    meta = body.get("metadata") or {}
-    if not meta.get("name"):
-        return
-    name = str(meta["name"])
-    before = templates.generation(name)
-    if event.get("type") == "DELETED":
-        templates.drop(name)
-        changed = before is not None
-    else:
-        templates.put(body)
-        changed = before != int(meta.get("generation") or 1)
-    if changed:
-        runtime.rollouts.changed(name)
+    edited = runtime.templates.follow(event)
+    if edited is not None:
+        runtime.rollouts.changed(edited)
 
 
 def _wanted(templates: list[Template], repository: str) -> tuple[str, int] | None:

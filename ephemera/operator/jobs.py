@@ -24,7 +24,7 @@ from ephemera.intake.tombstones import default_namespace
 from ephemera.kube import Kube, KubeError
 from ephemera.ondemand import JobRequest, JobRequests
 from ephemera.operator import apps
-from ephemera.operator.metrics import ENVIRONMENTS
+from ephemera.operator.metrics import ACTIVE, ENVIRONMENTS
 from ephemera.operator.runtime import Runtime
 from ephemera.retries import retry, retry_due_ones
 from ephemera.sweeps import Sweeper
@@ -97,11 +97,14 @@ def start(runtime: Runtime, priority: int, identity: str) -> list[asyncio.Task[N
     locks = {"sweep": asyncio.Lock(), "purge": asyncio.Lock(), "retry-failed": asyncio.Lock()}
 
     async def active() -> bool:
+        # Every job asks, the phase gauge every 10 s: the gauge that says so is as fresh as that.
         try:
-            return await asyncio.to_thread(is_active, runtime.kube, cfg.peering, priority, identity)
+            now_active = await asyncio.to_thread(is_active, runtime.kube, cfg.peering, priority, identity)
         except KubeError as err:
             log.warning("cannot tell whether this replica is the active one (%s); skipping this round", err)
-            return False
+            now_active = False
+        ACTIVE.set(1 if now_active else 0)
+        return now_active
 
     async def retries() -> None:
         seen: dict[str, Seen] = dict(runtime.phases)

@@ -41,6 +41,12 @@ TIME_TO_READY = Histogram(
     buckets=(0.25, 0.5, 1, 2, 5, 10, 30, 60, 300, 1800),
     registry=REGISTRY,
 )
+ACTIVE = Gauge(
+    "ephemera_operator_active",
+    "1 while this replica is the active one (it runs the operator-wide jobs and sets the phase gauge); 0 on a "
+    "standby, or when it cannot tell (the API server does not answer).",
+    registry=REGISTRY,
+)
 TRANSITIONS = Counter("ephemera_transitions", "Phase transitions, by the phase entered.", ["phase"], registry=REGISTRY)
 
 for _handler in HANDLERS:

@@ -39,6 +39,14 @@ PREFIX = "ephemera.dev"
 @kopf.on.startup()
 async def configure(*, settings: kopf.OperatorSettings, memo: kopf.Memo, logger: kopf.Logger, **_: Any) -> None:
     cfg = get_settings()
+    _tune(settings, cfg)
+    identity = _identity(memo, cfg)
+    memo.runtime = await _start(cfg, settings.peering.priority, identity, logger)
+    logger.info("Operator started; health and metrics on %s:%d", cfg.operator_host, cfg.operator_port)
+
+
+def _tune(settings: kopf.OperatorSettings, cfg: Settings) -> None:
+    """kopf's own settings: where it keeps progress, how many threads, which Events, timeouts, peering."""
     # Progress and the last handled spec live in annotations: the status schema is structural and
     # would prune kopf's own status fields.
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=PREFIX)
@@ -60,10 +68,6 @@ async def configure(*, settings: kopf.OperatorSettings, memo: kopf.Memo, logger:
     settings.peering.lifetime = cfg.peering_lifetime
     settings.peering.mandatory = cfg.peering is not None
     # Our own /healthz serves liveness; kopf's probes need nothing else.
-
-    identity = _identity(memo, cfg)
-    memo.runtime = await _start(cfg, settings.peering.priority, identity, logger)
-    logger.info("Operator started; health and metrics on %s:%d", cfg.operator_host, cfg.operator_port)
 
 
 async def _start(cfg: Settings, priority: int, identity: str, logger: kopf.Logger) -> Runtime:

@@ -117,6 +117,11 @@ OUTCOME_LABELS = frozenset(
 )
 
 
+# The outcomes answered 5xx: busy and unavailable 503, error 500 (an exception). The chart's alert on
+# webhook 5xx (EphemeraWebhookErrors) counts these; tests/test_monitoring.py holds it to this set.
+SERVER_ERROR_OUTCOMES = frozenset({"busy", "unavailable", "error"})
+
+
 def outcome_label(outcome: str) -> str:
     return outcome if outcome in OUTCOME_LABELS else "other"
 

@@ -1,9 +1,29 @@
+{{/* The chart's name in labels: nameOverride, else "ephemera". */}}
+{{- define "ephemera.name" -}}
+{{- .Values.nameOverride | default .Chart.Name | trunc 50 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/*
+The prefix of every object's name: fullnameOverride; else the release's name when it holds the chart's
+name (nameOverride counts), else both. 50 characters at most; names longer than a suffix allows are
+cut to 63 where they are made (ephemera.metricsName).
+*/}}
 {{- define "ephemera.fullname" -}}
-{{- if contains .Chart.Name .Release.Name -}}{{ .Release.Name | trunc 50 | trimSuffix "-" }}{{- else -}}{{ printf "%s-%s" .Release.Name .Chart.Name | trunc 50 | trimSuffix "-" }}{{- end -}}
+{{- if .Values.fullnameOverride -}}
+{{ .Values.fullnameOverride | trunc 50 | trimSuffix "-" }}
+{{- else -}}
+{{- $name := include "ephemera.name" . -}}
+{{- if contains $name .Release.Name -}}{{ .Release.Name | trunc 50 | trimSuffix "-" }}{{- else -}}{{ printf "%s-%s" .Release.Name $name | trunc 50 | trimSuffix "-" }}{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The metrics Service of a component ("operator", "webhook"), within a Service name's 63 characters. */}}
+{{- define "ephemera.metricsName" -}}
+{{- printf "%s-%s-metrics" (include "ephemera.fullname" .root) .component | trunc 63 | trimSuffix "-" -}}
 {{- end -}}
 
 {{- define "ephemera.labels" -}}
-app.kubernetes.io/name: ephemera
+app.kubernetes.io/name: {{ include "ephemera.name" . }}
 app.kubernetes.io/instance: {{ .Release.Name }}
 app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
 app.kubernetes.io/managed-by: {{ .Release.Service }}
@@ -11,7 +31,7 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 {{- end -}}
 
 {{- define "ephemera.selector" -}}
-app.kubernetes.io/name: ephemera
+app.kubernetes.io/name: {{ include "ephemera.name" . }}
 app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end -}}
 
@@ -74,6 +94,20 @@ numbers are rendered as integers. Strings (an app id given as "0123") are kept a
 {{- else -}}
 {{ . | toString | quote }}
 {{- end -}}
+{{- end -}}
+
+{{/* A ServiceMonitor's or PodMonitor's endpoint settings from its values. */}}
+{{- define "ephemera.scrapeSettings" -}}
+interval: {{ .interval }}
+scrapeTimeout: {{ .scrapeTimeout }}
+{{- with .relabelings }}
+relabelings:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .metricRelabelings }}
+metricRelabelings:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
 {{- end -}}
 
 {{/* The policy (which PRs get a preview): the webhook and the operator's backstop judge alike. */}}
