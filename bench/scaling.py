@@ -70,13 +70,18 @@ def burst_rows(s: Stack, kube: Kube, watcher: Watcher, bursts: list[int]) -> lis
         row = burst(s, watcher, f"scale/burst{size}", size, 32, floor_wall, f"burst of {size} -> all Ready", costs)
         # The GitHub reports go on after Ready: count their writes too, once the operator has gone quiet.
         wait_for(lambda: _settled(s), timeout=600, interval=1, what="the operator to go quiet")
-        ours = writes(delta(api_requests(s), before))
+        requests = delta(api_requests(s), before)
+        ours = writes(requests)
         row |= {
             "wall_per_env_ms": 1000 * row["wall_s"] / size,
             "floor_wall_per_env_ms": 1000 * floor_wall / size,
             "writes_per_env": ours / size,
             "floor_writes_per_env": floor_writes / size,
             "load_avg_1m": os.getloadavg()[0],
+            # Which writes an environment costs (verb and resource), to tell what grows with N.
+            "writes_by_request_per_env": {
+                k: round(v / size, 2) for k, v in requests.items() if k.split(" ", 1)[0] in WRITE_VERBS
+            },
         }
         rows.append(row)
         # Written after each size: a run stopped before the largest still leaves the curve so far.
@@ -100,6 +105,8 @@ def footprint_rows(s: Stack, kube: Kube, counts: list[int], window: float, trace
         }
     operator = s.start_operator(**env)  # the timers at their defaults
     assert operator.proc is not None
+    if traced:
+        os.kill(operator.proc.pid, signal.SIGUSR2)  # trace from here on: start-up is not what grows
     watcher = Watcher(s.plane)
     rows: list[dict[str, Any]] = []
     made, previous = 0, None

@@ -1,6 +1,7 @@
 """Loaded by a benchmarked process whose PYTHONPATH starts with this folder (bench/scaling.py sets it):
-traces allocations and writes a tracemalloc snapshot to BENCH_SNAPSHOT on SIGUSR1, so that the
-benchmark can say which code holds the memory that grows with the number of environments."""
+SIGUSR2 starts tracing allocations (after start-up, which tracing would slow past its health check's
+deadline); SIGUSR1 writes a tracemalloc snapshot to BENCH_SNAPSHOT, so that the benchmark can say which
+code holds the memory that grows with the number of environments."""
 
 from __future__ import annotations
 
@@ -12,12 +13,15 @@ from types import FrameType
 _TARGET = os.environ.get("BENCH_SNAPSHOT")
 
 if _TARGET:
-    # Enough frames to see past the stdlib's containers to the code that asked for the memory.
-    tracemalloc.start(int(os.environ.get("BENCH_FRAMES", "8")))
+
+    def _start(signum: int, frame: FrameType | None) -> None:
+        # Enough frames to see past the stdlib's containers to the code that asked for the memory.
+        tracemalloc.start(int(os.environ.get("BENCH_FRAMES", "8")))
 
     def _dump(signum: int, frame: FrameType | None) -> None:
         assert _TARGET is not None
         tracemalloc.take_snapshot().dump(_TARGET + ".tmp")
         os.replace(_TARGET + ".tmp", _TARGET)  # the benchmark waits for the file to appear whole
 
+    signal.signal(signal.SIGUSR2, _start)
     signal.signal(signal.SIGUSR1, _dump)
