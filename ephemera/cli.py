@@ -105,11 +105,19 @@ def environments_list(args: argparse.Namespace) -> int:
             await engine.dispose()
 
     rows = asyncio.run(query())
-    origins = _origins(_settings())
+    origins, notes = _origins(_settings())
     if args.output == "json":
-        print(json.dumps([{**row.model_dump(mode="json"), "origin": origins.get(row.uid)} for row in rows], indent=2))
+        print(
+            json.dumps(
+                [
+                    {**row.model_dump(mode="json"), "origin": origins.get(row.uid), "policy": notes.get(row.uid)}
+                    for row in rows
+                ],
+                indent=2,
+            )
+        )
         return 0
-    table = [("NAME", "REPOSITORY", "PR", "COMMIT", "PHASE", "NAMESPACE", "CREATED", "DESTROYED", "ORIGIN")]
+    table = [("NAME", "REPOSITORY", "PR", "COMMIT", "PHASE", "NAMESPACE", "CREATED", "DESTROYED", "POLICY", "ORIGIN")]
     table += [
         (
             r.name,
@@ -120,6 +128,7 @@ def environments_list(args: argparse.Namespace) -> int:
             r.namespace or "-",
             _when(r.created_at),
             _when(r.destroyed_at),
+            notes.get(r.uid) or "-",
             origins.get(r.uid) or "-",
         )
         for r in rows
@@ -128,30 +137,33 @@ def environments_list(args: argparse.Namespace) -> int:
     return 0
 
 
-def _origins(settings: Settings) -> dict[str, str]:
-    """uid -> who made each live environment: `backstop` (it repaired a lost event) or `webhook`. The
-    records hold no such column: it is read from the objects, and left out (with a note) if the
-    cluster cannot be reached."""
+def _origins(settings: Settings) -> tuple[dict[str, str], dict[str, str]]:
+    """Read from the live objects, by uid: who made each (`backstop`, when it repaired a lost event, or
+    `webhook`), and what the lifecycle policy says of it (its place in the queue, its expiry). The
+    records hold neither; both are left out (with a note) if the cluster cannot be reached."""
     from kubernetes.config import ConfigException
 
     from ephemera.api.naming import ORIGIN_ANNOTATION
     from ephemera.kube import Kube, KubeError, load_api_client
+    from ephemera.ledger import note
 
     try:
         kube = Kube(load_api_client(settings.kubeconfig), request_timeout=10.0)
     except (ConfigException, OSError) as err:
-        print(f"origin not shown: no cluster configured ({err})", file=sys.stderr)
-        return {}
+        print(f"origin and policy not shown: no cluster configured ({err})", file=sys.stderr)
+        return {}, {}
     try:
-        return {
-            obj["metadata"]["uid"]: (obj["metadata"].get("annotations") or {}).get(ORIGIN_ANNOTATION, "webhook")
-            for obj in kube.list_environments()
-        }
+        objects = {obj["metadata"]["uid"]: obj for obj in kube.list_environments()}
     except KubeError as err:
-        print(f"origin not shown: {err}", file=sys.stderr)
-        return {}
+        print(f"origin and policy not shown: {err}", file=sys.stderr)
+        return {}, {}
     finally:
         kube.close()
+    origins = {
+        uid: (obj["metadata"].get("annotations") or {}).get(ORIGIN_ANNOTATION, "webhook")
+        for uid, obj in objects.items()
+    }
+    return origins, {uid: note(obj) for uid, obj in objects.items()}
 
 
 def backstop_run(args: argparse.Namespace) -> int:

@@ -263,7 +263,9 @@ class Environments:
         if logger is not None:
             level = logging.WARNING if phase is Phase.FAILED else logging.INFO
             logger.log(level, "%s: %s", phase.value, message)
-        if phase is not Phase.PROVISIONING:  # a new object's first step: its Ready (or Failed) says enough
+        # A new object's first step, and its wait in the queue: its Ready (or Failed) says enough, and a
+        # burst of PRs posts no Event each for them.
+        if phase not in (Phase.PROVISIONING, Phase.QUEUED):
             self.recorder(env.ref(), "Warning" if phase is Phase.FAILED else "Normal", reason, message)
         merged = {**env.status.model_dump(by_alias=True, exclude_none=True), **status}
         self.transitions.publish(
@@ -308,12 +310,19 @@ class Environments:
     # Lifecycle ------------------------------------------------------------------------------------
 
     def provision(
-        self, env: Environment, *, updating: bool, logger: logging.Logger | logging.LoggerAdapter[Any]
+        self,
+        env: Environment,
+        *,
+        updating: bool,
+        logger: logging.Logger | logging.LoggerAdapter[Any],
+        first: dict[str, Any] | None = None,
     ) -> None:
-        """Bring the environment to Ready: create what is missing and mend what drifted."""
+        """Bring the environment to Ready: create what is missing and mend what drifted. `first` goes
+        into the status with the first transition (the lifecycle policy's times)."""
         phase = Phase.UPDATING if updating else Phase.PROVISIONING
         if env.status.phase != phase or env.status.observed_generation != env.generation:
-            env = self.transition(env, phase, phase.value, f"{phase.value} for commit {env.spec.commit_sha[:7]}")
+            message = f"{phase.value} for commit {env.spec.commit_sha[:7]}"
+            env = self.transition(env, phase, phase.value, message, first)
         try:
             quota = children.resolve_quota(env.spec, self.settings)
         except children.QuotaError as err:
@@ -488,6 +497,8 @@ class Environments:
         body = self.kube.get_environment(name)
         if body is None or body["metadata"].get("deletionTimestamp"):
             return None  # torn down on purpose
+        if not self.settings.shard_handles(body["metadata"].get("labels")):
+            return None  # moved to another shard meanwhile: that one mends it
         status = body.get("status") or {}
         if status.get("phase") != Phase.READY.value or status.get("namespace") != namespace:
             return None  # not settled: the running handlers will see it

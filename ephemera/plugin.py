@@ -26,6 +26,7 @@ from ephemera.api.naming import EXPIRES_AT_ANNOTATION, KEEP_ANNOTATION
 from ephemera.cli import add_job_arguments, history_data, print_history, print_table, request_job, request_retry
 from ephemera.durations import format_time, parse_duration
 from ephemera.kube import Kube, KubeError, load_api_client
+from ephemera.ledger import note
 
 Obj = dict[str, Any]
 OUTPUTS = ("json", "yaml", "wide")
@@ -93,7 +94,7 @@ def list_environments(args: argparse.Namespace) -> int:
         return 0
     now = datetime.datetime.now(datetime.UTC)
     wide = output == "wide"
-    heading = ["NAME", "REPOSITORY", "PR", "PHASE", "REASON", "AGE", "URL"]
+    heading = ["NAME", "REPOSITORY", "PR", "PHASE", "REASON", "AGE", "URL", "POLICY"]
     if wide:
         heading += ["COMMIT", "NAMESPACE", "MESSAGE"]
     table = [heading]
@@ -107,6 +108,7 @@ def list_environments(args: argparse.Namespace) -> int:
             status.get("reason") or "-",
             _age(obj["metadata"].get("creationTimestamp"), now),
             status.get("url") or "-",
+            note(obj),
         ]
         if wide:
             commit = str(spec.get("commitSha", ""))[:7] or "-"
@@ -182,6 +184,7 @@ def _print_description(obj: Obj, events: list[Obj], records: Obj) -> None:
         ("Namespace", status.get("namespace")),
         ("URL", status.get("url")),
         ("Retries", status.get("retries")),
+        ("Policy", note(obj)),
     ]
     for label, value in fields:
         print(f"{label + ':':<14}{value if value not in (None, '') else '-'}")

@@ -58,6 +58,7 @@ class Policy:
     forks: ForkMode = "approval"
     approval_label: str = "preview-approved"
     reapprove_on_push: bool = True
+    ttl: float = 0.0  # seconds without a push before expiry (0: never); the operator's expiry reads it
     template: str | None = field(default=None, compare=False)  # the PreviewTemplate that changed it, if any
 
     @classmethod
@@ -73,6 +74,7 @@ class Policy:
             forks=settings.policy_forks,
             approval_label=settings.policy_approval_label,
             reapprove_on_push=settings.policy_reapprove_on_push,
+            ttl=settings.policy_ttl,
         )
 
     def overridden(self, override: RepositoryPolicy | None, template: str | None) -> Policy:
@@ -84,6 +86,8 @@ class Policy:
             for name in ("drafts", "skip_all_bots", "opt_in", "forks", "reapprove_on_push")
             if (value := getattr(override, name)) is not None
         }
+        if override.ttl_seconds is not None:
+            changes["ttl"] = float(override.ttl_seconds)
         if override.bot_authors is not None:
             changes["bot_authors"] = frozenset(login.lower() for login in override.bot_authors)
         return replace(self, **changes, template=template)

@@ -95,6 +95,8 @@ class RepositoryPolicy(BaseModel):
     opt_in: bool | None = Field(None, alias="optIn")
     forks: ForkMode | None = None
     reapprove_on_push: bool | None = Field(None, alias="reapproveOnPush")
+    # How long the repositories' previews live without a push (the expiry; 0: never).
+    ttl_seconds: int | None = Field(None, alias="ttlSeconds", ge=0)
 
 
 class PreviewTemplateSpec(BaseModel):

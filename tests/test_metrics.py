@@ -53,6 +53,9 @@ FIXED_LABELS: dict[str, dict[str, frozenset[str] | None]] = {
     "ephemera_webhook_latency_seconds": {},
     "ephemera_hook_deliveries": {"outcome": frozenset(HOOK_OUTCOMES)},
     "ephemera_webhook_policy_refusals": {"reason": frozenset(REFUSALS) | {"other"}},
+    "ephemera_provisions_in_flight": {},
+    "ephemera_queue_length": {},
+    "ephemera_live_environments": {},
 }
 UNIT_SUFFIXES = ("_seconds", "_bytes")
 

@@ -85,10 +85,10 @@ def test_kubectl_finds_the_plugin_and_lists_environments(
     table = plugin(control_plane, "list", "--repository", "octo-org/plugin")
     assert table.returncode == 0, table.stderr
     heading, *rows = table.stdout.splitlines()
-    assert heading.split() == ["NAME", "REPOSITORY", "PR", "PHASE", "REASON", "AGE", "URL"]
+    assert heading.split() == ["NAME", "REPOSITORY", "PR", "PHASE", "REASON", "AGE", "URL", "POLICY"]
     row = next(r.split() for r in rows if r.startswith(name))
     assert row[1:5] == ["octo-org/plugin", "7", "Failed", "QuotaExceeded"]
-    assert row[-1] == FAILED["url"]
+    assert row[-2:] == [FAILED["url"], "-"]  # no expiry, queue or pin to say
 
     wide = plugin(control_plane, "list", "-o", "wide", "--phase", "Failed")
     assert wide.returncode == 0, wide.stderr

@@ -8,28 +8,11 @@ from typing import Any
 
 import pytest
 
-from ephemera.api.models import DESTROYED, TRANSITION_PHASES, Phase, TransitionPhase
+from ephemera.api.models import DESTROYED, Phase, TransitionPhase
 from ephemera.github import reports
-from ephemera.transitions import Transition
+from tests.test_transitions import EVERY_PHASE, SHA, entering
 
-EVERY_PHASE = list(TRANSITION_PHASES.values())
-SHA = "d" * 40
 NOW = datetime.datetime(2026, 1, 1, tzinfo=datetime.UTC)
-
-
-def entering(phase: TransitionPhase, **status: Any) -> Transition:
-    return Transition(
-        name="pr-5-octo-reports",
-        uid="uid-5",
-        generation=1,
-        spec={"repository": "octo/reports", "pullRequest": 5, "commitSha": SHA},
-        old_phase=Phase.PROVISIONING,
-        phase=phase,
-        reason="Because",
-        message=f"now {phase.value}",
-        at="2026-01-01T00:00:00Z",
-        status={"phase": phase.value, "namespace": "pr-5-octo-reports-x", **status},
-    )
 
 
 def test_a_failure_that_will_be_retried_is_an_error_and_a_permanent_one_a_failure() -> None:
@@ -37,14 +20,14 @@ def test_a_failure_that_will_be_retried_is_an_error_and_a_permanent_one_a_failur
     assert reports.commit_state(Phase.FAILED, permanent=True) == ("failure", "Preview environment failed")
     assert reports.commit_state(Phase.READY, permanent=False) == ("success", "Preview environment is ready")
     assert reports.commit_state(Phase.PENDING, permanent=False) is None
-    retried = reports.commit_status(entering(Phase.FAILED, url="https://pr-5.example.com/"), "ephemera/preview")
+    retried = reports.commit_status(entering(Phase.FAILED, url="https://pr-3.example.com/"), "ephemera/preview")
     assert retried is not None
     assert retried.key == f"error@{SHA}"
     assert retried.fields == {
         "state": "error",
         "description": "Preview environment failed",
         "context": "ephemera/preview",
-        "target_url": "https://pr-5.example.com/",
+        "target_url": "https://pr-3.example.com/",
     }
 
 

@@ -8,6 +8,7 @@ import dataclasses
 import datetime
 import sqlite3
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -24,8 +25,9 @@ SHA = "c" * 40
 
 
 def entering(
-    phase: TransitionPhase, *, uid: str = "uid-1", old: TransitionPhase | None = Phase.PROVISIONING
+    phase: TransitionPhase, *, uid: str = "uid-1", old: TransitionPhase | None = Phase.PROVISIONING, **status: Any
 ) -> Transition:
+    """A transition of `octo/phases#3` into `phase`, its status holding `status` besides the phase."""
     at = "2026-01-01T00:00:02Z"
     return Transition(
         name="pr-3-octo-phases",
@@ -37,7 +39,7 @@ def entering(
         reason=f"Entered{phase.value}",
         message=f"now {phase.value}",
         at=at,
-        status={"phase": phase.value, "namespace": "pr-3-octo-phases-x"},
+        status={"phase": phase.value, "namespace": "pr-3-octo-phases-x", **status},
         created="2026-01-01T00:00:00Z",
         occurred=datetime.datetime.fromisoformat(at.replace("Z", "+00:00")),
     )

@@ -36,6 +36,10 @@ class Phase(StrEnum):
     UPDATING = "Updating"
     DESTROYING = "Destroying"
     FAILED = "Failed"
+    # Waiting for a slot under the caps (EPHEMERA_POLICY_MAX_*): no namespace yet.
+    QUEUED = "Queued"
+    # Idle past its TTL: the namespace is deleted, the object stays until a push or a wake revives it.
+    EXPIRED = "Expired"
 
 
 class RecordPhase(StrEnum):
@@ -166,6 +170,11 @@ class PreviewEnvironmentStatus(BaseModel):
     rollout_deadline: str | None = Field(None, alias="rolloutDeadline")
     problems: list[StatusProblem] | None = None
     reported: dict[str, Any] | None = None
+    queue_position: int | None = Field(None, alias="queuePosition")
+    queued_at: str | None = Field(None, alias="queuedAt")
+    last_activity_at: str | None = Field(None, alias="lastActivityAt")
+    expires_at: str | None = Field(None, alias="expiresAt")
+    wake_request: str | None = Field(None, alias="wakeRequest")
     conditions: list[Condition] = Field(default_factory=list)
 
 

@@ -41,8 +41,7 @@ from prometheus_client import Counter
 from ephemera import backoff
 from ephemera.api.models import DESTROYED
 from ephemera.config import Settings
-from ephemera.github import reports
-from ephemera.github import ratelimit
+from ephemera.github import ratelimit, reports
 from ephemera.github.client import GitHubAuth, Identity, NoCredentials, NotInstalled
 from ephemera.kube import Kube, KubeError
 from ephemera.metrics import REGISTRY

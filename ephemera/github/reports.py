@@ -39,6 +39,7 @@ COMMIT_STATES: dict[TransitionPhase, tuple[str, str]] = {
     Phase.UPDATING: ("pending", "Preview environment is being updated"),
     Phase.READY: ("success", "Preview environment is ready"),
     Phase.FAILED: ("failure", "Preview environment failed"),
+    Phase.QUEUED: ("pending", "Preview environment is queued"),
 }
 DEPLOYMENT_STATES: dict[TransitionPhase, str] = {
     Phase.PROVISIONING: "in_progress",
@@ -46,6 +47,8 @@ DEPLOYMENT_STATES: dict[TransitionPhase, str] = {
     Phase.READY: "success",
     Phase.FAILED: "failure",
     Phase.DESTROYING: "inactive",
+    Phase.QUEUED: "queued",
+    Phase.EXPIRED: "inactive",
 }
 # A check run's status, or its conclusion once completed. Destroying completes an open run as
 # `cancelled` (see check_run_state); other phases leave the commit's check run as it is.
@@ -71,7 +74,11 @@ ICONS: dict[TransitionPhase, str] = {
     Phase.DESTROYING: "⚪",
     Phase.PROVISIONING: "🟡",
     Phase.UPDATING: "🟡",
+    Phase.QUEUED: "⏳",
+    Phase.EXPIRED: "💤",
 }
+# How an Expired preview comes back, on the PR.
+REVIVE = "**To bring it back:** push a commit, or comment `/preview wake` (someone with write access)."
 
 
 def closed_reason(annotations: dict[str, str]) -> str:
@@ -121,6 +128,15 @@ def comment_body(t: Transition) -> str:
     elif t.phase is Phase.FAILED:
         title = f"{ICONS[Phase.FAILED]} Preview environment: {Phase.FAILED}"
         summary = failure_section(t, detail=False)
+    elif t.phase is Phase.QUEUED:
+        title = f"{ICONS[Phase.QUEUED]} Preview environment: {Phase.QUEUED}"
+        position = status.get("queuePosition")
+        summary = t.message
+        if isinstance(position, int):
+            summary = f"**Position in the queue:** {position}\n\n{summary}"
+    elif t.phase is Phase.EXPIRED:
+        title = f"{ICONS[Phase.EXPIRED]} Preview environment: {Phase.EXPIRED}"
+        summary = f"{t.message}\n\n{REVIVE}"
     else:
         title = f"{ICONS.get(t.phase, '')} Preview environment: {t.phase}".strip()
         summary = t.message

@@ -26,6 +26,7 @@ from ephemera.kube import Kube, KubeError
 from ephemera.operator.runtime import Runtime
 from ephemera.readiness import WORKLOAD_KINDS, workload_state
 from ephemera.retries import retried_later
+from ephemera.shards import ours
 from ephemera.templates import Template, TemplateError, select
 from ephemera.watchcache import Seen
 
@@ -74,6 +75,10 @@ class Templates:
             return name if before is not None else None
         self.put(body)
         return name if before != int(meta.get("generation") or 1) else None
+
+    def bodies(self) -> list[dict[str, Any]]:
+        """The templates as the API server has them (the policy reads their `policy` blocks)."""
+        return list(self._bodies.values())
 
     def __call__(self) -> list[Template]:
         parsed: list[Template] = []
@@ -222,8 +227,8 @@ class Rollouts:
         """Re-apply the environment's template if it still needs it (checked on the object itself, not
         the watch); whether to look at it again later (it was mid-rollout)."""
         body = self.service.kube.get_environment(name)
-        if body is None or body["metadata"].get("deletionTimestamp"):
-            return False
+        if body is None or body["metadata"].get("deletionTimestamp") or not ours(body, self.settings):
+            return False  # gone, going, or moved to another shard (whose own watch queues it)
         try:
             env = Environment.from_body(body)
         except Failure:

@@ -24,23 +24,24 @@ from ephemera.watchcache import Seen
 def provision(
     *, body: kopf.Body, memo: kopf.Memo, logger: Logger, retry: int, runtime: datetime.timedelta, **_: Any
 ) -> None:
-    with reconciling("provision", body, memo, logger, retry=retry, runtime=runtime) as (service, env, log):
-        service.provision(env, updating=False, logger=log)
+    with reconciling("provision", body, memo, logger, retry=retry, runtime=runtime) as (_service, env, log):
+        memo.runtime.admission.provision(env, updating=False, logger=log)
 
 
 @kopf.on.update(*RESOURCE, id="update", field="spec")
 def update(
     *, body: kopf.Body, memo: kopf.Memo, logger: Logger, retry: int, runtime: datetime.timedelta, **_: Any
 ) -> None:
-    with reconciling("update", body, memo, logger, retry=retry, runtime=runtime) as (service, env, log):
-        service.provision(env, updating=True, logger=log)
+    with reconciling("update", body, memo, logger, retry=retry, runtime=runtime) as (_service, env, log):
+        memo.runtime.admission.provision(env, updating=True, logger=log)
 
 
 def _needs_work(status: kopf.Status, body: kopf.Body) -> bool:
     phase = status.get("phase")
     if phase == Phase.FAILED.value and status.get("permanent"):
         return False  # waits for a spec change or a manual retry
-    settled = phase in (Phase.READY.value, Phase.FAILED.value)
+    # Queued and Expired wait for the policy (a slot, a push, a wake), not for a handler.
+    settled = phase in (Phase.READY.value, Phase.FAILED.value, Phase.QUEUED.value, Phase.EXPIRED.value)
     return not (settled and status.get("observedGeneration") == body.metadata.get("generation"))
 
 
@@ -50,8 +51,8 @@ def resume(
 ) -> None:
     """After a restart: finish what was under way; Ready objects cost nothing here."""
     updating = body.get("status", {}).get("phase") in (Phase.UPDATING.value, Phase.READY.value)
-    with reconciling("resume", body, memo, logger, retry=retry, runtime=runtime) as (service, env, log):
-        service.provision(env, updating=updating, logger=log)
+    with reconciling("resume", body, memo, logger, retry=retry, runtime=runtime) as (_service, env, log):
+        memo.runtime.admission.provision(env, updating=updating, logger=log)
 
 
 @kopf.on.delete(*RESOURCE, id="destroy")
@@ -100,6 +101,8 @@ async def namespace_gone(*, event: kopf.RawEvent, memo: kopf.Memo, logger: Logge
     refs: list[dict[str, Any]] = obj.get("metadata", {}).get("ownerReferences") or []
     owners = [ref for ref in refs if ref.get("kind") == KIND]
     seen = runtime.phases.get(owners[0]["name"]) if owners else None
+    if seen is None and runtime.settings.shards > 1:
+        return  # another shard's environment (this watch holds only this shard's)
     if owners and not (seen is not None and seen.deleting):  # a teardown needs nothing more
         await asyncio.to_thread(_recreate, runtime.environments, owners[0]["name"], obj["metadata"]["name"], logger)
 

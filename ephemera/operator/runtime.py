@@ -13,11 +13,14 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
+from ephemera.admission import Admission
 from ephemera.config import Settings
 from ephemera.environments import Environments
+from ephemera.expiry import Expiry
 from ephemera.github.outbox import Reporter
 from ephemera.hooks import Hooks
 from ephemera.kube import Kube
+from ephemera.ledger import Ledger
 from ephemera.logs import Subjects
 from ephemera.store.records import Records
 from ephemera.watchcache import Seen, Vanishing
@@ -38,6 +41,10 @@ class Runtime:
     phases: dict[str, Seen]  # name -> what the watch last saw of each object (lifecycle.track)
     vanishing: Vanishing  # namespaces seen gone, for the teardowns waiting on them
     warned: set[str]  # uids already warned about the soft time limit
+    # The lifecycle policy: what the caps and the expiry judge from (the watch), and the two services.
+    ledger: Ledger
+    admission: Admission  # every provision goes through it (caps, queue)
+    expiry: Expiry
     subjects: Subjects  # name -> repository and PR of each object (lifecycle.track), for the log lines
     # Kept for the periodic jobs and for closing; no handler uses them.
     kube: Kube

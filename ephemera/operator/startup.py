@@ -15,14 +15,17 @@ import kopf
 import kubernetes
 
 from ephemera import children, logs
+from ephemera.admission import Admission
 from ephemera.api.naming import FINALIZER
 from ephemera.apply import Applier
 from ephemera.config import Settings, get_settings
 from ephemera.environments import Environments
+from ephemera.expiry import Expiry, Lifetimes
 from ephemera.github.client import GitHubAuth
 from ephemera.github.outbox import Reporter
 from ephemera.hooks import Hooks
 from ephemera.kube import Kube, KubeError, load_api_client
+from ephemera.ledger import Ledger
 from ephemera.operator import apps, health, jobs
 from ephemera.operator.metrics import observe_transition
 from ephemera.operator.runtime import Runtime
@@ -83,6 +86,11 @@ async def _start(cfg: Settings, priority: int, identity: str, logger: kopf.Logge
         environments = Environments(
             kube, cfg, transitions, recorder=event_poster(kube), previews=_previews(cfg, kube, templates)
         )
+        # The lifecycle policy's ledger, from one listing before kopf watches anything: the first
+        # admission counts every live environment.
+        ledger = Ledger()
+        await asyncio.to_thread(lambda: ledger.prime(kube.list_environments()))
+        lifetimes = Lifetimes(cfg, templates.bodies)
         records = await _records(cfg, kube, logger)
         undo.push_async_callback(records.stop)
         transitions.subscribe(records.listener)
@@ -123,6 +131,9 @@ async def _start(cfg: Settings, priority: int, identity: str, logger: kopf.Logge
             phases=phases,
             vanishing=Vanishing(),
             warned=set(),
+            ledger=ledger,
+            admission=Admission(environments, ledger, lifetimes),
+            expiry=Expiry(environments, ledger, lifetimes),
             subjects=subjects,
             kube=kube,
             records=records,
@@ -203,7 +214,14 @@ async def _records(cfg: Settings, kube: Kube, logger: kopf.Logger) -> Records:
         raise kopf.PermanentError(str(err)) from err
     except Exception as err:  # unreachable now: the writer retries, the cluster never waits for it
         logger.warning("records database unreachable at start (%s); records will catch up", err)
-    records = Records(engine, kube, queue_limit=cfg.record_queue_limit, drain_timeout=cfg.record_drain_timeout)
+    records = Records(
+        engine,
+        kube,
+        queue_limit=cfg.record_queue_limit,
+        drain_timeout=cfg.record_drain_timeout,
+        shards=cfg.shards,
+        shard=cfg.shard,
+    )
     records.start()
     return records
 

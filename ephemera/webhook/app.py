@@ -16,13 +16,17 @@ from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import requests
 from aiohttp import web
+from github import GithubException
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
 
 from ephemera import logs
 from ephemera.config import Settings
-from ephemera.github.client import GitHubAuth
+from ephemera.github.client import GitHubAuth, NoCredentials
+from ephemera.github.permissions import can_write
 from ephemera.intake import installations
+from ephemera.intake.comments import IssueCommentEvent, Wakes, parse_issue_comment
 from ephemera.intake.events import BadRequest, Signature, decode_body, parse_pull_request
 from ephemera.intake.pullrequests import GitHubUnavailable, Intake, Outcome
 from ephemera.intake.tombstones import Tombstones, default_namespace
@@ -39,13 +43,14 @@ EXECUTOR: web.AppKey[ThreadPoolExecutor] = web.AppKey("executor", ThreadPoolExec
 DELIVERIES: web.AppKey[OrderedDict[str, dict[str, Any]]] = web.AppKey("deliveries", OrderedDict)
 SIGNING_KEY: web.AppKey[bytes | None] = web.AppKey("signing_key")
 LIFECYCLE: web.AppKey[installations.Lifecycle] = web.AppKey("lifecycle", installations.Lifecycle)
+WAKES: web.AppKey[Wakes] = web.AppKey("wakes", Wakes)
 
 # An HMAC key shorter than a SHA-256 block's worth of guessing is no secret; GitHub suggests 32+
 # random characters. An empty one is worst: anyone can sign with it.
 MIN_SECRET_BYTES = 16
 # Metric labels come from fixed sets, never from what a caller sends: an unauthenticated caller
 # must not be able to add series to /metrics.
-EVENT_LABELS = frozenset({"pull_request", "ping"}) | installations.EVENTS
+EVENT_LABELS = frozenset({"pull_request", "ping", "issue_comment"}) | installations.EVENTS
 ACTION_LABELS = (
     frozenset(
         {
@@ -232,6 +237,9 @@ async def webhook(request: web.Request) -> web.Response:
             if event in installations.EVENTS:
                 lifecycle_event = installations.parse(event, data)
                 del body, data
+            elif event == "issue_comment":
+                comment = parse_issue_comment(data)
+                del body, data
             elif event != "pull_request":
                 outcome = "ignored"
                 return web.json_response({"result": "ignored", "reason": f"event {event!r} is not handled"}, status=202)
@@ -249,6 +257,10 @@ async def webhook(request: web.Request) -> web.Response:
                 if outcome not in ERROR_OUTCOMES
                 else _failed(outcome)
             )
+        if event == "issue_comment":
+            action = comment.action
+            outcome, response = await _comment(app, comment, delivery)
+            return response
         action = parsed.action
         extra = {"delivery": delivery, "repository": parsed.repo, "pr": parsed.pr, "action": action}
         seen = app[DELIVERIES].get(delivery) if delivery else None
@@ -313,6 +325,33 @@ async def _lifecycle(
         return "unavailable" if err.temporary else "rejected"
     log.info("%s %s", result.action, result.reason, extra=extra)
     return result.action
+
+
+async def _comment(app: web.Application, comment: IssueCommentEvent, delivery: str) -> tuple[str, web.Response]:
+    """Apply an issue_comment (`/preview wake`); the outcome's name and the answer."""
+    repository, pr = comment.repository.full_name, comment.issue.number
+    extra = {"delivery": delivery, "repository": repository, "pr": pr, "action": comment.action}
+    loop = asyncio.get_running_loop()
+    try:
+        result: Outcome = await loop.run_in_executor(app[EXECUTOR], app[WAKES].handle, comment)
+    except KubeError as err:
+        log.warning("wake not applied: %s", err, extra=extra)
+        if err.temporary:
+            return "unavailable", error(503, "kubernetes unavailable", f"{err}; redeliver the event later")
+        return "rejected", error(422, "rejected by kubernetes", str(err))
+    except NoCredentials as err:
+        log.error("wake not applied: %s", err, extra=extra)
+        reason = f"the webhook cannot check who may wake ({err}); configure the GitHub App or a token"
+        return "ignored", web.json_response({"result": "ignored", "name": None, "reason": reason}, status=202)
+    except (GithubException, requests.RequestException) as err:
+        # Who may write is unknown: never taken for a no. GitHub records the failure, and the
+        # backstop redelivers it.
+        log.warning(
+            "cannot tell whether %s may write to %s: %s", comment.comment.user.login, repository, err, extra=extra
+        )
+        return "unavailable", error(503, "github unavailable", "the commenter's permission could not be checked")
+    log.info("%s %s", result.action, result.reason, extra={**extra, "environment": result.name})
+    return result.action, web.json_response(result.as_json(), status=202)
 
 
 def _remember(cache: OrderedDict[str, dict[str, Any]], delivery: str, answer: dict[str, Any], size: int) -> None:
@@ -404,8 +443,14 @@ def create_app(settings: Settings, kube: Kube | None = None) -> web.Application:
             retention=settings.webhook_tombstone_retention,
         )
         # GitHub is asked only whether the labeller of a fork's approval may write (nothing else).
-        app[INTAKE] = Intake.from_settings(settings, client, tombstones, GitHubAuth(settings))
+        auth = await asyncio.to_thread(GitHubAuth, settings)
+        app[INTAKE] = Intake.from_settings(settings, client, tombstones, auth)
         app[LIFECYCLE] = installations.Lifecycle(client, grace=settings.backstop_teardown_grace)
+
+        def writer(repository: str, login: str, installation: int | None) -> bool:
+            return can_write(lambda _: auth.client_for(installation), repository, login)
+
+        app[WAKES] = Wakes(client, writer, prefix=settings.namespace_prefix)
         yield
         app[EXECUTOR].shutdown(wait=True)
         if kube is None:
