@@ -85,12 +85,16 @@ soak: venv tools postgres ## the long reliability scenarios
 # Benchmarks against a fresh local control plane; each prints a table and writes bench/results/*.json.
 # Runs are noisy on a shared machine: the latency benchmarks run REPEAT times, then the median and spread.
 REPEAT ?= 3
+# bench.scaling takes its sizes from BENCH_BURSTS (100,500,1000,2000), BENCH_FOOTPRINT
+# (1000,5000,20000) and BENCH_IDLE (330 s), e.g. `make bench BENCH_BURSTS=100,200` for a quick run.
 bench: venv tools ## the benchmarks, REPEAT times each (3)
 	for i in $$(seq $(REPEAT)); do $(BIN)/python -m bench.webhook_latency || exit 1; done
 	for i in $$(seq $(REPEAT)); do $(BIN)/python -m bench.pr_to_ready || exit 1; done
 	$(BIN)/python -m bench.app_to_ready
 	$(BIN)/python -m bench.footprint
+	$(BIN)/python -m bench.scaling
 	$(BIN)/python -m bench.summary
+	$(BIN)/python -m bench.plots
 
 run: venv tools ## control plane, operator and webhook; a PR becomes an environment
 	@$(BIN)/python -m devtools.demo up

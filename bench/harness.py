@@ -54,8 +54,9 @@ def machine() -> dict[str, Any]:
     }
 
 
-def report(name: str, rows: list[dict[str, Any]], columns: list[str]) -> None:
-    """Print a table and write it as JSON under bench/results/."""
+def report(name: str, rows: list[dict[str, Any]], columns: list[str], *, final: bool = True) -> None:
+    """Print a table and write it as JSON under bench/results/; a run's partial results (`final` false)
+    replace the latest file but are not kept as a run of their own for bench.summary."""
     widths = [max(len(c), *(len(_fmt(r.get(c))) for r in rows)) for c in columns]
     print()
     print("  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)))
@@ -66,7 +67,8 @@ def report(name: str, rows: list[dict[str, Any]], columns: list[str]) -> None:
     text = json.dumps({"machine": machine(), "at": time.time(), "rows": rows}, indent=2)
     out = RESULTS / f"{name}.json"
     out.write_text(text)
-    (runs / f"{time.strftime('%Y%m%dT%H%M%S')}.json").write_text(text)  # every run, for bench.summary
+    if final:
+        (runs / f"{time.strftime('%Y%m%dT%H%M%S')}.json").write_text(text)  # every run, for bench.summary
     print(f"(written to {out.relative_to(REPO_ROOT)} and {runs.relative_to(REPO_ROOT)}/)")
 
 
@@ -122,12 +124,14 @@ class Stack:
             EPHEMERA_GITHUB_PRIVATE_KEY=self.github.private_key_pem,
             **env,
         )
-        subprocess.run(
+        upgrade = subprocess.run(
             [sys.executable, "-m", "ephemera.cli", "db", "upgrade"],
             env={**os.environ, **environment},
-            check=True,
             capture_output=True,
+            text=True,
         )
+        if upgrade.returncode != 0:  # say why: a bare CalledProcessError hides the cause
+            raise RuntimeError(f"ephemera db upgrade failed:\n{upgrade.stdout}{upgrade.stderr}")
         self.operator = Process(
             ["operator"], environment, self.tmp / "operator.log", int(environment["EPHEMERA_OPERATOR_PORT"])
         ).start()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import os
 import time
 import uuid
 
@@ -80,6 +81,7 @@ def main() -> None:
                     "floor_rps": count / raw_wall,
                     "ratio_p50": h["p50"] / r["p50"],
                     "ratio_p99": h["p99"] / r["p99"],
+                    "load_avg_1m": os.getloadavg()[0],
                 }
             )
         kube.close()

@@ -441,7 +441,9 @@ def test_the_installation_must_cover_the_repository(operator: Process, kubectl: 
 
 def test_installation_answers_expire(github: FakeGitHub) -> None:
     repo = f"solo-{uuid.uuid4().hex[:6]}/app"  # an account of its own: its installation changes below
-    auth = GitHubAuth(app_settings(github, github_installation_cache_ttl=0.5))
+    # The cache's clock is turned by hand: on a loaded machine two calls can be further apart than any TTL.
+    now = [0.0]
+    auth = GitHubAuth(app_settings(github, github_installation_cache_ttl=60), clock=lambda: now[0])
 
     def asked() -> int:
         return len([c for c in github.calls if c.path == f"/repos/{repo}/installation"])
@@ -454,11 +456,17 @@ def test_installation_answers_expire(github: FakeGitHub) -> None:
         return False
 
     assert not refused()
+    now[0] = 59.0
     assert not refused()
     assert asked() == 1
-    wait_for(lambda: not refused() and asked() == 2, timeout=10, what="GitHub asked again once the answer expired")
+    now[0] = 61.0
+    assert not refused()
+    assert asked() == 2, "GitHub asked again once the answer expired"
     github.installation(7002, repo.split("/")[0], {f"{repo}-elsewhere"})  # the App's installation there changed
-    wait_for(refused, timeout=10, what="the new answer: the App is not installed on the repository")
+    assert not refused(), "the answer of 61 s is kept until 121 s"
+    now[0] = 122.0
+    assert refused(), "the new answer: the App is not installed on the repository"
+    assert asked() == 3
 
 
 def test_concurrent_reports_ask_for_a_repositorys_installation_once(github: FakeGitHub) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import datetime
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from github import Auth, Github, GithubException, GithubIntegration
@@ -53,7 +54,7 @@ class Identity:
 class _Coverage:
     installation_id: int | None  # None: the App is not installed on the repository
     app_slug: str | None
-    expires: float  # time.monotonic()
+    expires: float  # GitHubAuth's clock (time.monotonic())
 
 
 @dataclass
@@ -65,8 +66,10 @@ class _Cached:
 class GitHubAuth:
     """Hands out authenticated PyGithub clients; thread-safe (reports run in worker threads)."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, clock: Callable[[], float] = time.monotonic) -> None:
         self.settings = settings
+        # What the installations' answers expire by (a test turns it by hand, not by waiting).
+        self._clock = clock
         self._lock = threading.Lock()
         self._cache: dict[int, _Cached] = {}
         self._coverage: dict[str, _Coverage] = {}  # repository (lower case) -> its installation of the App
@@ -178,13 +181,13 @@ class GitHubAuth:
         key = repository.lower()
         with self._lock:
             cached = self._coverage.get(key)
-            if cached is not None and cached.expires > time.monotonic():
+            if cached is not None and cached.expires > self._clock():
                 return cached
             asking = self._asking.setdefault(key, threading.Lock())
         # One question per repository at a time: the reports of a burst on one repository (one per PR,
         # in several workers) wait for the first answer rather than each asking GitHub again.
         with asking:
-            now = time.monotonic()
+            now = self._clock()
             with self._lock:
                 cached = self._coverage.get(key)
             if cached is not None and cached.expires > now:
