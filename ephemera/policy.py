@@ -58,7 +58,7 @@ class Policy:
     forks: ForkMode = "approval"
     approval_label: str = "preview-approved"
     reapprove_on_push: bool = True
-    ttl: float = 0.0  # seconds without a push before expiry (0: never); the operator's expiry reads it
+    ttl: float = 72 * 3600.0  # seconds without a push before expiry (0: never); the operator's expiry reads it
     template: str | None = field(default=None, compare=False)  # the PreviewTemplate that changed it, if any
 
     @classmethod

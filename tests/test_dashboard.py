@@ -468,10 +468,12 @@ def test_the_chart_dashboard_runs_with_its_rendered_environment_and_read_only_id
     )  # fmt: skip
     docs = [d for d in yaml.safe_load_all(rendered) if d]
     objects = {f"{d['kind']}/{d['metadata']['name']}": d for d in docs}
-    service = objects[f"Service/{release}-ephemera-dashboard"]
+    # The every-option values name the release's objects (fullnameOverride).
+    full = yaml.safe_load(EVERY_OPTION.read_text())["fullnameOverride"]
+    service = objects[f"Service/{full}-dashboard"]
     assert service["spec"]["type"] == "ClusterIP"  # internal only
-    grants = objects[f"ClusterRole/{release}-ephemera-dashboard"]["rules"]
-    grants += objects[f"Role/{release}-ephemera-dashboard-events"]["rules"]
+    grants = objects[f"ClusterRole/{full}-dashboard"]["rules"]
+    grants += objects[f"Role/{full}-dashboard-events"]["rules"]
     assert {verb for rule in grants for verb in rule["verbs"]} == {"get", "list", "watch"}
     # The Secret a user makes for `secrets.existingSecret` in the every-option values.
     user_secret = {"hook-secret": "x" * 32, "app-key": "", "plain-token": "", "records-url": postgres.url}
@@ -481,13 +483,19 @@ def test_the_chart_dashboard_runs_with_its_rendered_environment_and_read_only_id
     wait_for(lambda: phase(kubectl, name) == "Ready", timeout=90, what=f"{name} Ready")
 
     kubectl.run("create", "namespace", namespace)
-    mine = [d for d in docs if "dashboard" in d["metadata"]["name"] and d["kind"] not in ("Deployment", "Service")]
+    mine = [
+        d
+        for d in docs
+        # (not the Grafana dashboard's ConfigMap, which shares the name)
+        if d["metadata"]["name"].startswith(f"{full}-dashboard")
+        and d["kind"] not in ("Deployment", "Service", "ConfigMap")
+    ]
     try:
         for doc in mine:
             if doc["kind"] == "ServiceAccount":
                 doc["metadata"]["namespace"] = namespace
             kubectl.apply(doc)
-        token = kubectl.run("-n", namespace, "create", "token", f"{release}-ephemera-dashboard").stdout.strip()
+        token = kubectl.run("-n", namespace, "create", "token", f"{full}-dashboard").stdout.strip()
         kubeconfig = tmp_path / "dashboard.kubeconfig"
         write_token_kubeconfig(kubeconfig, control_plane.server, control_plane.pki / "ca.crt", token)
         env = {**container.env, **image_env(kubeconfig), "EPHEMERA_DASHBOARD_PORT": str(free_port())}

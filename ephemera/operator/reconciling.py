@@ -76,6 +76,9 @@ def reconciling(
         logger.error("%s: %s", failure.reason, failure.message)
         service.refuse(body.metadata["name"], failure)
         raise kopf.PermanentError(failure.message) from failure
+    # kopf's own lines about the object name its PR too, even when this handler runs before the watch's
+    # `track` has seen the object.
+    shared.subjects.remember(env.name, env.spec.repository, env.spec.pull_request)
     log = env_logger(logger, env)
     if not teardown and retry > 0 and env.status.phase is Phase.FAILED and env.status.reason == "Stale":
         # The stale sweep gave up on this attempt; the retry job owns the object from here.
