@@ -44,6 +44,11 @@ async def observe(*, event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
     if isinstance(obj, dict):
         runtime: Runtime = memo.runtime
         runtime.ledger.observe(event.get("type"), dict(obj))
+        if event.get("type") != "DELETED":
+            # This handler may run before lifecycle's `track` (registration follows import order): kopf's
+            # line about it names the object's PR all the same.
+            spec = obj.get("spec") or {}
+            runtime.subjects.remember(obj["metadata"]["name"], spec.get("repository"), spec.get("pullRequest"))
 
 
 def _wake_requested(body: kopf.Body, **_: Any) -> bool:
