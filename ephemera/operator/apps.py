@@ -26,7 +26,6 @@ from ephemera.kube import Kube, KubeError
 from ephemera.operator.runtime import Runtime
 from ephemera.readiness import WORKLOAD_KINDS, workload_state
 from ephemera.retries import retried_later
-from ephemera.shards import ours
 from ephemera.templates import Template, TemplateError, select
 from ephemera.watchcache import Seen
 
@@ -227,8 +226,8 @@ class Rollouts:
         """Re-apply the environment's template if it still needs it (checked on the object itself, not
         the watch); whether to look at it again later (it was mid-rollout)."""
         body = self.service.kube.get_environment(name)
-        if body is None or body["metadata"].get("deletionTimestamp") or not ours(body, self.settings):
-            return False  # gone, going, or moved to another shard (whose own watch queues it)
+        if body is None or body["metadata"].get("deletionTimestamp"):
+            return False
         try:
             env = Environment.from_body(body)
         except Failure:
