@@ -1,5 +1,6 @@
 """What one write costs the API server and etcd (CPU milliseconds), by kind: the floor's plain
-creates next to the PreviewEnvironment writes Ephemera makes (create, kopf's patch, status patch).
+creates next to the PreviewEnvironment writes Ephemera makes (create, kopf's patch, status patch),
+and the status patch that carries kopf's record too (how a new environment's Ready is written now).
 Nothing else runs: no operator, no webhook, no watcher."""
 
 from __future__ import annotations
@@ -65,6 +66,25 @@ def main() -> None:
                 names[number - 1], {"phase": "Ready", "message": "ready", "conditions": [condition]}
             )
 
+        def ready_with_record(number: int) -> None:  # both in one status write (kopf's diff-base in status.kopf)
+            condition = {
+                "type": "Ready",
+                "status": "True",
+                "reason": "Ready",
+                "message": "ready, with kopf's record",
+                "lastTransitionTime": "2026-01-01T00:00:01Z",
+            }
+            handled = json.dumps({"spec": spec(number), "metadata": {"labels": {}}})
+            kube.patch_environment_status(
+                names[number - 1],
+                {
+                    "phase": "Ready",
+                    "message": "ready, with kopf's record",
+                    "conditions": [condition],
+                    "kopf": {"last-handled-configuration": handled},
+                },
+            )
+
         def namespace(number: int) -> None:
             kube.create_namespace({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": names[number - 1]}})
 
@@ -79,6 +99,7 @@ def main() -> None:
             ("PreviewEnvironment create (webhook)", environment),
             ("PreviewEnvironment metadata patch (kopf)", kopf_patch),
             ("PreviewEnvironment status patch (operator)", status),
+            ("PreviewEnvironment status patch with kopf's record (one write)", ready_with_record),
         ]
         for what, step in steps:
             before = cpu_by_process(s)

@@ -23,7 +23,7 @@ from typing import Any
 
 from ephemera.api.models import Phase
 from ephemera.config import Settings
-from ephemera.environments import Environment, Environments, Failure, PermanentFailure
+from ephemera.environments import Environment, Environments, Failure, PermanentFailure, Status
 from ephemera.kube import KubeError
 from ephemera.ledger import LIVE, Counts, Entry, Ledger, iso, iso_precise
 
@@ -137,16 +137,20 @@ class Admission:
         logger: Logger,
         extra: dict[str, Any] | None = None,
         detached: bool = False,
+        into: Status | None = None,
     ) -> None:
         """Provision or update `env` as the policy allows. One that holds a namespace is updated at
         once; one that needs a namespace is admitted or Queued. `detached`: no kopf handler retries
-        this call (a wake, the admission round), so an admission that fails ends in the status."""
+        this call (a wake, the admission round), so an admission that fails ends in the status.
+        `into`: the status of kopf's own patch, where the status it ends with goes (a kopf handler's
+        call; see `Environments.transition`)."""
         now = datetime.datetime.now(datetime.UTC)
         entry = self.entry(env)
         phase = env.status.phase.value if env.status.phase else None
         if phase in LIVE:
             stamp = activity(env, entry, self.ttl_of(env.spec.repository), now, force=False)
-            self.service.provision(env, updating=updating, logger=logger, first={**stamp, **(extra or {})} or None)
+            first = {**stamp, **(extra or {})} or None
+            self.service.provision(env, updating=updating, logger=logger, first=first, into=into)
             return
         queued_at = env.status.queued_at or iso_precise(now)
         me = dataclasses.replace(entry, queued_at=queued_at)
@@ -163,7 +167,7 @@ class Admission:
             if detached:
                 self._launch(env, entry, queued_at, logger, extra)
             else:
-                self._start(env, entry, now, logger, extra)
+                self._start(env, entry, now, logger, extra, into)
             return
         position = [e.name for e in waiting if e.name not in admitted].index(env.name) + 1
         hold = holds[env.name]
@@ -181,16 +185,23 @@ class Admission:
             hold.message,
             {"queuePosition": position, "queuedAt": queued_at, "expiresAt": None, **(extra or {})},
             logger,
+            into=into,
         )
 
     def _start(
-        self, env: Environment, entry: Entry, now: datetime.datetime, logger: Logger, extra: dict[str, Any] | None
+        self,
+        env: Environment,
+        entry: Entry,
+        now: datetime.datetime,
+        logger: Logger,
+        extra: dict[str, Any] | None,
+        into: Status | None = None,
     ) -> None:
         stamp = activity(env, entry, self.ttl_of(env.spec.repository), now, force=True)
         fields = {**stamp, "queuePosition": None, "queuedAt": None, **(extra or {})}
         # The reservation stays if this fails: the watch frees it once the object leaves the queue
-        # (Provisioning, Failed), or its deadline does if even the first status write failed.
-        self.service.provision(env, updating=False, logger=logger, first=fields)
+        # (Provisioning, Ready, Failed), or its deadline does if even the first status write failed.
+        self.service.provision(env, updating=False, logger=logger, first=fields, into=into)
 
     # The periodic round ---------------------------------------------------------------------------
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import datetime
 import logging
-from collections.abc import Callable
-from dataclasses import dataclass, replace
+from collections.abc import Callable, MutableMapping
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from pydantic import ValidationError
@@ -193,6 +193,34 @@ def _same(desired: Any, actual: Any) -> bool:
     return bool(desired == actual)
 
 
+# A status patch being built: what kopf sends with its own record once a handler returns.
+Status = MutableMapping[str, Any]
+
+
+@dataclass(frozen=True)
+class Step:
+    """A transition decided now and written later, with the one after it when that follows at once:
+    the Provisioning (or Updating) before a Ready. Announced with the time it was decided."""
+
+    phase: Phase
+    reason: str
+    message: str
+    extra: dict[str, Any] | None = None
+    at: str = field(default_factory=now_iso)
+    occurred: datetime.datetime = field(default_factory=lambda: datetime.datetime.now(datetime.UTC))
+
+
+@dataclass(frozen=True)
+class Converged:
+    """What a provision made: the namespace, notes on what was mended, the status fields for Ready;
+    `rolling_out` says what the app still waits for, if it is not ready yet."""
+
+    namespace: str
+    notes: list[str]
+    extra: dict[str, Any]
+    rolling_out: str | None = None
+
+
 @dataclass(frozen=True)
 class Terminating:
     """The namespaces (name and uid) deleted by a teardown and not gone yet."""
@@ -240,9 +268,25 @@ class Environments:
         message: str,
         extra: dict[str, Any] | None = None,
         logger: logging.Logger | logging.LoggerAdapter[Any] | None = None,
+        *,
+        into: Status | None = None,
     ) -> Environment:
-        """Write the new phase to the object's status, announce it, and return the updated object."""
+        """Write the new phase to the object's status, announce it, and return the updated object.
+
+        `into`: the status of the patch a kopf handler's framework sends once the handler returns (with
+        its own record of the object: one write for both); the caller must return right after."""
         at = now_iso()
+        status = self._status(env, phase, reason, message, at, extra)
+        if into is not None:
+            into.update(status)
+        elif self.kube.patch_environment_status(env.name, status) is None:
+            return env  # the object is gone; nothing to announce
+        return self._announce(env, phase, reason, message, at, status, logger)
+
+    def _status(
+        self, env: Environment, phase: Phase, reason: str, message: str, at: str, extra: dict[str, Any] | None
+    ) -> dict[str, Any]:
+        """The status patch that takes `env` to `phase` at `at`."""
         ready = ready_condition(
             phase, reason, message, generation=env.generation, at=at, previous=env.status.conditions
         )
@@ -258,8 +302,20 @@ class Environments:
         if phase is not Phase.FAILED and env.status.problems:
             status["problems"] = None  # they were about a failure this transition leaves behind
         status.update(extra or {})
-        if self.kube.patch_environment_status(env.name, status) is None:
-            return env  # the object is gone; nothing to announce
+        return status
+
+    def _announce(
+        self,
+        env: Environment,
+        phase: Phase,
+        reason: str,
+        message: str,
+        at: str,
+        status: dict[str, Any],
+        logger: logging.Logger | logging.LoggerAdapter[Any] | None,
+        occurred: datetime.datetime | None = None,
+    ) -> Environment:
+        """Log, post and publish the transition whose status patch is `status`; `env` after it."""
         if logger is not None:
             level = logging.WARNING if phase is Phase.FAILED else logging.INFO
             logger.log(level, "%s: %s", phase.value, message)
@@ -268,11 +324,12 @@ class Environments:
         if phase not in (Phase.PROVISIONING, Phase.QUEUED):
             self.recorder(env.ref(), "Warning" if phase is Phase.FAILED else "Normal", reason, message)
         merged = {**env.status.model_dump(by_alias=True, exclude_none=True), **status}
-        self.transitions.publish(
-            env.announcement(
-                old_phase=env.status.phase, phase=phase, reason=reason, message=message, at=at, status=merged
-            )
+        announced = env.announcement(
+            old_phase=env.status.phase, phase=phase, reason=reason, message=message, at=at, status=merged
         )
+        if occurred is not None:
+            announced = replace(announced, occurred=occurred)
+        self.transitions.publish(announced)
         return replace(env, status=PreviewEnvironmentStatus.model_validate(merged))
 
     def fail(
@@ -316,13 +373,41 @@ class Environments:
         updating: bool,
         logger: logging.Logger | logging.LoggerAdapter[Any],
         first: dict[str, Any] | None = None,
+        into: Status | None = None,
     ) -> None:
         """Bring the environment to Ready: create what is missing and mend what drifted. `first` goes
-        into the status with the first transition (the lifecycle policy's times)."""
+        into the status with the first transition (the lifecycle policy's times).
+
+        `into` (see `transition`): Ready goes there, and the Provisioning (or Updating) step before it
+        is written only if the environment does not get to Ready at once (a wait, a rollout, a
+        failure); when it does, the step is announced with Ready and its fields ride in the same write."""
         phase = Phase.UPDATING if updating else Phase.PROVISIONING
+        step: Step | None = None
         if env.status.phase != phase or env.status.observed_generation != env.generation:
-            message = f"{phase.value} for commit {env.spec.commit_sha[:7]}"
-            env = self.transition(env, phase, phase.value, message, first)
+            step = Step(phase, phase.value, f"{phase.value} for commit {env.spec.commit_sha[:7]}", first)
+            if into is None:
+                env, step = self._enter(env, step), None
+        # Provisioning mends quietly what its own earlier attempt left (`_ensure`), written or not.
+        working = env if step is None else replace(env, status=env.status.model_copy(update={"phase": phase}))
+        try:
+            done = self._converge(working, logger)
+        except BaseException:
+            if step is not None:  # the status says where the environment is while kopf retries or fails it
+                self._enter(env, step)
+            raise
+        if done.rolling_out is not None:
+            if step is not None:
+                env = self._enter(env, step)
+            self.transition(env, phase, ROLLING_OUT, f"Rolling out: {done.rolling_out}", done.extra, logger)
+            return  # the app watch (operator/apps.py) settles it
+        self._ready(env, done.namespace, done.notes, done.extra, logger, step=step, into=into)
+
+    def _enter(self, env: Environment, step: Step) -> Environment:
+        """Write and announce `step` now (not logged: the step's outcome is)."""
+        return self.transition(env, step.phase, step.reason, step.message, step.extra)
+
+    def _converge(self, env: Environment, logger: logging.Logger | logging.LoggerAdapter[Any]) -> Converged:
+        """Create or mend the namespace, its children and the app; nothing is written to the object."""
         try:
             quota = children.resolve_quota(env.spec, self.settings)
         except children.QuotaError as err:
@@ -350,12 +435,11 @@ class Environments:
                 timeout = rollout.timeout or self.settings.hard_time_limit
                 deadline = datetime.datetime.now(datetime.UTC) + datetime.timedelta(seconds=timeout)
                 extra["rolloutDeadline"] = deadline.replace(microsecond=0).isoformat().replace("+00:00", "Z")
-                self.transition(env, phase, ROLLING_OUT, f"Rolling out: {verdict.summary()}", extra, logger)
-                return  # the app watch (operator/apps.py) settles it
+                return Converged(namespace, notes, extra, rolling_out=verdict.summary())
             notes.append(f"app from template {rollout.template} ready")
         elif env.status.inventory:
             extra.update({"template": None, "inventory": None})
-        self._ready(env, namespace, notes, extra, logger)
+        return Converged(namespace, notes, extra)
 
     def _ready(
         self,
@@ -364,14 +448,23 @@ class Environments:
         notes: list[str],
         extra: dict[str, Any],
         logger: logging.Logger | logging.LoggerAdapter[Any] | None,
+        *,
+        step: Step | None = None,
+        into: Status | None = None,
     ) -> None:
+        """Ready; `step` (the Provisioning or Updating not written yet) is announced first and written
+        with it, into `into`."""
         message = f"Environment ready in namespace {namespace} at commit {env.spec.commit_sha[:7]}"
         if notes:
             message += " (" + "; ".join(notes) + ")"
         extra = {**extra, "retries": None, "failedAt": None, "permanent": None, "rolloutDeadline": None}
         if not env.status.provisioned_at:
             extra["provisionedAt"] = now_iso()
-        self.transition(env, Phase.READY, "Ready", message, extra, logger)
+        if step is not None and into is not None:
+            entered = self._status(env, step.phase, step.reason, step.message, step.at, step.extra)
+            env = self._announce(env, step.phase, step.reason, step.message, step.at, entered, None, step.occurred)
+            into.update(entered)  # what Ready does not set (the policy's times) is kept from the step
+        self.transition(env, Phase.READY, "Ready", message, extra, logger, into=into)
 
     # The application (PreviewTemplates) -------------------------------------------------------------
 

@@ -20,20 +20,36 @@ from ephemera.transitions import Transition
 from ephemera.watchcache import Seen
 
 
+# The status these handlers end with goes into kopf's own patch (`patch.status`), written with kopf's
+# record of the object once the handler returns: one write (see operator/persistence.py).
 @kopf.on.create(*RESOURCE, id="provision")
 def provision(
-    *, body: kopf.Body, memo: kopf.Memo, logger: Logger, retry: int, runtime: datetime.timedelta, **_: Any
+    *,
+    body: kopf.Body,
+    memo: kopf.Memo,
+    logger: Logger,
+    retry: int,
+    runtime: datetime.timedelta,
+    patch: kopf.Patch,
+    **_: Any,
 ) -> None:
     with reconciling("provision", body, memo, logger, retry=retry, runtime=runtime) as (_service, env, log):
-        memo.runtime.admission.provision(env, updating=False, logger=log)
+        memo.runtime.admission.provision(env, updating=False, logger=log, into=patch.status)
 
 
 @kopf.on.update(*RESOURCE, id="update", field="spec")
 def update(
-    *, body: kopf.Body, memo: kopf.Memo, logger: Logger, retry: int, runtime: datetime.timedelta, **_: Any
+    *,
+    body: kopf.Body,
+    memo: kopf.Memo,
+    logger: Logger,
+    retry: int,
+    runtime: datetime.timedelta,
+    patch: kopf.Patch,
+    **_: Any,
 ) -> None:
     with reconciling("update", body, memo, logger, retry=retry, runtime=runtime) as (_service, env, log):
-        memo.runtime.admission.provision(env, updating=True, logger=log)
+        memo.runtime.admission.provision(env, updating=True, logger=log, into=patch.status)
 
 
 def _needs_work(status: kopf.Status, body: kopf.Body) -> bool:
@@ -47,12 +63,19 @@ def _needs_work(status: kopf.Status, body: kopf.Body) -> bool:
 
 @kopf.on.resume(*RESOURCE, id="resume", when=lambda status, body, **_: _needs_work(status, body))
 def resume(
-    *, body: kopf.Body, memo: kopf.Memo, logger: Logger, retry: int, runtime: datetime.timedelta, **_: Any
+    *,
+    body: kopf.Body,
+    memo: kopf.Memo,
+    logger: Logger,
+    retry: int,
+    runtime: datetime.timedelta,
+    patch: kopf.Patch,
+    **_: Any,
 ) -> None:
     """After a restart: finish what was under way; Ready objects cost nothing here."""
     updating = body.get("status", {}).get("phase") in (Phase.UPDATING.value, Phase.READY.value)
     with reconciling("resume", body, memo, logger, retry=retry, runtime=runtime) as (_service, env, log):
-        memo.runtime.admission.provision(env, updating=updating, logger=log)
+        memo.runtime.admission.provision(env, updating=updating, logger=log, into=patch.status)
 
 
 @kopf.on.delete(*RESOURCE, id="destroy")

@@ -26,7 +26,7 @@ from ephemera.github.outbox import Reporter
 from ephemera.hooks import Hooks
 from ephemera.kube import Kube, KubeError, load_api_client
 from ephemera.ledger import Ledger
-from ephemera.operator import apps, health, jobs
+from ephemera.operator import apps, health, jobs, persistence
 from ephemera.operator.metrics import observe_transition
 from ephemera.operator.runtime import Runtime
 from ephemera.previews import Previews
@@ -50,12 +50,10 @@ async def configure(*, settings: kopf.OperatorSettings, memo: kopf.Memo, logger:
 
 def _tune(settings: kopf.OperatorSettings, cfg: Settings) -> None:
     """kopf's own settings: where it keeps progress, how many threads, which Events, timeouts, peering."""
-    # Progress and the last handled spec live in annotations: the status schema is structural and
-    # would prune kopf's own status fields.
-    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=PREFIX)
-    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
-        prefix=PREFIX, key="last-handled-configuration"
-    )
+    # The last handled spec lives in status.kopf (the CRD keeps that field's content), progress in
+    # annotations: kopf's patch after a handler done at once, with the status it sets, is one write.
+    settings.persistence.progress_storage = persistence.ProgressStorage(prefix=PREFIX)
+    settings.persistence.diffbase_storage = persistence.DiffBaseStorage(prefix=PREFIX)
     settings.persistence.finalizer = FINALIZER
     # Handlers run in a pool of `workers` threads. kopf's per-object workers are not limited: each
     # holds its slot for idle_timeout (5 s) after its object's last event, so a limit of N would let
