@@ -57,8 +57,8 @@ def _tune(settings: kopf.OperatorSettings, cfg: Settings) -> None:
     settings.persistence.finalizer = FINALIZER
     # After its own patch kopf waits for the watch to bring that version back before acting on older
     # events; past this wait it acts on them as if current. Under a burst the watch runs seconds
-    # behind, and at kopf's 5 s an event from before the patch (our Ready status, written inside the
-    # handler) looked like a new object: 77% of a burst of 1,000 were provisioned twice.
+    # behind, and at kopf's 5 s an event from before the patch (then our own Ready write; now Ready
+    # rides in kopf's patch) looked like a new object: 77% of a burst of 1,000 were provisioned twice.
     settings.persistence.consistency_timeout = cfg.watch_consistency_timeout
     # Handlers run in a pool of `workers` threads. kopf's per-object workers are not limited: each
     # holds its slot for idle_timeout (5 s) after its object's last event, so a limit of N would let
