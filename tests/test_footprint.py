@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
+from typing import cast
 
 import kopf
 from kopf._cogs.structs.references import Resource
@@ -13,7 +15,9 @@ from ephemera.api.models import GROUP, KIND, VERSION
 from ephemera.api.naming import ENVIRONMENT_LABEL, MANAGED_BY, MANAGED_BY_LABEL, environment_name
 from ephemera.config import Settings
 from ephemera.kube import Kube
-from ephemera.operator import apps, startup
+from ephemera.ledger import Ledger
+from ephemera.operator import apps, policy, startup
+from ephemera.operator.runtime import Runtime
 from ephemera.watchcache import Seen
 
 
@@ -95,3 +99,32 @@ def test_what_the_watch_keeps_of_each_object_shares_the_values_many_objects_hold
     assert first.reason is second.reason
     assert first.repository is second.repository
     assert first.template is second.template
+
+
+async def test_the_ledgers_resync_brings_it_to_the_listing_read_page_by_page(crd: Path, kube: Kube) -> None:
+    """The periodic resync of the policy's ledger (read into entries page by page, off the event loop)
+    takes what the cluster lists and drops what it no longer has."""
+    name = environment_name("footprint/ledger", 1)
+    kube.create_environment(
+        {
+            "apiVersion": f"{GROUP}/{VERSION}",
+            "kind": KIND,
+            "metadata": {"name": name},
+            "spec": {"repository": "footprint/ledger", "pullRequest": 1, "commitSha": "c" * 40, "branch": "f"},
+        }
+    )
+    try:
+        ledger = Ledger()
+        gone = {"metadata": {"name": "gone", "uid": "gone", "creationTimestamp": "2026-01-01T00:00:00Z"}}
+        ledger.prime([gone])
+        runtime = SimpleNamespace(admission=None, expiry=None, ledger=ledger, settings=Settings(), kube=kube)
+        resync = next(job for _, job, label in policy.jobs(cast(Runtime, runtime)) if label == "policy-ledger-resync")
+        await resync()
+        names = {entry.name for entry in ledger.entries()}
+        assert name in names
+        assert "gone" not in names
+        entry = ledger.get(name)
+        assert entry is not None
+        assert entry.repository == "footprint/ledger"
+    finally:
+        kube.delete_environment(name)
