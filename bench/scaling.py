@@ -6,6 +6,8 @@ Sizes are parameters, so a quick run can use small N:
   BENCH_FOOTPRINT   idle footprint sizes (default 1000,5000,20000; empty to skip)
   BENCH_IDLE        idle window in seconds per footprint size (default 330: one sweep and
                              one resync at their 300 s defaults)
+  BENCH_RESTART     1 to restart the operator after the largest size and measure it again: what
+                             a restart with every environment there costs (its first listing)
   BENCH_TRACEMALLOC 1 to run the footprint's operator under tracemalloc (slower, bigger) and
                              report which code's memory grows from one size to the next; `types`
                              to report only which types of objects grow (no tracing: cheap)
@@ -99,7 +101,9 @@ def _settled(s: Stack) -> bool:
     return cpu_by_process(s).get("operator", 0.0) - first < 0.15
 
 
-def footprint_rows(s: Stack, kube: Kube, counts: list[int], window: float, probe: str) -> list[dict[str, Any]]:
+def footprint_rows(
+    s: Stack, kube: Kube, counts: list[int], window: float, probe: str, restart: bool = False
+) -> list[dict[str, Any]]:
     """The idle footprint at each size; `probe` is "" (plain), "1" (tracemalloc) or "types" (only the
     counts of objects by type, untraced)."""
     env: dict[str, str] = {}
@@ -147,9 +151,33 @@ def footprint_rows(s: Stack, kube: Kube, counts: list[int], window: float, probe
         # Probed figures are inflated by the probe itself: kept apart from the plain curve.
         name = "scaling_footprint" + {"": "", "1": "_traced", "types": "_types"}[probe]
         report(name, rows, FOOTPRINT_COLUMNS, final=size == counts[-1])
+    if restart and not probe:
+        rows.append(_restarted(s, made, window))
+        report("scaling_footprint", rows, FOOTPRINT_COLUMNS, final=True)
     watcher.stop()
-    operator.stop()
+    if s.operator is not None:
+        s.operator.stop()
     return rows
+
+
+def _restarted(s: Stack, made: int, window: float) -> dict[str, Any]:
+    """The operator stopped and started again with `made` environments there, measured once idle."""
+    assert s.operator is not None
+    s.operator.stop()
+    started = time.perf_counter()
+    operator = s.start_operator()
+    assert operator.proc is not None
+    figures = idle(operator.proc.pid, window)  # waits for the restart's work to be over first
+    return {
+        "environments": made,
+        "timers": "defaults, restarted",
+        "time_to_all_ready_s": None,
+        "restart_to_idle_s": time.perf_counter() - started - window,
+        **figures,
+        **_control_plane_rss(s),
+        "idle_window_s": window,
+        "load_avg_1m": os.getloadavg()[0],
+    }
 
 
 def _control_plane_rss(s: Stack) -> dict[str, float]:
@@ -217,7 +245,7 @@ def main() -> None:
     if counts:
         with stack() as s:
             kube = Kube(load_api_client(s.plane.kubeconfig, pool_size=64))
-            rows = footprint_rows(s, kube, counts, window, probe)
+            rows = footprint_rows(s, kube, counts, window, probe, os.environ.get("BENCH_RESTART") == "1")
             kube.close()
         for row in rows:
             for line in row.get("growth", []) + row.get("type_growth", []):

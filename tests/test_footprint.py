@@ -14,7 +14,7 @@ from kopf._cogs.structs.references import Resource
 from ephemera.api.models import GROUP, KIND, VERSION
 from ephemera.api.naming import ENVIRONMENT_LABEL, MANAGED_BY, MANAGED_BY_LABEL, environment_name
 from ephemera.config import Settings
-from ephemera.kube import Kube
+from ephemera.kube import PAGE_SIZE, Kube
 from ephemera.ledger import Ledger
 from ephemera.operator import apps, policy, startup
 from ephemera.operator.runtime import Runtime
@@ -51,6 +51,12 @@ def test_the_watches_ask_the_api_server_only_for_ephemeras_namespaces_and_worklo
     environments = _resource("ephemera.dev", "v1alpha1", "previewenvironments", "PreviewEnvironment", False)
     assert _selectors(settings, environments) == []
     assert len(apps.WORKLOADS) == len(workloads)
+
+
+def test_a_restarts_first_listing_is_read_in_pages() -> None:
+    settings = kopf.OperatorSettings()
+    startup._tune(settings, Settings())
+    assert settings.watching.chunk_size == PAGE_SIZE
 
 
 def test_a_listing_of_environments_keeps_everything_but_the_managed_fields(crd: Path, kube: Kube) -> None:
