@@ -74,9 +74,10 @@ def main() -> None:
     )
 
 
-def idle(pid: int, seconds: float) -> dict[str, float]:
-    """CPU (% of one core) and memory of the process over `seconds` once its start-up work is over."""
-    wait_for(lambda: _quiet(pid), timeout=600, interval=1, what="the operator to go idle")
+def idle(pid: int, seconds: float, quiet: float = 0.05) -> dict[str, float]:
+    """CPU (% of one core) and memory of the process over `seconds` once its start-up work is over (it
+    used under `quiet` of a core over 5 s: a traced process never gets as low as an untraced one)."""
+    wait_for(lambda: _quiet(pid, threshold=quiet), timeout=600, interval=1, what="the operator to go idle")
     cpu0, _ = process_usage(pid)
     t0 = time.perf_counter()
     rss_max = 0
@@ -91,12 +92,12 @@ def idle(pid: int, seconds: float) -> dict[str, float]:
     }
 
 
-def _quiet(pid: int, window: float = 5.0) -> bool:
-    """The process used under 5% of a core over `window` seconds (the start-up burst is over)."""
+def _quiet(pid: int, window: float = 5.0, threshold: float = 0.05) -> bool:
+    """The process used under `threshold` of a core over `window` seconds (the start-up burst is over)."""
     cpu0, _ = process_usage(pid)
     time.sleep(window)
     cpu1, _ = process_usage(pid)
-    return (cpu1 - cpu0) / window < 0.05
+    return (cpu1 - cpu0) / window < threshold
 
 
 if __name__ == "__main__":

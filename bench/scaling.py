@@ -6,12 +6,16 @@ Sizes are parameters, so a quick run can use small N:
   BENCH_FOOTPRINT   idle footprint sizes (default 1000,5000,20000; empty to skip)
   BENCH_IDLE        idle window in seconds per footprint size (default 330: one sweep and
                              one resync at their 300 s defaults)
+  BENCH_RESTART     1 to restart the operator after the largest size and measure it again: what
+                             a restart with every environment there costs (its first listing)
   BENCH_TRACEMALLOC 1 to run the footprint's operator under tracemalloc (slower, bigger) and
-                             report which code's memory grows from one size to the next
+                             report which code's memory grows from one size to the next; `types`
+                             to report only which types of objects grow (no tracing: cheap)
 """
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -20,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.footprint import create, idle
-from bench.harness import Stack, Watcher, api_requests, cpu_by_process, delta, report, stack
+from bench.harness import Stack, Watcher, api_requests, cpu_by_process, delta, process_usage, report, stack
 from bench.pr_to_ready import burst, floor
 from devtools.controlplane import REPO_ROOT
 from devtools.support import wait_for
@@ -45,6 +49,8 @@ FOOTPRINT_COLUMNS = [
     "idle_cpu_pct_of_one_core",
     "rss_mb",
     "rss_max_mb",
+    "apiserver_rss_mb",
+    "etcd_rss_mb",
     "load_avg_1m",
 ]
 
@@ -95,10 +101,15 @@ def _settled(s: Stack) -> bool:
     return cpu_by_process(s).get("operator", 0.0) - first < 0.15
 
 
-def footprint_rows(s: Stack, kube: Kube, counts: list[int], window: float, traced: bool) -> list[dict[str, Any]]:
+def footprint_rows(
+    s: Stack, kube: Kube, counts: list[int], window: float, probe: str, restart: bool = False
+) -> list[dict[str, Any]]:
+    """The idle footprint at each size; `probe` is "" (plain), "1" (tracemalloc) or "types" (only the
+    counts of objects by type, untraced)."""
     env: dict[str, str] = {}
     snapshot = s.tmp / "operator.snapshot"
-    if traced:
+    traced = probe == "1"
+    if probe:
         env = {
             "PYTHONPATH": os.pathsep.join([str(MEMPROBE), os.environ.get("PYTHONPATH", "")]),
             "BENCH_SNAPSHOT": str(snapshot),
@@ -109,7 +120,8 @@ def footprint_rows(s: Stack, kube: Kube, counts: list[int], window: float, trace
         os.kill(operator.proc.pid, signal.SIGUSR2)  # trace from here on: start-up is not what grows
     watcher = Watcher(s.plane)
     rows: list[dict[str, Any]] = []
-    made, previous = 0, None
+    made = 0
+    previous: tuple[tracemalloc.Snapshot, dict[str, int]] | None = None
     for size in counts:
         started = time.perf_counter()
         create(kube, made + 1, size + 1)
@@ -119,30 +131,79 @@ def footprint_rows(s: Stack, kube: Kube, counts: list[int], window: float, trace
             "environments": size,
             "timers": "defaults" + (", tracemalloc" if traced else ""),
             "time_to_all_ready_s": time.perf_counter() - started,
-            **idle(operator.proc.pid, window),
+            # Traced, the idle operator's timers alone take more than the 5% of a core that means quiet.
+            **idle(operator.proc.pid, window, quiet=0.5 if traced else 0.05),
+            **_control_plane_rss(s),
             "idle_window_s": window,
             "load_avg_1m": os.getloadavg()[0],
         }
-        if traced:
+        if probe:
             current = _snapshot(operator.proc.pid, snapshot)
-            row["traced_mb"] = sum(stat.size for stat in current.statistics("filename")) / 2**20
+            if traced:
+                row["traced_mb"] = sum(stat.size for stat in current[0].statistics("filename")) / 2**20
             if previous is not None:
-                row["growth"] = _growth(current, previous, size - rows[-1]["environments"])
+                added = size - rows[-1]["environments"]
+                if traced:
+                    row["growth"] = _growth(current[0], previous[0], added)
+                row["type_growth"] = _type_growth(current[1], previous[1], added)
             previous = current
         rows.append(row)
-        # Traced figures are inflated by tracemalloc itself: kept apart from the plain curve.
-        name = "scaling_footprint_traced" if traced else "scaling_footprint"
+        # Probed figures are inflated by the probe itself: kept apart from the plain curve.
+        name = "scaling_footprint" + {"": "", "1": "_traced", "types": "_types"}[probe]
         report(name, rows, FOOTPRINT_COLUMNS, final=size == counts[-1])
+    if restart and not probe:
+        rows.append(_restarted(s, made, window))
+        report("scaling_footprint", rows, FOOTPRINT_COLUMNS, final=True)
     watcher.stop()
-    operator.stop()
+    if s.operator is not None:
+        s.operator.stop()
     return rows
 
 
-def _snapshot(pid: int, path: Path) -> tracemalloc.Snapshot:
+def _restarted(s: Stack, made: int, window: float) -> dict[str, Any]:
+    """The operator stopped and started again with `made` environments there, measured once idle."""
+    assert s.operator is not None
+    s.operator.stop()
+    started = time.perf_counter()
+    operator = s.start_operator()
+    assert operator.proc is not None
+    figures = idle(operator.proc.pid, window)  # waits for the restart's work to be over first
+    return {
+        "environments": made,
+        "timers": "defaults, restarted",
+        "time_to_all_ready_s": None,
+        "restart_to_idle_s": time.perf_counter() - started - window,
+        **figures,
+        **_control_plane_rss(s),
+        "idle_window_s": window,
+        "load_avg_1m": os.getloadavg()[0],
+    }
+
+
+def _control_plane_rss(s: Stack) -> dict[str, float]:
+    """The API server's and etcd's resident memory (MB): what the environments cost outside the operator."""
+    rss: dict[str, float] = {}
+    for name, proc in s.plane.processes.items():
+        if name in ("apiserver", "kube-apiserver", "etcd"):
+            key = "etcd_rss_mb" if name == "etcd" else "apiserver_rss_mb"
+            rss[key] = process_usage(proc.pid)[1] / 2**20
+    return rss
+
+
+def _snapshot(pid: int, path: Path) -> tuple[tracemalloc.Snapshot, dict[str, int]]:
+    """The operator's tracemalloc snapshot and its objects counted by type (bench/memprobe)."""
     path.unlink(missing_ok=True)
     os.kill(pid, signal.SIGUSR1)
     wait_for(path.exists, timeout=300, interval=1, what="the operator's tracemalloc snapshot")
-    return tracemalloc.Snapshot.load(str(path))
+    types: dict[str, int] = json.loads(Path(f"{path}.types.json").read_text())
+    return tracemalloc.Snapshot.load(str(path)), types
+
+
+def _type_growth(current: dict[str, int], previous: dict[str, int], added: int) -> list[str]:
+    """The types whose live objects grew most from the previous size, in objects per added environment."""
+    diff = {name: count - previous.get(name, 0) for name, count in current.items()}
+    top = sorted(diff.items(), key=lambda item: -item[1])[:15]
+    return [f"{count / added:.2f}/env {name}" for name, count in top]
 
 
 def _growth(current: tracemalloc.Snapshot, previous: tracemalloc.Snapshot, added: int) -> list[str]:
@@ -168,7 +229,9 @@ def main() -> None:
     bursts = sizes("BENCH_BURSTS", "100,500,1000,2000")
     counts = sizes("BENCH_FOOTPRINT", "1000,5000,20000")
     window = float(os.environ.get("BENCH_IDLE", "330"))
-    traced = os.environ.get("BENCH_TRACEMALLOC") == "1"
+    probe = os.environ.get("BENCH_TRACEMALLOC", "")
+    if probe not in ("", "1", "types"):
+        raise SystemExit(f"BENCH_TRACEMALLOC={probe!r}: 1, types or unset")
     if bursts:
         # Each curve on its own control plane: neither inherits the other's objects.
         with stack() as s:
@@ -182,10 +245,10 @@ def main() -> None:
     if counts:
         with stack() as s:
             kube = Kube(load_api_client(s.plane.kubeconfig, pool_size=64))
-            rows = footprint_rows(s, kube, counts, window, traced)
+            rows = footprint_rows(s, kube, counts, window, probe, os.environ.get("BENCH_RESTART") == "1")
             kube.close()
         for row in rows:
-            for line in row.get("growth", []):
+            for line in row.get("growth", []) + row.get("type_growth", []):
                 print(f"  {row['environments']}: {line}")
 
 

@@ -228,8 +228,12 @@ class Kube:
         return self._get(f"{ENVIRONMENTS}/{name}", f"PreviewEnvironment {name}")
 
     def list_environments(self) -> Iterator[Obj]:
-        """Every PreviewEnvironment, in pages, so that thousands never load at once."""
-        return self._pages(ENVIRONMENTS, "PreviewEnvironments")
+        """Every PreviewEnvironment, in pages, so that thousands never load at once, and without its
+        managed fields: no caller reads them, and they are more than half of an object in memory (about
+        10 KB with them, 4 KB without), which the periodic resyncs hold for every object at once."""
+        for obj in self._pages(ENVIRONMENTS, "PreviewEnvironments"):
+            (obj.get("metadata") or {}).pop("managedFields", None)
+            yield obj
 
     def list_events(self, kind: str, name: str, namespace: str = "default") -> list[Obj]:
         """The Events about the object `kind`/`name` (a cluster-scoped object's are kept in `default`)."""

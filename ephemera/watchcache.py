@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -32,20 +33,21 @@ class Seen:
 
     @classmethod
     def from_body(cls, obj: Mapping[str, Any]) -> Seen:
-        """What a watch event's object says, kept in memory."""
+        """What a watch event's object says, kept in memory. The values that thousands of objects share
+        (phase, reason, repository, template) are kept once each, not once per object."""
         meta, status = obj["metadata"], obj.get("status") or {}
         template = status.get("template") or {}
         return cls(
             uid=meta["uid"],
-            phase=status.get("phase") or Phase.PENDING.value,
+            phase=_shared(status.get("phase")) or Phase.PENDING.value,
             since=status.get("lastTransitionTime"),
             deleted_at=meta.get("deletionTimestamp"),
             failed_at=status.get("failedAt"),
             retries=int(status.get("retries") or 0),
             permanent=bool(status.get("permanent")),
-            reason=status.get("reason"),
-            repository=(obj.get("spec") or {}).get("repository"),
-            template=template.get("name"),
+            reason=_shared(status.get("reason")),
+            repository=_shared((obj.get("spec") or {}).get("repository")),
+            template=_shared(template.get("name")),
             template_generation=template.get("generation"),
         )
 
@@ -55,6 +57,11 @@ class Seen:
 
     def retry_status(self) -> dict[str, Any]:
         return {"phase": self.phase, "failedAt": self.failed_at, "retries": self.retries, "permanent": self.permanent}
+
+
+def _shared(value: Any) -> Any:
+    """One copy of a string that many objects hold (a str from a watch event is a new copy each time)."""
+    return sys.intern(value) if type(value) is str else value
 
 
 class Vanishing:

@@ -352,14 +352,17 @@ async def _workload_changed(*, labels: kopf.Labels, body: kopf.Body, memo: kopf.
 
 
 # Each kind a rollout waits on, watched only where Ephemera applied it (its pods carry the labels too).
-for _resource in [
+WORKLOADS = [
     ("apps/v1", "deployments"),
     ("apps/v1", "statefulsets"),
     ("apps/v1", "daemonsets"),
     ("apps/v1", "replicasets"),
     ("batch/v1", "jobs"),
     ("v1", "pods"),
-]:
+]
+# The same filter as the API server's label selector (startup.py), so that only these objects are sent.
+WORKLOAD_SELECTOR = f"{MANAGED_BY_LABEL}={MANAGED_BY},{ENVIRONMENT_LABEL}"
+for _resource in WORKLOADS:
     kopf.on.event(
         *_resource,
         id=f"app-{_resource[1]}",

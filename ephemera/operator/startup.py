@@ -16,7 +16,7 @@ import kubernetes
 
 from ephemera import children, logs
 from ephemera.admission import Admission
-from ephemera.api.naming import FINALIZER
+from ephemera.api.naming import FINALIZER, MANAGED_BY, MANAGED_BY_LABEL
 from ephemera.apply import Applier
 from ephemera.config import Settings, get_settings
 from ephemera.environments import Environments
@@ -24,7 +24,7 @@ from ephemera.expiry import Expiry, Lifetimes
 from ephemera.github.client import GitHubAuth
 from ephemera.github.outbox import Reporter
 from ephemera.hooks import Hooks
-from ephemera.kube import Kube, KubeError, load_api_client
+from ephemera.kube import PAGE_SIZE, Kube, KubeError, load_api_client
 from ephemera.ledger import Ledger
 from ephemera.operator import apps, health, jobs, persistence
 from ephemera.operator.metrics import observe_transition
@@ -69,6 +69,15 @@ def _tune(settings: kopf.OperatorSettings, cfg: Settings) -> None:
     # see reconciling.env_logger); of kopf's own lines only warnings and errors, not "Handler succeeded".
     settings.posting.level = logging.WARNING
     settings.watching.server_timeout = 300
+    # A restart's first listing in pages, as our own listings are: one response with 20,000 objects
+    # would be some 200 MB parsed at once, which the process then keeps as its resident size.
+    settings.watching.chunk_size = PAGE_SIZE
+    # kopf filters handlers' labels on its side: without these the API server would send, and kopf
+    # keep a record of (about 1 KB each, for as long as the object lives), every namespace and pod of
+    # the cluster. The selectors equal the handlers' own filters, so no handler misses an event.
+    settings.watching.label_selectors["v1", "namespaces"] = f"{MANAGED_BY_LABEL}={MANAGED_BY}"
+    for resource in apps.WORKLOADS:
+        settings.watching.label_selectors[resource] = apps.WORKLOAD_SELECTOR
     settings.watching.client_timeout = 330
     settings.networking.request_timeout = 60
     settings.peering.lifetime = cfg.peering_lifetime
