@@ -9,6 +9,7 @@ Webhook variants (the same `ephemera webhook`, started differently):
              delivery and the client serialises the create: an upper bound of what orjson could give)
   spans      as shipped, with timing spans per request (bench/webhook_spans.py): where the time goes
   noreads    an upper bound, not a variant to ship: the intake's reads before a new PR's create skipped
+  nomirror   the intake's reads made per event, not answered from its watched mirrors
   before     the webhook of the checkout BENCH_LEVER_BEFORE (a change's before, in the same run)
 A variant whose package is not installed is skipped: these are measurements, not dependencies.
 BENCH_LEVER_VARIANTS (comma-separated) picks variants; the floor `threads`, which every ratio is taken
@@ -71,6 +72,8 @@ RUNNERS = {
         "pullrequests.Intake._existing_name = lambda self, event: self.name(event); "
         "tombstones.Tombstones.closed_at = lambda self, repository, pull_request: None",
     ),
+    # As shipped, reading the closed PRs and the legacy name per event (EPHEMERA_WEBHOOK_MIRROR=false).
+    "nomirror": ("ephemera", "import os; os.environ['EPHEMERA_WEBHOOK_MIRROR'] = 'false'"),
     # The same bound for the closed PRs' read alone (the legacy name's read kept).
     "noclosesread": (
         "ephemera",
