@@ -115,6 +115,11 @@ class Settings(BaseSettings):
     workers: int = Field(
         50, ge=1, description="Threads for the operator's handlers: most objects provisioned or mended at once."
     )
+    watch_consistency_timeout: float = Field(
+        60.0,
+        ge=0,
+        description="Seconds a handler's own write is awaited on the watch before an older event is acted on.",
+    )
     environment_url: str | None = Field(
         None, description="Template of an environment's URL, e.g. https://{namespace}.preview.example.com."
     )
