@@ -16,6 +16,7 @@ from devtools.support import Kubectl, wait_for
 from ephemera.api.models import API_VERSION, KIND
 from ephemera.api.naming import (
     FINALIZER,
+    NAME_HASH_BITS,
     NAME_HASH_LABEL,
     environment_labels,
     environment_name,
@@ -150,3 +151,23 @@ def test_an_object_under_a_legacy_name_is_found_from_the_mirror(kube: Counted, m
     # The careful path's read of the object it patches, and the patch; the name came from the mirror.
     assert kube.requests == [("GET", f"{ENVIRONMENTS}/{legacy}"), ("PATCH", f"{ENVIRONMENTS}/{legacy}")]
     assert kube.get_environment(environment_name(repo, number)) is None  # no second object under the new name
+
+
+def test_an_object_made_before_the_label_gets_it_on_its_next_event(kube: Counted, mirrored: Intake) -> None:
+    repo, number = f"octo/mirror-{uuid.uuid4().hex[:6]}", 9
+    name = environment_name(repo, number)
+    kube.create_environment(
+        {
+            "apiVersion": API_VERSION,
+            "kind": KIND,
+            "metadata": {"name": name, "labels": environment_labels(name, repo, number), "finalizers": [FINALIZER]},
+            "spec": {"repository": repo, "pullRequest": number, "commitSha": "a" * 40, "branch": "main"},
+        }
+    )
+
+    pushed = mirrored.handle(event("synchronize", repo, number, "2026-01-01T00:01:00Z", sha="d" * 40), "d-6")
+
+    assert (pushed.action, pushed.name) == ("updated", name), pushed
+    obj = kube.get_environment(name)
+    assert obj is not None
+    assert obj["metadata"]["labels"][NAME_HASH_LABEL] == NAME_HASH_BITS

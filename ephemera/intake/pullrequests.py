@@ -358,6 +358,10 @@ class Intake:
             self.kube.create_environment(self._body(event, name, delivery, marks))
             return Outcome("created", name, f"{event.action}: environment requested")
         spec = self.spec(event) if opening else {"commitSha": event.pull_request.head.sha}
+        if not is_legacy_name(name):
+            # An object made before the label existed gets it on its next event, and so leaves the
+            # legacy names' mirror (which watches the objects without it).
+            labels = {**labels, NAME_HASH_LABEL: NAME_HASH_BITS}
         patch = {
             "metadata": {
                 "resourceVersion": obj["metadata"]["resourceVersion"],

@@ -92,9 +92,11 @@ class Tombstones:
         """A mirror of this namespace's records (`start` it; `closed_at` reads it while it is live).
 
         A close that another replica records reaches the mirror as fast as the API server's watch
-        delivers it (milliseconds). That is soon enough: the close is recorded before its environment
-        is deleted, and until the operator has torn that down (seconds), a late event for the PR
-        finds the environment itself, which refuses it (Intake._stale)."""
+        delivers it (milliseconds; this watch carries only closes). That is soon enough: the close is
+        recorded before its environment is deleted, and until the operator has torn that down (seen
+        the delete, deleted the namespace, seen it gone, removed its finalizer: each through a watch
+        of the same API server), a late event for the PR finds the environment itself, which refuses
+        it (Intake._stale)."""
         selector = f"{MANAGED_BY_LABEL}={MANAGED_BY},{COMPONENT_LABEL}={COMPONENT}"
         path = f"/api/v1/namespaces/{self.namespace}/configmaps"
         self.mirror = Mirror(self.kube, path, selector, "closed PRs", _trimmed)
