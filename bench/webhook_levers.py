@@ -2,9 +2,9 @@
 each measured in the same run (interleaved, ROUNDS times) so the machine's drift hits every variant alike.
 
 Webhook variants (the same `ephemera webhook`, started differently):
-  baseline   as shipped: aiohttp on asyncio's loop, the Kubernetes call in a thread pool over urllib3's
-             kept-alive connections (pool of 64)
-  uvloop     the same under uvloop's event loop
+  baseline   as shipped: aiohttp on uvloop's loop, the Kubernetes call in a thread pool over urllib3's
+             kept-alive connections (pool of 64), the intake's guards answered from its mirrors
+  asyncio    the same on asyncio's own event loop (EPHEMERA_WEBHOOK_UVLOOP=false)
   orjson     the same with json.loads/dumps replaced by orjson's in the process (the webhook parses the
              delivery and the client serialises the create: an upper bound of what orjson could give)
   spans      as shipped, with timing spans per request (bench/webhook_spans.py): where the time goes
@@ -21,11 +21,14 @@ Floor variants (the bare create of the same PreviewEnvironment, the request path
                     connection for each request (what the webhook would pay without reuse)
   async             one aiohttp session (kept-alive connections) with the same credentials, no threads: the
                     async client against the thread pool on the same raw request
+  same object       `threads` creating the very object the webhook creates for the event (its labels,
+                    annotations, finalizer and author), where the others create a minimal one
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import importlib.util
 import os
 import ssl
@@ -33,17 +36,22 @@ import statistics
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 
-from bench.harness import SECRET, Stack, report, stack, summary
+from bench.harness import SECRET, Stack, pr_event, report, stack, summary
 from bench.webhook_latency import floor_round, webhook_round
 from bench.webhook_spans import breakdown
 from devtools.support import Process, process_env, wait_for
 from ephemera.api.naming import environment_name
+from ephemera.intake.events import parse_pull_request
+from ephemera.intake.pullrequests import Intake, Policies
+from ephemera.intake.tombstones import Tombstones
 from ephemera.kube import Kube, load_api_client
+from ephemera.policy import Policy
 
 CONCURRENCY = int(os.environ.get("BENCH_LEVER_CONCURRENCY", "16"))
 COUNT = int(os.environ.get("BENCH_LEVER_COUNT", "800"))
@@ -55,7 +63,8 @@ BEFORE = os.environ.get("BENCH_LEVER_BEFORE", "")
 # Each runner starts the webhook the way `ephemera webhook` does, after its one change.
 RUNNERS = {
     "baseline": None,
-    "uvloop": ("uvloop", "import asyncio, uvloop; asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())"),
+    # asyncio's own loop instead of uvloop's (the default since EPHEMERA_WEBHOOK_UVLOOP).
+    "asyncio": ("ephemera", "import os; os.environ['EPHEMERA_WEBHOOK_UVLOOP'] = 'false'"),
     "orjson": (
         "orjson",
         "import json, orjson; json.loads = orjson.loads; "
@@ -161,6 +170,28 @@ async def async_floor(kube: Kube, concurrency: int, count: int, repo: str) -> tu
         return latencies, time.perf_counter() - started
 
 
+def same_object_floor(kube: Kube, repo: str) -> tuple[list[float], float]:
+    """The bare create of the very object the webhook creates for the same event (its labels,
+    annotations, finalizer and spec: Intake._body), in a thread pool of CONCURRENCY like the floor."""
+    intake = Intake(
+        kube, Tombstones(kube, namespace="default", retention=1), prefix="pr", policies=Policies(Policy(), kube)
+    )
+    bodies = {}
+    for number in range(1, COUNT + 1):
+        event = parse_pull_request(pr_event("opened", repo, number, "a" * 40, "2026-01-01T00:00:00Z"))
+        bodies[number] = intake._body(event, environment_name(repo, number), str(uuid.uuid4()))
+
+    def one(number: int) -> float:
+        started = time.perf_counter()
+        kube.create_environment(bodies[number])
+        return time.perf_counter() - started
+
+    started = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(CONCURRENCY) as pool:
+        latencies = list(pool.map(one, range(1, COUNT + 1)))
+    return latencies, time.perf_counter() - started
+
+
 def _selected(names: list[str]) -> list[str]:
     """The variants named in BENCH_LEVER_VARIANTS (comma-separated), else all of `names`."""
     wanted = [v.strip() for v in os.environ.get("BENCH_LEVER_VARIANTS", "").split(",") if v.strip()]
@@ -190,6 +221,7 @@ def main() -> None:
             "floor: threads": lambda repo: floor_round(kube, CONCURRENCY, COUNT, repo),
             "floor: threads, no reuse": lambda repo: floor_round(single, CONCURRENCY, COUNT, repo),
             "floor: async": lambda repo: asyncio.run(async_floor(kube, CONCURRENCY, COUNT, repo)),
+            "floor: same object": lambda repo: same_object_floor(kube, repo),
         }
         # The floor every ratio is taken against always runs.
         floors = {n: f for n, f in all_floors.items() if n == "floor: threads" or n in _selected(list(all_floors))}
