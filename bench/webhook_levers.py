@@ -2,9 +2,9 @@
 each measured in the same run (interleaved, ROUNDS times) so the machine's drift hits every variant alike.
 
 Webhook variants (the same `ephemera webhook`, started differently):
-  baseline   as shipped: aiohttp on uvloop's loop, the Kubernetes call in a thread pool over urllib3's
+  baseline   as shipped: aiohttp on asyncio's loop, the Kubernetes call in a thread pool over urllib3's
              kept-alive connections (pool of 64), the intake's guards answered from its mirrors
-  asyncio    the same on asyncio's own event loop (EPHEMERA_WEBHOOK_UVLOOP=false)
+  uvloop     the same under uvloop's event loop
   orjson     the same with json.loads/dumps replaced by orjson's in the process (the webhook parses the
              delivery and the client serialises the create: an upper bound of what orjson could give)
   spans      as shipped, with timing spans per request (bench/webhook_spans.py): where the time goes
@@ -63,8 +63,7 @@ BEFORE = os.environ.get("BENCH_LEVER_BEFORE", "")
 # Each runner starts the webhook the way `ephemera webhook` does, after its one change.
 RUNNERS = {
     "baseline": None,
-    # asyncio's own loop instead of uvloop's (the default since EPHEMERA_WEBHOOK_UVLOOP).
-    "asyncio": ("ephemera", "import os; os.environ['EPHEMERA_WEBHOOK_UVLOOP'] = 'false'"),
+    "uvloop": ("uvloop", "import asyncio, uvloop; asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())"),
     "orjson": (
         "orjson",
         "import json, orjson; json.loads = orjson.loads; "

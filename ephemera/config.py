@@ -68,9 +68,6 @@ class Settings(BaseSettings):
         description="Keep the closed-PR records and the legacy-named environments in memory from a watch, so "
         "that a new PR costs one API request (the create) instead of three; false reads both on every event.",
     )
-    webhook_uvloop: bool = Field(
-        True, description="Run the webhook on uvloop's event loop (a lower p99 under load); false: asyncio's own."
-    )
 
     # Operator
     operator_host: str = Field("127.0.0.1", description="Address of the operator's health/metrics server.")

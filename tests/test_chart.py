@@ -170,7 +170,6 @@ def test_webhook_values_default_to_the_settings_defaults(control_plane: ControlP
         {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["list", "watch"]},  # webhook.mirror
     ]
     assert env["EPHEMERA_WEBHOOK_MIRROR"] == str(fields["webhook_mirror"].default).lower()
-    assert env["EPHEMERA_WEBHOOK_UVLOOP"] == str(fields["webhook_uvloop"].default).lower()
 
 
 @pytest.mark.parametrize(

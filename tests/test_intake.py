@@ -1,5 +1,5 @@
-"""The webhook's hot path: the intake's guards answered from watched mirrors (what the API server is
-asked per event, and that the guards still hold), and the webhook on either event loop."""
+"""The intake's guards on a PR event's way to its write, answered from watched mirrors: what the API
+server is asked per event, and that the guards still hold."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from devtools.controlplane import ControlPlane
-from devtools.support import Kubectl, post_webhook, wait_for
+from devtools.support import Kubectl, wait_for
 from ephemera.api.models import API_VERSION, KIND
 from ephemera.api.naming import (
     FINALIZER,
@@ -28,7 +28,6 @@ from ephemera.intake.pullrequests import Intake, Policies
 from ephemera.intake.tombstones import Tombstones
 from ephemera.kube import ENVIRONMENTS, TEMPLATES, Kube, load_api_client
 from ephemera.policy import Policy
-from tests.conftest import WEBHOOK_SECRET, start_webhook
 from tests.test_webhook import pr_event
 
 STATE = "ephemera-intake-state"
@@ -172,25 +171,3 @@ def test_an_object_made_before_the_label_gets_it_on_its_next_event(kube: Counted
     obj = kube.get_environment(name)
     assert obj is not None
     assert obj["metadata"]["labels"][NAME_HASH_LABEL] == NAME_HASH_BITS
-
-
-@pytest.mark.parametrize(("setting", "loop"), [("true", "uvloop"), ("false", "asyncio")])
-def test_the_webhook_on_either_event_loop_checks_signatures_and_creates(
-    control_plane: ControlPlane, crd: Path, kubectl: Kubectl, tmp_path: Path, setting: str, loop: str
-) -> None:
-    proc = start_webhook(
-        control_plane, tmp_path, EPHEMERA_WEBHOOK_SECRET=WEBHOOK_SECRET, EPHEMERA_WEBHOOK_UVLOOP=setting
-    )
-    try:
-        repo, number = f"octo/loop-{uuid.uuid4().hex[:6]}", 3
-        opened = pr_event("opened", repo=repo, number=number, sha="e" * 40, updated_at="2026-01-01T00:00:00Z")
-
-        forged = post_webhook(proc.port, "pull_request", opened, secret="not-the-secret-at-all")
-        signed = post_webhook(proc.port, "pull_request", opened, secret=WEBHOOK_SECRET)
-
-        assert forged.status == 401, forged
-        assert (signed.status, signed.body["result"]) == (202, "created"), signed
-        assert f"(event loop: {loop})" in proc.log()
-    finally:
-        proc.stop()
-    assert kubectl.run("get", "pe", environment_name(repo, number), check=False).returncode == 0

@@ -17,7 +17,6 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import requests
-import uvloop
 from aiohttp import web
 from github import GithubException
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
@@ -470,13 +469,5 @@ def create_app(settings: Settings, kube: Kube | None = None) -> web.Application:
 
 def run(settings: Settings) -> None:
     app = create_app(settings)
-    # uvloop: with one API request per event, the loop's own share of an answer is large enough that
-    # its faster loop shows in the p99 at concurrency 16 (bench/webhook_levers.py).
-    loop = uvloop.new_event_loop() if settings.webhook_uvloop else asyncio.new_event_loop()
-    log.info(
-        "webhook listening on %s:%d (event loop: %s)",
-        settings.webhook_host,
-        settings.webhook_port,
-        "uvloop" if settings.webhook_uvloop else "asyncio",
-    )
-    web.run_app(app, host=settings.webhook_host, port=settings.webhook_port, access_log=None, print=None, loop=loop)
+    log.info("webhook listening on %s:%d", settings.webhook_host, settings.webhook_port)
+    web.run_app(app, host=settings.webhook_host, port=settings.webhook_port, access_log=None, print=None)
