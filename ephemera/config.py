@@ -63,6 +63,11 @@ class Settings(BaseSettings):
     webhook_tombstone_retention: float = Field(
         30 * 24 * 3600, gt=0, description="Seconds a closed PR is remembered, so a replayed event cannot revive it."
     )
+    webhook_mirror: bool = Field(
+        True,
+        description="Keep the closed-PR records and the legacy-named environments in memory from a watch, so "
+        "that a new PR costs one API request (the create) instead of three; false reads both on every event.",
+    )
 
     # Operator
     operator_host: str = Field("127.0.0.1", description="Address of the operator's health/metrics server.")

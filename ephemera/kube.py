@@ -161,6 +161,54 @@ class Kube:
             if not token:
                 return
 
+    def snapshot(self, path: str, what: str, selector: str) -> tuple[list[Obj], str]:
+        """Every item of a list with the label `selector`, and the resourceVersion to watch it from."""
+        items: list[Obj] = []
+        token: str | None = None
+        version = ""
+        while True:
+            query: list[tuple[str, Any]] = [("labelSelector", selector), ("limit", PAGE_SIZE)]
+            try:
+                data = self._request("GET", path, query=query + ([("continue", token)] if token else []))
+            except ApiException as err:
+                raise _wrap(err, f"listing {what}") from err
+            items.extend(data.get("items") or [])
+            meta = data.get("metadata") or {}
+            version = version or str(meta.get("resourceVersion", ""))  # every page is of the first's snapshot
+            token = meta.get("continue")
+            if not token:
+                return items, version
+
+    def watch(self, path: str, what: str, selector: str, version: str, seconds: int) -> Iterator[tuple[str, Obj]]:
+        """(event type, object) of the list `path` with the label `selector` after `version`, bookmarks
+        included, until the API server ends the watch after `seconds`; read it on a thread of its own.
+        An `ERROR` event (410: the version is too old) is passed on as such."""
+        query: list[tuple[str, Any]] = [
+            ("labelSelector", selector),
+            ("watch", "true"),
+            ("resourceVersion", version),
+            ("allowWatchBookmarks", "true"),
+            ("timeoutSeconds", seconds),
+        ]
+        _, url, headers, _, _ = self.api_client.param_serialize(
+            "GET", path, query_params=query, header_params={"Accept": "application/json"}, auth_settings=["BearerToken"]
+        )
+        try:
+            response = self.api_client.call_api("GET", url, headers, _request_timeout=(self.timeout, seconds + 30))
+            if response.status != 200:
+                response.read()
+                raise _wrap(ApiException(http_resp=response), f"watching {what}")
+            pending = b""
+            for chunk in response.response.stream(65536):
+                lines = (pending + chunk).split(b"\n")
+                pending = lines.pop()
+                for line in lines:
+                    if line.strip():
+                        event = json.loads(line)
+                        yield str(event["type"]), event["object"]
+        except (urllib3.exceptions.HTTPError, OSError) as err:
+            raise KubeError(f"watching {what}: Kubernetes API unreachable: {err}", status=0) from err
+
     # Namespaces ---------------------------------------------------------------------------------
 
     def get_namespace(self, name: str) -> Obj | None:

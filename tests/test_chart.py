@@ -165,7 +165,11 @@ def test_webhook_values_default_to_the_settings_defaults(control_plane: ControlP
     assert env["EPHEMERA_WEBHOOK_NAMESPACE"] == NAMESPACE
     role = docs["Role/ephemera-webhook"]
     assert role["metadata"]["namespace"] == NAMESPACE
-    assert role["rules"] == [{"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get", "create", "update"]}]
+    assert role["rules"] == [
+        {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get", "create", "update"]},
+        {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["list", "watch"]},  # webhook.mirror
+    ]
+    assert env["EPHEMERA_WEBHOOK_MIRROR"] == str(fields["webhook_mirror"].default).lower()
 
 
 @pytest.mark.parametrize(
@@ -324,6 +328,7 @@ def test_processes_run_a_full_lifecycle_under_the_charts_identities(
             assert post_webhook(wh.port, "pull_request", closed, secret=WEBHOOK_SECRET).body["result"] == "deleted"
             wait_for(lambda: get_pe(kubectl, name) is None, timeout=90, what="teardown under the chart's RBAC")
             assert kubectl.run("get", "namespace", namespace, check=False).returncode != 0
+            assert "not live" not in wh.log()  # its mirrors listed and watched under the chart's Role
             assert "forbidden" not in op.log().lower()
             assert "forbidden" not in wh.log().lower()
         finally:
@@ -339,10 +344,11 @@ def test_identities_are_refused_outside_their_grants(
     denied = webhook.run("create", "namespace", f"not-allowed-{uuid.uuid4().hex[:4]}", check=False)
     assert denied.returncode != 0
     assert "forbidden" in denied.stderr
-    # get, create, patch, delete, and list (installation events mark every environment of an
-    # installation or repository); no watch or update.
+    # get, create, patch, delete, list (installation events mark every environment of an
+    # installation or repository) and watch (webhook.mirror); no update.
     assert webhook.run("get", "pe", check=False).returncode == 0
-    for verb in ("watch", "update", "deletecollection"):
+    assert webhook.run("auth", "can-i", "watch", "previewenvironments.ephemera.dev").stdout.strip() == "yes"
+    for verb in ("update", "deletecollection"):
         answer = webhook.run("auth", "can-i", verb, "previewenvironments.ephemera.dev", check=False).stdout.strip()
         assert answer == "no", verb
     for args in (("-n", "kube-system", "get", "secrets"), ("-n", "default", "get", "secret", "anything")):
@@ -350,10 +356,11 @@ def test_identities_are_refused_outside_their_grants(
         assert denied.returncode != 0
         assert "forbidden" in denied.stderr
     assert operator.run("auth", "can-i", "create", "namespaces").stdout.strip() == "yes"
-    # The webhook keeps its closed-PR ConfigMaps in the release's namespace, and may touch no others.
-    for verb in ("get", "create", "update"):
+    # The webhook keeps its closed-PR ConfigMaps in the release's namespace (and mirrors them), and may
+    # touch no others.
+    for verb in ("get", "create", "update", "list", "watch"):
         assert webhook.run("auth", "can-i", verb, "configmaps", "-n", NAMESPACE).stdout.strip() == "yes"
-    for verb, namespace in (("list", NAMESPACE), ("delete", NAMESPACE), ("create", "default"), ("get", "kube-system")):
+    for verb, namespace in (("delete", NAMESPACE), ("list", "default"), ("create", "default"), ("get", "kube-system")):
         answer = webhook.run("auth", "can-i", verb, "configmaps", "-n", namespace, check=False).stdout.strip()
         assert answer == "no", (verb, namespace)
     assert webhook.run("auth", "can-i", "get", "secrets", "-n", NAMESPACE, check=False).stdout.strip() == "no"

@@ -54,6 +54,11 @@ _NOT_LABEL = re.compile(r"[^A-Za-z0-9._-]+")
 # this had 8 (32 bits, found in minutes); objects and namespaces that carry them keep working.
 DIGEST_HEX = 16
 LEGACY_DIGEST_HEX = 8
+# On every PreviewEnvironment the webhook (or the backstop) creates, named with DIGEST_HEX digits: the
+# webhook mirrors only the objects without it (made by earlier versions, or by hand), to find the
+# ones under a legacy name without asking the API server on every event.
+NAME_HASH_LABEL = "ephemera.dev/name-hash-bits"
+NAME_HASH_BITS = str(DIGEST_HEX * 4)
 
 
 def _digest(repository: str, pull_request: int, length: int = DIGEST_HEX) -> str:
@@ -69,6 +74,12 @@ def environment_name(repository: str, pull_request: int, prefix: str = "pr") -> 
     slugs collide (`a-b/c` and `a/b-c`) and are cut to fit 63 characters.
     """
     return _name(repository, pull_request, prefix, DIGEST_HEX)
+
+
+def is_legacy_name(name: str) -> bool:
+    """Whether `name` ends as a legacy name does: a dash and LEGACY_DIGEST_HEX hex digits."""
+    tail = name[-LEGACY_DIGEST_HEX - 1 :]
+    return len(tail) == LEGACY_DIGEST_HEX + 1 and tail[0] == "-" and all(c in "0123456789abcdef" for c in tail[1:])
 
 
 def legacy_environment_name(repository: str, pull_request: int, prefix: str = "pr") -> str:

@@ -36,17 +36,21 @@ from ephemera.api.naming import (
     CLOSED_REASON_ANNOTATION,
     DELIVERY_ANNOTATION,
     FINALIZER,
+    NAME_HASH_BITS,
+    NAME_HASH_LABEL,
     PR_UPDATED_AT_ANNOTATION,
     environment_labels,
     environment_name,
+    is_legacy_name,
     legacy_environment_name,
 )
 from ephemera.config import Settings
 from ephemera.github.client import GitHubAuth, NoCredentials
 from ephemera.github.permissions import can_write
 from ephemera.intake.events import PullRequestEvent
+from ephemera.intake.mirror import UNKNOWN, Mirror
 from ephemera.intake.tombstones import Tombstones, newer
-from ephemera.kube import Kube, KubeError, Obj
+from ephemera.kube import ENVIRONMENTS, Kube, KubeError, Obj
 from ephemera.policy import Approval, Decision, Policy, PullRequestFacts, decide, for_repository, mirrored
 
 UPSERT_ACTIONS = frozenset({"opened", "reopened", "ready_for_review"})
@@ -155,6 +159,7 @@ class Intake:
         self.prefix = prefix
         self.policies = policies
         self.writer = writer
+        self.legacy: Mirror | None = None
 
     @classmethod
     def from_settings(cls, settings: Settings, kube: Kube, tombstones: Tombstones, auth: GitHubAuth | None) -> Intake:
@@ -170,11 +175,22 @@ class Intake:
     def name(self, event: PullRequestEvent) -> str:
         return environment_name(event.repo, event.pr, self.prefix)
 
+    def mirrored(self) -> Mirror:
+        """A mirror of the objects under a legacy name (`start` it; `_existing_name` reads it while it
+        is live). It watches only objects without NAME_HASH_LABEL, which every object this intake
+        makes carries: those of earlier versions (the only ones that make legacy names) and of
+        people. One that an earlier version's replica creates while this one runs (an upgrade in
+        progress) reaches it as fast as the API server's watch delivers it."""
+        self.legacy = Mirror(self.kube, ENVIRONMENTS, f"!{NAME_HASH_LABEL}", "legacy-named environments", _legacy)
+        return self.legacy
+
     def _existing_name(self, event: PullRequestEvent) -> str:
         """The name of the PR's object: the legacy (8-hex) one while an object made under it exists for
         this PR, so that its pushes and close reach it; else the current one."""
         legacy = legacy_environment_name(event.repo, event.pr, self.prefix)
-        obj = self.kube.get_environment(legacy)
+        obj = self.legacy.get(legacy) if self.legacy is not None else UNKNOWN
+        if obj is UNKNOWN:
+            obj = self.kube.get_environment(legacy)
         return legacy if obj is not None and _ours(obj, event) else self.name(event)
 
     def spec(self, event: PullRequestEvent) -> dict[str, Any]:
@@ -342,6 +358,10 @@ class Intake:
             self.kube.create_environment(self._body(event, name, delivery, marks))
             return Outcome("created", name, f"{event.action}: environment requested")
         spec = self.spec(event) if opening else {"commitSha": event.pull_request.head.sha}
+        if not is_legacy_name(name):
+            # An object made before the label existed gets it on its next event, and so leaves the
+            # legacy names' mirror (which watches the objects without it).
+            labels = {**labels, NAME_HASH_LABEL: NAME_HASH_BITS}
         patch = {
             "metadata": {
                 "resourceVersion": obj["metadata"]["resourceVersion"],
@@ -360,7 +380,11 @@ class Intake:
             "kind": KIND,
             "metadata": {
                 "name": name,
-                "labels": {**environment_labels(name, event.repo, event.pr), **_present(labels)},
+                "labels": {
+                    **environment_labels(name, event.repo, event.pr),
+                    **_present(labels),
+                    NAME_HASH_LABEL: NAME_HASH_BITS,
+                },
                 "annotations": {
                     **(marks or {}),
                     **_present(keep),
@@ -435,6 +459,15 @@ def facts(event: PullRequestEvent, approval: Approval | None) -> PullRequestFact
         head_sha=pr.head.sha,
         approval=approval,
     )
+
+
+def _legacy(obj: Obj) -> Obj | None:
+    """What the legacy names' mirror keeps of an object: its name and PR, if its name is a legacy one."""
+    name = obj["metadata"]["name"]
+    if not is_legacy_name(name):
+        return None
+    spec = obj.get("spec") or {}
+    return {"metadata": {"name": name}, "spec": {k: spec.get(k) for k in ("repository", "pullRequest")}}
 
 
 def _ours(obj: Obj, event: PullRequestEvent) -> bool:

@@ -24,6 +24,7 @@ from typing import Any
 
 from ephemera.api.models import parse_time
 from ephemera.api.naming import MANAGED_BY, MANAGED_BY_LABEL, REPOSITORY_ANNOTATION
+from ephemera.intake.mirror import UNKNOWN, Mirror
 from ephemera.kube import Kube, KubeError, Obj
 
 COMPONENT_LABEL = "app.kubernetes.io/component"
@@ -82,13 +83,31 @@ class Tombstones:
         self.retention = retention
         self.clock = clock
         self.max_entries = max_entries
+        self.mirror: Mirror | None = None
         # Threads of this replica that close PRs of one repository write one ConfigMap: they take
         # turns rather than conflict. Striped, so the locks stay few however many repositories come.
         self._locks = [threading.Lock() for _ in range(LOCK_STRIPES)]
 
+    def mirrored(self) -> Mirror:
+        """A mirror of this namespace's records (`start` it; `closed_at` reads it while it is live).
+
+        A close that another replica records reaches the mirror as fast as the API server's watch
+        delivers it (milliseconds; this watch carries only closes). That is soon enough: the close is
+        recorded before its environment is deleted, and until the operator has torn that down (seen
+        the delete, deleted the namespace, seen it gone, removed its finalizer: each through a watch
+        of the same API server), a late event for the PR finds the environment itself, which refuses
+        it (Intake._stale)."""
+        selector = f"{MANAGED_BY_LABEL}={MANAGED_BY},{COMPONENT_LABEL}={COMPONENT}"
+        path = f"/api/v1/namespaces/{self.namespace}/configmaps"
+        self.mirror = Mirror(self.kube, path, selector, "closed PRs", _trimmed)
+        return self.mirror
+
     def closed_at(self, repository: str, pull_request: int) -> str | None:
         """The `updated_at` of the PR's latest known close, or None if none is remembered."""
-        obj = self.kube.get_config_map(self.namespace, config_map_name(repository))
+        name = config_map_name(repository)
+        obj = self.mirror.get(name) if self.mirror is not None else UNKNOWN
+        if obj is UNKNOWN:
+            obj = self.kube.get_config_map(self.namespace, name)
         if obj is None or not self._for(obj, repository):
             return None
         entry = _entries(obj).get(str(pull_request))
@@ -159,6 +178,12 @@ class Tombstones:
             },
             "data": {pr: json.dumps(entry, separators=(",", ":")) for pr, entry in sorted(entries.items())},
         }
+
+
+def _trimmed(obj: Obj) -> Obj:
+    """What `closed_at` reads of a record: its name, its repository and its entries (no managed fields)."""
+    meta = obj["metadata"]
+    return {"metadata": {"name": meta["name"], "annotations": meta.get("annotations") or {}}, "data": obj.get("data")}
 
 
 def _recorded(entry: dict[str, Any]) -> float:

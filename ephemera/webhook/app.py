@@ -445,6 +445,11 @@ def create_app(settings: Settings, kube: Kube | None = None) -> web.Application:
         # GitHub is asked only whether the labeller of a fork's approval may write (nothing else).
         auth = await asyncio.to_thread(GitHubAuth, settings)
         app[INTAKE] = Intake.from_settings(settings, client, tombstones, auth)
+        # What each event's guards read, kept from a watch instead (EPHEMERA_WEBHOOK_MIRROR): they
+        # answer from the API server, as before, until their first list has arrived.
+        mirrors = [tombstones.mirrored(), app[INTAKE].mirrored()] if settings.webhook_mirror else []
+        for mirror in mirrors:
+            mirror.start()
         app[LIFECYCLE] = installations.Lifecycle(client, grace=settings.backstop_teardown_grace)
 
         def writer(repository: str, login: str, installation: int | None) -> bool:
@@ -452,6 +457,8 @@ def create_app(settings: Settings, kube: Kube | None = None) -> web.Application:
 
         app[WAKES] = Wakes(client, writer, prefix=settings.namespace_prefix)
         yield
+        for mirror in mirrors:
+            mirror.stop()
         app[EXECUTOR].shutdown(wait=True)
         if kube is None:
             client.close()

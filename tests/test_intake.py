@@ -1,0 +1,173 @@
+"""The intake's guards on a PR event's way to its write, answered from watched mirrors: what the API
+server is asked per event, and that the guards still hold."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from devtools.controlplane import ControlPlane
+from devtools.support import Kubectl, wait_for
+from ephemera.api.models import API_VERSION, KIND
+from ephemera.api.naming import (
+    FINALIZER,
+    NAME_HASH_BITS,
+    NAME_HASH_LABEL,
+    environment_labels,
+    environment_name,
+    legacy_environment_name,
+)
+from ephemera.intake.events import PullRequestEvent, parse_pull_request
+from ephemera.intake.mirror import UNKNOWN
+from ephemera.intake.pullrequests import Intake, Policies
+from ephemera.intake.tombstones import Tombstones
+from ephemera.kube import ENVIRONMENTS, TEMPLATES, Kube, load_api_client
+from ephemera.policy import Policy
+from tests.test_webhook import pr_event
+
+STATE = "ephemera-intake-state"
+
+
+class Counted(Kube):
+    """The real adapter, counting the requests the intake's own thread makes (not the mirrors')."""
+
+    def __init__(self, kubeconfig: Path) -> None:
+        super().__init__(load_api_client(kubeconfig))
+        self.thread = threading.current_thread()
+        self.requests: list[tuple[str, str]] = []
+
+    def _request(self, method: str, path: str, **kwargs: Any) -> Any:
+        if threading.current_thread() is self.thread and TEMPLATES not in path:
+            self.requests.append((method, path))
+        return super()._request(method, path, **kwargs)
+
+
+@pytest.fixture
+def kube(control_plane: ControlPlane, crd: Path, kubectl: Kubectl) -> Iterator[Counted]:
+    if kubectl.run("get", "namespace", STATE, check=False).returncode != 0:
+        kubectl.run("create", "namespace", STATE)
+    client = Counted(control_plane.kubeconfig)
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def mirrored(kube: Counted) -> Iterator[Intake]:
+    """An intake as the webhook runs it: both mirrors started, and live."""
+    subject = intake(kube)
+    mirrors = [subject.tombstones.mirrored(), subject.mirrored()]
+    for mirror in mirrors:
+        mirror.start()
+    wait_for(lambda: all(m.live for m in mirrors), timeout=30, what="the mirrors' first lists")
+    yield subject
+    for mirror in mirrors:
+        mirror.stop()
+
+
+def event(action: str, repo: str, number: int, updated_at: str, sha: str = "c" * 40) -> PullRequestEvent:
+    data = pr_event(action, repo=repo, number=number, sha=sha, updated_at=updated_at)
+    for side in ("head", "base"):  # the PR's own repository: not a fork's
+        data["pull_request"][side]["repo"]["full_name"] = repo
+    return parse_pull_request(data)
+
+
+def intake(kube: Kube) -> Intake:
+    tombstones = Tombstones(kube, namespace=STATE, retention=3600)
+    return Intake(kube, tombstones, prefix="pr", policies=Policies(Policy(), kube))
+
+
+def test_a_new_pr_costs_one_request_once_the_mirrors_are_live(kube: Counted, mirrored: Intake) -> None:
+    repo, number = f"octo/mirror-{uuid.uuid4().hex[:6]}", 5
+
+    outcome = mirrored.handle(event("opened", repo, number, "2026-01-01T00:00:00Z"), "d-1")
+
+    assert (outcome.action, outcome.name) == ("created", environment_name(repo, number))
+    assert kube.requests == [("POST", ENVIRONMENTS)]
+    made = kube.get_environment(environment_name(repo, number))
+    assert made is not None
+    assert NAME_HASH_LABEL in made["metadata"]["labels"]
+
+
+def test_without_live_mirrors_the_guards_ask_the_api_server(kube: Counted) -> None:
+    repo, number = f"octo/mirror-{uuid.uuid4().hex[:6]}", 6
+    subject = intake(kube)
+    subject.tombstones.mirrored()  # made, never started: not live
+    subject.mirrored()
+
+    outcome = subject.handle(event("opened", repo, number, "2026-01-01T00:00:00Z"), "d-2")
+
+    assert outcome.action == "created"
+    assert [method for method, _ in kube.requests] == ["GET", "GET", "POST"], kube.requests
+
+
+def test_a_close_another_replica_records_reaches_the_mirror_and_stops_a_replay(kube: Counted, mirrored: Intake) -> None:
+    repo, number = f"octo/mirror-{uuid.uuid4().hex[:6]}", 7
+    Tombstones(kube, namespace=STATE, retention=3600).add(repo, number, "2026-01-01T00:05:00Z")  # the other replica
+    wait_for(
+        lambda: mirrored.tombstones.closed_at(repo, number) == "2026-01-01T00:05:00Z",
+        timeout=30,
+        what="the close in the mirror",
+    )
+    kube.requests.clear()
+
+    replayed = mirrored.handle(event("opened", repo, number, "2026-01-01T00:00:00Z"), "d-3")
+    reopened = mirrored.handle(event("reopened", repo, number, "2026-01-01T00:06:00Z"), "d-4")
+
+    assert (replayed.action, reopened.action) == ("ignored", "created"), (replayed, reopened)
+    assert "closed" in replayed.reason
+    # The replay's read of its object (the careful path: older than the close), the reopen's create;
+    # no read of the closes.
+    assert kube.requests == [("GET", f"{ENVIRONMENTS}/{environment_name(repo, number)}"), ("POST", ENVIRONMENTS)]
+
+
+def test_an_object_under_a_legacy_name_is_found_from_the_mirror(kube: Counted, mirrored: Intake) -> None:
+    repo, number = f"octo/mirror-{uuid.uuid4().hex[:6]}", 8
+    legacy = legacy_environment_name(repo, number)
+    kube.create_environment(
+        {
+            "apiVersion": API_VERSION,
+            "kind": KIND,
+            "metadata": {
+                "name": legacy,
+                "labels": environment_labels(legacy, repo, number),  # an earlier version's: no name-hash label
+                "finalizers": [FINALIZER],
+            },
+            "spec": {"repository": repo, "pullRequest": number, "commitSha": "a" * 40, "branch": "main"},
+        }
+    )
+    mirror = mirrored.legacy
+    assert mirror is not None
+    wait_for(lambda: mirror.get(legacy) not in (None, UNKNOWN), timeout=30, what="the object in the mirror")
+    kube.requests.clear()
+
+    pushed = mirrored.handle(event("synchronize", repo, number, "2026-01-01T00:01:00Z", sha="d" * 40), "d-5")
+
+    assert (pushed.action, pushed.name) == ("updated", legacy), pushed
+    # The careful path's read of the object it patches, and the patch; the name came from the mirror.
+    assert kube.requests == [("GET", f"{ENVIRONMENTS}/{legacy}"), ("PATCH", f"{ENVIRONMENTS}/{legacy}")]
+    assert kube.get_environment(environment_name(repo, number)) is None  # no second object under the new name
+
+
+def test_an_object_made_before_the_label_gets_it_on_its_next_event(kube: Counted, mirrored: Intake) -> None:
+    repo, number = f"octo/mirror-{uuid.uuid4().hex[:6]}", 9
+    name = environment_name(repo, number)
+    kube.create_environment(
+        {
+            "apiVersion": API_VERSION,
+            "kind": KIND,
+            "metadata": {"name": name, "labels": environment_labels(name, repo, number), "finalizers": [FINALIZER]},
+            "spec": {"repository": repo, "pullRequest": number, "commitSha": "a" * 40, "branch": "main"},
+        }
+    )
+
+    pushed = mirrored.handle(event("synchronize", repo, number, "2026-01-01T00:01:00Z", sha="d" * 40), "d-6")
+
+    assert (pushed.action, pushed.name) == ("updated", name), pushed
+    obj = kube.get_environment(name)
+    assert obj is not None
+    assert obj["metadata"]["labels"][NAME_HASH_LABEL] == NAME_HASH_BITS
