@@ -21,7 +21,9 @@ from aiohttp import ClientSession, ClientTimeout, TCPConnector, web
 
 from devtools.controlplane import ControlPlane, free_port, write_kubeconfig
 
-HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "content-length", "host", "content-encoding"}
+# Bodies pass through as they came (not decompressed): Content-Encoding stays with them. Without it a
+# large listing, which the API server gzips, reached the operator as bytes it could not read.
+HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "content-length", "host"}
 
 
 class LaggingProxy:
