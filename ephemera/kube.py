@@ -227,9 +227,11 @@ class Kube:
     def get_environment(self, name: str) -> Obj | None:
         return self._get(f"{ENVIRONMENTS}/{name}", f"PreviewEnvironment {name}")
 
-    def list_environments(self) -> Iterator[Obj]:
-        """Every PreviewEnvironment, in pages, so that thousands never load at once."""
-        return self._pages(ENVIRONMENTS, "PreviewEnvironments")
+    def list_environments(self, label_selector: str | None = None) -> Iterator[Obj]:
+        """Every PreviewEnvironment (those `label_selector` selects), in pages, so that thousands never
+        load at once."""
+        query = [("labelSelector", label_selector)] if label_selector else None
+        return self._pages(ENVIRONMENTS, "PreviewEnvironments", query)
 
     def list_events(self, kind: str, name: str, namespace: str = "default") -> list[Obj]:
         """The Events about the object `kind`/`name` (a cluster-scoped object's are kept in `default`)."""

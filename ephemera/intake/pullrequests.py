@@ -37,9 +37,11 @@ from ephemera.api.naming import (
     DELIVERY_ANNOTATION,
     FINALIZER,
     PR_UPDATED_AT_ANNOTATION,
+    SHARD_LABEL,
     environment_labels,
     environment_name,
     legacy_environment_name,
+    shard_of,
 )
 from ephemera.config import Settings
 from ephemera.github.client import GitHubAuth, NoCredentials
@@ -148,8 +150,10 @@ class Intake:
         policies: Policies,
         writer: Writer | None = None,
         reopen_wait: float = 30.0,
+        shards: int = 1,
     ) -> None:
         self.kube = kube
+        self.shards = shards
         self.tombstones = tombstones
         self.reopen_wait = reopen_wait
         self.prefix = prefix
@@ -165,6 +169,7 @@ class Intake:
             prefix=settings.namespace_prefix,
             policies=Policies(Policy.from_settings(settings), kube),
             writer=github_writer(auth) if auth is not None and auth.configured else None,
+            shards=settings.shards,
         )
 
     def name(self, event: PullRequestEvent) -> str:
@@ -360,7 +365,13 @@ class Intake:
             "kind": KIND,
             "metadata": {
                 "name": name,
-                "labels": {**environment_labels(name, event.repo, event.pr), **_present(labels)},
+                # Only a new object gets its shard here: moving an existing one is the operator's
+                # handover (it waits until nothing is in flight), never a side effect of an event.
+                "labels": {
+                    **environment_labels(name, event.repo, event.pr),
+                    **_present(labels),
+                    SHARD_LABEL: str(shard_of(event.repo, self.shards)),
+                },
                 "annotations": {
                     **(marks or {}),
                     **_present(keep),
