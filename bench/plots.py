@@ -42,22 +42,48 @@ def _load_note(data: list[dict[str, Any]]) -> str:
     return f"{shared}, 1-min load {min(loads):.0f}-{max(loads):.0f} during the run" if loads else shared
 
 
+Line = tuple[list[float], str, str | None]  # the values, the matplotlib style, the legend's label
+
+
+def _panel(axes: Any, n: list[int], lines: list[Line], xlabel: str, ylabel: str, title: str) -> None:
+    """One panel of curves against N, from zero up, with a legend when a line is labelled."""
+    for values, style, label in lines:
+        axes.plot(n, values, style, label=label)
+    axes.set(xlabel=xlabel, ylabel=ylabel, title=title)
+    axes.set_ylim(bottom=0)
+    if any(label for _, _, label in lines):
+        axes.legend()
+
+
 def bursts() -> None:
     data = sorted(rows("scaling_bursts"), key=lambda r: r["n"])
     if not data:
         return
     n = [r["n"] for r in data]
     figure, (wall, writes) = plt.subplots(1, 2, figsize=(10, 4))
-    wall.plot(n, [r["wall_per_env_ms"] for r in data], "o-", label="Ephemera (webhook + operator)")
-    wall.plot(n, [r["floor_wall_per_env_ms"] for r in data], "s--", label="floor (raw API writes)")
-    wall.set(xlabel="PRs in the burst (N)", ylabel="wall time per environment (ms)", title="Burst to Ready")
-    wall.set_ylim(bottom=0)
-    wall.legend()
-    writes.plot(n, [r["writes_per_env"] for r in data], "o-", label="Ephemera")
-    writes.plot(n, [r["floor_writes_per_env"] for r in data], "s--", label="floor")
-    writes.set(xlabel="PRs in the burst (N)", ylabel="API writes per environment (all clients)", title="API writes")
-    writes.set_ylim(bottom=0)
-    writes.legend()
+    per_env = "PRs in the burst (N)"
+    _panel(
+        wall,
+        n,
+        [
+            ([r["wall_per_env_ms"] for r in data], "o-", "Ephemera (webhook + operator)"),
+            ([r["floor_wall_per_env_ms"] for r in data], "s--", "floor (raw API writes)"),
+        ],
+        per_env,
+        "wall time per environment (ms)",
+        "Burst to Ready",
+    )
+    _panel(
+        writes,
+        n,
+        [
+            ([r["writes_per_env"] for r in data], "o-", "Ephemera"),
+            ([r["floor_writes_per_env"] for r in data], "s--", "floor"),
+        ],
+        per_env,
+        "API writes per environment (all clients)",
+        "API writes",
+    )
     _save(figure, "bursts.png", _load_note(data))
 
 
@@ -67,15 +93,21 @@ def footprint() -> None:
         return
     n = [r["environments"] for r in data]
     figure, (rss, cpu) = plt.subplots(1, 2, figsize=(10, 4))
-    rss.plot(n, [r["rss_mb"] for r in data], "o-", label="RSS at the end of the idle window")
-    rss.plot(n, [r["rss_max_mb"] for r in data], "^:", label="RSS peak in the window")
     rss.axhline(600, color="red", linewidth=0.8, label="target at 20,000: 600 MB")
-    rss.set(xlabel="idle environments (N)", ylabel="operator RSS (MB)", title="Memory, timers at defaults")
-    rss.set_ylim(bottom=0)
-    rss.legend()
-    cpu.plot(n, [r["idle_cpu_pct_of_one_core"] for r in data], "o-")
-    cpu.set(xlabel="idle environments (N)", ylabel="idle CPU (% of one core)", title="Idle CPU, timers at defaults")
-    cpu.set_ylim(bottom=0)
+    idle = "idle environments (N)"
+    _panel(
+        rss,
+        n,
+        [
+            ([r["rss_mb"] for r in data], "o-", "RSS at the end of the idle window"),
+            ([r["rss_max_mb"] for r in data], "^:", "RSS peak in the window"),
+        ],
+        idle,
+        "operator RSS (MB)",
+        "Memory, timers at defaults",
+    )
+    cpu_line: Line = ([r["idle_cpu_pct_of_one_core"] for r in data], "o-", None)
+    _panel(cpu, n, [cpu_line], idle, "idle CPU (% of one core)", "Idle CPU, timers at defaults")
     _save(figure, "footprint.png", _load_note(data))
 
 

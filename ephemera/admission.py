@@ -67,33 +67,47 @@ def plan(waiting: Sequence[Entry], counts: Counts, limits: Limits) -> tuple[list
     admitted: list[str] = []
     holds: dict[str, Hold] = {}
     for entry in waiting:
-        if limits.in_flight and in_flight >= limits.in_flight:
-            holds[entry.name] = Hold(
-                "ProvisionsInFlight",
-                f"Queued: {in_flight} environments are being provisioned "
-                f"(EPHEMERA_POLICY_MAX_PROVISIONS_IN_FLIGHT={limits.in_flight}); it starts as they finish.",
-            )
-            continue
-        if limits.total and live >= limits.total:
-            holds[entry.name] = Hold(
-                "ClusterLimit",
-                f"Queued: {live} live environments in the cluster (EPHEMERA_POLICY_MAX_ENVIRONMENTS="
-                f"{limits.total}); it starts when one closes or expires.",
-            )
-            continue
         mine = by_repository.get(entry.repository, 0)
-        if limits.per_repository and mine >= limits.per_repository:
-            holds[entry.name] = Hold(
-                "RepositoryLimit",
-                f"Queued: {mine} live environments for {entry.repository} (EPHEMERA_POLICY_MAX_ENVIRONMENTS_"
-                f"PER_REPOSITORY={limits.per_repository}); it starts when one of them closes or expires.",
-            )
+        hold = _hold(limits, live, in_flight, entry.repository, mine)
+        if hold is not None:
+            holds[entry.name] = hold
             continue
         admitted.append(entry.name)
         live += 1
         in_flight += 1
         by_repository[entry.repository] = mine + 1
     return admitted, holds
+
+
+def _hold(limits: Limits, live: int, in_flight: int, repository: str, mine: int) -> Hold | None:
+    """The first limit that holds a candidate back, as the Hold it shows; None if it may start."""
+    checks = (
+        (
+            limits.in_flight,
+            in_flight,
+            "ProvisionsInFlight",
+            f"Queued: {in_flight} environments are being provisioned "
+            f"(EPHEMERA_POLICY_MAX_PROVISIONS_IN_FLIGHT={limits.in_flight}); it starts as they finish.",
+        ),
+        (
+            limits.total,
+            live,
+            "ClusterLimit",
+            f"Queued: {live} live environments in the cluster (EPHEMERA_POLICY_MAX_ENVIRONMENTS="
+            f"{limits.total}); it starts when one closes or expires.",
+        ),
+        (
+            limits.per_repository,
+            mine,
+            "RepositoryLimit",
+            f"Queued: {mine} live environments for {repository} (EPHEMERA_POLICY_MAX_ENVIRONMENTS_"
+            f"PER_REPOSITORY={limits.per_repository}); it starts when one of them closes or expires.",
+        ),
+    )
+    for limit, count, reason, message in checks:
+        if limit and count >= limit:  # a limit of 0 is no limit
+            return Hold(reason, message)
+    return None
 
 
 def activity(env: Environment, entry: Entry, ttl: float, now: datetime.datetime, *, force: bool) -> dict[str, Any]:

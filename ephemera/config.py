@@ -114,6 +114,11 @@ class Settings(BaseSettings):
     workers: int = Field(
         50, ge=1, description="Threads for the operator's handlers: most objects provisioned or mended at once."
     )
+    watch_consistency_timeout: float = Field(
+        60.0,
+        ge=0,
+        description="Seconds a handler's own write is awaited on the watch before an older event is acted on.",
+    )
     shards: int = Field(
         1,
         ge=1,
