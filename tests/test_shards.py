@@ -122,7 +122,10 @@ class Shards:
 def shards(
     operator: Process, crd: Path, control_plane: ControlPlane, postgres: Postgres, tmp_path: Path
 ) -> Iterator[Shards]:
-    """The session's operator paused (it would handle every shard's objects); the shards stopped after."""
+    """The session's operator paused, the shards stopped after. Unsharded (EPHEMERA_SHARDS=1), an operator
+    handles every object whatever its label, by design: going back to one shard must leave no object
+    without an operator (its label may name a shard that no longer runs). So it must not run beside
+    the shards; the other modules' objects stay, and the shards own them as they would in a cluster."""
     group = Shards(control_plane, tmp_path, postgres.url)
     with paused(operator):
         try:
