@@ -52,6 +52,19 @@ class Kubectl:
         return self.run("apply", "-f", "-", input=text, check=check)
 
 
+def stop_process(proc: subprocess.Popen[bytes], grace: float = 20.0) -> None:
+    """Stop a process as Kubernetes stops a pod: SIGTERM, then SIGKILL if it is still there after `grace`
+    seconds (a shutdown that hangs must not hang the test run)."""
+    if proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 @dataclass
 class Process:
     """One of Ephemera's processes (`ephemera operator` or `ephemera webhook`) under test."""
@@ -81,13 +94,8 @@ class Process:
             self.proc.wait(timeout=30)
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        if self.proc:
+            stop_process(self.proc)
 
     def restart(self) -> None:
         self.kill()

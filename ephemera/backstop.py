@@ -39,6 +39,7 @@ from ephemera.api.naming import (
     RENAMED_TO_ANNOTATION,
     TEARDOWN_AFTER_ANNOTATION,
     TEARDOWN_REASON_ANNOTATION,
+    shard_of,
 )
 from ephemera.config import Settings
 from ephemera.github import ratelimit
@@ -49,6 +50,7 @@ from ephemera.intake.tombstones import Tombstones, default_namespace
 from ephemera.kube import Kube, KubeError, Obj
 from ephemera.metrics import REGISTRY
 from ephemera.redelivery import Redeliverer
+from ephemera.shards import selector
 
 log = logging.getLogger(__name__)
 
@@ -257,7 +259,8 @@ class Backstop:
             report.incomplete("no GitHub App and no token configured: nothing to compare with")
             return report
         started = self.clock()
-        environments = list(self.kube.list_environments())
+        sharded = self.settings.shards > 1
+        environments = list(self.kube.list_environments(selector(self.settings.shard) if sharded else None))
         listings = list(self._listings(report))
         start = datetime.datetime.fromtimestamp(started, datetime.UTC)
         plan = compare(listings, environments, start, self.settings.backstop_teardown_grace)
@@ -269,7 +272,8 @@ class Backstop:
             self._teardown(obj, report)
         for obj in plan.unmark:
             self._unmark(obj, report)
-        if self.redeliverer is not None:
+        # Failed deliveries are the App's, not a repository's: shard 0 alone asks for them again.
+        if self.redeliverer is not None and self.settings.shard == 0:
             try:
                 report.redelivered = self.redeliverer.run()
                 REPAIRS.labels("redelivered").inc(report.redelivered)
@@ -312,7 +316,10 @@ class Backstop:
                 yield name, installation_id, client
 
     def _listings(self, report: Report) -> Iterator[Listing]:
+        shards = self.settings.shards
         for repository, installation_id, client in self._repositories(report):
+            if shards > 1 and shard_of(repository, shards) != self.settings.shard:
+                continue  # another shard's repository: its backstop lists it (one listing per repository)
             listing = Listing(repository, installation_id)
             remaining, limit = client.requester.rate_limiting
             ratelimit.observe((remaining, limit))

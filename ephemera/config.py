@@ -6,6 +6,7 @@ import ipaddress
 import json
 import os
 import re
+from collections.abc import Mapping
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -14,6 +15,7 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from ephemera.api.models import REPOSITORY_PATTERN
+from ephemera.api.naming import SHARD_LABEL
 from ephemera.api.quantity import parse_quantity
 
 # EPHEMERA_* variables that belong to the development tools, not to the processes.
@@ -104,7 +106,9 @@ class Settings(BaseSettings):
         10.0, ge=0, description="Seconds the operator spends writing queued records when it stops."
     )
     peering: str | None = Field(
-        None, description="kopf peering name for several replicas (one active); unset runs standalone."
+        None,
+        description="kopf peering name for several replicas (one active); unset runs standalone. With "
+        "EPHEMERA_SHARDS > 1 each shard keeps its own: `<name>-shard-<EPHEMERA_SHARD>`.",
     )
     peering_priority: int | None = Field(
         None, description="This replica's peering priority (highest is active); unset picks a random one."
@@ -120,6 +124,14 @@ class Settings(BaseSettings):
         ge=0,
         description="Seconds a handler's own write is awaited on the watch before an older event is acted on.",
     )
+    shards: int = Field(
+        1,
+        ge=1,
+        le=1000,
+        description="Operator shards (webhook and operator alike): each object is labelled with the hash of its "
+        "repository modulo this, and each shard's operator handles only its own label.",
+    )
+    shard: int = Field(0, ge=0, description="This operator's shard, 0 to EPHEMERA_SHARDS-1.")
     environment_url: str | None = Field(
         None, description="Template of an environment's URL, e.g. https://{namespace}.preview.example.com."
     )
@@ -332,9 +344,18 @@ class Settings(BaseSettings):
                 raise ValueError(f"EPHEMERA_HOOK_URLS: {url!r} is not an http(s) URL")
         if self.hook_urls and len((self.hook_secret or SecretStr("")).get_secret_value().encode()) < 16:
             raise ValueError("EPHEMERA_HOOK_URLS needs EPHEMERA_HOOK_SECRET (16 bytes or more): every hook is signed")
+        if self.shard >= self.shards:
+            raise ValueError(f"EPHEMERA_SHARD={self.shard} must be below EPHEMERA_SHARDS={self.shards}")
+        if self.shards > 1 and self.peering is not None and not self.peering.endswith(f"-shard-{self.shard}"):
+            # Each shard stands by for itself: one peering object for two shards would pause all but one.
+            self.peering = f"{self.peering}-shard-{self.shard}"
         if self.soft_time_limit > self.hard_time_limit:
             raise ValueError("EPHEMERA_SOFT_TIME_LIMIT must not exceed EPHEMERA_HARD_TIME_LIMIT")
         return self
+
+    def shard_handles(self, labels: Mapping[str, str] | None) -> bool:
+        """Whether this operator's shard handles an object with these labels (unsharded: every one)."""
+        return self.shards == 1 or (labels or {}).get(SHARD_LABEL) == str(self.shard)
 
     def private_key(self) -> str | None:
         """The GitHub App private key, from the setting or the file."""

@@ -590,6 +590,8 @@ class Environments:
         body = self.kube.get_environment(name)
         if body is None or body["metadata"].get("deletionTimestamp"):
             return None  # torn down on purpose
+        if not self.settings.shard_handles(body["metadata"].get("labels")):
+            return None  # moved to another shard meanwhile: that one mends it
         status = body.get("status") or {}
         if status.get("phase") != Phase.READY.value or status.get("namespace") != namespace:
             return None  # not settled: the running handlers will see it

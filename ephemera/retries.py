@@ -29,6 +29,8 @@ def retry_due_ones(service: Environments, seen: dict[str, Seen], logger: Any) ->
         body = service.kube.get_environment(name)
         if body is None or body["metadata"]["uid"] != item.uid:
             continue  # gone, or another object of that name
+        if not service.settings.shard_handles(body["metadata"].get("labels")):
+            continue  # moved to another shard since the watch told us of it: that one retries it
         if not retry_due(dict(body.get("status") or {}), service.settings, item.uid):
             continue  # changed since the watch last told us
         retry(service, body, manual=None, logger=logger)

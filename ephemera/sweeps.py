@@ -20,9 +20,11 @@ from ephemera.api.naming import (
     PR_LABEL,
     REPOSITORY_ANNOTATION,
     environment_names,
+    shard_of,
 )
 from ephemera.environments import ROLLING_OUT, Environment, Environments, Failure
 from ephemera.kube import KubeError, Obj
+from ephemera.shards import ours
 from ephemera.watchcache import Seen
 
 log = logging.getLogger(__name__)
@@ -114,9 +116,13 @@ class Sweeper:
         report.orphans = self._delete_orphans(seen, namespaces, now)
         return report
 
-    def _body(self, name: str, uid: str) -> Obj | None:
+    def _body(self, name: str, uid: str, *, any_shard: bool = False) -> Obj | None:
+        """The object as it is now; None if it is gone, replaced, or (unless `any_shard`) moved to
+        another shard since the watch told us of it (its new shard acts on it from then on)."""
         body = self.kube.get_environment(name)
-        return body if body is not None and body["metadata"]["uid"] == uid else None
+        if body is None or body["metadata"]["uid"] != uid:
+            return None
+        return body if any_shard or ours(body, self.settings) else None
 
     def _fail_stale(self, name: str, item: Seen) -> int:
         body = self._body(name, item.uid)
@@ -187,14 +193,17 @@ class Sweeper:
             owner = made_by_ephemera(ns, self.settings.namespace_prefix)
             if owner is None or owner[1] in known or meta.get("deletionTimestamp"):
                 continue  # not made by Ephemera (not ours to touch), its object lives, or it is going
+            repository = (meta.get("annotations") or {}).get(REPOSITORY_ANNOTATION, "")
+            if self.settings.shards > 1 and shard_of(repository, self.settings.shards) != self.settings.shard:
+                continue  # another shard's to judge (this one's watch does not hold its object)
             created = parse_time(meta.get("creationTimestamp"))
             # A young namespace is never judged: its object may not be visible to this operator yet.
             if created is None or (now - created).total_seconds() < self.settings.stale_threshold:
                 continue
             name, uid = owner
             try:
-                if self._body(name, uid) is not None:
-                    continue  # its object exists; this operator just has not seen it yet
+                if self._body(name, uid, any_shard=True) is not None:
+                    continue  # its object exists (perhaps still labelled for another shard, or not seen yet)
                 if listed is None:
                     # By name it is gone; no object under another name may hold the uid either.
                     listed = {str(obj["metadata"]["uid"]) for obj in self.kube.list_environments()}

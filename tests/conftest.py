@@ -211,6 +211,16 @@ def wait_policies_lifted(kubectl: Kubectl) -> None:
     wait_for(allowed, timeout=30, what="the chart's admission policies lifted")
 
 
+@pytest.fixture
+def applied(kubectl: Kubectl, crd: Path) -> Iterator[list[dict[str, Any]]]:
+    """Objects applied by a test, deleted after it (cluster-wide policies must not outlive it)."""
+    objects: list[dict[str, Any]] = []
+    yield objects
+    for doc in reversed(objects):
+        kubectl.run("delete", "--ignore-not-found", "--wait=false", "-f", "-", input=json.dumps(doc), check=False)
+    wait_policies_lifted(kubectl)
+
+
 def http_ok(proc: Process, path: str) -> bool:
     assert proc.proc is not None
     assert proc.proc.poll() is None, f"process exited:\n{proc.log()[-3000:]}"

@@ -18,13 +18,14 @@ and `closed` must tear it down, all under the rendered RBAC and admission polici
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import subprocess
 import sys
 import urllib.request
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,9 +36,8 @@ import yaml
 from devtools.controlplane import REPO_ROOT, ControlPlane, free_port, write_token_kubeconfig
 from devtools.fakegithub import FakeGitHub, Server
 from devtools.postgres import Postgres
-from devtools.support import Kubectl, post_webhook, wait_for
+from devtools.support import Kubectl, post_webhook, stop_process, wait_for
 from ephemera.api.naming import environment_name
-from tests.conftest import wait_policies_lifted
 from tests.test_github import INSTALLATION
 from tests.test_webhook import get_pe, pr_event
 
@@ -140,6 +140,15 @@ def resolve_env(
 
 def rendered_containers(docs: list[dict[str, Any]], extra_secrets: dict[str, dict[str, str]]) -> dict[str, Container]:
     """The db-upgrade init container, the operator and the webhook, with their environments."""
+    by_deployment = deployment_containers(docs, extra_secrets).values()
+    return {name: container for containers in by_deployment for name, container in containers.items()}
+
+
+def deployment_containers(
+    docs: list[dict[str, Any]], extra_secrets: dict[str, dict[str, str]]
+) -> dict[str, dict[str, Container]]:
+    """Each Deployment's containers (init containers first) by name, with their environments: by
+    Deployment, for a chart that renders several of one component (the operator's shards)."""
     secrets = dict(extra_secrets)
     config_maps: dict[str, dict[str, str]] = {}
     for doc in docs:
@@ -147,10 +156,11 @@ def rendered_containers(docs: list[dict[str, Any]], extra_secrets: dict[str, dic
             secrets[doc["metadata"]["name"]] = dict(doc.get("stringData") or {})
         if doc["kind"] == "ConfigMap":
             config_maps[doc["metadata"]["name"]] = dict(doc.get("data") or {})
-    found: dict[str, Container] = {}
+    found: dict[str, dict[str, Container]] = {}
     for doc in docs:
         if doc["kind"] != "Deployment":
             continue
+        containers = found[doc["metadata"]["name"]] = {}
         pod = doc["spec"]["template"]["spec"]
         mounted = [v for v in pod.get("volumes") or [] if "secret" in v or "projected" in v]
         assert not mounted, "the chart now mounts secret files: write them out here at their mount paths"
@@ -161,7 +171,7 @@ def rendered_containers(docs: list[dict[str, Any]], extra_secrets: dict[str, dic
                 for probe in (container.get("livenessProbe"), container.get("readinessProbe"))
                 if probe
             ]
-            found[container["name"]] = Container(
+            containers[container["name"]] = Container(
                 container["name"],
                 list(container.get("args") or []),
                 resolve_env(container, secrets, config_maps),
@@ -178,7 +188,19 @@ class Running:
     remapped: dict[int, int]
 
     def output(self) -> str:
-        return self.log.read_text(errors="replace")[-4000:]
+        """The log's tail, for a message about a process that exited."""
+        return self.text()[-4000:]
+
+    def text(self) -> str:
+        """The whole log, for what a test asserts about it."""
+        return self.log.read_text(errors="replace")
+
+    def stop(self) -> None:
+        stop_process(self.proc)
+
+    def ports(self) -> list[int]:
+        """The ports it listens on (as rendered, or where they were moved)."""
+        return [self.remapped.get(port, port) for _, port in self.container.probes]
 
     def healthy(self) -> bool:
         assert self.proc.poll() is None, f"{self.container.name} exited:\n{self.output()}"
@@ -211,17 +233,74 @@ def image_env(kubeconfig: Path | None) -> dict[str, str]:
     return env
 
 
-def start(container: Container, kubeconfig: Path, tmp: Path) -> Running:
+def start(container: Container, kubeconfig: Path, tmp: Path, *, log: str = "", taken: Iterable[int] = ()) -> Running:
+    """The container as a process, its log `tmp/<log or the container's name>.log`. A rendered port that
+    is `taken` (by another process of the same release) or busy on this machine is moved."""
     env = {**container.env, **image_env(kubeconfig)}
     remapped: dict[int, int] = {}
     for name in ("EPHEMERA_OPERATOR_PORT", "EPHEMERA_WEBHOOK_PORT"):
-        if name in env and not port_free(int(env[name])):
+        if name in env and (int(env[name]) in taken or not port_free(int(env[name]))):
             remapped[int(env[name])] = free_port()
             env[name] = str(remapped[int(env[name])])
-    log = tmp / f"{container.name}.log"
+    path = tmp / f"{log or container.name}.log"
     if remapped:
-        log.write_text(f"# rendered ports taken on this machine, moved: {remapped}\n")
-    return Running(container, ephemera(container, env, log), log, remapped)
+        path.write_text(f"# rendered ports taken on this machine, moved: {remapped}\n")
+    return Running(container, ephemera(container, env, path), path, remapped)
+
+
+def apply_release(kubectl: Kubectl, docs: list[dict[str, Any]], namespace: str, applied: list[dict[str, Any]]) -> None:
+    """What the processes need from the cluster, as `helm install` would make it: the CRDs (the peering
+    one too), the release's namespace and its rendered CLUSTER_KINDS, each added to `applied` (the
+    fixture deletes them after the test)."""
+    kubectl.run("apply", "-f", str(REPO_ROOT / "crds"))
+    kubectl.run("wait", "--for=condition=Established", "--timeout=60s", "crd/clusterkopfpeerings.kopf.dev")
+    kubectl.run("create", "namespace", namespace)
+    applied.append({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}})
+    for doc in docs:
+        if doc["kind"] in CLUSTER_KINDS:
+            if doc["kind"] == "ServiceAccount":  # helm template leaves the release namespace out
+                doc["metadata"]["namespace"] = namespace
+            kubectl.apply(doc)
+            applied.append(doc)
+
+
+def token_kubeconfig(control_plane: ControlPlane, kubectl: Kubectl, namespace: str, account: str, tmp: Path) -> Path:
+    """A kubeconfig with a token of the release's ServiceAccount `account`: in-cluster config's stand-in."""
+    value = kubectl.run("-n", namespace, "create", "token", account, "--duration=1h").stdout.strip()
+    path = tmp / f"{account}.kubeconfig"
+    write_token_kubeconfig(path, control_plane.server, control_plane.pki / "ca.crt", value)
+    return path
+
+
+def run_init(init: Container, tmp: Path) -> None:
+    """An init container (`ephemera db upgrade`) run to its end, as before the pod's other containers."""
+    done = subprocess.run(
+        [str(Path(sys.executable).parent / "ephemera"), *init.args],
+        env={**init.env, **image_env(None)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+@contextlib.contextmanager
+def running(pods: list[tuple[str, Container, Path]], tmp: Path) -> Iterator[list[Running]]:
+    """Each (log name, container, kubeconfig) started as a process, waited for until its probes answer,
+    and stopped after as the kubelet stops a pod (SIGTERM, then SIGKILL)."""
+    started: list[Running] = []
+    try:
+        for log, container, kubeconfig in pods:
+            ports = [port for proc in started for port in proc.ports()]
+            started.append(start(container, kubeconfig, tmp, log=log, taken=ports))
+        for proc in started:
+            wait_for(proc.healthy, timeout=90, what=f"{proc.log.stem} healthy ({proc.container.probes})")
+        yield started
+    finally:
+        for proc in started:
+            proc.stop()
 
 
 @pytest.fixture(scope="module")
@@ -265,16 +344,6 @@ def render_cases(postgres: Postgres, app: FakeGitHub, tmp: Path) -> dict[str, tu
     }
 
 
-@pytest.fixture
-def applied(kubectl: Kubectl, crd: Path) -> Iterator[list[dict[str, Any]]]:
-    """Objects applied by a test, deleted after it (cluster-wide policies must not outlive it)."""
-    objects: list[dict[str, Any]] = []
-    yield objects
-    for doc in reversed(objects):
-        kubectl.run("delete", "--ignore-not-found", "--wait=false", "-f", "-", input=json.dumps(doc), check=False)
-    wait_policies_lifted(kubectl)
-
-
 @pytest.mark.parametrize("case", ["defaults", "every-option"])
 def test_each_process_is_healthy_with_the_environment_its_deployment_gives_it(
     case: str,
@@ -294,35 +363,9 @@ def test_each_process_is_healthy_with_the_environment_its_deployment_gives_it(
     # The dashboard (on in the every-option case) is run under its rendered env by tests/test_dashboard.py.
     assert set(containers) - {"dashboard"} == {"db-upgrade", "operator", "webhook"}
 
-    kubectl.run("apply", "-f", str(REPO_ROOT / "crds"))  # the peering CRD too
-    kubectl.run("wait", "--for=condition=Established", "--timeout=60s", "crd/clusterkopfpeerings.kopf.dev")
-    kubectl.run("create", "namespace", namespace)
-    applied.append({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}})
-    for doc in docs:
-        if doc["kind"] in CLUSTER_KINDS:
-            if doc["kind"] == "ServiceAccount":  # helm template leaves the release namespace out
-                doc["metadata"]["namespace"] = namespace
-            kubectl.apply(doc)
-            applied.append(doc)
-
-    def token(account: str) -> Path:
-        value = kubectl.run("-n", namespace, "create", "token", account, "--duration=1h").stdout.strip()
-        path = tmp_path / f"{account}.kubeconfig"
-        write_token_kubeconfig(path, control_plane.server, control_plane.pki / "ca.crt", value)
-        return path
-
+    apply_release(kubectl, docs, namespace, applied)
     # The init container: `ephemera db upgrade` must finish before the operator starts.
-    init = containers["db-upgrade"]
-    upgrade = subprocess.run(
-        [str(Path(sys.executable).parent / "ephemera"), *init.args],
-        env={**init.env, **image_env(None)},
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=tmp_path,
-        check=False,
-    )
-    assert upgrade.returncode == 0, upgrade.stdout + upgrade.stderr
+    run_init(containers["db-upgrade"], tmp_path)
 
     # Each Deployment's own ServiceAccount (fullnameOverride changes their names).
     accounts = {
@@ -330,13 +373,11 @@ def test_each_process_is_healthy_with_the_environment_its_deployment_gives_it(
         for d in docs
         if d["kind"] == "Deployment"
     }
-    running = [
-        start(containers["operator"], token(accounts["operator"]), tmp_path),
-        start(containers["webhook"], token(accounts["webhook"]), tmp_path),
+    pods = [
+        (name, containers[name], token_kubeconfig(control_plane, kubectl, namespace, accounts[name], tmp_path))
+        for name in ("operator", "webhook")
     ]
-    try:
-        for proc in running:
-            wait_for(proc.healthy, timeout=90, what=f"{proc.container.name} healthy ({proc.container.probes})")
+    with running(pods, tmp_path) as (operator, webhook):
         # The operator's /healthz answers before kopf has connected: its entry in the peering object
         # proves that kopf, too, reached the API server as the chart's ServiceAccount.
         peering = containers["operator"].env["EPHEMERA_PEERING"]
@@ -347,7 +388,6 @@ def test_each_process_is_healthy_with_the_environment_its_deployment_gives_it(
         )
         # And they work together: a signed PR event becomes a Ready environment, reported on GitHub,
         # and its close tears it down (under the chart's RBAC and admission policies).
-        operator, webhook = running
         port = int(webhook.container.env["EPHEMERA_WEBHOOK_PORT"])
         port = webhook.remapped.get(port, port)
         repo, number, sha = f"octo-org/chart-{case}", 4242, uuid.uuid4().hex + "0" * 8
@@ -367,17 +407,9 @@ def test_each_process_is_healthy_with_the_environment_its_deployment_gives_it(
         closed = pr_event("closed", repo=repo, number=number, sha=sha, updated_at="2026-01-01T00:01:00Z")
         assert post_webhook(port, "pull_request", closed, secret=WEBHOOK_SECRET).body.get("result") == "deleted"
         wait_for(lambda: get_pe(kubectl, name) is None, timeout=90, what=f"{name} torn down")
-        for proc in running:
+        for proc in (operator, webhook):
             assert proc.healthy()
-            assert "forbidden" not in proc.output().lower(), proc.output()
-    finally:
-        for proc in running:
-            proc.proc.terminate()
-            try:
-                proc.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.proc.kill()
-                proc.proc.wait()
+            assert "forbidden" not in proc.text().lower(), proc.output()
 
 
 def test_numbers_render_as_integers_that_the_settings_accept(control_plane: ControlPlane) -> None:

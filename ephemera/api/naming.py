@@ -44,6 +44,9 @@ WAKE_ANNOTATION = "ephemera.dev/wake"
 # A fork's approval: the head SHA a writer approved with the approval label, and who did.
 APPROVED_SHA_ANNOTATION = "ephemera.dev/approved-sha"
 APPROVED_BY_ANNOTATION = "ephemera.dev/approved-by"
+# The operator shard an object belongs to (`shard_of` its repository, as a decimal string): with
+# EPHEMERA_SHARDS > 1 each operator Deployment watches only the objects that carry its own index.
+SHARD_LABEL = "ephemera.dev/shard"
 
 _NOT_DNS = re.compile(r"[^a-z0-9]+")
 _NOT_LABEL = re.compile(r"[^A-Za-z0-9._-]+")
@@ -65,6 +68,14 @@ def _digest(repository: str, pull_request: int, length: int = DIGEST_HEX) -> str
     # GitHub treats owner and repository names case-insensitively: so does the hash.
     key = f"{repository.lower()}#{pull_request}".encode()
     return hashlib.sha256(key).hexdigest()[:length]
+
+
+def shard_of(repository: str, shards: int) -> int:
+    """The shard of a repository's objects: a stable hash modulo `shards`. sha256, not Python's hash()
+    (salted per process): the webhook, every operator and every release must agree. Case-insensitive,
+    as GitHub's names are, so that one repository's objects always share a shard."""
+    digest = hashlib.sha256(repository.lower().encode()).digest()
+    return int.from_bytes(digest[:8], "big") % shards
 
 
 def environment_name(repository: str, pull_request: int, prefix: str = "pr") -> str:

@@ -39,10 +39,12 @@ from ephemera.api.naming import (
     NAME_HASH_BITS,
     NAME_HASH_LABEL,
     PR_UPDATED_AT_ANNOTATION,
+    SHARD_LABEL,
     environment_labels,
     environment_name,
     is_legacy_name,
     legacy_environment_name,
+    shard_of,
 )
 from ephemera.config import Settings
 from ephemera.github.client import GitHubAuth, NoCredentials
@@ -152,8 +154,10 @@ class Intake:
         policies: Policies,
         writer: Writer | None = None,
         reopen_wait: float = 30.0,
+        shards: int = 1,
     ) -> None:
         self.kube = kube
+        self.shards = shards
         self.tombstones = tombstones
         self.reopen_wait = reopen_wait
         self.prefix = prefix
@@ -170,6 +174,7 @@ class Intake:
             prefix=settings.namespace_prefix,
             policies=Policies(Policy.from_settings(settings), kube),
             writer=github_writer(auth) if auth is not None and auth.configured else None,
+            shards=settings.shards,
         )
 
     def name(self, event: PullRequestEvent) -> str:
@@ -380,10 +385,13 @@ class Intake:
             "kind": KIND,
             "metadata": {
                 "name": name,
+                # Only a new object gets its shard here: moving an existing one is the operator's
+                # handover (it waits until nothing is in flight), never a side effect of an event.
                 "labels": {
                     **environment_labels(name, event.repo, event.pr),
                     **_present(labels),
                     NAME_HASH_LABEL: NAME_HASH_BITS,
+                    SHARD_LABEL: str(shard_of(event.repo, self.shards)),
                 },
                 "annotations": {
                     **(marks or {}),

@@ -3,6 +3,6 @@
 Importing this package registers every handler with kopf's default registry.
 """
 
-from ephemera.operator import apps, jobs, lifecycle, policy, startup
+from ephemera.operator import apps, jobs, lifecycle, policy, shards, startup
 
-__all__ = ["apps", "jobs", "lifecycle", "policy", "startup"]
+__all__ = ["apps", "jobs", "lifecycle", "policy", "shards", "startup"]

@@ -26,6 +26,7 @@ from ephemera.kube import Kube, KubeError
 from ephemera.operator.runtime import Runtime
 from ephemera.readiness import WORKLOAD_KINDS, workload_state
 from ephemera.retries import retried_later
+from ephemera.shards import ours
 from ephemera.templates import Template, TemplateError, select
 from ephemera.watchcache import Seen
 
@@ -226,8 +227,8 @@ class Rollouts:
         """Re-apply the environment's template if it still needs it (checked on the object itself, not
         the watch); whether to look at it again later (it was mid-rollout)."""
         body = self.service.kube.get_environment(name)
-        if body is None or body["metadata"].get("deletionTimestamp"):
-            return False
+        if body is None or body["metadata"].get("deletionTimestamp") or not ours(body, self.settings):
+            return False  # gone, going, or moved to another shard (whose own watch queues it)
         try:
             env = Environment.from_body(body)
         except Failure:

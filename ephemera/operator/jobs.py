@@ -27,6 +27,7 @@ from ephemera.operator import apps, policy
 from ephemera.operator.metrics import ACTIVE, ENVIRONMENTS
 from ephemera.operator.runtime import Runtime
 from ephemera.retries import retry, retry_due_ones
+from ephemera.shards import Strays
 from ephemera.sweeps import Sweeper
 from ephemera.watchcache import Seen
 
@@ -152,10 +153,20 @@ def start(runtime: Runtime, priority: int, identity: str) -> list[asyncio.Task[N
         (min(cfg.retry_backoff, RETRY_CHECK_INTERVAL), retries, "retries"),
         (cfg.sweep_interval, sweep, "sweep"),
         (ROLLOUT_CHECK_INTERVAL, rollouts, "rollout-deadlines"),
-        (cfg.purge_interval, purge, "purge"),
         (cfg.resync_interval, resync, "resync"),
         (10.0, gauge, "phase-gauge"),
     ]
+    if cfg.shard == 0:  # the records are shared and their purge is by age alone: one shard does it
+        jobs.append((cfg.purge_interval, purge, "purge"))
+    if cfg.shards > 1 and cfg.shard == 0:
+        strays = Strays(runtime.kube, cfg)
+
+        async def adopt() -> None:
+            moved = await asyncio.to_thread(strays.adopt)
+            if moved:
+                log.info("adopted %d PreviewEnvironment(s) that no shard watched", moved)
+
+        jobs.append((cfg.sweep_interval, adopt, "strays"))
     jobs += policy.jobs(runtime)  # the queue's admissions and the expiry
     if cfg.backstop_enabled:
         jobs.append((cfg.pr_resync_interval, pr_resync, "pr-resync"))

@@ -124,6 +124,8 @@ async def namespace_gone(*, event: kopf.RawEvent, memo: kopf.Memo, logger: Logge
     refs: list[dict[str, Any]] = obj.get("metadata", {}).get("ownerReferences") or []
     owners = [ref for ref in refs if ref.get("kind") == KIND]
     seen = runtime.phases.get(owners[0]["name"]) if owners else None
+    if seen is None and runtime.settings.shards > 1:
+        return  # another shard's environment (this watch holds only this shard's)
     if owners and not (seen is not None and seen.deleting):  # a teardown needs nothing more
         await asyncio.to_thread(_recreate, runtime.environments, owners[0]["name"], obj["metadata"]["name"], logger)
 

@@ -226,7 +226,14 @@ async def _records(cfg: Settings, kube: Kube, logger: kopf.Logger) -> Records:
         raise kopf.PermanentError(str(err)) from err
     except Exception as err:  # unreachable now: the writer retries, the cluster never waits for it
         logger.warning("records database unreachable at start (%s); records will catch up", err)
-    records = Records(engine, kube, queue_limit=cfg.record_queue_limit, drain_timeout=cfg.record_drain_timeout)
+    records = Records(
+        engine,
+        kube,
+        queue_limit=cfg.record_queue_limit,
+        drain_timeout=cfg.record_drain_timeout,
+        shards=cfg.shards,
+        shard=cfg.shard,
+    )
     records.start()
     return records
 

@@ -39,6 +39,7 @@ from sqlmodel import col, select
 
 from ephemera import backoff
 from ephemera.api.models import DESTROYED, Phase, TransitionPhase, parse_phase, parse_time
+from ephemera.api.naming import SHARD_LABEL, shard_of
 from ephemera.kube import Kube, KubeError
 from ephemera.metrics import REGISTRY
 from ephemera.store.tables import EnvironmentRow, EventRow
@@ -145,8 +146,14 @@ class Records:
         *,
         queue_limit: int = 10_000,
         drain_timeout: float = 10.0,
+        shards: int = 1,
+        shard: int = 0,
     ) -> None:
         self.engine = engine
+        # The database is shared by every shard: a resync lists this shard's objects and judges only
+        # the rows of this shard's repositories (others' are not lost, only not listed here).
+        self.shards = shards
+        self.shard = shard
         self.kube = kube
         self.max_delay = max_delay
         self.queue_limit = queue_limit
@@ -423,7 +430,8 @@ class Records:
         kube = self.kube
         self._resync_owed = False  # this listing sees every transition dropped before it
         listed_at = _now()
-        objects = await asyncio.to_thread(lambda: list(kube.list_environments()))
+        selector = f"{SHARD_LABEL}={self.shard}" if self.shards > 1 else None
+        objects = await asyncio.to_thread(lambda: list(kube.list_environments(selector)))
         await self._resync(_Resync(objects, listed_at))
         RESYNCS.labels("run").inc()
 
@@ -442,15 +450,22 @@ class Records:
                     latest_at,
                     provisioned,
                     readied,
+                    col(EnvironmentRow.repository),
                 )
                 .join(EventRow, col(EventRow.environment_uid) == col(EnvironmentRow.uid), isouter=True)
                 .where(col(EnvironmentRow.destroyed_at).is_(None))
-                .group_by(col(EnvironmentRow.uid), col(EnvironmentRow.phase), col(EnvironmentRow.updated_at))
+                .group_by(
+                    col(EnvironmentRow.uid),
+                    col(EnvironmentRow.phase),
+                    col(EnvironmentRow.updated_at),
+                    col(EnvironmentRow.repository),
+                )
             )
             found = list(await session.execute(query))
-            rows = {uid: (phase, updated, latest) for uid, phase, updated, latest, _, _ in found}
-            begun = {uid: _aware(first) for uid, _, _, _, first, _ in found if first is not None}
-            ready_once = {uid for uid, _, _, _, _, count in found if count}
+            rows = {uid: (phase, updated, latest) for uid, phase, updated, latest, _, _, _ in found}
+            begun = {uid: _aware(first) for uid, _, _, _, first, _, _ in found if first is not None}
+            ready_once = {uid for uid, _, _, _, _, count, _ in found if count}
+            others = {uid for uid, *_, repository in found if not self._mine(repository)}
             # Objects still listed whose end is recorded (their finalizer was not released yet).
             unknown = sorted(listed - set(rows))
             ended: set[str] = set()
@@ -517,12 +532,12 @@ class Records:
         gone = [
             uid
             for uid, (_, updated, _) in rows.items()
-            if uid not in listed and uid not in ending and _aware(updated) < job.listed_at
+            if uid not in listed and uid not in ending and uid not in others and _aware(updated) < job.listed_at
         ]
         for uid in gone:
             async with AsyncSession(self.engine) as session:
                 row_obj = await session.get(EnvironmentRow, uid)
-            if row_obj is None:
+            if row_obj is None or await self._elsewhere(row_obj):
                 continue
             pending = []
             if row_obj.phase != Phase.DESTROYING.value:  # its teardown began before the end was recorded
@@ -532,6 +547,22 @@ class Records:
             written += await self._write_all(pending)
         if written:
             log.info("resync wrote %d missing transition(s)", written)
+
+    def _mine(self, repository: str) -> bool:
+        return self.shards == 1 or shard_of(repository, self.shards) == self.shard
+
+    async def _elsewhere(self, row: EnvironmentRow) -> bool:
+        """Whether a row's object, missing from this shard's listing, still lives under another label
+        (being moved between shards): asked of the API server, so that it is never recorded as gone."""
+        if self.shards == 1 or self.kube is None:
+            return False
+        kube = self.kube
+        try:
+            obj = await asyncio.to_thread(kube.get_environment, row.name)
+        except KubeError as err:  # in doubt it is not gone: the next resync asks again
+            log.warning("resync could not look up %s: %s", row.name, err)
+            return True
+        return obj is not None and obj["metadata"].get("uid") == row.uid
 
     async def _write_all(self, transitions: list[Transition]) -> int:
         """Write a resync's transitions of one object; one that can never be written is dead-lettered."""
