@@ -26,17 +26,17 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from ephemera.api.models import Phase, parse_time
-from ephemera.api.naming import RETRY_ANNOTATION, SHARD_LABEL, shard_of
+from ephemera.api.naming import KOPF_DIFFBASE_KEY, KOPF_STATUS, RETRY_ANNOTATION, SHARD_LABEL, shard_of
 from ephemera.config import Settings
 from ephemera.kube import Kube, KubeError, Obj
 from ephemera.retries import retried_later
 
 log = logging.getLogger(__name__)
 
-# kopf's storage on the object (operator/startup.py): progress under `<prefix>/<handler id>`, the last
-# handled essence under `<prefix>/last-handled-configuration`.
+# kopf's storage on the object (operator/persistence.py): progress under `<prefix>/<handler id>`, the
+# last handled essence in `status.kopf` (or, from an older operator, under `<prefix>/<diff-base key>`).
 KOPF_PREFIX = "ephemera.dev"
-DIFFBASE_ANNOTATION = f"{KOPF_PREFIX}/last-handled-configuration"
+DIFFBASE_ANNOTATION = f"{KOPF_PREFIX}/{KOPF_DIFFBASE_KEY}"
 HANDLER_IDS = ("provision", "update", "resume", "destroy", "report-resume")
 
 
@@ -78,9 +78,18 @@ def _kopf_idle(annotations: Mapping[str, Any]) -> bool:
     return not any(f"{KOPF_PREFIX}/{handler}" in annotations for handler in HANDLER_IDS)
 
 
-def _handled_spec(annotations: Mapping[str, Any]) -> Any:
+def _handled_record(obj: Mapping[str, Any]) -> Any:
+    """kopf's record of the last handled spec: in `status.kopf` (operator/persistence.py), or in the
+    annotation where an older operator left it."""
+    record = ((obj.get("status") or {}).get(KOPF_STATUS) or {}).get(KOPF_DIFFBASE_KEY)
+    if record is None:
+        record = ((obj.get("metadata") or {}).get("annotations") or {}).get(DIFFBASE_ANNOTATION)
+    return record
+
+
+def _handled_spec(obj: Mapping[str, Any]) -> Any:
     try:
-        return (json.loads(str(annotations.get(DIFFBASE_ANNOTATION) or "null")) or {}).get("spec")
+        return (json.loads(str(_handled_record(obj) or "null")) or {}).get("spec")
     except (ValueError, AttributeError):
         return None
 
@@ -91,7 +100,7 @@ def settled(obj: Mapping[str, Any], settings: Settings) -> bool:
     annotations = meta.get("annotations") or {}
     if meta.get("deletionTimestamp") or not _kopf_idle(annotations):
         return False
-    if _handled_spec(annotations) != obj.get("spec"):
+    if _handled_spec(obj) != obj.get("spec"):
         return False  # never handled, or a spec change kopf has not handled yet
     retry = annotations.get(RETRY_ANNOTATION)
     if retry and retry != status.get("retryRequest"):
@@ -107,11 +116,7 @@ def settled(obj: Mapping[str, Any], settings: Settings) -> bool:
 def untouched(obj: Mapping[str, Any]) -> bool:
     """Whether no operator ever handled the object: no status, no kopf state on it."""
     annotations = (obj.get("metadata") or {}).get("annotations") or {}
-    return (
-        not (obj.get("status") or {}).get("phase")
-        and DIFFBASE_ANNOTATION not in annotations
-        and _kopf_idle(annotations)
-    )
+    return not (obj.get("status") or {}).get("phase") and _handled_record(obj) is None and _kopf_idle(annotations)
 
 
 def move(kube: Kube, obj: Obj, shard: int) -> bool:

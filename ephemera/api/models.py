@@ -176,6 +176,9 @@ class PreviewEnvironmentStatus(BaseModel):
     expires_at: str | None = Field(None, alias="expiresAt")
     wake_request: str | None = Field(None, alias="wakeRequest")
     conditions: list[Condition] = Field(default_factory=list)
+    # kopf's record of the last handled spec (naming.KOPF_STATUS): the framework's, never dumped, so no
+    # status Ephemera writes or announces carries (or could roll back) kopf's record.
+    kopf: dict[str, Any] | None = Field(None, exclude=True)
 
 
 def ready_condition(

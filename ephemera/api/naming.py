@@ -25,6 +25,10 @@ TEARDOWN_REASON_ANNOTATION = "ephemera.dev/teardown-reason"
 RENAMED_TO_ANNOTATION = "ephemera.dev/renamed-to"
 # The operator's finalizer: objects the webhook makes carry it from birth (one patch less for each).
 FINALIZER = "ephemera.dev/finalizer"
+# kopf's record of the last handled spec (operator/persistence.py): `status.kopf.<key>`, or, as older
+# operators left it, the annotation `ephemera.dev/<key>`.
+KOPF_STATUS = "kopf"
+KOPF_DIFFBASE_KEY = "last-handled-configuration"
 # The webhook\'s marks on an object: the PR\'s updated_at it last applied (an older event never wins), the
 # delivery that wrote it, and why the PR closed (the teardown comment picks its words from a fixed set).
 PR_UPDATED_AT_ANNOTATION = "ephemera.dev/pr-updated-at"

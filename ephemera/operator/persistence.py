@@ -21,8 +21,10 @@ from typing import Any
 
 import kopf
 
-STATUS_NAME = "kopf"  # status.kopf.last-handled-configuration
-DIFFBASE_KEY = "last-handled-configuration"
+from ephemera.api.naming import KOPF_DIFFBASE_KEY, KOPF_STATUS
+
+STATUS_NAME = KOPF_STATUS  # status.kopf.last-handled-configuration
+DIFFBASE_KEY = KOPF_DIFFBASE_KEY
 MARKER = "kopf-managed"  # kopf's mark of an annotation prefix that a kopf storage writes
 
 
