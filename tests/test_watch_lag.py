@@ -9,7 +9,6 @@ provisioned a second time. The watch here lags 8 s behind (devtools.lagproxy).
 from __future__ import annotations
 
 import re
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from devtools.controlplane import ControlPlane
 from devtools.lagproxy import lagging
 from devtools.support import Kubectl, Process, wait_for
 from tests.conftest import operator_with
+from tests.test_metrics import scrape
 from tests.test_operator import make_env, unique, wait_phase
 
 LAG = 8.0  # seconds: past kopf's default consistency timeout (5 s), within Ephemera's (60 s)
@@ -36,8 +36,7 @@ def lagging_operator(
 
 def provisions(operator: Process) -> float:
     """How many times the operator's create handler has provisioned an environment."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{operator.port}/metrics", timeout=5) as response:
-        text = response.read().decode()
+    text = scrape(operator.port)
     found = re.search(r'ephemera_reconciles_total\{handler="provision",outcome="success"\} (\S+)', text)
     return float(found.group(1)) if found else 0.0
 
