@@ -119,6 +119,12 @@ class Settings(BaseSettings):
     workers: int = Field(
         50, ge=1, description="Threads for the operator's handlers: most objects provisioned or mended at once."
     )
+    worker_limit: int = Field(
+        500,
+        ge=0,
+        description="PreviewEnvironments the operator works on at once (kopf's per-object workers); more wait "
+        "their turn holding only their latest event. Bounds the memory a mass creation touches; 0: no limit.",
+    )
     watch_consistency_timeout: float = Field(
         60.0,
         ge=0,

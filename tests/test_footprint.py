@@ -3,14 +3,19 @@ objects that are not Ephemera's (issue 19, part 3)."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
+import re
+from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import cast
 
 import kopf
+import pytest
 from kopf._cogs.structs.references import Resource
 
+from devtools.support import Process, wait_for
 from ephemera.api.models import GROUP, KIND, VERSION
 from ephemera.api.naming import ENVIRONMENT_LABEL, MANAGED_BY, MANAGED_BY_LABEL, environment_name
 from ephemera.config import Settings
@@ -19,6 +24,8 @@ from ephemera.ledger import Ledger
 from ephemera.operator import apps, policy, startup
 from ephemera.operator.runtime import Runtime
 from ephemera.watchcache import Seen
+from tests.conftest import operator_with
+from tests.test_metrics import scrape
 
 
 def _resource(group: str, version: str, plural: str, kind: str, namespaced: bool = True) -> Resource:
@@ -134,3 +141,53 @@ async def test_the_ledgers_resync_brings_it_to_the_listing_read_page_by_page(crd
         assert entry.repository == "footprint/ledger"
     finally:
         kube.delete_environment(name)
+
+
+def test_the_worker_limit_reaches_kopf() -> None:
+    settings = kopf.OperatorSettings()
+    startup._tune(settings, Settings(worker_limit=7))
+    assert settings.queueing.worker_limit == 7
+    startup._tune(settings, Settings(worker_limit=0))  # 0: no limit, as kopf spells it
+    assert settings.queueing.worker_limit is None
+
+
+@pytest.fixture
+def limited_operator(operator: Process) -> Iterator[Process]:
+    yield from operator_with(operator, {"EPHEMERA_WORKER_LIMIT": "2"})
+
+
+def _peak(port: int) -> float:
+    found = re.search(r"^ephemera_handlers_in_flight_peak (\S+)$", scrape(port), re.MULTILINE)
+    assert found, "the operator exports ephemera_handlers_in_flight_peak"
+    return float(found.group(1))
+
+
+def test_the_operator_works_on_at_most_worker_limit_environments_at_once(limited_operator: Process, kube: Kube) -> None:
+    """Every object in flight keeps memory the process never gives back: with EPHEMERA_WORKER_LIMIT=2 a
+    burst of 12 created at once is provisioned two at a time (each object's handlers run in its own kopf
+    worker), and all become Ready."""
+    repo = "footprint/limit"
+    names = [environment_name(repo, number) for number in range(1, 13)]
+
+    def create(number: int) -> None:
+        kube.create_environment(
+            {
+                "apiVersion": f"{GROUP}/{VERSION}",
+                "kind": KIND,
+                "metadata": {"name": environment_name(repo, number)},
+                "spec": {"repository": repo, "pullRequest": number, "commitSha": "d" * 40, "branch": "f"},
+            }
+        )
+
+    def phases() -> list[str | None]:
+        return [((kube.get_environment(name) or {}).get("status") or {}).get("phase") for name in names]
+
+    try:
+        with concurrent.futures.ThreadPoolExecutor(len(names)) as pool:
+            list(pool.map(create, range(1, len(names) + 1)))
+        wait_for(lambda: phases() == ["Ready"] * len(names), timeout=180, what="all 12 Ready")
+        peak = _peak(limited_operator.port)
+        assert 1 <= peak <= 2, f"{peak:.0f} handler runs at once with EPHEMERA_WORKER_LIMIT=2"
+    finally:
+        for name in names:
+            kube.delete_environment(name)

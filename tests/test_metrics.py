@@ -38,6 +38,8 @@ FIXED_LABELS: dict[str, dict[str, frozenset[str] | None]] = {
     "ephemera_github_rate_limit_remaining": {},
     "ephemera_github_rate_limit_limit": {},
     "ephemera_operator_active": {},
+    "ephemera_handlers_in_flight": {},
+    "ephemera_handlers_in_flight_peak": {},
     "ephemera_record_writes": {"outcome": None},
     "ephemera_record_backlog": {},
     "ephemera_record_dead_letters": {"reason": None},

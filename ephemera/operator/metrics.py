@@ -5,7 +5,10 @@ the start (at zero), so that dashboards and alerts see them before the first eve
 
 from __future__ import annotations
 
+import contextlib
+import threading
 import time
+from collections.abc import Iterator
 
 from prometheus_client import Counter, Gauge, Histogram
 
@@ -47,6 +50,18 @@ ACTIVE = Gauge(
     "standby, or when it cannot tell (the API server does not answer).",
     registry=REGISTRY,
 )
+HANDLERS_IN_FLIGHT = Gauge(
+    "ephemera_handlers_in_flight",
+    "Lifecycle handler runs (provision, update, resume, destroy) under way now; each object's run in its "
+    "own kopf worker, so at most EPHEMERA_WORKER_LIMIT.",
+    registry=REGISTRY,
+)
+HANDLERS_IN_FLIGHT_PEAK = Gauge(
+    "ephemera_handlers_in_flight_peak",
+    "The most lifecycle handler runs under way at once since the operator started: at EPHEMERA_WORKER_LIMIT, "
+    "objects have waited for a worker.",
+    registry=REGISTRY,
+)
 TRANSITIONS = Counter("ephemera_transitions", "Phase transitions, by the phase entered.", ["phase"], registry=REGISTRY)
 
 for _handler in HANDLERS:
@@ -69,6 +84,33 @@ def reconciled(handler: str, outcome: str, started: float) -> None:
         raise ValueError(f"reconcile metrics take fixed labels: handler {handler!r}, outcome {outcome!r}")
     RECONCILES.labels(handler, outcome).inc()
     RECONCILE_DURATION.labels(handler).observe(time.perf_counter() - started)
+
+
+class _InFlight:
+    """Counts handler runs under way and keeps the peak (handlers run in kopf's threads and on the loop)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._now = 0
+        self._peak = 0
+
+    @contextlib.contextmanager
+    def __call__(self) -> Iterator[None]:
+        with self._lock:
+            self._now += 1
+            self._peak = max(self._peak, self._now)
+            HANDLERS_IN_FLIGHT.set(self._now)
+            HANDLERS_IN_FLIGHT_PEAK.set(self._peak)
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._now -= 1
+                HANDLERS_IN_FLIGHT.set(self._now)
+
+
+# `with handling():` around one handler run.
+handling = _InFlight()
 
 
 def observe_transition(transition: Transition) -> None:

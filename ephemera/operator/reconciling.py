@@ -28,7 +28,7 @@ from ephemera import backoff
 from ephemera.api.models import Phase
 from ephemera.environments import Environment, Environments, Failure, PermanentFailure, Terminating
 from ephemera.kube import KubeError
-from ephemera.operator.metrics import reconciled
+from ephemera.operator.metrics import handling, reconciled
 from ephemera.operator.runtime import Runtime
 
 Logger = logging.Logger | logging.LoggerAdapter[Any]
@@ -64,7 +64,22 @@ def reconciling(
 ) -> Iterator[Reconciliation]:
     """Parse `body` for the handler `handler` (its kopf id, the metric's label), and apply the error
     policy to what the block raises; `retry` and `runtime` are kopf's own (tries so far, time since
-    the first)."""
+    the first). Counted as a handler run in flight meanwhile."""
+    with handling(), _reconciling(handler, body, memo, logger, retry=retry, runtime=runtime, teardown=teardown) as run:
+        yield run
+
+
+@contextlib.contextmanager
+def _reconciling(
+    handler: str,
+    body: kopf.Body,
+    memo: kopf.Memo,
+    logger: Logger,
+    *,
+    retry: int,
+    runtime: datetime.timedelta,
+    teardown: bool,
+) -> Iterator[Reconciliation]:
     started = time.perf_counter()
     shared: Runtime = memo.runtime
     service = shared.environments

@@ -60,11 +60,14 @@ def _tune(settings: kopf.OperatorSettings, cfg: Settings) -> None:
     # behind, and at kopf's 5 s an event from before the patch (then our own Ready write; now Ready
     # rides in kopf's patch) looked like a new object: 77% of a burst of 1,000 were provisioned twice.
     settings.persistence.consistency_timeout = cfg.watch_consistency_timeout
-    # Handlers run in a pool of `workers` threads. kopf's per-object workers are not limited: each
-    # holds its slot for idle_timeout (5 s) after its object's last event, so a limit of N would let
-    # only N objects a few seconds through (a burst of 500 took 12x longer with a limit of 50).
+    # Handlers run in a pool of `workers` threads. kopf's per-object workers (one per object with
+    # events, each holding its slot until idle_timeout (5 s) after its object's last event) are
+    # limited: every object in flight touches ~50 KB that the process keeps, so 20,000 created at
+    # once passed 1 GB unlimited. An object waiting for a slot holds only the raw events that came
+    # for it meanwhile and an unstarted coroutine. Too low a limit slows bursts (50: a burst of 500
+    # took 12x longer); bench/RESULTS.md, session 6, has the measured default.
     settings.execution.max_workers = cfg.workers
-    settings.queueing.worker_limit = None
+    settings.queueing.worker_limit = cfg.worker_limit or None
     # Events: ours are posted explicitly, with their own reasons (our log lines are not posted again,
     # see reconciling.env_logger); of kopf's own lines only warnings and errors, not "Handler succeeded".
     settings.posting.level = logging.WARNING
