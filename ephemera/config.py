@@ -123,7 +123,8 @@ class Settings(BaseSettings):
         500,
         ge=0,
         description="PreviewEnvironments the operator works on at once (kopf's per-object workers); more wait "
-        "their turn holding only their latest event. Bounds the memory a mass creation touches; 0: no limit.",
+        "their turn holding only their events (~10 KB each). Bounds the memory a mass creation touches; "
+        "0: no limit.",
     )
     watch_consistency_timeout: float = Field(
         60.0,
