@@ -543,6 +543,13 @@ def test_the_operator_runs_the_backstop_and_exposes_its_metrics(
             what="a successful pass",
         )
         assert found['ephemera_backstop_repairs_total{kind="created"}'] >= 1
+        # The environment's reports and the backstop's passes share the process's one token.
+        wait_for(
+            lambda: any(c.path.startswith(f"/repos/{repo}/statuses/") for c in gh.calls),
+            timeout=60,
+            what="the environment's commit status",
+        )
+        assert len([c for c in gh.calls if c.path == "/app/installations/620/access_tokens"]) == 1
 
         # `ephemera environments list` says who made it, once the operator has recorded it.
         def listed() -> list[dict[str, Any]]:

@@ -522,3 +522,29 @@ def test_the_closed_reason_annotation_never_reaches_the_comment(
     assert "evil.example" not in body
     assert "Claim" not in body
     assert "torn down: the environment was deleted" in body
+
+
+def test_concurrent_reports_ask_for_an_installations_token_once(github: FakeGitHub) -> None:
+    installation = 7100 + uuid.uuid4().int % 800  # a token no other test's client has cached
+    github.installation(installation, f"solo-{uuid.uuid4().hex[:6]}")
+    tokens = f"/app/installations/{installation}/access_tokens"
+    # A slow answer: every worker that needs the token meanwhile waits for it, none asks for another.
+    github.inject(Fault(method="POST", path=tokens, status=None, delay=0.5))
+    auth = GitHubAuth(app_settings(github))
+    clients: list[object] = []
+    errors: list[BaseException] = []
+
+    def report() -> None:
+        try:
+            clients.append(auth.client_for(installation))
+        except BaseException as err:  # reported below: a thread's exception would be lost
+            errors.append(err)
+
+    threads = [threading.Thread(target=report) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert errors == []
+    assert len({id(c) for c in clients}) == 1, "every worker got the one client"
+    assert len([c for c in github.calls if c.path == tokens]) == 1

@@ -26,7 +26,7 @@ from ephemera.intake.events import PullRequestEvent, parse_pull_request
 from ephemera.intake.mirror import UNKNOWN
 from ephemera.intake.pullrequests import Intake, Policies
 from ephemera.intake.tombstones import Tombstones
-from ephemera.kube import ENVIRONMENTS, TEMPLATES, Kube, load_api_client
+from ephemera.kube import ENVIRONMENTS, TEMPLATES, Kube, KubeError, load_api_client
 from ephemera.policy import Policy
 from tests.test_webhook import pr_event
 
@@ -171,3 +171,52 @@ def test_an_object_made_before_the_label_gets_it_on_its_next_event(kube: Counted
     obj = kube.get_environment(name)
     assert obj is not None
     assert obj["metadata"]["labels"][NAME_HASH_LABEL] == NAME_HASH_BITS
+
+
+class Breakable(Counted):
+    """The real adapter, whose mirrors' lists and watches fail while `cut` is set, as when the
+    connection to the API server drops or a watch's version has gone (410)."""
+
+    def __init__(self, kubeconfig: Path) -> None:
+        super().__init__(kubeconfig)
+        self.cut = threading.Event()
+
+    def snapshot(self, path: str, what: str, selector: str) -> tuple[list[Any], str]:
+        if self.cut.is_set():
+            raise KubeError(f"listing {what}: Kubernetes API unreachable", status=0)
+        return super().snapshot(path, what, selector)
+
+    def watch(self, path: str, what: str, selector: str, version: str, seconds: int) -> Iterator[tuple[str, Any]]:
+        for item in super().watch(path, what, selector, version, seconds):
+            if self.cut.is_set():  # the event that came is lost with the connection
+                raise KubeError(f"watching {what}: the connection dropped", status=0)
+            yield item
+
+
+def test_a_close_missed_by_a_broken_watch_still_stops_a_replay(control_plane: ControlPlane, kube: Counted) -> None:
+    repo, number = f"octo/mirror-{uuid.uuid4().hex[:6]}", 10
+    broken = Breakable(control_plane.kubeconfig)
+    subject = intake(broken)
+    mirror = subject.tombstones.mirrored()
+    mirror.start()
+    try:
+        wait_for(lambda: mirror.live, timeout=30, what="the mirror's first list")
+        broken.cut.set()
+        # Another replica records the close; its event is lost with this mirror's watch.
+        Tombstones(kube, namespace=STATE, retention=3600).add(repo, number, "2026-01-01T00:05:00Z")
+        wait_for(lambda: not mirror.live, timeout=30, what="the mirror to stop answering")
+        broken.requests.clear()
+
+        replayed = subject.handle(event("opened", repo, number, "2026-01-01T00:00:00Z"), "d-7")
+
+        assert replayed.action == "ignored", replayed
+        assert "closed" in replayed.reason
+        closes = f"/api/v1/namespaces/{STATE}/configmaps/"
+        assert any(method == "GET" and path.startswith(closes) for method, path in broken.requests), broken.requests
+
+        broken.cut.clear()  # the API server is back: the mirror lists again and holds the close
+        wait_for(lambda: mirror.live, timeout=30, what="the mirror live again")
+        assert subject.tombstones.closed_at(repo, number) == "2026-01-01T00:05:00Z"
+    finally:
+        mirror.stop()
+        broken.close()

@@ -72,6 +72,7 @@ class GitHubAuth:
         self._clock = clock
         self._lock = threading.Lock()
         self._cache: dict[int, _Cached] = {}
+        self._fetching: dict[int, threading.Lock] = {}  # installation -> held while its token is asked for
         self._coverage: dict[str, _Coverage] = {}  # repository (lower case) -> its installation of the App
         self._asking: dict[str, threading.Lock] = {}  # repository (lower case) -> held while GitHub is asked
         self._token_login: str | None = None
@@ -109,24 +110,38 @@ class GitHubAuth:
     def client_for(self, installation_id: int | None) -> Github:
         """A client for the installation (App), else the plain-token client; NoCredentials if neither."""
         if self._integration is not None and installation_id is not None:
-            now = datetime.datetime.now(datetime.UTC)
+            cached = self._cached(installation_id)
+            if cached is not None:
+                return cached
             with self._lock:
-                cached = self._cache.get(installation_id)
-                if cached is not None and cached.expires_at - REFRESH_MARGIN > now:
-                    return cached.client
-            token = self._integration.get_access_token(installation_id)
-            expires = token.expires_at or now + datetime.timedelta(hours=1)
-            if expires.tzinfo is None:
-                expires = expires.replace(tzinfo=datetime.UTC)
-            client = self._client(Auth.Token(token.token))
-            with self._lock:
-                self._cache[installation_id] = _Cached(client, expires)
-            return client
+                fetching = self._fetching.setdefault(installation_id, threading.Lock())
+            # One token request per installation at a time: the reports of a burst (in several workers)
+            # wait for the first one's token rather than each asking GitHub for another.
+            with fetching:
+                cached = self._cached(installation_id)
+                if cached is not None:
+                    return cached
+                now = datetime.datetime.now(datetime.UTC)
+                token = self._integration.get_access_token(installation_id)
+                expires = token.expires_at or now + datetime.timedelta(hours=1)
+                if expires.tzinfo is None:
+                    expires = expires.replace(tzinfo=datetime.UTC)
+                client = self._client(Auth.Token(token.token))
+                with self._lock:
+                    self._cache[installation_id] = _Cached(client, expires)
+                return client
         if self._token_client is not None:
             return self._token_client
         if self._integration is not None:
             raise NoCredentials("the object has no spec.installationId and no EPHEMERA_GITHUB_TOKEN is set")
         raise NoCredentials("no GitHub App (EPHEMERA_GITHUB_APP_ID + key) and no EPHEMERA_GITHUB_TOKEN configured")
+
+    def _cached(self, installation_id: int) -> Github | None:
+        """The installation's client while its token is good for more than REFRESH_MARGIN."""
+        now = datetime.datetime.now(datetime.UTC)
+        with self._lock:
+            cached = self._cache.get(installation_id)
+        return cached.client if cached is not None and cached.expires_at - REFRESH_MARGIN > now else None
 
     @property
     def app_mode(self) -> bool:

@@ -144,7 +144,8 @@ def start(runtime: Runtime, priority: int, identity: str) -> list[asyncio.Task[N
         for phase in Phase:
             ENVIRONMENTS.labels(phase.value).set(counts.get(phase.value, 0))
 
-    backstop = Backstop(cfg, runtime.kube)
+    # The reporter's credentials: one cache of installation tokens and installations per process.
+    backstop = Backstop(cfg, runtime.kube, auth=runtime.reporter.auth)
 
     async def pr_resync() -> None:
         await asyncio.to_thread(backstop.run)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+from collections.abc import Callable
 from typing import Any
 
 import kopf
@@ -20,36 +21,25 @@ from ephemera.transitions import Transition
 from ephemera.watchcache import Seen
 
 
-# The status these handlers end with goes into kopf's own patch (`patch.status`), written with kopf's
-# record of the object once the handler returns: one write (see operator/persistence.py).
-@kopf.on.create(*RESOURCE, id="provision")
-def provision(
-    *,
-    body: kopf.Body,
-    memo: kopf.Memo,
-    logger: Logger,
-    retry: int,
-    runtime: datetime.timedelta,
-    patch: kopf.Patch,
-    **_: Any,
-) -> None:
-    with reconciling("provision", body, memo, logger, retry=retry, runtime=runtime) as (_service, env, log):
-        memo.runtime.admission.provision(env, updating=False, logger=log, into=patch.status)
+def _provisioning(handler: str, updating: Callable[[kopf.Body], bool]) -> Callable[..., None]:
+    """The handler `handler` (its kopf id, the metric's label) of the three that provision: it ends
+    with the status in kopf's own patch (`patch.status`), written with kopf's record of the object once
+    it returns: one write (see operator/persistence.py)."""
 
+    def run(
+        *,
+        body: kopf.Body,
+        memo: kopf.Memo,
+        logger: Logger,
+        retry: int,
+        runtime: datetime.timedelta,
+        patch: kopf.Patch,
+        **_: Any,
+    ) -> None:
+        with reconciling(handler, body, memo, logger, retry=retry, runtime=runtime) as (_service, env, log):
+            memo.runtime.admission.provision(env, updating=updating(body), logger=log, into=patch.status)
 
-@kopf.on.update(*RESOURCE, id="update", field="spec")
-def update(
-    *,
-    body: kopf.Body,
-    memo: kopf.Memo,
-    logger: Logger,
-    retry: int,
-    runtime: datetime.timedelta,
-    patch: kopf.Patch,
-    **_: Any,
-) -> None:
-    with reconciling("update", body, memo, logger, retry=retry, runtime=runtime) as (_service, env, log):
-        memo.runtime.admission.provision(env, updating=True, logger=log, into=patch.status)
+    return run
 
 
 def _needs_work(status: kopf.Status, body: kopf.Body) -> bool:
@@ -61,21 +51,16 @@ def _needs_work(status: kopf.Status, body: kopf.Body) -> bool:
     return not (settled and status.get("observedGeneration") == body.metadata.get("generation"))
 
 
-@kopf.on.resume(*RESOURCE, id="resume", when=lambda status, body, **_: _needs_work(status, body))
-def resume(
-    *,
-    body: kopf.Body,
-    memo: kopf.Memo,
-    logger: Logger,
-    retry: int,
-    runtime: datetime.timedelta,
-    patch: kopf.Patch,
-    **_: Any,
-) -> None:
-    """After a restart: finish what was under way; Ready objects cost nothing here."""
-    updating = body.get("status", {}).get("phase") in (Phase.UPDATING.value, Phase.READY.value)
-    with reconciling("resume", body, memo, logger, retry=retry, runtime=runtime) as (_service, env, log):
-        memo.runtime.admission.provision(env, updating=updating, logger=log, into=patch.status)
+def _was_updating(body: kopf.Body) -> bool:
+    return body.get("status", {}).get("phase") in (Phase.UPDATING.value, Phase.READY.value)
+
+
+provision = kopf.on.create(*RESOURCE, id="provision")(_provisioning("provision", lambda _: False))
+update = kopf.on.update(*RESOURCE, id="update", field="spec")(_provisioning("update", lambda _: True))
+# After a restart: finish what was under way; Ready objects cost nothing here (`_needs_work`).
+resume = kopf.on.resume(*RESOURCE, id="resume", when=lambda status, body, **_: _needs_work(status, body))(
+    _provisioning("resume", _was_updating)
+)
 
 
 @kopf.on.delete(*RESOURCE, id="destroy")
