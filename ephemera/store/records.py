@@ -400,7 +400,7 @@ class Records:
                     .order_by(col(EventRow.at), col(EventRow.id))
                 )
                 found = list(await session.execute(query))
-                if any(known == event_id(t) for _, _, known in found):
+                if event_id(t) in {known for _, _, known in found}:
                     return  # written already, by this writer or by another's rebuild of it
                 history = [(phase, _aware(when)) for phase, when, _ in found]
             destroyed = row.destroyed_at is not None
