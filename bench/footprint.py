@@ -7,6 +7,7 @@ import asyncio
 import concurrent.futures
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 from bench.harness import Watcher, process_usage, report, stack
@@ -74,10 +75,15 @@ def main() -> None:
     )
 
 
-def idle(pid: int, seconds: float, quiet: float = 0.05) -> dict[str, float]:
+def idle(
+    pid: int, seconds: float, quiet: float = 0.05, on_start: Callable[[], object] | None = None
+) -> dict[str, float]:
     """CPU (% of one core) and memory of the process over `seconds` once its start-up work is over (it
-    used under `quiet` of a core over 5 s: a traced process never gets as low as an untraced one)."""
+    used under `quiet` of a core over 5 s: a traced process never gets as low as an untraced one).
+    `on_start` runs as the window begins (a profiler attaching)."""
     wait_for(lambda: _quiet(pid, threshold=quiet), timeout=600, interval=1, what="the operator to go idle")
+    if on_start is not None:
+        on_start()
     cpu0, _ = process_usage(pid)
     t0 = time.perf_counter()
     rss_max = 0

@@ -65,25 +65,52 @@ class Expiry:
         self.ledger = ledger
         self.ttl_of = ttl_of
         self.unfinished: dict[str, Environment] = {}  # expired, namespaces not deleted yet
+        # Per object, what the last round worked out from its entry and TTL: its expiry, and whether
+        # its status.expiresAt says otherwise. An entry is replaced (never changed) on each watch
+        # event, so an unchanged one under an unchanged TTL needs no new parsing of its times (the
+        # round runs every 5 s over every environment: that parsing was most of an idle operator's CPU).
+        self._known: dict[str, tuple[Entry, float, datetime.datetime | None, bool]] = {}
+        # After a round that found nothing to do: the ledger's version, the TTLs it used and the first
+        # moment anything can expire. Until one of them changes, a round has nothing to find.
+        self._quiet: tuple[int, dict[str, float], datetime.datetime] | None = None
 
     def round(self, now: datetime.datetime | None = None) -> tuple[list[Entry], list[tuple[str, str | None]]]:
         """From the ledger: the objects due to expire, and the expiresAt values to bring up to date."""
         now = now or datetime.datetime.now(datetime.UTC)
+        version = self.ledger.version  # read before the entries: a change meanwhile shows next round
+        if self._quiet is not None:
+            then, ttls_then, first = self._quiet
+            if then == version and now < first and all(self.ttl_of(r) == t for r, t in ttls_then.items()):
+                return [], []
+        self._quiet = None
         expiring: list[Entry] = []
         refresh: list[tuple[str, str | None]] = []
         ttls: dict[str, float] = {}  # per repository, for this round
+        known: dict[str, tuple[Entry, float, datetime.datetime | None, bool]] = {}
+        first = datetime.datetime.max.replace(tzinfo=datetime.UTC)
         for entry in self.ledger.entries():
             ttl = ttls.get(entry.repository)
             if ttl is None:
                 ttl = ttls[entry.repository] = self.ttl_of(entry.repository)
-            if due(entry, ttl, now):
-                expiring.append(entry)
-                continue
+            last = self._known.get(entry.name)
+            if last is not None and last[0] is entry and last[1] == ttl:
+                expiry, outdated = last[2], last[3]
+            else:
+                expiry = entry.expiry(ttl)
+                outdated = (iso(expiry) if expiry is not None else None) != entry.expires_at
+            known[entry.name] = (entry, ttl, expiry, outdated)
+            if entry.phase in EXPIRABLE and not entry.deleting and expiry is not None:
+                if expiry <= now:  # due(entry, ttl, now)
+                    expiring.append(entry)
+                    continue
+                first = min(first, expiry)
             if entry.phase not in LIVE or entry.deleting or len(refresh) >= EXPIRY_WRITES:
                 continue
-            value = wanted(entry, ttl)
-            if value != entry.expires_at:
-                refresh.append((entry.name, value))
+            if outdated:
+                refresh.append((entry.name, wanted(entry, ttl)))
+        self._known = known
+        if not expiring and not refresh:
+            self._quiet = (version, ttls, first)
         return expiring, refresh
 
     def expire(self, entry: Entry) -> bool:

@@ -105,6 +105,10 @@ class Entry:
     def queued(self) -> bool:
         return self.phase == Phase.QUEUED.value and not self.deleting
 
+    @property
+    def provisioning(self) -> bool:
+        return self.phase == Phase.PROVISIONING.value and not self.deleting
+
     def order(self) -> tuple[int, str, str, str]:
         """Its place in the queue: priority first, then first in (creation, then the moment it was
         queued, which tells apart objects created in the same second), then the name."""
@@ -138,12 +142,52 @@ class Ledger:
         self._entries: dict[str, Entry] = {}
         self._reserved: dict[str, tuple[float, str]] = {}  # name -> (monotonic deadline, repository)
         self._seen: dict[str, float] = {}  # name -> monotonic time of the watch event last applied
+        # Kept as the entries change, so that a decision, a round and the gauges cost what the queue
+        # and the reservations hold, not a pass over every environment (thousands, every 5 s).
+        self._live = 0
+        self._live_by_repository: dict[str, int] = {}
+        self._provisioning = 0
+        self._queued: set[str] = set()
+        self.version = 0  # moves on every change of an entry: a round can tell that nothing changed
+
+    def _put(self, entry: Entry) -> None:
+        """Set an entry (in its place, if it had one), keeping the counts and the queue's index (the
+        lock held)."""
+        old = self._entries.get(entry.name)
+        if old is not None:
+            self._count(old, -1)
+        self._entries[entry.name] = entry
+        self._count(entry, 1)
+        self.version += 1
+
+    def _drop(self, name: str) -> None:
+        """Remove an entry if there is one, keeping the counts and the queue's index (the lock held)."""
+        old = self._entries.pop(name, None)
+        if old is not None:
+            self._count(old, -1)
+            self.version += 1
+
+    def _count(self, entry: Entry, sign: int) -> None:
+        if entry.live:
+            self._live += sign
+            left = self._live_by_repository.get(entry.repository, 0) + sign
+            if left:
+                self._live_by_repository[entry.repository] = left
+            else:
+                del self._live_by_repository[entry.repository]
+        if entry.provisioning:
+            self._provisioning += sign
+        if entry.queued and sign > 0:
+            self._queued.add(entry.name)
+        elif entry.queued:
+            self._queued.discard(entry.name)
 
     def prime(self, bodies: Iterable[dict[str, Any]]) -> int:
         with self.lock:
             for body in bodies:
                 entry = Entry.from_body(body)
-                self._entries.setdefault(entry.name, entry)
+                if entry.name not in self._entries:
+                    self._put(entry)
             return len(self._entries)
 
     def observe(self, kind: str | None, body: dict[str, Any]) -> None:
@@ -152,11 +196,11 @@ class Ledger:
         with self.lock:
             self._seen[name] = time.monotonic()
             if kind == "DELETED":
-                self._entries.pop(name, None)
+                self._drop(name)
                 self._reserved.pop(name, None)
                 return
             entry = Entry.from_body(body)
-            self._entries[name] = entry
+            self._put(entry)
             if entry.phase not in (None, Phase.PENDING.value, Phase.QUEUED.value, Phase.EXPIRED.value):
                 self._reserved.pop(name, None)  # the watch counts it from here
 
@@ -168,11 +212,11 @@ class Ledger:
         with self.lock:
             stale = [name for name in self._entries if name not in listed and self._seen.get(name, 0.0) < started]
             for name in stale:
-                del self._entries[name]
+                self._drop(name)
                 self._seen.pop(name, None)
             for name, entry in listed.items():
                 if self._seen.get(name, 0.0) < started:
-                    self._entries[name] = entry
+                    self._put(entry)
             for name in [name for name in self._seen if name not in self._entries and self._seen[name] < started]:
                 del self._seen[name]
             return len(stale)
@@ -203,28 +247,26 @@ class Ledger:
     def counts(self) -> Counts:
         """Live environments (in all and per repository) and provisions in flight, admissions included."""
         with self.lock:
-            reserved = self.reserved()
-            by_repository: dict[str, int] = {}
-            live = in_flight = 0
-            for entry in self._entries.values():
-                admitted = entry.name in reserved
-                if entry.live or admitted:
+            live, in_flight = self._live, self._provisioning
+            by_repository = dict(self._live_by_repository)
+            # An admission counts until the watch shows its object Provisioning: added to the counts
+            # kept of the entries where its entry does not count yet. One whose object the watch has
+            # not shown at all (a create handler runs before the policy's own watch handler may have
+            # seen the object) counts under the repository of its reservation.
+            for name in self.reserved():
+                entry = self._entries.get(name)
+                repository = self._reserved[name][1] if entry is None else entry.repository
+                if entry is None or not entry.live:
                     live += 1
-                    by_repository[entry.repository] = by_repository.get(entry.repository, 0) + 1
-                if (entry.phase == Phase.PROVISIONING.value and not entry.deleting) or admitted:
+                    by_repository[repository] = by_repository.get(repository, 0) + 1
+                if entry is None or not entry.provisioning:
                     in_flight += 1
-            # An admission whose object the watch has not shown yet (a create handler runs before the
-            # policy's own watch handler may have seen the object) counts too.
-            unseen = reserved - self._entries.keys()
-            for name in unseen:
-                repository = self._reserved[name][1]
-                by_repository[repository] = by_repository.get(repository, 0) + 1
-            return Counts(live + len(unseen), by_repository, in_flight + len(unseen))
+            return Counts(live, by_repository, in_flight)
 
     def queue(self) -> list[Entry]:
         """The Queued objects, in the order they are admitted."""
         with self.lock:
-            return sorted((entry for entry in self._entries.values() if entry.queued), key=Entry.order)
+            return sorted((self._entries[name] for name in self._queued), key=Entry.order)
 
 
 @dataclass

@@ -581,3 +581,48 @@ async def test_a_ready_provisioned_again_after_a_kill_is_not_recorded_twice(sqli
     await records.engine.dispose()
     (row,) = history(sqlite_url, "pr-1-octo-unit")
     assert [e["to_phase"] for e in row["events"]] == ["Provisioning", "Ready"]
+
+
+async def test_a_transition_written_by_both_writers_of_a_handover_is_recorded_once(sqlite_url: str) -> None:
+    """Seen at a reshard: a shard provisioned an object and moved it before its writer flushed; the new
+    shard's first resync rebuilt Provisioning and Ready from the object, then the old writer wrote its
+    own (all within one second, which is all Kubernetes keeps). One history, whichever writer is first."""
+    from ephemera.store.records import _Resync
+
+    created, second = "2026-01-01T00:00:00Z", "2026-01-01T00:00:01Z"
+    provisioning = dataclasses.replace(
+        _transition("u1", None, "Provisioning", second), created=created, occurred=_at("2026-01-01T00:00:01.350Z")
+    )
+    ready = dataclasses.replace(
+        _transition("u1", "Provisioning", "Ready", second), created=created, occurred=_at("2026-01-01T00:00:01.400Z")
+    )
+    listing = [
+        _listed(
+            "u1",
+            "Ready",
+            second,
+            lastTransitionTime=second,
+            observedGeneration=1,
+            provisionedAt=second,
+            namespace="pr-1-octo-unit-x",
+        )
+    ]
+    orders: list[list[Transition | None]] = [  # None: the resync
+        [None, provisioning, ready],
+        [provisioning, None, ready],
+        [None, ready, provisioning],
+        [ready, None, provisioning],
+    ]
+    for n, order in enumerate(orders):
+        uid = f"u{n}"
+        records = Records(make_engine(sqlite_url))
+        for item in order:
+            if item is None:
+                objects = [{**o, "metadata": {**o["metadata"], "uid": uid, "name": f"pr-{n}"}} for o in listing]
+                await records._resync(_Resync(objects, datetime.datetime.now(datetime.UTC)))
+            else:
+                await records.write(dataclasses.replace(item, uid=uid, name=f"pr-{n}"))
+        await records.engine.dispose()
+        (row,) = history(sqlite_url, f"pr-{n}")
+        assert [e["to_phase"] for e in row["events"]] == ["Provisioning", "Ready"], order
+        assert row["phase"] == "Ready"

@@ -4,12 +4,14 @@ standby takes over, and a new shard count moves objects with no provision lost o
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import contextlib
 import datetime
 import hashlib
 import itertools
 import json
+import logging
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,10 +27,17 @@ from devtools.support import Kubectl, Process, post_webhook, process_env, wait_f
 from ephemera import shards as shards_service
 from ephemera.api.naming import RETRY_ANNOTATION, SHARD_LABEL, environment_name, shard_of
 from ephemera.config import Settings
+from ephemera.environments import Environment, Environments
+from ephemera.kube import Kube
 from ephemera.shards import DIFFBASE_ANNOTATION
+from ephemera.store.engine import make_engine
+from ephemera.store.records import Records
+from ephemera.transitions import Transition, Transitions
 from tests import test_chart_env as chart_env
 from tests.conftest import WEBHOOK_SECRET, db_upgrade, http_ok
 from tests.test_chart import paused
+from tests.test_operator import make_env
+from tests.test_records import _database
 from tests.test_reliability import all_phases
 from tests.test_webhook import get_pe, pr_event
 
@@ -272,27 +281,64 @@ def test_a_new_shard_count_moves_objects_without_a_lost_or_doubled_provision(sha
         assert sum((provisioned(p, everything) for p in first), collections.Counter()) == collections.Counter(settled)
         assert sum((provisioned(p, everything) for p in second), collections.Counter()) == collections.Counter(late)
         wrong = bad_histories(kubectl, shards.database_url, everything)
-        # KNOWN DEFECT (issue 19, session 5 note): a late object moved within a second of its first
-        # Ready can have its Provisioning and Ready recorded twice, once by the shard that provisioned it
-        # and once by its new shard's first resync, which ran before the old shard's writer had written
-        # them (seen in the full suite: ['Provisioning', 'Ready', 'Provisioning', 'Ready']). The
-        # provision itself ran once (asserted above). Only that repetition (each phase at most twice, in
-        # the two writers' interleaving) is let through here, for the late ones; a lost phase, any other
-        # phase, and any settled object still fail.
-        repeated = {
-            n
-            for n, w in wrong.items()
-            if n in late
-            and sorted(set(w["history"])) == ["Provisioning", "Ready"]
-            and all(w["history"].count(p) <= 2 for p in ("Provisioning", "Ready"))
-        }
-        wrong = {n: w for n, w in wrong.items() if n not in repeated}
         assert not wrong, f"histories other than Provisioning, Ready: {wrong}"
         namespaces = kubectl.json("get", "namespaces", "-l", "app.kubernetes.io/managed-by=ephemera")["items"]
         mine = [ns for ns in namespaces if ns["metadata"]["name"] in everything]
         assert len(mine) == len(everything)
     finally:
         delete_all(kubectl, settled + [environment_name(r, 1) for r in repos[8:]])
+
+
+def test_a_handover_records_each_transition_once_whichever_writer_is_first(
+    shards: Shards, kube: Kube, kubectl: Kubectl, postgres: Postgres
+) -> None:
+    """The records race of a reshard, without its timing: an object provisioned by the operator's own
+    code against the API server (Provisioning and Ready written with kopf's patch, as the handler
+    does), then the writer of the shard that provisioned it (its live transitions) and the writer of
+    the shard it moved to (a resync, listing by its label) write to one database, in every order the
+    two can interleave. Each time one history: Provisioning, Ready."""
+    tag = uuid.uuid4().hex[:6]
+    repository = next(r for r in (f"handover-{tag}/repo-{n}" for n in itertools.count()) if shard_of(r, 3))
+    shard = shard_of(repository, 3)  # not 0: shard 0's label is also the unsharded webhook's, on many objects
+    body = make_env(environment_name(repository, 1), 1, repo=repository)
+    body["metadata"]["labels"] = {SHARD_LABEL: str(shard)}
+    name = body["metadata"]["name"]
+    kubectl.apply(body)
+    try:
+        live: list[Transition] = []
+        transitions = Transitions()
+        transitions.subscribe(live.append)
+        env = Environment.from_body(kube.get_environment(name) or {})
+        status: dict[str, Any] = {}
+        Environments(kube, Settings(), transitions).provision(
+            env, updating=False, logger=logging.getLogger(__name__), into=status
+        )
+        assert kube.patch_environment_status(name, status) is not None
+        assert [t.phase.value for t in live] == ["Provisioning", "Ready"]
+        provisioning, ready_ = live
+        for order in ([None, provisioning, ready_], [provisioning, None, ready_], [provisioning, ready_, None]):
+            url = asyncio.run(_both_writers(postgres, kube, shard, order))
+            written = ["resync" if t is None else t.phase.value for t in order]
+            assert all_phases(url, [name]) == {name: ["Provisioning", "Ready"]}, f"written in the order {written}"
+    finally:
+        delete_all(kubectl, [name])
+
+
+async def _both_writers(postgres: Postgres, kube: Kube, shard: int, order: list[Transition | None]) -> str:
+    """A database of its own, written by the old shard's writer (the transitions) and the new shard's
+    (None: its resync) in `order`; its URL."""
+    url = await _database(postgres)
+    old, new = Records(make_engine(url)), Records(make_engine(url), kube, shards=3, shard=shard)
+    try:
+        for item in order:
+            if item is None:
+                await new._run_resync()
+            else:
+                await old.write(item)
+    finally:
+        await old.engine.dispose()
+        await new.engine.dispose()
+    return url
 
 
 def test_the_chart_runs_one_operator_per_shard_with_the_environment_it_renders(

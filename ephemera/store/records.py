@@ -9,8 +9,11 @@ drained for at most EPHEMERA_RECORD_DRAIN_TIMEOUT seconds.
 
 The history of an environment is kept true whatever order and however often its transitions
 arrive: every event row's id is derived from the transition, so a repeated write changes nothing; a
-transition into the phase the history already holds at that moment is not a new one (announced
-again after a crash, or rebuilt by a resync); a transition whose `old_phase` the history lacks
+resync's rebuild of a transition from the object has the same id as the handler's own (`event_id`),
+so that the two collapse into one row in whichever order they come (after a handover between
+shards, the new shard's resync may write it before the old shard's writer does); a transition into
+the phase the history already holds at that moment is not a new one (announced again after a
+crash, or rebuilt by a resync); a transition whose `old_phase` the history lacks
 brings that phase along (its own record died with a killed operator); and a destroyed
 environment's row never changes phase again. A resync compares the cluster with the rows, at start
 and periodically, and writes what is missing. Its listing is taken when the writer reaches it, so
@@ -73,8 +76,27 @@ PROVISIONED_PHASES = frozenset({Phase.READY, Phase.UPDATING})
 
 
 def event_id(t: Transition) -> str:
-    key = f"{t.uid}|{t.generation}|{t.old_phase}|{t.phase}|{t.reason}|{t.at}"
+    """The identity of a transition, made only of what both its writers know of it.
+
+    The handler's own transition and a resync's rebuild of it from the object can be written by two
+    operators (a shard that moved the object before its writer flushed, and the new shard's first
+    resync), in either order and at different microsecond times. So the id holds neither the reason
+    nor the phase left, nor the time to the microsecond, which a rebuild cannot know: only the
+    environment, the generation that reached the phase and when the phase began, as the status
+    keeps it (status.observedGeneration, status.lastTransitionTime, to the second). The beginning of
+    an environment's life (Provisioning from no phase) happens once; a resync dates it by the
+    object's creation, so its id is the environment's alone."""
+    if t.old_phase is None and t.phase is Phase.PROVISIONING:
+        key = f"{t.uid}|start"
+    else:
+        key = f"{t.uid}|{t.generation}|{t.phase}|{_second(t.at)}"
     return str(uuid.uuid5(ID_NAMESPACE, key))
+
+
+def _second(at: str) -> str:
+    """`at` as Kubernetes writes a time, whatever form it came in (a listing hands back what was written)."""
+    parsed = parse_time(at)
+    return _stamp(_aware(parsed)) if parsed is not None else at
 
 
 def transient(err: BaseException) -> bool:
@@ -373,11 +395,14 @@ class Records:
                 session.add(row)
             else:
                 query = (
-                    sa_select(col(EventRow.to_phase), col(EventRow.at))
+                    sa_select(col(EventRow.to_phase), col(EventRow.at), col(EventRow.id))
                     .where(col(EventRow.environment_uid) == t.uid)
                     .order_by(col(EventRow.at), col(EventRow.id))
                 )
-                history = [(phase, _aware(when)) for phase, when in await session.execute(query)]
+                found = list(await session.execute(query))
+                if event_id(t) in {known for _, _, known in found}:
+                    return  # written already, by this writer or by another's rebuild of it
+                history = [(phase, _aware(when)) for phase, when, _ in found]
             destroyed = row.destroyed_at is not None
             if destroyed and (t.phase is DESTROYED or at >= _aware(row.destroyed_at or at)):
                 return  # after the end: a late or stale transition cannot bring the environment back
@@ -638,7 +663,8 @@ def _resync_transition(
     return Transition(
         name=meta["name"],
         uid=meta["uid"],
-        generation=int(meta.get("generation", 1)),
+        # The generation that reached the phase, as the handler's own transition has it (`event_id`).
+        generation=int(status.get("observedGeneration") or meta.get("generation", 1)),
         spec=dict(obj.get("spec") or {}),
         old_phase=None,
         phase=phase,
