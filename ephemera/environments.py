@@ -270,12 +270,14 @@ class Environments:
         logger: logging.Logger | logging.LoggerAdapter[Any] | None = None,
         *,
         into: Status | None = None,
+        at: str | None = None,
     ) -> Environment:
         """Write the new phase to the object's status, announce it, and return the updated object.
 
         `into`: the status of the patch a kopf handler's framework sends once the handler returns (with
-        its own record of the object: one write for both); the caller must return right after."""
-        at = now_iso()
+        its own record of the object: one write for both); the caller must return right after. `at`:
+        when the phase began, if the caller wrote that time elsewhere too (else now)."""
+        at = at or now_iso()
         status = self._status(env, phase, reason, message, at, extra)
         if into is not None:
             into.update(status)
@@ -458,13 +460,16 @@ class Environments:
         if notes:
             message += " (" + "; ".join(notes) + ")"
         extra = {**extra, "retries": None, "failedAt": None, "permanent": None, "rolloutDeadline": None}
+        # The first Ready's time, as its transition has it: a resync rebuilds that Ready from
+        # provisionedAt once the object has moved on, and the two must be one record (`event_id`).
+        at = now_iso()
         if not env.status.provisioned_at:
-            extra["provisionedAt"] = now_iso()
+            extra["provisionedAt"] = at
         if step is not None and into is not None:
             entered = self._status(env, step.phase, step.reason, step.message, step.at, step.extra)
             env = self._announce(env, step.phase, step.reason, step.message, step.at, entered, None, step.occurred)
             into.update(entered)  # what Ready does not set (the policy's times) is kept from the step
-        self.transition(env, Phase.READY, "Ready", message, extra, logger, into=into)
+        self.transition(env, Phase.READY, "Ready", message, extra, logger, into=into, at=at)
 
     # The application (PreviewTemplates) -------------------------------------------------------------
 

@@ -24,6 +24,7 @@ from pydantic import ValidationError
 from devtools.controlplane import REPO_ROOT, ControlPlane
 from devtools.postgres import Postgres
 from devtools.support import Kubectl, Process, post_webhook, process_env, wait_for
+from ephemera import environments as environments_module
 from ephemera import shards as shards_service
 from ephemera.api.naming import RETRY_ANNOTATION, SHARD_LABEL, environment_name, shard_of
 from ephemera.config import Settings
@@ -320,6 +321,38 @@ def test_a_handover_records_each_transition_once_whichever_writer_is_first(
             url = asyncio.run(_both_writers(postgres, kube, shard, order))
             written = ["resync" if t is None else t.phase.value for t in order]
             assert all_phases(url, [name]) == {name: ["Provisioning", "Ready"]}, f"written in the order {written}"
+    finally:
+        delete_all(kubectl, [name])
+
+
+def test_a_first_ready_is_dated_once(
+    shards: Shards, kube: Kube, kubectl: Kubectl, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`status.provisionedAt` is the first Ready's own time: a resync rebuilds that Ready from it once the
+    object has moved on (its new shard may list it Updating before the old shard's writer wrote the
+    Ready), and the two are one record only if they name the same second. A clock that moves a second
+    at every reading makes any second reading of it show."""
+    seconds = itertools.count()
+    start = datetime.datetime(2026, 1, 1, tzinfo=datetime.UTC)
+    monkeypatch.setattr(
+        environments_module,
+        "now_iso",
+        lambda: (start + datetime.timedelta(seconds=next(seconds))).isoformat().replace("+00:00", "Z"),
+    )
+    body = make_env(environment_name(f"dated-{uuid.uuid4().hex[:6]}/repo", 1), 1)
+    name = body["metadata"]["name"]
+    kubectl.apply(body)
+    try:
+        live: list[Transition] = []
+        transitions = Transitions()
+        transitions.subscribe(live.append)
+        env = Environment.from_body(kube.get_environment(name) or {})
+        status: dict[str, Any] = {}
+        Environments(kube, Settings(), transitions).provision(
+            env, updating=False, logger=logging.getLogger(__name__), into=status
+        )
+        (ready,) = [t for t in live if t.phase.value == "Ready"]
+        assert status["provisionedAt"] == ready.at == status["conditions"][0]["lastTransitionTime"]
     finally:
         delete_all(kubectl, [name])
 
