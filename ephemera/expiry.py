@@ -88,7 +88,7 @@ class Expiry:
         ttls: dict[str, float] = {}  # per repository, for this round
         known: dict[str, tuple[Entry, float, datetime.datetime | None, bool]] = {}
         first = datetime.datetime.max.replace(tzinfo=datetime.UTC)
-        for entry in self.ledger.entries():
+        for entry in self.ledger.own():  # another shard's objects are its own to expire
             ttl = ttls.get(entry.repository)
             if ttl is None:
                 ttl = ttls[entry.repository] = self.ttl_of(entry.repository)

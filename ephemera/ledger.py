@@ -22,6 +22,7 @@ from ephemera.api.naming import (
     KEEP_ANNOTATION,
     KEEP_LABEL_ANNOTATION,
     PRIORITY_LABEL,
+    SHARD_LABEL,
     WAKE_ANNOTATION,
 )
 
@@ -71,6 +72,7 @@ class Entry:
     last_activity_at: str | None = None
     provisioned_at: str | None = None
     expires_at: str | None = None  # as the status says it
+    shard: str | None = None  # its ephemera.dev/shard label
 
     @classmethod
     def from_body(cls, body: dict[str, Any]) -> Entry:
@@ -95,6 +97,7 @@ class Entry:
             last_activity_at=status.get("lastActivityAt"),
             provisioned_at=status.get("provisionedAt"),
             expires_at=status.get("expiresAt"),
+            shard=(meta.get("labels") or {}).get(SHARD_LABEL),
         )
 
     @property
@@ -135,9 +138,16 @@ class Entry:
 
 class Ledger:
     """Every object's Entry, and the admissions made but not yet seen on the watch (thread-safe: the
-    handlers that admit run in kopf's threads, the jobs in others)."""
+    handlers that admit run in kopf's threads, the jobs in others).
 
-    def __init__(self) -> None:
+    `shard`: the value of the shard label on the objects this operator acts on (None: unsharded, every
+    object). A sharded operator's listings hold every shard's objects and its watch only its own, so
+    the other shards' are known as of the last listing: they count towards the cluster-wide cap, but
+    the queue, the expiry and the provisions in flight are of this shard's objects alone (its
+    admission and expiry must never act on an object another shard owns)."""
+
+    def __init__(self, shard: str | None = None) -> None:
+        self.shard = shard
         self.lock = threading.RLock()  # held across a decision and its reservation
         self._entries: dict[str, Entry] = {}
         self._reserved: dict[str, tuple[float, str]] = {}  # name -> (monotonic deadline, repository)
@@ -167,6 +177,10 @@ class Ledger:
             self._count(old, -1)
             self.version += 1
 
+    def mine(self, entry: Entry) -> bool:
+        """Whether this operator acts on the entry's object (see the class)."""
+        return self.shard is None or entry.shard == self.shard
+
     def _count(self, entry: Entry, sign: int) -> None:
         if entry.live:
             self._live += sign
@@ -175,6 +189,8 @@ class Ledger:
                 self._live_by_repository[entry.repository] = left
             else:
                 del self._live_by_repository[entry.repository]
+        if not self.mine(entry):
+            return
         if entry.provisioning:
             self._provisioning += sign
         if entry.queued and sign > 0:
@@ -228,6 +244,11 @@ class Ledger:
     def entries(self) -> list[Entry]:
         with self.lock:
             return list(self._entries.values())
+
+    def own(self) -> list[Entry]:
+        """The entries of the objects this operator acts on (every entry when unsharded)."""
+        with self.lock:
+            return [entry for entry in self._entries.values() if self.mine(entry)]
 
     def reserve(self, name: str, repository: str) -> None:
         with self.lock:

@@ -29,12 +29,15 @@ from ephemera import shards as shards_service
 from ephemera.api.naming import RETRY_ANNOTATION, SHARD_LABEL, environment_name, shard_of
 from ephemera.config import Settings
 from ephemera.environments import Environment, Environments
+from ephemera.expiry import Expiry
 from ephemera.kube import Kube
+from ephemera.ledger import Ledger, iso
 from ephemera.shards import DIFFBASE_ANNOTATION
 from ephemera.store.engine import make_engine
 from ephemera.store.records import Records
 from ephemera.transitions import Transition, Transitions
 from tests import test_chart_env as chart_env
+from tests import test_idle as idle
 from tests.conftest import WEBHOOK_SECRET, db_upgrade, http_ok
 from tests.test_chart import paused
 from tests.test_operator import make_env
@@ -504,3 +507,36 @@ def test_shard_settings_are_checked_and_each_shard_has_its_own_peering() -> None
         Settings(shards=2, shard=2)
     assert Settings(shards=3, shard=1, peering="ephemera").peering == "ephemera-shard-1"
     assert Settings(shards=1, peering="ephemera").peering == "ephemera"
+
+
+def test_a_shard_queues_admits_and_expires_only_its_own_objects() -> None:
+    """A sharded operator's ledger is filled from listings of every shard's objects (the cluster-wide cap
+    counts them all) while its watch keeps only its own current: its queue, its provisions in flight and
+    its expiry are of its own objects alone, so that no object is admitted or expired by two shards (nor
+    by one that does not watch it, and so rewrites its expiresAt from a stale entry every round)."""
+    past = iso(idle.START)  # the last activity, an hour before the round below: past a 60 s TTL
+
+    def labelled(obj: dict[str, Any], shard: str) -> dict[str, Any]:
+        obj["metadata"]["labels"] = {SHARD_LABEL: shard}
+        return obj
+
+    bodies = [
+        labelled(idle.body("ready-0", "Ready", "octo/zero", lastActivityAt=past), "0"),
+        labelled(idle.body("ready-1", "Ready", "octo/one", lastActivityAt=past), "1"),
+        labelled(idle.body("queued-0", "Queued", "octo/zero"), "0"),
+        labelled(idle.body("queued-1", "Queued", "octo/one"), "1"),
+        labelled(idle.body("provisioning-0", "Provisioning", "octo/zero"), "0"),
+    ]
+    ledger = Ledger(shard="1")
+    ledger.prime(bodies)
+
+    counts = ledger.counts()
+    assert counts.live == 3, "the cluster-wide cap counts every shard's live environments"
+    assert counts.in_flight == 0, "shard 0's provision is not this shard's in flight"
+    assert [entry.name for entry in ledger.queue()] == ["queued-1"]
+    expiring, _ = Expiry(None, ledger, lambda _: 60.0).round(idle.START + datetime.timedelta(hours=1))  # type: ignore[arg-type]
+    assert [entry.name for entry in expiring] == ["ready-1"]
+
+    unsharded = Ledger()
+    unsharded.prime(bodies)
+    assert (unsharded.counts().in_flight, len(unsharded.queue())) == (1, 2)

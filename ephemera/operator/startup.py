@@ -103,7 +103,7 @@ async def _start(cfg: Settings, priority: int, identity: str, logger: kopf.Logge
         )
         # The lifecycle policy's ledger, from one listing before kopf watches anything: the first
         # admission counts every live environment.
-        ledger = Ledger()
+        ledger = Ledger(shard=str(cfg.shard) if cfg.shards > 1 else None)
         await asyncio.to_thread(lambda: ledger.prime(kube.list_environments()))
         lifetimes = Lifetimes(cfg, templates.bodies)
         records = await _records(cfg, kube, logger)
