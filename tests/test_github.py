@@ -474,21 +474,31 @@ def test_concurrent_reports_ask_for_a_repositorys_installation_once(github: Fake
     # A slow answer: every worker that reports on the repository meanwhile waits for it, none asks again.
     github.inject(Fault(method="GET", path=f"/repos/{repo}/installation", status=None, delay=0.5))
     auth = GitHubAuth(app_settings(github))
+
+    at_once(lambda: auth.check_installation(INSTALLATION, repo))
+
+    assert len([c for c in github.calls if c.path == f"/repos/{repo}/installation"]) == 1
+
+
+def at_once(call: Callable[[], object], workers: int = 4) -> list[object]:
+    """What `call` returned in each of `workers` threads started together (as the reporter's workers in
+    a burst); fails with the first exception one of them raised (a thread's own would be lost)."""
+    results: list[object] = []
     errors: list[BaseException] = []
 
-    def check() -> None:
+    def run() -> None:
         try:
-            auth.check_installation(INSTALLATION, repo)
-        except BaseException as err:  # reported below: a thread's exception would be lost
+            results.append(call())
+        except BaseException as err:
             errors.append(err)
 
-    threads = [threading.Thread(target=check) for _ in range(4)]
+    threads = [threading.Thread(target=run) for _ in range(workers)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join(timeout=30)
     assert errors == []
-    assert len([c for c in github.calls if c.path == f"/repos/{repo}/installation"]) == 1
+    return results
 
 
 @pytest.mark.parametrize(
@@ -532,20 +542,9 @@ def test_concurrent_reports_ask_for_an_installations_token_once(github: FakeGitH
     # A slow answer: every worker that needs the token meanwhile waits for it, none asks for another.
     github.inject(Fault(method="POST", path=tokens, status=None, delay=0.5))
     auth = GitHubAuth(app_settings(github))
-    clients: list[object] = []
-    errors: list[BaseException] = []
 
-    def report() -> None:
-        try:
-            clients.append(auth.client_for(installation))
-        except BaseException as err:  # reported below: a thread's exception would be lost
-            errors.append(err)
+    clients = at_once(lambda: auth.client_for(installation))
 
-    threads = [threading.Thread(target=report) for _ in range(4)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=30)
-    assert errors == []
+    assert len(clients) == 4
     assert len({id(c) for c in clients}) == 1, "every worker got the one client"
     assert len([c for c in github.calls[before:] if c.path == tokens]) == 1

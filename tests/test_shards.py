@@ -293,6 +293,20 @@ def test_a_new_shard_count_moves_objects_without_a_lost_or_doubled_provision(sha
         delete_all(kubectl, settled + [environment_name(r, 1) for r in repos[8:]])
 
 
+def provisioned_here(kube: Kube, name: str) -> tuple[dict[str, Any], list[Transition]]:
+    """Provision the object `name` with the operator's own code, as its create handler does: the status
+    kopf's patch would carry (not written), and the transitions announced."""
+    live: list[Transition] = []
+    transitions = Transitions()
+    transitions.subscribe(live.append)
+    env = Environment.from_body(kube.get_environment(name) or {})
+    status: dict[str, Any] = {}
+    Environments(kube, Settings(), transitions).provision(
+        env, updating=False, logger=logging.getLogger(__name__), into=status
+    )
+    return status, live
+
+
 def test_a_handover_records_each_transition_once_whichever_writer_is_first(
     shards: Shards, kube: Kube, kubectl: Kubectl, postgres: Postgres
 ) -> None:
@@ -309,14 +323,7 @@ def test_a_handover_records_each_transition_once_whichever_writer_is_first(
     name = body["metadata"]["name"]
     kubectl.apply(body)
     try:
-        live: list[Transition] = []
-        transitions = Transitions()
-        transitions.subscribe(live.append)
-        env = Environment.from_body(kube.get_environment(name) or {})
-        status: dict[str, Any] = {}
-        Environments(kube, Settings(), transitions).provision(
-            env, updating=False, logger=logging.getLogger(__name__), into=status
-        )
+        status, live = provisioned_here(kube, name)
         assert kube.patch_environment_status(name, status) is not None
         assert [t.phase.value for t in live] == ["Provisioning", "Ready"]
         provisioning, ready_ = live
@@ -346,14 +353,7 @@ def test_a_first_ready_is_dated_once(
     name = body["metadata"]["name"]
     kubectl.apply(body)
     try:
-        live: list[Transition] = []
-        transitions = Transitions()
-        transitions.subscribe(live.append)
-        env = Environment.from_body(kube.get_environment(name) or {})
-        status: dict[str, Any] = {}
-        Environments(kube, Settings(), transitions).provision(
-            env, updating=False, logger=logging.getLogger(__name__), into=status
-        )
+        status, live = provisioned_here(kube, name)
         (ready,) = [t for t in live if t.phase.value == "Ready"]
         assert status["provisionedAt"] == ready.at == status["conditions"][0]["lastTransitionTime"]
     finally:

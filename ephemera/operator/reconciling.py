@@ -65,58 +65,44 @@ def reconciling(
     """Parse `body` for the handler `handler` (its kopf id, the metric's label), and apply the error
     policy to what the block raises; `retry` and `runtime` are kopf's own (tries so far, time since
     the first). Counted as a handler run in flight meanwhile."""
-    with handling(), _reconciling(handler, body, memo, logger, retry=retry, runtime=runtime, teardown=teardown) as run:
-        yield run
-
-
-@contextlib.contextmanager
-def _reconciling(
-    handler: str,
-    body: kopf.Body,
-    memo: kopf.Memo,
-    logger: Logger,
-    *,
-    retry: int,
-    runtime: datetime.timedelta,
-    teardown: bool,
-) -> Iterator[Reconciliation]:
-    started = time.perf_counter()
-    shared: Runtime = memo.runtime
-    service = shared.environments
-    try:
-        env = Environment.from_body(dict(body))
-    except PermanentFailure as failure:
-        # A spec the API server let through but that cannot work: say so on the object.
-        reconciled(handler, "failure", started)
-        logger.error("%s: %s", failure.reason, failure.message)
-        service.refuse(body.metadata["name"], failure)
-        raise kopf.PermanentError(failure.message) from failure
-    # kopf's own lines about the object name its PR too, even when this handler runs before the watch's
-    # `track` has seen the object.
-    shared.subjects.remember(env.name, env.spec.repository, env.spec.pull_request)
-    log = env_logger(logger, env)
-    if not teardown and retry > 0 and env.status.phase is Phase.FAILED and env.status.reason == "Stale":
-        # The stale sweep gave up on this attempt; the retry job owns the object from here.
-        reconciled(handler, "handed-over", started)
-        raise kopf.PermanentError("handed over to the retry timer after the stale sweep")
-    try:
-        if not teardown:
-            _time_limits(shared, env, log, runtime.total_seconds())
-        yield Reconciliation(service, env, log)
-    except Failure as error:
-        if error.permanent:
+    with handling():
+        started = time.perf_counter()
+        shared: Runtime = memo.runtime
+        service = shared.environments
+        try:
+            env = Environment.from_body(dict(body))
+        except PermanentFailure as failure:
+            # A spec the API server let through but that cannot work: say so on the object.
             reconciled(handler, "failure", started)
-            shared.warned.discard(env.uid)
-            service.fail(env, error, log)
-            raise kopf.PermanentError(error.message) from error
-        reconciled(handler, "retry", started)
-        delay = backoff.delay(retry, error.delay, MAX_DELAY) if error.backoff else error.delay
-        if error.backoff:  # plain waiting (for a namespace to go) is not worth an Event each poll
-            log.warning("%s: %s (retry in %.0f s)", error.reason, error.message, delay)
-            service.recorder(env.ref(), "Warning", error.reason, f"{error.message} (retry in {delay:.0f} s)")
-        raise kopf.TemporaryError(error.message, delay=delay) from error
-    reconciled(handler, "success", started)
-    shared.warned.discard(env.uid)
+            logger.error("%s: %s", failure.reason, failure.message)
+            service.refuse(body.metadata["name"], failure)
+            raise kopf.PermanentError(failure.message) from failure
+        # kopf's own lines about the object name its PR too, even when this handler runs before the watch's
+        # `track` has seen the object.
+        shared.subjects.remember(env.name, env.spec.repository, env.spec.pull_request)
+        log = env_logger(logger, env)
+        if not teardown and retry > 0 and env.status.phase is Phase.FAILED and env.status.reason == "Stale":
+            # The stale sweep gave up on this attempt; the retry job owns the object from here.
+            reconciled(handler, "handed-over", started)
+            raise kopf.PermanentError("handed over to the retry timer after the stale sweep")
+        try:
+            if not teardown:
+                _time_limits(shared, env, log, runtime.total_seconds())
+            yield Reconciliation(service, env, log)
+        except Failure as error:
+            if error.permanent:
+                reconciled(handler, "failure", started)
+                shared.warned.discard(env.uid)
+                service.fail(env, error, log)
+                raise kopf.PermanentError(error.message) from error
+            reconciled(handler, "retry", started)
+            delay = backoff.delay(retry, error.delay, MAX_DELAY) if error.backoff else error.delay
+            if error.backoff:  # plain waiting (for a namespace to go) is not worth an Event each poll
+                log.warning("%s: %s (retry in %.0f s)", error.reason, error.message, delay)
+                service.recorder(env.ref(), "Warning", error.reason, f"{error.message} (retry in {delay:.0f} s)")
+            raise kopf.TemporaryError(error.message, delay=delay) from error
+        reconciled(handler, "success", started)
+        shared.warned.discard(env.uid)
 
 
 def _time_limits(shared: Runtime, env: Environment, log: Logger, elapsed: float) -> None:
