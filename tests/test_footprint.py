@@ -147,6 +147,8 @@ def test_the_worker_limit_reaches_kopf() -> None:
     settings = kopf.OperatorSettings()
     startup._tune(settings, Settings(worker_limit=7))
     assert settings.queueing.worker_limit == 7
+    # A worker's slot is free soon after its object's last event (kopf keeps it 5 s by default).
+    assert settings.queueing.idle_timeout == startup.WORKER_IDLE_TIMEOUT < 1
     startup._tune(settings, Settings(worker_limit=0))  # 0: no limit, as kopf spells it
     assert settings.queueing.worker_limit is None
 

@@ -37,6 +37,7 @@ from ephemera.transitions import Transition, Transitions
 from ephemera.watchcache import Seen, Vanishing
 
 PREFIX = "ephemera.dev"
+WORKER_IDLE_TIMEOUT = 0.5  # seconds a kopf worker keeps its slot after its object's last event: see _tune
 
 
 @kopf.on.startup()
@@ -61,13 +62,18 @@ def _tune(settings: kopf.OperatorSettings, cfg: Settings) -> None:
     # rides in kopf's patch) looked like a new object: 77% of a burst of 1,000 were provisioned twice.
     settings.persistence.consistency_timeout = cfg.watch_consistency_timeout
     # Handlers run in a pool of `workers` threads. kopf's per-object workers (one per object with
-    # events, each holding its slot until idle_timeout (5 s) after its object's last event) are
-    # limited: every object in flight touches ~50 KB that the process keeps, so 20,000 created at
-    # once passed 1 GB unlimited. An object waiting for a slot holds only the raw events that came
-    # for it meanwhile and an unstarted coroutine. Too low a limit slows bursts (50: a burst of 500
-    # took 12x longer); bench/RESULTS.md, session 6, has the measured default.
+    # events) are limited: every object in flight touches ~50 KB that the process keeps, so 20,000
+    # created at once passed 1 GB unlimited. An object waiting for a slot holds only the raw events
+    # that came for it meanwhile and an unstarted coroutine. Too low a limit slows bursts (50: a burst
+    # of 500 took 12x longer); bench/RESULTS.md, session 6, has the measured default.
     settings.execution.max_workers = cfg.workers
     settings.queueing.worker_limit = cfg.worker_limit or None
+    # A worker holds its slot until it has idled this long after its object's last event (kopf: 5 s),
+    # or longer while it waits for its own patch to come back (the consistency timeout above). At 5 s
+    # the slots, not the handlers, set the pace once they are all taken: a limit of L passes at most
+    # L/5 objects a second, and a restart resumes every existing object through them (an operator
+    # limited to 2 took 5 s per 2 objects). A new event after the worker left starts another.
+    settings.queueing.idle_timeout = WORKER_IDLE_TIMEOUT
     # Events: ours are posted explicitly, with their own reasons (our log lines are not posted again,
     # see reconciling.env_logger); of kopf's own lines only warnings and errors, not "Handler succeeded".
     settings.posting.level = logging.WARNING
