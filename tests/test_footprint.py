@@ -9,7 +9,7 @@ import re
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
-from typing import cast
+from typing import Any, cast
 
 import kopf
 import pytest
@@ -80,10 +80,18 @@ def test_a_listing_of_environments_keeps_everything_but_the_managed_fields(crd: 
     )
     try:
         kube.patch_environment_status(name, {"phase": "Ready", "message": "listed"})
-        stored = kube.get_environment(name)
-        assert stored is not None
+
+        def same_version() -> tuple[dict[str, Any], dict[str, Any]] | None:
+            # The session's operator may be writing the object (its finalizer, its status) between the
+            # read and the listing: compare the two only when they saw the same version of it.
+            stored = kube.get_environment(name)
+            listed = next(obj for obj in kube.list_environments() if obj["metadata"]["name"] == name)
+            assert stored is not None
+            same = stored["metadata"]["resourceVersion"] == listed["metadata"]["resourceVersion"]
+            return (stored, listed) if same else None
+
+        stored, listed = wait_for(same_version, timeout=60, what="a read and a listing of the same version")
         assert stored["metadata"].get("managedFields")  # the API server has them
-        listed = next(obj for obj in kube.list_environments() if obj["metadata"]["name"] == name)
         assert "managedFields" not in listed["metadata"]
         stored["metadata"].pop("managedFields")
         assert listed == stored
