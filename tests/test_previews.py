@@ -49,16 +49,14 @@ def web(name: str = "web-{{ pr.number }}") -> dict[str, Any]:
 def test_a_matching_template_is_applied_and_becomes_ready(
     kube: Kube, kubectl: Kubectl, namespace: str, templates: list[str]
 ) -> None:
-    repo = f"octo-org/shop-{uuid.uuid4().hex[:6]}"
+    # An owner of the test's own: the running operator re-provisions every environment a template matches
+    # when it is applied and deleted, and octo-org/* matched those the other tests left.
+    unique = uuid.uuid4().hex[:6]
+    repo = f"octo-{unique}/shop"
     put_template(
-        kubectl,
-        templates,
-        f"exact-{repo.split('-')[-1]}",
-        repositories=[repo],
-        resources=[web()],
-        url="https://{{ host }}/",
+        kubectl, templates, f"exact-{unique}", repositories=[repo], resources=[web()], url="https://{{ host }}/"
     )
-    put_template(kubectl, templates, f"org-{repo.split('-')[-1]}", repositories=["octo-org/*"], resources=[])
+    put_template(kubectl, templates, f"org-{unique}", repositories=[f"octo-{unique}/*"], resources=[])
     previews = Previews(kube, Applier(kube), domain="preview.test")
     rollout = previews.rollout(spec(repository=repo), namespace, LABELS, [])
     assert rollout is not None
