@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import functools
 import itertools
 import json
 import os
@@ -305,21 +306,32 @@ def test_two_replicas_one_active_and_a_standby_takes_over(
 
     kubectl.run("apply", "-f", str(REPO_ROOT / "crds" / "clusterkopfpeerings.yaml"))
     kubectl.apply({"apiVersion": "kopf.dev/v1", "kind": "ClusterKopfPeering", "metadata": {"name": "reliability"}})
+
+    def listed(priority: int) -> bool:
+        """Whether the replica of `priority` is in the peering object (its keep-alive)."""
+        status = kubectl.json("get", "clusterkopfpeering", "reliability").get("status") or {}
+        return any(isinstance(peer, dict) and peer.get("priority") == priority for peer in status.values())
+
     replicas = []
     with paused(operator):
-        for priority in (200, 100):
-            env = process_env(
-                control_plane.kubeconfig,
-                tmp_path,
-                EPHEMERA_PEERING="reliability",
-                EPHEMERA_PEERING_PRIORITY=str(priority),
-                EPHEMERA_PEERING_LIFETIME="10",
-            )
-            db_upgrade(env)
-            proc = Process(["operator"], env, tmp_path / f"operator-{priority}.log", int(env["EPHEMERA_OPERATOR_PORT"]))
-            replicas.append(proc.start())
-        active, standby = replicas
         try:
+            for priority in (200, 100):
+                env = process_env(
+                    control_plane.kubeconfig,
+                    tmp_path,
+                    EPHEMERA_PEERING="reliability",
+                    EPHEMERA_PEERING_PRIORITY=str(priority),
+                    EPHEMERA_PEERING_LIFETIME="10",
+                )
+                db_upgrade(env)
+                log = tmp_path / f"operator-{priority}.log"
+                replicas.append(Process(["operator"], env, log, int(env["EPHEMERA_OPERATOR_PORT"])).start())
+                # kopf starts a replica paused and un-pauses it if its first peering event shows no higher
+                # priority; /healthz answers before its peering even starts. The standby is started once the
+                # active one's keep-alive is in the peering object, so that its first event shows it: started
+                # together, a standby that listed the peering first ran until the active one's entry came.
+                wait_for(functools.partial(listed, priority), timeout=60, what=f"the keep-alive of priority {priority}")
+            active, standby = replicas
             wait_for(lambda: all(http_ok(p, "/healthz") for p in replicas), timeout=60, what="both replicas")
             first, second = f"peer-{uuid.uuid4().hex[:4]}", f"peer-{uuid.uuid4().hex[:4]}"
             kubectl.apply(make_env(first, 1, repo="octo/peering"))
