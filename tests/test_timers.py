@@ -48,7 +48,6 @@ SHORT = {
     "EPHEMERA_RETRY_WINDOW": "300",
     "EPHEMERA_PURGE_INTERVAL": "1",
     "EPHEMERA_RECORD_RETENTION": "3",
-    "EPHEMERA_SOFT_TIME_LIMIT": "2",
 }
 
 
@@ -56,6 +55,14 @@ SHORT = {
 def fast_operator(operator: Process) -> Iterator[Process]:
     """The session's operator, restarted with every interval and threshold in seconds."""
     yield from operator_with(operator, SHORT)
+
+
+@pytest.fixture
+def soft_limited(fast_operator: Process) -> Iterator[Process]:
+    """The module's operator with a soft time limit of 2 s and the stale threshold out of reach: the
+    Warning comes from a handler's try past the limit, and a stale sweep before the first such try
+    would fail the provision unwarned (at 4 s it came 1.7 s after it)."""
+    yield from operator_with(fast_operator, {"EPHEMERA_SOFT_TIME_LIMIT": "2", "EPHEMERA_STALE_THRESHOLD": "600"})
 
 
 def stays(check: Callable[[], bool], seconds: float, what: str) -> None:
@@ -100,12 +107,34 @@ def test_stale_update_fails_then_retry_succeeds_once_the_cause_is_gone(
     )
     assert st["permanent"] is False
     wait_for(lambda: "Stale" in events_of(kubectl, name), timeout=30, what="a Stale event")
-    assert "SoftTimeLimit" in events_of(kubectl, name)  # warned before the sweep gave up on it
     release_namespace(kubectl, namespace)
     wait_for(lambda: not exists(kubectl, "namespace", namespace), timeout=60, what="the old namespace to go")
     st = wait_phase(kubectl, name, "Ready", timeout=60)
     assert st["commit"] == SHA_B[:7]
     assert exists(kubectl, "namespace", namespace)
+
+
+def _handler_lines(operator: Process, name: str, text: str) -> int:
+    return sum(1 for line in operator.log().splitlines() if name in line and text in line)
+
+
+def test_a_slow_provision_is_warned_once_past_the_soft_time_limit(soft_limited: Process, kubectl: Kubectl) -> None:
+    name = unique("soft")
+    namespace = _terminating_update(kubectl, name, 507)
+    try:
+        wait_for(lambda: "SoftTimeLimit" in events_of(kubectl, name), timeout=30, what="the soft limit's Warning")
+        tries = _handler_lines(soft_limited, name, "failed temporarily")
+        wait_for(
+            lambda: _handler_lines(soft_limited, name, "failed temporarily") >= tries + 2,
+            timeout=30,
+            what="two more tries past the limit",
+        )
+        assert _handler_lines(soft_limited, name, "(soft time limit)") == 1
+        assert status(kubectl, name)["phase"] == "Updating"  # warned, and still at it
+    finally:
+        release_namespace(kubectl, namespace)
+    wait_phase(kubectl, name, "Ready", timeout=60)
+    kubectl.run("delete", "pe", name, "--wait=false")
 
 
 def test_retries_stop_at_the_cap(fast_operator: Process, kubectl: Kubectl) -> None:
