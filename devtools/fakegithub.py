@@ -209,6 +209,14 @@ class FakeGitHub:
                 installation_id, account, repositories, permissions=granted
             )
 
+    def expire_tokens(self, installation_id: int) -> None:
+        """Expire the installation's tokens now (GitHub's expire after an hour): a client that holds
+        one gets 401 Bad credentials until it asks for a new one."""
+        with self._lock:
+            for token, (installation, _) in list(self.tokens.items()):
+                if installation == installation_id:
+                    self.tokens[token] = (installation, 0.0)
+
     def installation_of(self, repository: str) -> Installation | None:
         """The App's installation on `repository`, as GitHub answers `GET /repos/{owner}/{repo}/installation`:
         the one on the repository's account (at most one per account), else the catch-all."""

@@ -134,19 +134,30 @@ def test_outages_and_rate_limits_are_recovered_without_duplicates(
 
 
 def test_expired_tokens_are_renewed(operator: Process, kubectl: Kubectl, github: FakeGitHub) -> None:
-    warm, repo, name = repo_name(), repo_name(), f"gh-token-{uuid.uuid4().hex[:6]}"
-    kubectl.apply(make_env(f"{name}-warm", 3, repo=warm, installationId=INSTALLATION))
+    # An installation of the test's own: with the shared one, whatever else the operator reported for it
+    # after the expiry (another test's environment being torn down) took the 401 and the new token first.
+    unique = uuid.uuid4().hex[:6]
+    installation, account = 800_000 + int(unique, 16) % 100_000, f"token-{unique}"
+    github.installation(installation, account)
+    warm, repo, name = f"{account}/warm", f"{account}/shop", f"gh-token-{unique}"
+    kubectl.apply(make_env(f"{name}-warm", 3, repo=warm, installationId=installation))
     wait_for(
         lambda: reported(kubectl, f"{name}-warm").get("comment") == f"Ready@{SHA_A}",
         timeout=60,
         what="a token in the cache and every report of the warm-up done",
     )
-    github.tokens.clear()  # the operator's cached installation token now answers 401
-    kubectl.apply(make_env(name, 3, repo=repo, installationId=INSTALLATION))
+    before = len(github.calls)
+    github.expire_tokens(installation)  # the operator's cached installation token now answers 401
+    kubectl.apply(make_env(name, 3, repo=repo, installationId=installation))
     # The refused call is retried with a fresh token; a pending overtaken meanwhile by Ready is never posted.
     wait_for(lambda: statuses(github, repo, SHA_A)[-1:] == ["success"], timeout=60, what="the success status")
-    refused = [c for c in github.calls if c.status == 401 and c.path.startswith(f"/repos/{repo}/")]
-    assert refused, "the first call was refused with the old token"
+    calls = github.calls[before:]
+    # Refused on whichever of the installation's repositories used the old token first (a 401 names no
+    # installation), then a new token asked for.
+    refused = [c.at for c in calls if c.status == 401 and c.path.startswith(f"/repos/{account}/")]
+    renewed = [c.at for c in calls if c.path == f"/app/installations/{installation}/access_tokens" and c.status == 201]
+    assert refused, "a call was refused with the expired token"
+    assert [at for at in renewed if at >= refused[0]], "a new token was asked for once the old one was refused"
     assert statuses(github, repo, SHA_A).count("success") == 1
 
 
