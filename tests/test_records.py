@@ -626,3 +626,72 @@ async def test_a_transition_written_by_both_writers_of_a_handover_is_recorded_on
         (row,) = history(sqlite_url, f"pr-{n}")
         assert [e["to_phase"] for e in row["events"]] == ["Provisioning", "Ready"], order
         assert row["phase"] == "Ready"
+
+
+def _queued_life(uid: str) -> list[Transition]:
+    """The handler's transitions of a life that began Queued (the lifecycle policy's cap): queued at its
+    creation, admitted minutes later and Ready at once (Provisioning announced with Ready, one second)."""
+    created = "2026-01-01T00:00:00Z"
+    steps = [
+        (None, "Queued", "2026-01-01T00:00:00Z", "2026-01-01T00:00:00.300Z"),
+        ("Queued", "Provisioning", "2026-01-01T00:05:00Z", "2026-01-01T00:05:00.100Z"),
+        ("Provisioning", "Ready", "2026-01-01T00:05:00Z", "2026-01-01T00:05:00.400Z"),
+    ]
+    return [
+        dataclasses.replace(_transition(uid, old, new, at), created=created, occurred=_at(occurred))
+        for old, new, at, occurred in steps
+    ]
+
+
+def _ready_after_the_queue(uid: str) -> dict[str, Any]:
+    """That object as a listing shows it once Ready (its queue fields cleared at admission)."""
+    ready = "2026-01-01T00:05:00Z"
+    obj = _listed(
+        uid, "Ready", ready, lastTransitionTime=ready, provisionedAt=ready, observedGeneration=1, namespace="ns-x"
+    )
+    return {**obj, "metadata": {**obj["metadata"], "name": f"pr-{uid}"}}
+
+
+async def test_a_resync_of_a_life_that_began_queued_rebuilds_its_admission_after_the_queue(sqlite_url: str) -> None:
+    """Only its Queued reached the records (its admission's died with a killed operator, or its old
+    shard's writer had not flushed it at a handover): the Provisioning the resync rebuilds is the one
+    that left the queue, after it, not a start of the life at its creation, before it."""
+    from ephemera.store.records import _Resync
+
+    records = Records(make_engine(sqlite_url))
+    queued, _, _ = _queued_life("u1")
+    await records.write(dataclasses.replace(queued, name="pr-u1"))
+    for _ in range(2):  # and a second resync finds nothing more to write
+        await records._resync(_Resync([_ready_after_the_queue("u1")], datetime.datetime.now(datetime.UTC)))
+    await records.engine.dispose()
+    (row,) = history(sqlite_url, "pr-u1")
+    assert [(e["from_phase"], e["to_phase"]) for e in row["events"]] == [
+        (None, "Queued"),
+        ("Queued", "Provisioning"),
+        (None, "Ready"),
+    ]
+    assert row["phase"] == "Ready"
+
+
+async def test_a_handover_of_a_life_that_began_queued_records_each_transition_once(sqlite_url: str) -> None:
+    """The handover race for an environment admitted from the queue: the old shard's writer writes its
+    transitions in their order, the new shard's resync comes after its Queued, between or after the
+    others. (A resync before its Queued is recorded cannot tell that the life began queued: the status
+    keeps no trace of the queue once admitted.)"""
+    from ephemera.store.records import _Resync
+
+    for n in range(1, 4):
+        uid = f"u{n}"
+        life = [dataclasses.replace(t, uid=uid, name=f"pr-{uid}") for t in _queued_life(uid)]
+        order: list[Transition | None] = [*life[:n], None, *life[n:]]  # None: the resync
+        records = Records(make_engine(sqlite_url))
+        for item in order:
+            if item is None:
+                await records._resync(_Resync([_ready_after_the_queue(uid)], datetime.datetime.now(datetime.UTC)))
+            else:
+                await records.write(item)
+        await records.engine.dispose()
+        (row,) = history(sqlite_url, f"pr-{uid}")
+        written = ["resync" if t is None else t.phase.value for t in order]
+        assert [e["to_phase"] for e in row["events"]] == ["Queued", "Provisioning", "Ready"], written
+        assert row["phase"] == "Ready", written

@@ -466,6 +466,7 @@ class Records:
         async with AsyncSession(self.engine) as session:
             latest_at = func.max(EventRow.at)
             provisioned = func.min(case((col(EventRow.to_phase) == "Provisioning", col(EventRow.at)), else_=None))
+            entered_queue = func.min(case((col(EventRow.to_phase) == "Queued", col(EventRow.at)), else_=None))
             readied = func.sum(case((col(EventRow.to_phase) == "Ready", 1), else_=0))
             query = (
                 sa_select(  # sqlmodel's select takes at most four columns
@@ -476,6 +477,7 @@ class Records:
                     provisioned,
                     readied,
                     col(EnvironmentRow.repository),
+                    entered_queue,
                 )
                 .join(EventRow, col(EventRow.environment_uid) == col(EnvironmentRow.uid), isouter=True)
                 .where(col(EnvironmentRow.destroyed_at).is_(None))
@@ -487,10 +489,12 @@ class Records:
                 )
             )
             found = list(await session.execute(query))
-            rows = {uid: (phase, updated, latest) for uid, phase, updated, latest, _, _, _ in found}
-            begun = {uid: _aware(first) for uid, _, _, _, first, _, _ in found if first is not None}
-            ready_once = {uid for uid, _, _, _, _, count, _ in found if count}
-            others = {uid for uid, *_, repository in found if not self._mine(repository)}
+            rows = {uid: (phase, updated, latest) for uid, phase, updated, latest, *_ in found}
+            begun = {uid: _aware(first) for uid, _, _, _, first, *_ in found if first is not None}
+            ready_once = {uid for uid, _, _, _, _, count, *_ in found if count}
+            others = {uid for uid, *_, repository, _ in found if not self._mine(repository)}
+            # Lives that began in the queue (the lifecycle policy's caps): their first Provisioning left it.
+            began_queued = {uid for uid, *_, first_queued in found if first_queued is not None}
             # Objects still listed whose end is recorded (their finalizer was not released yet).
             unknown = sorted(listed - set(rows))
             ended: set[str] = set()
@@ -530,8 +534,24 @@ class Records:
             provisioned_once = phase in PROVISIONED_PHASES or status.get("provisionedAt") or status.get("namespace")
             provisioning_at = begun.get(uid)
             created = meta.get("creationTimestamp")
-            lost_start = provisioning_at is None and phase is not Phase.PROVISIONING and provisioned_once and created
-            if lost_start and created and (uid, Phase.PROVISIONING) not in coming:
+            lost_provisioning = (
+                provisioning_at is None
+                and phase is not Phase.PROVISIONING
+                and provisioned_once
+                and (uid, Phase.PROVISIONING) not in coming
+            )
+            if lost_provisioning and uid in began_queued:
+                # Its admission died with a killed operator (or its old shard's writer has it still):
+                # it left the queue, which the rows hold, when it was provisioned. Its Ready came with
+                # it, so its time and id are the first Ready's second (as the handler's own has them),
+                # or the current phase's; never before the queue it left.
+                admitted_at = status.get("provisionedAt") or at_text
+                occurred = _time(admitted_at) or job.listed_at
+                if row is not None and row[2] is not None and _aware(row[2]) >= occurred:
+                    occurred = _aware(row[2]) + TICK
+                pending.append(_resync_transition(obj, Phase.PROVISIONING, admitted_at, occurred, Phase.QUEUED))
+                provisioning_at = pending[-1].occurred
+            elif lost_provisioning and created:
                 # Its first transitions died with a killed operator: its life began with
                 # provisioning when it was created.
                 pending.append(_resync_transition(obj, Phase.PROVISIONING, created))
@@ -657,7 +677,11 @@ def _implied(t: Transition, old: TransitionPhase, previous: tuple[str, datetime.
 
 
 def _resync_transition(
-    obj: dict[str, Any], phase: TransitionPhase, at: str, occurred: datetime.datetime | None = None
+    obj: dict[str, Any],
+    phase: TransitionPhase,
+    at: str,
+    occurred: datetime.datetime | None = None,
+    old_phase: Phase | None = None,
 ) -> Transition:
     meta, status = obj["metadata"], obj.get("status") or {}
     return Transition(
@@ -666,7 +690,7 @@ def _resync_transition(
         # The generation that reached the phase, as the handler's own transition has it (`event_id`).
         generation=int(status.get("observedGeneration") or meta.get("generation", 1)),
         spec=dict(obj.get("spec") or {}),
-        old_phase=None,
+        old_phase=old_phase,
         phase=phase,
         reason="Resync",
         message=str(status.get("message") or ""),
