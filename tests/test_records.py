@@ -695,3 +695,62 @@ async def test_a_handover_of_a_life_that_began_queued_records_each_transition_on
         written = ["resync" if t is None else t.phase.value for t in order]
         assert [e["to_phase"] for e in row["events"]] == ["Queued", "Provisioning", "Ready"], written
         assert row["phase"] == "Ready", written
+
+
+async def test_the_handlers_own_reason_replaces_a_rebuilds_whichever_writer_is_first(sqlite_url: str) -> None:
+    """A resync's rebuild knows the phase and its second, not why it came (reason Resync), what the
+    handler said, or the phase left; the handler's own transition does. At a handover the two are one
+    row (`event_id`); in either order that row says what the handler said."""
+    from ephemera.store.records import _Resync
+
+    second = "2026-01-01T00:00:01Z"
+    live = [
+        dataclasses.replace(_transition("u", None, "Provisioning", second), occurred=_at("2026-01-01T00:00:01.350Z")),
+        dataclasses.replace(
+            _transition("u", "Provisioning", "Ready", second), occurred=_at("2026-01-01T00:00:01.400Z")
+        ),
+    ]
+    listing = _listed(
+        "u", "Ready", second, lastTransitionTime=second, observedGeneration=1, provisionedAt=second, message="Resynced"
+    )
+    for n, resync_first in enumerate((True, False)):
+        uid = f"r{n}"
+        records = Records(make_engine(sqlite_url))
+        resync = _Resync([{**listing, "metadata": {**listing["metadata"], "uid": uid, "name": f"pr-{uid}"}}], _now())
+        if resync_first:
+            await records._resync(resync)
+        for t in live:
+            await records.write(dataclasses.replace(t, uid=uid, name=f"pr-{uid}"))
+        if not resync_first:
+            await records._resync(resync)
+        await records.engine.dispose()
+        (row,) = history(sqlite_url, f"pr-{uid}")
+        assert [(e["from_phase"], e["to_phase"], e["reason"], e["message"]) for e in row["events"]] == [
+            (None, "Provisioning", "Provisioning", "now Provisioning"),
+            ("Provisioning", "Ready", "Ready", "now Ready"),
+        ], f"resync first: {resync_first}"
+        assert row["phase"] == "Ready"
+
+
+def _now() -> datetime.datetime:
+    return datetime.datetime.now(datetime.UTC)
+
+
+async def test_the_handlers_own_reason_replaces_an_inferred_one(sqlite_url: str) -> None:
+    """The end came first (its Destroying inferred from it, dated by the status), then the handler's own
+    Destroying (a writer behind at a handover): one row, with what the handler said."""
+    records = Records(make_engine(sqlite_url))
+    await records.write(_transition("u1", None, "Provisioning", "2026-01-01T00:00:01Z"))
+    await records.write(_transition("u1", "Provisioning", "Ready", "2026-01-01T00:00:02Z"))
+    status = {"phase": "Destroying", "lastTransitionTime": "2026-01-01T00:00:05Z", "namespace": "pr-1-octo-unit-x"}
+    end = _transition("u1", "Destroying", "Destroyed", "2026-01-01T00:00:09Z")
+    await records.write(dataclasses.replace(end, status=status))
+    await records.write(_transition("u1", "Ready", "Destroying", "2026-01-01T00:00:05Z"))
+    await records.engine.dispose()
+    (row,) = history(sqlite_url, "pr-1-octo-unit")
+    assert [(e["to_phase"], e["reason"], e["at"][:19]) for e in row["events"]] == [
+        ("Provisioning", "Provisioning", "2026-01-01T00:00:01"),
+        ("Ready", "Ready", "2026-01-01T00:00:02"),
+        ("Destroying", "Destroying", "2026-01-01T00:00:05"),
+        ("Destroyed", "Destroyed", "2026-01-01T00:00:09"),
+    ]

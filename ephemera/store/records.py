@@ -11,7 +11,8 @@ The history of an environment is kept true whatever order and however often its 
 arrive: every event row's id is derived from the transition, so a repeated write changes nothing; a
 resync's rebuild of a transition from the object has the same id as the handler's own (`event_id`),
 so that the two collapse into one row in whichever order they come (after a handover between
-shards, the new shard's resync may write it before the old shard's writer does); a transition into
+shards, the new shard's resync may write it before the old shard's writer does), and that row then
+says what the handler said (a rebuild knows neither why nor the phase left); a transition into
 the phase the history already holds at that moment is not a new one (announced again after a
 crash, or rebuilt by a resync); a transition whose `old_phase` the history lacks
 brings that phase along (its own record died with a killed operator); and a destroyed
@@ -33,7 +34,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from prometheus_client import Counter, Gauge
-from sqlalchemy import case, delete, func
+from sqlalchemy import case, delete, func, update
 from sqlalchemy import exc as sa_exc
 from sqlalchemy import select as sa_select
 from sqlalchemy.dialects import postgresql, sqlite
@@ -73,6 +74,11 @@ TRANSIENT_SQLSTATE_CLASSES = ("08", "53", "57", "58")
 TRANSIENT_SQLSTATES = frozenset({"40001", "40P01", "55P03"})  # serialization, deadlock, lock not available
 # A resync infers that an environment was provisioned once in these phases (or with these status fields).
 PROVISIONED_PHASES = frozenset({Phase.READY, Phase.UPDATING})
+# The reasons of transitions the records rebuilt (a resync's from the object, one inferred from the next):
+# they know the phase and when, not why, what was said, nor (a resync's) the phase left.
+RESYNC = "Resync"
+INFERRED = "Inferred"
+REBUILT_REASONS = frozenset({RESYNC, INFERRED})
 
 
 def event_id(t: Transition) -> str:
@@ -395,14 +401,18 @@ class Records:
                 session.add(row)
             else:
                 query = (
-                    sa_select(col(EventRow.to_phase), col(EventRow.at), col(EventRow.id))
+                    sa_select(col(EventRow.to_phase), col(EventRow.at), col(EventRow.id), col(EventRow.reason))
                     .where(col(EventRow.environment_uid) == t.uid)
                     .order_by(col(EventRow.at), col(EventRow.id))
                 )
                 found = list(await session.execute(query))
-                if event_id(t) in {known for _, _, known in found}:
-                    return  # written already, by this writer or by another's rebuild of it
-                history = [(phase, _aware(when)) for phase, when, _ in found]
+                own = event_id(t)
+                recorded = [reason for _, _, known, reason in found if known == own]
+                if recorded:  # written already, by this writer or by another's rebuild of it
+                    if recorded[0] in REBUILT_REASONS and t.reason not in REBUILT_REASONS:
+                        await session.execute(self._own_account(t, own))
+                    return
+                history = [(phase, _aware(when)) for phase, when, _, _ in found]
             destroyed = row.destroyed_at is not None
             if destroyed and (t.phase is DESTROYED or at >= _aware(row.destroyed_at or at)):
                 return  # after the end: a late or stale transition cannot bring the environment back
@@ -435,6 +445,14 @@ class Records:
             await session.flush()
             for event in events:
                 await session.execute(self._insert_event(event, event.occurred))
+
+    def _own_account(self, t: Transition, own: str) -> Any:
+        """The handler's own `t` replaces what a rebuild of it (row `own`) could not know: why it came,
+        what was said and the phase left. Not when: the rebuild's time, placed among the others, stays."""
+        values: dict[str, Any] = {"reason": t.reason[:128], "message": t.message}
+        if t.old_phase is not None:
+            values["from_phase"] = t.old_phase.value
+        return update(EventRow).where(col(EventRow.id) == own).values(**values)
 
     def _insert_event(self, t: Transition, at: datetime.datetime) -> Any:
         values = {
@@ -667,7 +685,7 @@ def _implied(t: Transition, old: TransitionPhase, previous: tuple[str, datetime.
         spec=t.spec,
         old_phase=parse_phase(previous[0]) if previous else None,
         phase=old,
-        reason="Inferred",
+        reason=INFERRED,
         message=f"Its own record was lost; {t.phase} came from it",
         at=_stamp(when),
         status=t.status,
@@ -692,7 +710,7 @@ def _resync_transition(
         spec=dict(obj.get("spec") or {}),
         old_phase=old_phase,
         phase=phase,
-        reason="Resync",
+        reason=RESYNC,
         message=str(status.get("message") or ""),
         at=at,
         status=dict(status),
@@ -711,7 +729,7 @@ def _destroyed_transition(
         spec={"repository": row.repository, "pullRequest": row.pull_request, "commitSha": row.commit_sha},
         old_phase=old_phase or parse_phase(row.phase),
         phase=phase,
-        reason="Resync",
+        reason=RESYNC,
         message="The object is gone from the cluster",
         at=_stamp(at),
         status={"namespace": row.namespace},
