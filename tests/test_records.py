@@ -754,3 +754,63 @@ async def test_the_handlers_own_reason_replaces_an_inferred_one(sqlite_url: str)
         ("Destroying", "Destroying", "2026-01-01T00:00:05"),
         ("Destroyed", "Destroyed", "2026-01-01T00:00:09"),
     ]
+
+
+def _previous_release_id(t: Transition) -> str:
+    """How the release before the shared event ids made an event's id (commit 2efe3ae changed it)."""
+    from ephemera.store.records import ID_NAMESPACE
+
+    return str(uuid.uuid5(ID_NAMESPACE, f"{t.uid}|{t.generation}|{t.old_phase}|{t.phase}|{t.reason}|{t.at}"))
+
+
+async def test_rows_of_the_previous_release_are_not_recorded_again_after_an_upgrade(
+    sqlite_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rows the previous release wrote have ids made the old way. After the upgrade (the chart's
+    Recreate strategy: the old operator has drained its writer and exited) the new one's resync and
+    its rerun handlers meet those rows: one history each, as the previous release would have kept it."""
+    from ephemera.store import records as records_module
+    from ephemera.store.records import _Resync
+
+    def at(text: str, gen: int = 1, **status: Any) -> dict[str, Any]:
+        obj = _listed("x", "Ready", text, lastTransitionTime=text, provisionedAt="2026-01-01T00:00:01Z", **status)
+        return {**obj, "status": {**obj["status"], "observedGeneration": gen, "namespace": "ns-x"}}
+
+    def live(uid: str, old: str | None, new: str, text: str, occurred: str, gen: int = 1) -> Transition:
+        t = _transition(uid, old, new, text)
+        return dataclasses.replace(t, name=f"pr-{uid}", generation=gen, occurred=_at(occurred))
+
+    settled = [live("a", None, "Provisioning", "2026-01-01T00:00:01Z", "2026-01-01T00:00:01.350Z")]
+    settled.append(live("a", "Provisioning", "Ready", "2026-01-01T00:00:01Z", "2026-01-01T00:00:01.400Z"))
+    # Killed before kopf's patch of its Ready: the status has no phase; the new release reruns the handler.
+    rerun = [live("b", None, "Provisioning", "2026-01-01T00:00:01Z", "2026-01-01T00:00:01.350Z")]
+    # Its update's Ready was still queued when the old writer's drain ran out: the resync rebuilds it.
+    cut = [dataclasses.replace(t, uid="c", name="pr-c") for t in settled]
+    cut.append(live("c", "Ready", "Updating", "2026-01-01T00:00:05Z", "2026-01-01T00:00:05.100Z", gen=2))
+    old = Records(make_engine(sqlite_url))
+    with monkeypatch.context() as previous_release:
+        previous_release.setattr(records_module, "event_id", _previous_release_id)
+        for t in [*settled, *rerun, *cut]:
+            await old.write(t)
+    await old.engine.dispose()
+
+    new = Records(make_engine(sqlite_url))
+    listing = [
+        {**at("2026-01-01T00:00:01Z"), "metadata": {**at("")["metadata"], "uid": "a", "name": "pr-a"}},
+        {**_listed("b", "Ready", ""), "status": {}, "metadata": {**at("")["metadata"], "uid": "b", "name": "pr-b"}},
+        {**at("2026-01-01T00:00:05Z", gen=2), "metadata": {**at("")["metadata"], "uid": "c", "name": "pr-c"}},
+    ]
+    for _ in range(2):  # and a second resync finds nothing more to write
+        await new._resync(_Resync(listing, _now()))
+    await new.write(live("b", None, "Provisioning", "2026-01-01T00:01:00Z", "2026-01-01T00:01:00.200Z"))
+    await new.write(live("b", "Provisioning", "Ready", "2026-01-01T00:01:00Z", "2026-01-01T00:01:00.250Z"))
+    await new.engine.dispose()
+    found = {name: [e["to_phase"] for e in history(sqlite_url, f"pr-{name}")[0]["events"]] for name in "abc"}
+    assert found == {
+        "a": ["Provisioning", "Ready"],
+        "b": ["Provisioning", "Ready"],
+        "c": ["Provisioning", "Ready", "Updating", "Ready"],
+    }
+    assert {name: history(sqlite_url, f"pr-{name}")[0]["phase"] for name in "abc"} == dict.fromkeys("abc", "Ready")
+    # The rows met were the previous release's, ids and all.
+    assert [e["id"] for e in history(sqlite_url, "pr-a")[0]["events"]] == [_previous_release_id(t) for t in settled]
