@@ -628,14 +628,15 @@ async def test_a_transition_written_by_both_writers_of_a_handover_is_recorded_on
         assert row["phase"] == "Ready"
 
 
-def _queued_life(uid: str) -> list[Transition]:
+def _queued_life(uid: str, admitted: str = "2026-01-01T00:05:00") -> list[Transition]:
     """The handler's transitions of a life that began Queued (the lifecycle policy's cap): queued at its
-    creation, admitted minutes later and Ready at once (Provisioning announced with Ready, one second)."""
+    creation, admitted at `admitted` (by default minutes later) and Ready at once (Provisioning announced
+    with Ready, one second)."""
     created = "2026-01-01T00:00:00Z"
     steps = [
         (None, "Queued", "2026-01-01T00:00:00Z", "2026-01-01T00:00:00.300Z"),
-        ("Queued", "Provisioning", "2026-01-01T00:05:00Z", "2026-01-01T00:05:00.100Z"),
-        ("Provisioning", "Ready", "2026-01-01T00:05:00Z", "2026-01-01T00:05:00.400Z"),
+        ("Queued", "Provisioning", f"{admitted}Z", f"{admitted}.500Z"),
+        ("Provisioning", "Ready", f"{admitted}Z", f"{admitted}.600Z"),
     ]
     return [
         dataclasses.replace(_transition(uid, old, new, at), created=created, occurred=_at(occurred))
@@ -643,9 +644,9 @@ def _queued_life(uid: str) -> list[Transition]:
     ]
 
 
-def _ready_after_the_queue(uid: str) -> dict[str, Any]:
+def _ready_after_the_queue(uid: str, admitted: str = "2026-01-01T00:05:00") -> dict[str, Any]:
     """That object as a listing shows it once Ready (its queue fields cleared at admission)."""
-    ready = "2026-01-01T00:05:00Z"
+    ready = f"{admitted}Z"
     obj = _listed(
         uid, "Ready", ready, lastTransitionTime=ready, provisionedAt=ready, observedGeneration=1, namespace="ns-x"
     )
@@ -673,27 +674,35 @@ async def test_a_resync_of_a_life_that_began_queued_rebuilds_its_admission_after
     assert row["phase"] == "Ready"
 
 
-async def test_a_handover_of_a_life_that_began_queued_records_each_transition_once(sqlite_url: str) -> None:
+@pytest.mark.parametrize("admitted", ["2026-01-01T00:05:00", "2026-01-01T00:00:00"])  # minutes later; at once
+async def test_a_handover_of_a_life_that_began_queued_records_each_transition_once(
+    sqlite_url: str, admitted: str
+) -> None:
     """The handover race for an environment admitted from the queue: the old shard's writer writes its
-    transitions in their order, the new shard's resync comes after its Queued, between or after the
-    others. (A resync before its Queued is recorded cannot tell that the life began queued: the status
-    keeps no trace of the queue once admitted.)"""
+    transitions in their order, the new shard's resync comes before, between or after any of them
+    (before its Queued, it cannot tell that the life began queued: the status keeps no trace of the
+    queue once admitted, so it guesses a start at the creation, which the Queued corrects)."""
     from ephemera.store.records import _Resync
 
-    for n in range(1, 4):
+    for n in range(4):
         uid = f"u{n}"
-        life = [dataclasses.replace(t, uid=uid, name=f"pr-{uid}") for t in _queued_life(uid)]
+        life = [dataclasses.replace(t, uid=uid, name=f"pr-{uid}") for t in _queued_life(uid, admitted)]
         order: list[Transition | None] = [*life[:n], None, *life[n:]]  # None: the resync
         records = Records(make_engine(sqlite_url))
         for item in order:
             if item is None:
-                await records._resync(_Resync([_ready_after_the_queue(uid)], datetime.datetime.now(datetime.UTC)))
+                listing = [_ready_after_the_queue(uid, admitted)]
+                await records._resync(_Resync(listing, datetime.datetime.now(datetime.UTC)))
             else:
                 await records.write(item)
         await records.engine.dispose()
         (row,) = history(sqlite_url, f"pr-{uid}")
         written = ["resync" if t is None else t.phase.value for t in order]
-        assert [e["to_phase"] for e in row["events"]] == ["Queued", "Provisioning", "Ready"], written
+        assert [(e["from_phase"], e["to_phase"], e["reason"]) for e in row["events"]] == [
+            (None, "Queued", "Queued"),
+            ("Queued", "Provisioning", "Provisioning"),
+            ("Provisioning", "Ready", "Ready"),
+        ], written
         assert row["phase"] == "Ready", written
 
 

@@ -12,7 +12,9 @@ arrive: every event row's id is derived from the transition, so a repeated write
 resync's rebuild of a transition from the object has the same id as the handler's own (`event_id`),
 so that the two collapse into one row in whichever order they come (after a handover between
 shards, the new shard's resync may write it before the old shard's writer does), and that row then
-says what the handler said (a rebuild knows neither why nor the phase left); a transition into
+says what the handler said (a rebuild knows neither why nor the phase left); the handler's own
+transitions correct what a resync had to guess (a life's start, the place of a rebuild within its
+second: `_correct_rebuilds`); a transition into
 the phase the history already holds at that moment is not a new one (announced again after a
 crash, or rebuilt by a resync); a transition whose `old_phase` the history lacks
 brings that phase along (its own record died with a killed operator); and a destroyed
@@ -81,6 +83,10 @@ INFERRED = "Inferred"
 REBUILT_REASONS = frozenset({RESYNC, INFERRED})
 
 
+def _start_id(uid: str) -> str:
+    return str(uuid.uuid5(ID_NAMESPACE, f"{uid}|start"))
+
+
 def event_id(t: Transition) -> str:
     """The identity of a transition, made only of what both its writers know of it.
 
@@ -93,10 +99,8 @@ def event_id(t: Transition) -> str:
     an environment's life (Provisioning from no phase) happens once; a resync dates it by the
     object's creation, so its id is the environment's alone."""
     if t.old_phase is None and t.phase is Phase.PROVISIONING:
-        key = f"{t.uid}|start"
-    else:
-        key = f"{t.uid}|{t.generation}|{t.phase}|{_second(t.at)}"
-    return str(uuid.uuid5(ID_NAMESPACE, key))
+        return _start_id(t.uid)
+    return str(uuid.uuid5(ID_NAMESPACE, f"{t.uid}|{t.generation}|{t.phase}|{_second(t.at)}"))
 
 
 def _second(at: str) -> str:
@@ -149,6 +153,16 @@ def _up_to_date(
 
 def _now() -> datetime.datetime:
     return datetime.datetime.now(datetime.UTC)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Event:
+    """A recorded event, as `write` compares a transition with the history."""
+
+    phase: str
+    at: datetime.datetime
+    id: str
+    reason: str
 
 
 class _ResyncDue:
@@ -405,14 +419,22 @@ class Records:
                     .where(col(EventRow.environment_uid) == t.uid)
                     .order_by(col(EventRow.at), col(EventRow.id))
                 )
-                found = list(await session.execute(query))
+                found: list[_Event] = [
+                    _Event(phase, _aware(when), known, reason)
+                    for phase, when, known, reason in await session.execute(query)
+                ]
                 own = event_id(t)
-                recorded = [reason for _, _, known, reason in found if known == own]
+                recorded = [event.reason for event in found if event.id == own]
                 if recorded:  # written already, by this writer or by another's rebuild of it
                     if recorded[0] in REBUILT_REASONS and t.reason not in REBUILT_REASONS:
                         await session.execute(self._own_account(t, own))
                     return
-                history = [(phase, _aware(when)) for phase, when, _, _ in found]
+                if t.reason not in REBUILT_REASONS:
+                    corrected = await self._correct_rebuilds(session, t, found)
+                    if corrected is None:
+                        return
+                    found = corrected
+                history = [(event.phase, event.at) for event in found]
             destroyed = row.destroyed_at is not None
             if destroyed and (t.phase is DESTROYED or at >= _aware(row.destroyed_at or at)):
                 return  # after the end: a late or stale transition cannot bring the environment back
@@ -445,6 +467,40 @@ class Records:
             await session.flush()
             for event in events:
                 await session.execute(self._insert_event(event, event.occurred))
+
+    async def _correct_rebuilds(self, session: AsyncSession, t: Transition, found: list[_Event]) -> list[_Event] | None:
+        """Correct what a resync guessed by what the handler's own `t` says; the history after it, or
+        None when `t` took the place of a guess (nothing more to write).
+
+        A resync that finds no start of a life on record assumes it began with Provisioning at its
+        creation (the status keeps no trace of a queue once it is left): a start from no phase into
+        another phase (Queued) is the true one, and takes the guess's place (its time, the creation,
+        stays first). A resync dates what it rebuilds by the second Kubernetes keeps, at the second's
+        beginning, while the handler's transitions within that second carry their microseconds: when
+        `t` came from the phase recorded right before rebuilt rows of its own second, those rows came
+        after it (their phases followed the one `t` entered), and move to just after it."""
+        if t.old_phase is None:
+            start = _start_id(t.uid)
+            guess = [e for e in found if e.id == start and e.reason == RESYNC and e.phase != t.phase.value]
+            if guess and t.phase is not Phase.PROVISIONING:
+                values = {"to_phase": t.phase.value, "reason": t.reason[:128], "message": t.message}
+                await session.execute(update(EventRow).where(col(EventRow.id) == start).values(**values))
+                return None
+            return found
+        before = [e for e in found if e.at <= t.occurred]
+        after = [e for e in found if e.at > t.occurred]
+        second = t.occurred.replace(microsecond=0)
+        run: list[_Event] = []
+        while (
+            before and before[-1].reason == RESYNC and before[-1].at >= second and before[-1].phase != t.old_phase.value
+        ):
+            run.insert(0, before.pop())
+        moved = [dataclasses.replace(e, at=t.occurred + TICK * n) for n, e in enumerate(run, start=1)]
+        if not run or not before or before[-1].phase != t.old_phase.value or (after and after[0].at <= moved[-1].at):
+            return found
+        for event in moved:
+            await session.execute(update(EventRow).where(col(EventRow.id) == event.id).values(at=event.at))
+        return [*before, *moved, *after]
 
     def _own_account(self, t: Transition, own: str) -> Any:
         """The handler's own `t` replaces what a rebuild of it (row `own`) could not know: why it came,
