@@ -675,8 +675,9 @@ async def test_a_resync_of_a_life_that_began_queued_rebuilds_its_admission_after
 
 
 @pytest.mark.parametrize("admitted", ["2026-01-01T00:05:00", "2026-01-01T00:00:00"])  # minutes later; at once
+@pytest.mark.parametrize("database", ["postgresql", "sqlite"])
 async def test_a_handover_of_a_life_that_began_queued_records_each_transition_once(
-    sqlite_url: str, admitted: str
+    database: str, admitted: str, postgres: Postgres, sqlite_url: str
 ) -> None:
     """The handover race for an environment admitted from the queue: the old shard's writer writes its
     transitions in their order, the new shard's resync comes before, between or after any of them
@@ -684,11 +685,12 @@ async def test_a_handover_of_a_life_that_began_queued_records_each_transition_on
     queue once admitted, so it guesses a start at the creation, which the Queued corrects)."""
     from ephemera.store.records import _Resync
 
+    url = await _database(postgres) if database == "postgresql" else sqlite_url
     for n in range(4):
         uid = f"u{n}"
         life = [dataclasses.replace(t, uid=uid, name=f"pr-{uid}") for t in _queued_life(uid, admitted)]
         order: list[Transition | None] = [*life[:n], None, *life[n:]]  # None: the resync
-        records = Records(make_engine(sqlite_url))
+        records = Records(make_engine(url))
         for item in order:
             if item is None:
                 listing = [_ready_after_the_queue(uid, admitted)]
@@ -696,7 +698,7 @@ async def test_a_handover_of_a_life_that_began_queued_records_each_transition_on
             else:
                 await records.write(item)
         await records.engine.dispose()
-        (row,) = history(sqlite_url, f"pr-{uid}")
+        (row,) = history(url, f"pr-{uid}")
         written = ["resync" if t is None else t.phase.value for t in order]
         assert [(e["from_phase"], e["to_phase"], e["reason"]) for e in row["events"]] == [
             (None, "Queued", "Queued"),
