@@ -482,7 +482,7 @@ class Records:
         if t.old_phase is None:
             start = _start_id(t.uid)
             guess = [e for e in found if e.id == start and e.reason == RESYNC and e.phase != t.phase.value]
-            if guess and t.phase is not Phase.PROVISIONING:
+            if guess:  # (a start into Provisioning has the guess's own id: recorded already)
                 values = {"to_phase": t.phase.value, "reason": t.reason[:128], "message": t.message}
                 await session.execute(update(EventRow).where(col(EventRow.id) == start).values(**values))
                 return None
