@@ -28,6 +28,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -89,11 +90,24 @@ def shell_exports(kubeconfig: Path, bin_dir: Path) -> list[str]:
     ]
 
 
+# Every port free_port() has handed out in this process: each is bound later, by another process, and
+# meanwhile, or while that process is stopped (the tests pause the session's operator and start it
+# again on its port), it is free, so the kernel hands it out again (bind to port 0 repeated one within
+# 94 picks here; a session picks more than that).
+_HANDED_OUT: set[int] = set()
+_HANDED_OUT_LOCK = threading.Lock()
+
+
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+    """A loopback port nothing is bound to now, and never handed out before by this process."""
+    with _HANDED_OUT_LOCK:
+        while True:
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+                sock.bind(("127.0.0.1", 0))
+                port: int = sock.getsockname()[1]
+            if port not in _HANDED_OUT:
+                _HANDED_OUT.add(port)
+                return port
 
 
 def _key() -> rsa.RSAPrivateKey:

@@ -144,12 +144,27 @@ def _workload_problem(obj: Obj) -> Problem | None:
 REVISION = "deployment.kubernetes.io/revision"
 
 
-def current_revisions(replica_sets: Iterable[Obj]) -> set[str]:
-    """The pod-template-hash of each Deployment's newest ReplicaSet, and "" for pods of no ReplicaSet."""
+def current_revisions(replica_sets: Iterable[Obj], workloads: Iterable[Obj] = ()) -> set[str]:
+    """The pod-template-hash of each Deployment's newest ReplicaSet, and "" for pods of no ReplicaSet.
+
+    No hash for a Deployment (among `workloads`) whose controller has not yet seen its generation: its
+    newest ReplicaSet may not exist yet, and the one before (a template just fixed, its pods still
+    failing) would be judged in its place."""
+    unsettled = {
+        (w.get("metadata") or {}).get("uid")
+        for w in workloads
+        if w.get("kind") == "Deployment"
+        and int((w.get("status") or {}).get("observedGeneration") or 0)
+        < int((w.get("metadata") or {}).get("generation") or 1)
+    }
     newest: dict[str, tuple[int, str]] = {}
     for replica_set in replica_sets:
         meta = replica_set.get("metadata") or {}
-        owners = [ref.get("uid") for ref in meta.get("ownerReferences") or [] if ref.get("kind") == "Deployment"]
+        owners = [
+            ref.get("uid")
+            for ref in meta.get("ownerReferences") or []
+            if ref.get("kind") == "Deployment" and ref.get("uid") not in unsettled
+        ]
         revision = int((meta.get("annotations") or {}).get(REVISION) or 0)
         template_hash = (meta.get("labels") or {}).get("pod-template-hash", "")
         for owner in owners:
@@ -167,6 +182,7 @@ def assess(
     """Ready when every workload is; Failed as soon as one cannot become ready without a change."""
     now = now or datetime.datetime.now(datetime.UTC)
     result = Assessment(ready=True)
+    workloads = list(workloads)
     for obj in workloads:
         ready, waiting = workload_state(obj)
         if not ready:
@@ -179,7 +195,7 @@ def assess(
         problem = _workload_problem(replica_set)
         if problem is not None and int((replica_set.get("spec") or {}).get("replicas") or 0) > 0:
             result.problems.append(problem)
-    current = current_revisions(replica_sets)
+    current = current_revisions(replica_sets, workloads)
     for pod in pods:
         meta = pod.get("metadata") or {}
         labels = meta.get("labels") or {}

@@ -504,6 +504,9 @@ def test_a_malformed_installation_event_is_refused_and_changes_nothing(webhook: 
 # The operator runs it --------------------------------------------------------------------------------
 
 
+# A second operator beside the session's would race it for the environment: whichever provisions it
+# records it (in its own database) and reports it (to its own GitHub); the session's won in a run.
+@pytest.mark.usefixtures("operator_paused")
 def test_the_operator_runs_the_backstop_and_exposes_its_metrics(
     gh: FakeGitHub, kube: Kube, control_plane: ControlPlane, tmp_path: Path
 ) -> None:

@@ -105,6 +105,43 @@ def test_a_fixed_template_recovers_and_old_broken_pods_are_not_judged(kubectl: K
     assert result.problems == []
 
 
+def test_pods_of_a_deployment_whose_controller_has_not_seen_the_fix_are_not_judged() -> None:
+    """The template was just fixed: the Deployment's new generation is applied, its controller has not
+    handled it, so the only ReplicaSet listed is the broken one, whose pods still fail. That is a
+    rollout under way, not a failure (judged a failure, an environment stayed Failed in a loaded run)."""
+    deployment_ = {**rollout(2, 1, 2, 0, 0), "metadata": {"name": "web", "generation": 2, "uid": "d1"}}
+    old_set: dict[str, Any] = {
+        "kind": "ReplicaSet",
+        "metadata": {
+            "name": "web-old",
+            "labels": {"pod-template-hash": "old"},
+            "annotations": {"deployment.kubernetes.io/revision": "1"},
+            "ownerReferences": [{"kind": "Deployment", "name": "web", "uid": "d1"}],
+        },
+        "spec": {"replicas": 2},
+    }
+    waiting: dict[str, Any] = {
+        "state": {"waiting": {"reason": "ImagePullBackOff", "message": "Back-off pulling image"}}
+    }
+    old_pod: dict[str, Any] = {
+        "metadata": {"name": "web-old-1", "labels": {"pod-template-hash": "old"}},
+        "status": {"containerStatuses": [{"name": "web", **waiting}]},
+    }
+
+    result = assess([deployment_], [old_pod], [old_set])
+
+    assert result.problems == []
+    assert not result.ready
+    assert "has not seen generation 2" in result.summary()
+    # Once it has (the new ReplicaSet listed with it), the new revision's pods are judged, not the old one's.
+    seen = {**deployment_, "status": {**deployment_["status"], "observedGeneration": 2}}
+    new_meta = {**old_set["metadata"], "name": "web-new", "labels": {"pod-template-hash": "new"}}
+    new_set = {**old_set, "metadata": {**new_meta, "annotations": {"deployment.kubernetes.io/revision": "2"}}}
+    new_pod = {**old_pod, "metadata": {"name": "web-new-1", "labels": {"pod-template-hash": "new"}}}
+    assert assess([seen], [old_pod], [old_set, new_set]).problems == []
+    assert [p.name for p in assess([seen], [old_pod, new_pod], [old_set, new_set]).problems] == ["web-new-1"]
+
+
 def test_a_failed_job_fails(kubectl: Kubectl, namespace: str) -> None:
     apply(kubectl, namespace, job("migrate", simulate="fail"))
     (problem,) = settled(kubectl, namespace).problems

@@ -23,6 +23,7 @@ from ephemera.api.naming import ENVIRONMENT_LABEL, MANAGED_BY, MANAGED_BY_LABEL
 from ephemera.config import Settings
 from ephemera.environments import ROLLING_OUT, Environment, Environments, Failure
 from ephemera.kube import Kube, KubeError
+from ephemera.logs import about
 from ephemera.operator.runtime import Runtime
 from ephemera.readiness import WORKLOAD_KINDS, workload_state
 from ephemera.retries import retried_later
@@ -209,6 +210,9 @@ class Rollouts:
             await asyncio.sleep(max(0.0, next_start - loop.time()))
             if self._active is not None and not await self._active():
                 continue  # a standby: the active replica has the same watch and does it
+            # The start the rate bounds, logged before the next one is timed from it: what follows (a read
+            # of the object, its Updating status, an Event) takes a time of its own for each environment.
+            log.info("re-provisioning %s for its PreviewTemplate", name, extra=about(name))
             next_start = loop.time() + self.interval
             task = asyncio.create_task(self._reprovision(name), name=f"template-rollout-{name}")
             self._running.add(task)
