@@ -309,6 +309,18 @@ def provisioned_here(kube: Kube, name: str) -> tuple[dict[str, Any], list[Transi
     return status, live
 
 
+def applied_on_a_shard(kubectl: Kubectl, prefix: str) -> tuple[str, int]:
+    """An object of a repository of its own, labelled with its shard of 3 (never 0: shard 0's label is
+    also the unsharded webhook's, on many objects), applied; its name and shard."""
+    tag = uuid.uuid4().hex[:6]
+    repository = next(r for r in (f"{prefix}-{tag}/repo-{n}" for n in itertools.count()) if shard_of(r, 3))
+    shard = shard_of(repository, 3)
+    body = make_env(environment_name(repository, 1), 1, repo=repository)
+    body["metadata"]["labels"] = {SHARD_LABEL: str(shard)}
+    kubectl.apply(body)
+    return str(body["metadata"]["name"]), shard
+
+
 def test_a_handover_records_each_transition_once_whichever_writer_is_first(
     shards: Shards, kube: Kube, kubectl: Kubectl, postgres: Postgres
 ) -> None:
@@ -317,13 +329,7 @@ def test_a_handover_records_each_transition_once_whichever_writer_is_first(
     does), then the writer of the shard that provisioned it (its live transitions) and the writer of
     the shard it moved to (a resync, listing by its label) write to one database, in every order the
     two can interleave. Each time one history: Provisioning, Ready."""
-    tag = uuid.uuid4().hex[:6]
-    repository = next(r for r in (f"handover-{tag}/repo-{n}" for n in itertools.count()) if shard_of(r, 3))
-    shard = shard_of(repository, 3)  # not 0: shard 0's label is also the unsharded webhook's, on many objects
-    body = make_env(environment_name(repository, 1), 1, repo=repository)
-    body["metadata"]["labels"] = {SHARD_LABEL: str(shard)}
-    name = body["metadata"]["name"]
-    kubectl.apply(body)
+    name, shard = applied_on_a_shard(kubectl, "handover")
     try:
         status, live = provisioned_here(kube, name)
         assert kube.patch_environment_status(name, status) is not None
@@ -361,13 +367,7 @@ def test_a_handover_of_an_environment_admitted_from_the_queue_records_each_trans
     """The handover race for a life that began Queued (the lifecycle policy's cap), its object as the
     operator's code leaves it: the new shard's resync (listing by its label) before, between or after
     the old shard's writer's Queued, Provisioning and Ready. Each time one history of the three."""
-    tag = uuid.uuid4().hex[:6]
-    repository = next(r for r in (f"queued-{tag}/repo-{n}" for n in itertools.count()) if shard_of(r, 3))
-    shard = shard_of(repository, 3)  # not 0: shard 0's label is also the unsharded webhook's, on many objects
-    body = make_env(environment_name(repository, 1), 1, repo=repository)
-    body["metadata"]["labels"] = {SHARD_LABEL: str(shard)}
-    name = body["metadata"]["name"]
-    kubectl.apply(body)
+    name, shard = applied_on_a_shard(kubectl, "queued")
     try:
         live = queued_then_admitted_here(kube, name)
         assert [t.phase.value for t in live] == ["Queued", "Provisioning", "Ready"]
