@@ -626,3 +626,202 @@ async def test_a_transition_written_by_both_writers_of_a_handover_is_recorded_on
         (row,) = history(sqlite_url, f"pr-{n}")
         assert [e["to_phase"] for e in row["events"]] == ["Provisioning", "Ready"], order
         assert row["phase"] == "Ready"
+
+
+def _queued_life(uid: str, admitted: str = "2026-01-01T00:05:00") -> list[Transition]:
+    """The handler's transitions of a life that began Queued (the lifecycle policy's cap): queued at its
+    creation, admitted at `admitted` (by default minutes later) and Ready at once (Provisioning announced
+    with Ready, one second)."""
+    created = "2026-01-01T00:00:00Z"
+    steps = [
+        (None, "Queued", "2026-01-01T00:00:00Z", "2026-01-01T00:00:00.300Z"),
+        ("Queued", "Provisioning", f"{admitted}Z", f"{admitted}.500Z"),
+        ("Provisioning", "Ready", f"{admitted}Z", f"{admitted}.600Z"),
+    ]
+    return [
+        dataclasses.replace(_transition(uid, old, new, at), created=created, occurred=_at(occurred))
+        for old, new, at, occurred in steps
+    ]
+
+
+def _ready_after_the_queue(uid: str, admitted: str = "2026-01-01T00:05:00") -> dict[str, Any]:
+    """That object as a listing shows it once Ready (its queue fields cleared at admission)."""
+    ready = f"{admitted}Z"
+    obj = _listed(
+        uid, "Ready", ready, lastTransitionTime=ready, provisionedAt=ready, observedGeneration=1, namespace="ns-x"
+    )
+    return {**obj, "metadata": {**obj["metadata"], "name": f"pr-{uid}"}}
+
+
+async def test_a_resync_of_a_life_that_began_queued_rebuilds_its_admission_after_the_queue(sqlite_url: str) -> None:
+    """Only its Queued reached the records (its admission's died with a killed operator, or its old
+    shard's writer had not flushed it at a handover): the Provisioning the resync rebuilds is the one
+    that left the queue, after it, not a start of the life at its creation, before it."""
+    from ephemera.store.records import _Resync
+
+    records = Records(make_engine(sqlite_url))
+    queued, _, _ = _queued_life("u1")
+    await records.write(dataclasses.replace(queued, name="pr-u1"))
+    for _ in range(2):  # and a second resync finds nothing more to write
+        await records._resync(_Resync([_ready_after_the_queue("u1")], datetime.datetime.now(datetime.UTC)))
+    await records.engine.dispose()
+    (row,) = history(sqlite_url, "pr-u1")
+    assert [(e["from_phase"], e["to_phase"]) for e in row["events"]] == [
+        (None, "Queued"),
+        ("Queued", "Provisioning"),
+        (None, "Ready"),
+    ]
+    assert row["phase"] == "Ready"
+
+
+@pytest.mark.parametrize("admitted", ["2026-01-01T00:05:00", "2026-01-01T00:00:00"])  # minutes later; at once
+@pytest.mark.parametrize("database", ["postgresql", "sqlite"])
+async def test_a_handover_of_a_life_that_began_queued_records_each_transition_once(
+    database: str, admitted: str, postgres: Postgres, sqlite_url: str
+) -> None:
+    """The handover race for an environment admitted from the queue: the old shard's writer writes its
+    transitions in their order, the new shard's resync comes before, between or after any of them
+    (before its Queued, it cannot tell that the life began queued: the status keeps no trace of the
+    queue once admitted, so it guesses a start at the creation, which the Queued corrects)."""
+    from ephemera.store.records import _Resync
+
+    url = await _database(postgres) if database == "postgresql" else sqlite_url
+    for n in range(4):
+        uid = f"u{n}"
+        life = [dataclasses.replace(t, uid=uid, name=f"pr-{uid}") for t in _queued_life(uid, admitted)]
+        order: list[Transition | None] = [*life[:n], None, *life[n:]]  # None: the resync
+        records = Records(make_engine(url))
+        for item in order:
+            if item is None:
+                listing = [_ready_after_the_queue(uid, admitted)]
+                await records._resync(_Resync(listing, datetime.datetime.now(datetime.UTC)))
+            else:
+                await records.write(item)
+        await records.engine.dispose()
+        (row,) = history(url, f"pr-{uid}")
+        written = ["resync" if t is None else t.phase.value for t in order]
+        assert [(e["from_phase"], e["to_phase"], e["reason"]) for e in row["events"]] == [
+            (None, "Queued", "Queued"),
+            ("Queued", "Provisioning", "Provisioning"),
+            ("Provisioning", "Ready", "Ready"),
+        ], written
+        assert row["phase"] == "Ready", written
+
+
+async def test_the_handlers_own_reason_replaces_a_rebuilds_whichever_writer_is_first(sqlite_url: str) -> None:
+    """A resync's rebuild knows the phase and its second, not why it came (reason Resync), what the
+    handler said, or the phase left; the handler's own transition does. At a handover the two are one
+    row (`event_id`); in either order that row says what the handler said."""
+    from ephemera.store.records import _Resync
+
+    second = "2026-01-01T00:00:01Z"
+    live = [
+        dataclasses.replace(_transition("u", None, "Provisioning", second), occurred=_at("2026-01-01T00:00:01.350Z")),
+        dataclasses.replace(
+            _transition("u", "Provisioning", "Ready", second), occurred=_at("2026-01-01T00:00:01.400Z")
+        ),
+    ]
+    listing = _listed(
+        "u", "Ready", second, lastTransitionTime=second, observedGeneration=1, provisionedAt=second, message="Resynced"
+    )
+    for n, resync_first in enumerate((True, False)):
+        uid = f"r{n}"
+        records = Records(make_engine(sqlite_url))
+        resync = _Resync([{**listing, "metadata": {**listing["metadata"], "uid": uid, "name": f"pr-{uid}"}}], _now())
+        if resync_first:
+            await records._resync(resync)
+        for t in live:
+            await records.write(dataclasses.replace(t, uid=uid, name=f"pr-{uid}"))
+        if not resync_first:
+            await records._resync(resync)
+        await records.engine.dispose()
+        (row,) = history(sqlite_url, f"pr-{uid}")
+        assert [(e["from_phase"], e["to_phase"], e["reason"], e["message"]) for e in row["events"]] == [
+            (None, "Provisioning", "Provisioning", "now Provisioning"),
+            ("Provisioning", "Ready", "Ready", "now Ready"),
+        ], f"resync first: {resync_first}"
+        assert row["phase"] == "Ready"
+
+
+def _now() -> datetime.datetime:
+    return datetime.datetime.now(datetime.UTC)
+
+
+async def test_the_handlers_own_reason_replaces_an_inferred_one(sqlite_url: str) -> None:
+    """The end came first (its Destroying inferred from it, dated by the status), then the handler's own
+    Destroying (a writer behind at a handover): one row, with what the handler said."""
+    records = Records(make_engine(sqlite_url))
+    await records.write(_transition("u1", None, "Provisioning", "2026-01-01T00:00:01Z"))
+    await records.write(_transition("u1", "Provisioning", "Ready", "2026-01-01T00:00:02Z"))
+    status = {"phase": "Destroying", "lastTransitionTime": "2026-01-01T00:00:05Z", "namespace": "pr-1-octo-unit-x"}
+    end = _transition("u1", "Destroying", "Destroyed", "2026-01-01T00:00:09Z")
+    await records.write(dataclasses.replace(end, status=status))
+    await records.write(_transition("u1", "Ready", "Destroying", "2026-01-01T00:00:05Z"))
+    await records.engine.dispose()
+    (row,) = history(sqlite_url, "pr-1-octo-unit")
+    assert [(e["to_phase"], e["reason"], e["at"][:19]) for e in row["events"]] == [
+        ("Provisioning", "Provisioning", "2026-01-01T00:00:01"),
+        ("Ready", "Ready", "2026-01-01T00:00:02"),
+        ("Destroying", "Destroying", "2026-01-01T00:00:05"),
+        ("Destroyed", "Destroyed", "2026-01-01T00:00:09"),
+    ]
+
+
+def _previous_release_id(t: Transition) -> str:
+    """How the release before the shared event ids made an event's id (commit 2efe3ae changed it)."""
+    from ephemera.store.records import ID_NAMESPACE
+
+    return str(uuid.uuid5(ID_NAMESPACE, f"{t.uid}|{t.generation}|{t.old_phase}|{t.phase}|{t.reason}|{t.at}"))
+
+
+async def test_rows_of_the_previous_release_are_not_recorded_again_after_an_upgrade(
+    sqlite_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rows the previous release wrote have ids made the old way. After the upgrade (the chart's
+    Recreate strategy: the old operator has drained its writer and exited) the new one's resync and
+    its rerun handlers meet those rows: one history each, as the previous release would have kept it."""
+    from ephemera.store import records as records_module
+    from ephemera.store.records import _Resync
+
+    def at(text: str, gen: int = 1, **status: Any) -> dict[str, Any]:
+        obj = _listed("x", "Ready", text, lastTransitionTime=text, provisionedAt="2026-01-01T00:00:01Z", **status)
+        return {**obj, "status": {**obj["status"], "observedGeneration": gen, "namespace": "ns-x"}}
+
+    def live(uid: str, old: str | None, new: str, text: str, occurred: str, gen: int = 1) -> Transition:
+        t = _transition(uid, old, new, text)
+        return dataclasses.replace(t, name=f"pr-{uid}", generation=gen, occurred=_at(occurred))
+
+    settled = [live("a", None, "Provisioning", "2026-01-01T00:00:01Z", "2026-01-01T00:00:01.350Z")]
+    settled.append(live("a", "Provisioning", "Ready", "2026-01-01T00:00:01Z", "2026-01-01T00:00:01.400Z"))
+    # Killed before kopf's patch of its Ready: the status has no phase; the new release reruns the handler.
+    rerun = [live("b", None, "Provisioning", "2026-01-01T00:00:01Z", "2026-01-01T00:00:01.350Z")]
+    # Its update's Ready was still queued when the old writer's drain ran out: the resync rebuilds it.
+    cut = [dataclasses.replace(t, uid="c", name="pr-c") for t in settled]
+    cut.append(live("c", "Ready", "Updating", "2026-01-01T00:00:05Z", "2026-01-01T00:00:05.100Z", gen=2))
+    old = Records(make_engine(sqlite_url))
+    with monkeypatch.context() as previous_release:
+        previous_release.setattr(records_module, "event_id", _previous_release_id)
+        for t in [*settled, *rerun, *cut]:
+            await old.write(t)
+    await old.engine.dispose()
+
+    new = Records(make_engine(sqlite_url))
+    listing = [
+        {**at("2026-01-01T00:00:01Z"), "metadata": {**at("")["metadata"], "uid": "a", "name": "pr-a"}},
+        {**_listed("b", "Ready", ""), "status": {}, "metadata": {**at("")["metadata"], "uid": "b", "name": "pr-b"}},
+        {**at("2026-01-01T00:00:05Z", gen=2), "metadata": {**at("")["metadata"], "uid": "c", "name": "pr-c"}},
+    ]
+    for _ in range(2):  # and a second resync finds nothing more to write
+        await new._resync(_Resync(listing, _now()))
+    await new.write(live("b", None, "Provisioning", "2026-01-01T00:01:00Z", "2026-01-01T00:01:00.200Z"))
+    await new.write(live("b", "Provisioning", "Ready", "2026-01-01T00:01:00Z", "2026-01-01T00:01:00.250Z"))
+    await new.engine.dispose()
+    found = {name: [e["to_phase"] for e in history(sqlite_url, f"pr-{name}")[0]["events"]] for name in "abc"}
+    assert found == {
+        "a": ["Provisioning", "Ready"],
+        "b": ["Provisioning", "Ready"],
+        "c": ["Provisioning", "Ready", "Updating", "Ready"],
+    }
+    assert {name: history(sqlite_url, f"pr-{name}")[0]["phase"] for name in "abc"} == dict.fromkeys("abc", "Ready")
+    # The rows met were the previous release's, ids and all.
+    assert [e["id"] for e in history(sqlite_url, "pr-a")[0]["events"]] == [_previous_release_id(t) for t in settled]

@@ -26,14 +26,16 @@ from devtools.postgres import Postgres
 from devtools.support import Kubectl, Process, post_webhook, process_env, wait_for
 from ephemera import environments as environments_module
 from ephemera import shards as shards_service
+from ephemera.api.models import Phase
 from ephemera.api.naming import RETRY_ANNOTATION, SHARD_LABEL, environment_name, shard_of
 from ephemera.config import Settings
 from ephemera.environments import Environment, Environments
 from ephemera.expiry import Expiry
 from ephemera.kube import Kube
-from ephemera.ledger import Ledger, iso
+from ephemera.ledger import Ledger, iso, iso_precise
 from ephemera.shards import DIFFBASE_ANNOTATION
 from ephemera.store.engine import make_engine
+from ephemera.store.queries import history as records_history
 from ephemera.store.records import Records
 from ephemera.transitions import Transition, Transitions
 from tests import test_chart_env as chart_env
@@ -307,6 +309,18 @@ def provisioned_here(kube: Kube, name: str) -> tuple[dict[str, Any], list[Transi
     return status, live
 
 
+def applied_on_a_shard(kubectl: Kubectl, prefix: str) -> tuple[str, int]:
+    """An object of a repository of its own, labelled with its shard of 3 (never 0: shard 0's label is
+    also the unsharded webhook's, on many objects), applied; its name and shard."""
+    tag = uuid.uuid4().hex[:6]
+    repository = next(r for r in (f"{prefix}-{tag}/repo-{n}" for n in itertools.count()) if shard_of(r, 3))
+    shard = shard_of(repository, 3)
+    body = make_env(environment_name(repository, 1), 1, repo=repository)
+    body["metadata"]["labels"] = {SHARD_LABEL: str(shard)}
+    kubectl.apply(body)
+    return str(body["metadata"]["name"]), shard
+
+
 def test_a_handover_records_each_transition_once_whichever_writer_is_first(
     shards: Shards, kube: Kube, kubectl: Kubectl, postgres: Postgres
 ) -> None:
@@ -315,13 +329,7 @@ def test_a_handover_records_each_transition_once_whichever_writer_is_first(
     does), then the writer of the shard that provisioned it (its live transitions) and the writer of
     the shard it moved to (a resync, listing by its label) write to one database, in every order the
     two can interleave. Each time one history: Provisioning, Ready."""
-    tag = uuid.uuid4().hex[:6]
-    repository = next(r for r in (f"handover-{tag}/repo-{n}" for n in itertools.count()) if shard_of(r, 3))
-    shard = shard_of(repository, 3)  # not 0: shard 0's label is also the unsharded webhook's, on many objects
-    body = make_env(environment_name(repository, 1), 1, repo=repository)
-    body["metadata"]["labels"] = {SHARD_LABEL: str(shard)}
-    name = body["metadata"]["name"]
-    kubectl.apply(body)
+    name, shard = applied_on_a_shard(kubectl, "handover")
     try:
         status, live = provisioned_here(kube, name)
         assert kube.patch_environment_status(name, status) is not None
@@ -333,6 +341,56 @@ def test_a_handover_records_each_transition_once_whichever_writer_is_first(
             assert all_phases(url, [name]) == {name: ["Provisioning", "Ready"]}, f"written in the order {written}"
     finally:
         delete_all(kubectl, [name])
+
+
+def queued_then_admitted_here(kube: Kube, name: str) -> list[Transition]:
+    """Queue the object `name`, then admit and provision it, with the operator's own code and status
+    writes: the Queued status the admission writes at a cap, then the admission round's start (its
+    queue fields cleared, Provisioning and Ready written). The transitions announced."""
+    live: list[Transition] = []
+    transitions = Transitions()
+    transitions.subscribe(live.append)
+    service = Environments(kube, Settings(), transitions)
+    env = Environment.from_body(kube.get_environment(name) or {})
+    queued_at = iso_precise(datetime.datetime.now(datetime.UTC))
+    fields = {"queuePosition": 1, "queuedAt": queued_at, "expiresAt": None}
+    service.transition(env, Phase.QUEUED, "EnvironmentLimit", "Queued: 1 live environments in the cluster", fields)
+    env = Environment.from_body(kube.get_environment(name) or {})
+    admitted = {"queuePosition": None, "queuedAt": None}
+    service.provision(env, updating=False, logger=logging.getLogger(__name__), first=admitted)
+    return live
+
+
+def test_a_handover_of_an_environment_admitted_from_the_queue_records_each_transition_once(
+    shards: Shards, kube: Kube, kubectl: Kubectl, postgres: Postgres
+) -> None:
+    """The handover race for a life that began Queued (the lifecycle policy's cap), its object as the
+    operator's code leaves it: the new shard's resync (listing by its label) before, between or after
+    the old shard's writer's Queued, Provisioning and Ready. Each time one history of the three."""
+    name, shard = applied_on_a_shard(kubectl, "queued")
+    try:
+        live = queued_then_admitted_here(kube, name)
+        assert [t.phase.value for t in live] == ["Queued", "Provisioning", "Ready"]
+        for n in range(4):
+            order: list[Transition | None] = [*live[:n], None, *live[n:]]  # None: the resync
+            url = asyncio.run(_both_writers(postgres, kube, shard, order))
+            ((_, events),) = asyncio.run(_history(url, name))
+            written = ["resync" if t is None else t.phase.value for t in order]
+            assert [(e.from_phase, e.to_phase) for e in events] == [
+                (None, "Queued"),
+                ("Queued", "Provisioning"),
+                ("Provisioning", "Ready"),
+            ], f"written in the order {written}"
+    finally:
+        delete_all(kubectl, [name])
+
+
+async def _history(url: str, name: str) -> list[tuple[Any, list[Any]]]:
+    engine = make_engine(url)
+    try:
+        return await records_history(engine, name)
+    finally:
+        await engine.dispose()
 
 
 def test_a_first_ready_is_dated_once(

@@ -11,7 +11,10 @@ The history of an environment is kept true whatever order and however often its 
 arrive: every event row's id is derived from the transition, so a repeated write changes nothing; a
 resync's rebuild of a transition from the object has the same id as the handler's own (`event_id`),
 so that the two collapse into one row in whichever order they come (after a handover between
-shards, the new shard's resync may write it before the old shard's writer does); a transition into
+shards, the new shard's resync may write it before the old shard's writer does), and that row then
+says what the handler said (a rebuild knows neither why nor the phase left); the handler's own
+transitions correct what a resync had to guess (a life's start, the place of a rebuild within its
+second: `_correct_rebuilds`); a transition into
 the phase the history already holds at that moment is not a new one (announced again after a
 crash, or rebuilt by a resync); a transition whose `old_phase` the history lacks
 brings that phase along (its own record died with a killed operator); and a destroyed
@@ -33,7 +36,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from prometheus_client import Counter, Gauge
-from sqlalchemy import case, delete, func
+from sqlalchemy import case, delete, func, update
 from sqlalchemy import exc as sa_exc
 from sqlalchemy import select as sa_select
 from sqlalchemy.dialects import postgresql, sqlite
@@ -73,6 +76,15 @@ TRANSIENT_SQLSTATE_CLASSES = ("08", "53", "57", "58")
 TRANSIENT_SQLSTATES = frozenset({"40001", "40P01", "55P03"})  # serialization, deadlock, lock not available
 # A resync infers that an environment was provisioned once in these phases (or with these status fields).
 PROVISIONED_PHASES = frozenset({Phase.READY, Phase.UPDATING})
+# The reasons of transitions the records rebuilt (a resync's from the object, one inferred from the next):
+# they know the phase and when, not why, what was said, nor (a resync's) the phase left.
+RESYNC = "Resync"
+INFERRED = "Inferred"
+REBUILT_REASONS = frozenset({RESYNC, INFERRED})
+
+
+def _start_id(uid: str) -> str:
+    return str(uuid.uuid5(ID_NAMESPACE, f"{uid}|start"))
 
 
 def event_id(t: Transition) -> str:
@@ -87,10 +99,8 @@ def event_id(t: Transition) -> str:
     an environment's life (Provisioning from no phase) happens once; a resync dates it by the
     object's creation, so its id is the environment's alone."""
     if t.old_phase is None and t.phase is Phase.PROVISIONING:
-        key = f"{t.uid}|start"
-    else:
-        key = f"{t.uid}|{t.generation}|{t.phase}|{_second(t.at)}"
-    return str(uuid.uuid5(ID_NAMESPACE, key))
+        return _start_id(t.uid)
+    return str(uuid.uuid5(ID_NAMESPACE, f"{t.uid}|{t.generation}|{t.phase}|{_second(t.at)}"))
 
 
 def _second(at: str) -> str:
@@ -143,6 +153,16 @@ def _up_to_date(
 
 def _now() -> datetime.datetime:
     return datetime.datetime.now(datetime.UTC)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Event:
+    """A recorded event, as `write` compares a transition with the history."""
+
+    phase: str
+    at: datetime.datetime
+    id: str
+    reason: str
 
 
 class _ResyncDue:
@@ -395,14 +415,26 @@ class Records:
                 session.add(row)
             else:
                 query = (
-                    sa_select(col(EventRow.to_phase), col(EventRow.at), col(EventRow.id))
+                    sa_select(col(EventRow.to_phase), col(EventRow.at), col(EventRow.id), col(EventRow.reason))
                     .where(col(EventRow.environment_uid) == t.uid)
                     .order_by(col(EventRow.at), col(EventRow.id))
                 )
-                found = list(await session.execute(query))
-                if event_id(t) in {known for _, _, known in found}:
-                    return  # written already, by this writer or by another's rebuild of it
-                history = [(phase, _aware(when)) for phase, when, _ in found]
+                found: list[_Event] = [
+                    _Event(phase, _aware(when), known, reason)
+                    for phase, when, known, reason in await session.execute(query)
+                ]
+                own = event_id(t)
+                recorded = [event.reason for event in found if event.id == own]
+                if recorded:  # written already, by this writer or by another's rebuild of it
+                    if recorded[0] in REBUILT_REASONS and t.reason not in REBUILT_REASONS:
+                        await session.execute(self._own_account(t, own))
+                    return
+                if t.reason not in REBUILT_REASONS:
+                    corrected = await self._correct_rebuilds(session, t, found)
+                    if corrected is None:
+                        return
+                    found = corrected
+                history = [(event.phase, event.at) for event in found]
             destroyed = row.destroyed_at is not None
             if destroyed and (t.phase is DESTROYED or at >= _aware(row.destroyed_at or at)):
                 return  # after the end: a late or stale transition cannot bring the environment back
@@ -436,6 +468,48 @@ class Records:
             for event in events:
                 await session.execute(self._insert_event(event, event.occurred))
 
+    async def _correct_rebuilds(self, session: AsyncSession, t: Transition, found: list[_Event]) -> list[_Event] | None:
+        """Correct what a resync guessed by what the handler's own `t` says; the history after it, or
+        None when `t` took the place of a guess (nothing more to write).
+
+        A resync that finds no start of a life on record assumes it began with Provisioning at its
+        creation (the status keeps no trace of a queue once it is left): a start from no phase into
+        another phase (Queued) is the true one, and takes the guess's place (its time, the creation,
+        stays first). A resync dates what it rebuilds by the second Kubernetes keeps, at the second's
+        beginning, while the handler's transitions within that second carry their microseconds: when
+        `t` came from the phase recorded right before rebuilt rows of its own second, those rows came
+        after it (their phases followed the one `t` entered), and move to just after it."""
+        if t.old_phase is None:
+            start = _start_id(t.uid)
+            guess = [e for e in found if e.id == start and e.reason == RESYNC and e.phase != t.phase.value]
+            if guess:  # (a start into Provisioning has the guess's own id: recorded already)
+                values = {"to_phase": t.phase.value, "reason": t.reason[:128], "message": t.message}
+                await session.execute(update(EventRow).where(col(EventRow.id) == start).values(**values))
+                return None
+            return found
+        before = [e for e in found if e.at <= t.occurred]
+        after = [e for e in found if e.at > t.occurred]
+        second = t.occurred.replace(microsecond=0)
+        run: list[_Event] = []
+        while (
+            before and before[-1].reason == RESYNC and before[-1].at >= second and before[-1].phase != t.old_phase.value
+        ):
+            run.insert(0, before.pop())
+        moved = [dataclasses.replace(e, at=t.occurred + TICK * n) for n, e in enumerate(run, start=1)]
+        if not run or not before or before[-1].phase != t.old_phase.value or (after and after[0].at <= moved[-1].at):
+            return found
+        for event in moved:
+            await session.execute(update(EventRow).where(col(EventRow.id) == event.id).values(at=event.at))
+        return [*before, *moved, *after]
+
+    def _own_account(self, t: Transition, own: str) -> Any:
+        """The handler's own `t` replaces what a rebuild of it (row `own`) could not know: why it came,
+        what was said and the phase left. Not when: the rebuild's time, placed among the others, stays."""
+        values: dict[str, Any] = {"reason": t.reason[:128], "message": t.message}
+        if t.old_phase is not None:
+            values["from_phase"] = t.old_phase.value
+        return update(EventRow).where(col(EventRow.id) == own).values(**values)
+
     def _insert_event(self, t: Transition, at: datetime.datetime) -> Any:
         values = {
             "id": event_id(t),
@@ -466,6 +540,7 @@ class Records:
         async with AsyncSession(self.engine) as session:
             latest_at = func.max(EventRow.at)
             provisioned = func.min(case((col(EventRow.to_phase) == "Provisioning", col(EventRow.at)), else_=None))
+            entered_queue = func.min(case((col(EventRow.to_phase) == "Queued", col(EventRow.at)), else_=None))
             readied = func.sum(case((col(EventRow.to_phase) == "Ready", 1), else_=0))
             query = (
                 sa_select(  # sqlmodel's select takes at most four columns
@@ -476,6 +551,7 @@ class Records:
                     provisioned,
                     readied,
                     col(EnvironmentRow.repository),
+                    entered_queue,
                 )
                 .join(EventRow, col(EventRow.environment_uid) == col(EnvironmentRow.uid), isouter=True)
                 .where(col(EnvironmentRow.destroyed_at).is_(None))
@@ -487,10 +563,12 @@ class Records:
                 )
             )
             found = list(await session.execute(query))
-            rows = {uid: (phase, updated, latest) for uid, phase, updated, latest, _, _, _ in found}
-            begun = {uid: _aware(first) for uid, _, _, _, first, _, _ in found if first is not None}
-            ready_once = {uid for uid, _, _, _, _, count, _ in found if count}
-            others = {uid for uid, *_, repository in found if not self._mine(repository)}
+            rows = {uid: (phase, updated, latest) for uid, phase, updated, latest, *_ in found}
+            begun = {uid: _aware(first) for uid, _, _, _, first, *_ in found if first is not None}
+            ready_once = {uid for uid, _, _, _, _, count, *_ in found if count}
+            others = {uid for uid, *_, repository, _ in found if not self._mine(repository)}
+            # Lives that began in the queue (the lifecycle policy's caps): their first Provisioning left it.
+            began_queued = {uid for uid, *_, first_queued in found if first_queued is not None}
             # Objects still listed whose end is recorded (their finalizer was not released yet).
             unknown = sorted(listed - set(rows))
             ended: set[str] = set()
@@ -530,8 +608,24 @@ class Records:
             provisioned_once = phase in PROVISIONED_PHASES or status.get("provisionedAt") or status.get("namespace")
             provisioning_at = begun.get(uid)
             created = meta.get("creationTimestamp")
-            lost_start = provisioning_at is None and phase is not Phase.PROVISIONING and provisioned_once and created
-            if lost_start and created and (uid, Phase.PROVISIONING) not in coming:
+            lost_provisioning = (
+                provisioning_at is None
+                and phase is not Phase.PROVISIONING
+                and provisioned_once
+                and (uid, Phase.PROVISIONING) not in coming
+            )
+            if lost_provisioning and uid in began_queued:
+                # Its admission died with a killed operator (or its old shard's writer has it still):
+                # it left the queue, which the rows hold, when it was provisioned. Its Ready came with
+                # it, so its time and id are the first Ready's second (as the handler's own has them),
+                # or the current phase's; never before the queue it left.
+                admitted_at = status.get("provisionedAt") or at_text
+                occurred = _time(admitted_at) or job.listed_at
+                if row is not None and row[2] is not None and _aware(row[2]) >= occurred:
+                    occurred = _aware(row[2]) + TICK
+                pending.append(_resync_transition(obj, Phase.PROVISIONING, admitted_at, occurred, Phase.QUEUED))
+                provisioning_at = pending[-1].occurred
+            elif lost_provisioning and created:
                 # Its first transitions died with a killed operator: its life began with
                 # provisioning when it was created.
                 pending.append(_resync_transition(obj, Phase.PROVISIONING, created))
@@ -647,7 +741,7 @@ def _implied(t: Transition, old: TransitionPhase, previous: tuple[str, datetime.
         spec=t.spec,
         old_phase=parse_phase(previous[0]) if previous else None,
         phase=old,
-        reason="Inferred",
+        reason=INFERRED,
         message=f"Its own record was lost; {t.phase} came from it",
         at=_stamp(when),
         status=t.status,
@@ -657,7 +751,11 @@ def _implied(t: Transition, old: TransitionPhase, previous: tuple[str, datetime.
 
 
 def _resync_transition(
-    obj: dict[str, Any], phase: TransitionPhase, at: str, occurred: datetime.datetime | None = None
+    obj: dict[str, Any],
+    phase: TransitionPhase,
+    at: str,
+    occurred: datetime.datetime | None = None,
+    old_phase: Phase | None = None,
 ) -> Transition:
     meta, status = obj["metadata"], obj.get("status") or {}
     return Transition(
@@ -666,9 +764,9 @@ def _resync_transition(
         # The generation that reached the phase, as the handler's own transition has it (`event_id`).
         generation=int(status.get("observedGeneration") or meta.get("generation", 1)),
         spec=dict(obj.get("spec") or {}),
-        old_phase=None,
+        old_phase=old_phase,
         phase=phase,
-        reason="Resync",
+        reason=RESYNC,
         message=str(status.get("message") or ""),
         at=at,
         status=dict(status),
@@ -687,7 +785,7 @@ def _destroyed_transition(
         spec={"repository": row.repository, "pullRequest": row.pull_request, "commitSha": row.commit_sha},
         old_phase=old_phase or parse_phase(row.phase),
         phase=phase,
-        reason="Resync",
+        reason=RESYNC,
         message="The object is gone from the cluster",
         at=_stamp(at),
         status={"namespace": row.namespace},
