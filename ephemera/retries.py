@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from ephemera import backoff
-from ephemera.api.models import Phase, now_iso, parse_time
+from ephemera.api.models import Phase, PreviewEnvironmentStatus, now_iso, parse_time
 from ephemera.api.naming import RETRY_ANNOTATION
 from ephemera.config import Settings
 from ephemera.environments import Environment, Environments, Failure, PermanentFailure
@@ -48,6 +48,19 @@ def retried_later(status: Mapping[str, Any], settings: Settings, now: datetime.d
         return False
     now = now or datetime.datetime.now(datetime.UTC)
     return (now - failed_at).total_seconds() <= settings.retry_window
+
+
+def taken_over(status: PreviewEnvironmentStatus, began: datetime.datetime) -> bool:
+    """Whether a handler that began trying at `began` finds its attempt taken from it: the object was
+    failed by another actor since (the stale sweep, a template's rollout, the admission), and the
+    automatic retries own a Failed object from then on: its phase is Failed, or Provisioning under one
+    of their attempts, with a `failedAt` from after the handler began (the handler's own transitions
+    never set one; its own permanent failure ends it). Checked by time, not reason: once the retry job
+    has tried, the reason is its attempt's (NamespaceTerminating), no longer the sweep's Stale."""
+    if status.phase is Phase.FAILED and status.reason == "Stale":
+        return True
+    failed_at = parse_time(status.failed_at)
+    return status.phase in (Phase.FAILED, Phase.PROVISIONING) and failed_at is not None and failed_at >= began
 
 
 def retry_due(status: Mapping[str, Any], settings: Settings, uid: str, now: datetime.datetime | None = None) -> bool:

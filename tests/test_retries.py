@@ -1,15 +1,18 @@
-"""When a Failed environment is due its automatic retry: window, attempts, and jittered backoff."""
+"""When a Failed environment is due its automatic retry: window, attempts, and jittered backoff; and when
+a handler still trying finds its attempt taken over by the automatic retries."""
 
 from __future__ import annotations
 
 import datetime
 from typing import Any
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from ephemera.api.models import PreviewEnvironmentStatus
 from ephemera.config import Settings
-from ephemera.retries import retried_later, retry_due, retry_requested
+from ephemera.retries import retried_later, retry_due, retry_requested, taken_over
 
 FAILED_AT = datetime.datetime(2026, 1, 1, tzinfo=datetime.UTC)
 SETTINGS = Settings(retry_backoff=60, retry_window=3600, retry_max_attempts=4)
@@ -83,3 +86,30 @@ def test_a_failure_is_retried_later_within_the_window_while_attempts_are_left() 
     assert not retried_later(_failed(4), SETTINGS, _after(1))
     assert not retried_later(_failed(0, permanent=True), SETTINGS, _after(1))
     assert not retried_later({**_failed(0), "phase": "Ready"}, SETTINGS, _after(1))
+
+
+def _status(phase: str, reason: str, failed: datetime.datetime | None) -> PreviewEnvironmentStatus:
+    stamp = failed.isoformat().replace("+00:00", "Z") if failed else None
+    return PreviewEnvironmentStatus.model_validate({"phase": phase, "reason": reason, "failedAt": stamp})
+
+
+@pytest.mark.parametrize(
+    ("phase", "reason", "failed", "taken"),
+    [
+        ("Failed", "Stale", 10, True),  # the sweep's verdict, before the retry job tried
+        ("Failed", "NamespaceTerminating", 10, True),  # the retry job tried and failed since: its reason now
+        ("Provisioning", "Retry", 10, True),  # the retry job's attempt under way
+        ("Failed", "NamespaceTerminating", -10, False),  # failed before this handler began (a push since)
+        ("Provisioning", "ManualRetry", -10, False),  # a manual retry's handler, an older failure on record
+        ("Updating", "NamespaceTerminating", None, False),  # the handler's own waiting
+        ("Updating", "Updating", 10, False),  # the handler's own phase: nobody took it
+    ],
+)
+def test_a_handler_stops_once_the_retry_job_has_taken_its_object(
+    phase: str, reason: str, failed: int | None, taken: bool
+) -> None:
+    """A handler retrying (a namespace still terminating, say) while the stale sweep fails its object:
+    the retry job owns it from then on, whatever reason its own attempts have left on it since."""
+    began = FAILED_AT
+    at = None if failed is None else began + datetime.timedelta(seconds=failed)
+    assert taken_over(_status(phase, reason, at), began) is taken

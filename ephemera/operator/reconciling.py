@@ -25,11 +25,11 @@ from typing import Any, NamedTuple
 import kopf
 
 from ephemera import backoff
-from ephemera.api.models import Phase
 from ephemera.environments import Environment, Environments, Failure, PermanentFailure, Terminating
 from ephemera.kube import KubeError
 from ephemera.operator.metrics import handling, reconciled
 from ephemera.operator.runtime import Runtime
+from ephemera.retries import taken_over
 
 Logger = logging.Logger | logging.LoggerAdapter[Any]
 MAX_DELAY = 60.0  # the longest backoff between two tries of one handler
@@ -81,8 +81,9 @@ def reconciling(
         # `track` has seen the object.
         shared.subjects.remember(env.name, env.spec.repository, env.spec.pull_request)
         log = env_logger(logger, env)
-        if not teardown and retry > 0 and env.status.phase is Phase.FAILED and env.status.reason == "Stale":
-            # The stale sweep gave up on this attempt; the retry job owns the object from here.
+        began = datetime.datetime.now(datetime.UTC) - runtime
+        if not teardown and retry > 0 and taken_over(env.status, began):
+            # The stale sweep (or another) gave up on this attempt; the retry job owns the object from here.
             reconciled(handler, "handed-over", started)
             raise kopf.PermanentError("handed over to the retry timer after the stale sweep")
         try:
