@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -104,6 +104,18 @@ class Process:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
+
+    def log_about(self, names: Iterable[str]) -> Iterator[tuple[str, dict[str, Any]]]:
+        """Each JSON log line about one of the objects `names`, with its object's name, in order."""
+        wanted = set(names)
+        for line in self.log().splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue  # not a log line (a traceback's continuation)
+            name = (record.get("object") or {}).get("name") if isinstance(record, dict) else None
+            if name in wanted:
+                yield name, record
 
 
 def process_env(kubeconfig: Path, tmp: Path, **overrides: str) -> dict[str, str]:

@@ -8,7 +8,6 @@ import copy
 import datetime
 import functools
 import itertools
-import json
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -279,14 +278,9 @@ def reprovisions(kubectl: Kubectl, name: str) -> list[datetime.datetime]:
 
 def rollout_starts(operator: Process, names: list[str]) -> dict[str, datetime.datetime]:
     """When the operator's template rollout started on each of `names` (its log line), each once."""
-    wanted, found = set(names), {}
-    for line in operator.log().splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue  # not a log line (a traceback's continuation)
-        name = (record.get("object") or {}).get("name") if isinstance(record, dict) else None
-        if name in wanted and record.get("message") == f"re-provisioning {name} for its PreviewTemplate":
+    found: dict[str, datetime.datetime] = {}
+    for name, record in operator.log_about(names):
+        if record.get("message") == f"re-provisioning {name} for its PreviewTemplate":
             assert name not in found, f"{name} started twice"
             found[name] = datetime.datetime.fromisoformat(record["time"])
     return found

@@ -28,6 +28,7 @@ from ephemera import environments as environments_module
 from ephemera import shards as shards_service
 from ephemera.api.models import Phase
 from ephemera.api.naming import RETRY_ANNOTATION, SHARD_LABEL, environment_name, shard_of
+from ephemera.cli import read_history
 from ephemera.config import Settings
 from ephemera.environments import Environment, Environments
 from ephemera.expiry import Expiry
@@ -35,7 +36,6 @@ from ephemera.kube import Kube
 from ephemera.ledger import Ledger, iso, iso_precise
 from ephemera.shards import DIFFBASE_ANNOTATION
 from ephemera.store.engine import make_engine
-from ephemera.store.queries import history as records_history
 from ephemera.store.records import Records
 from ephemera.transitions import Transition, Transitions
 from tests import test_chart_env as chart_env
@@ -75,15 +75,9 @@ def provisioned(proc: Process, names: list[str]) -> collections.Counter[str]:
     """How often this operator's provision handler succeeded on each of `names`, by kopf's line about it
     in its log: the cluster holds other tests' objects too, which a shard may handle (shard 0 takes
     every object an unsharded webhook labelled), so a count over all of them proves nothing."""
-    wanted = set(names)
     found: collections.Counter[str] = collections.Counter()
-    for line in proc.log().splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue  # not a log line (a traceback's continuation)
-        name = (record.get("object") or {}).get("name") if isinstance(record, dict) else None
-        if name in wanted and record.get("message") == "Handler 'provision' succeeded.":
+    for name, record in proc.log_about(names):
+        if record.get("message") == "Handler 'provision' succeeded.":
             found[name] += 1
     return found
 
@@ -374,7 +368,7 @@ def test_a_handover_of_an_environment_admitted_from_the_queue_records_each_trans
         for n in range(4):
             order: list[Transition | None] = [*live[:n], None, *live[n:]]  # None: the resync
             url = asyncio.run(_both_writers(postgres, kube, shard, order))
-            ((_, events),) = asyncio.run(_history(url, name))
+            ((_, events),) = asyncio.run(read_history(url, name))
             written = ["resync" if t is None else t.phase.value for t in order]
             assert [(e.from_phase, e.to_phase) for e in events] == [
                 (None, "Queued"),
@@ -383,14 +377,6 @@ def test_a_handover_of_an_environment_admitted_from_the_queue_records_each_trans
             ], f"written in the order {written}"
     finally:
         delete_all(kubectl, [name])
-
-
-async def _history(url: str, name: str) -> list[tuple[Any, list[Any]]]:
-    engine = make_engine(url)
-    try:
-        return await records_history(engine, name)
-    finally:
-        await engine.dispose()
 
 
 def test_a_first_ready_is_dated_once(
