@@ -20,9 +20,11 @@ RFC3339_MS_UTC = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z$")
 
 
 def lines(process: Process) -> list[dict[str, Any]]:
-    """Every line the process wrote, each parsed as JSON (a line that is not JSON fails the test)."""
+    """Every line the process wrote, each parsed as JSON (a line that is not JSON fails the test). Only
+    whole lines: the process is writing meanwhile, and the last may be read half written."""
+    text = process.log()
     parsed = []
-    for number, line in enumerate(process.log().splitlines(), 1):
+    for number, line in enumerate(text[: text.rfind("\n") + 1].splitlines(), 1):
         if line.strip():
             try:
                 parsed.append(json.loads(line))
