@@ -71,6 +71,12 @@ def _true(obj: Obj, kind: str) -> bool:
     return _conditions(obj).get(kind, {}).get("status") == "True"
 
 
+def unobserved(obj: Obj) -> bool:
+    """Whether the workload's controller has not yet seen its current generation (its status is older)."""
+    observed = int((obj.get("status") or {}).get("observedGeneration") or 0)
+    return observed < int((obj.get("metadata") or {}).get("generation") or 1)
+
+
 def workload_state(obj: Obj) -> tuple[bool, str]:
     """Whether one workload is ready at its current generation; else what it still waits for."""
     kind, meta = obj.get("kind"), obj.get("metadata") or {}
@@ -78,8 +84,7 @@ def workload_state(obj: Obj) -> tuple[bool, str]:
     label = f"{kind} {meta.get('name')}"
     if kind == "Job":
         return (_true(obj, "Complete"), f"{label}: not complete")
-    observed = int(status.get("observedGeneration") or 0)
-    if observed < int(meta.get("generation") or 1):
+    if unobserved(obj):
         return False, f"{label}: the controller has not seen generation {meta.get('generation')} yet"
     if kind == "Deployment":
         want = int(spec.get("replicas", 1))
@@ -151,11 +156,7 @@ def current_revisions(replica_sets: Iterable[Obj], workloads: Iterable[Obj] = ()
     newest ReplicaSet may not exist yet, and the one before (a template just fixed, its pods still
     failing) would be judged in its place."""
     unsettled = {
-        (w.get("metadata") or {}).get("uid")
-        for w in workloads
-        if w.get("kind") == "Deployment"
-        and int((w.get("status") or {}).get("observedGeneration") or 0)
-        < int((w.get("metadata") or {}).get("generation") or 1)
+        (w.get("metadata") or {}).get("uid") for w in workloads if w.get("kind") == "Deployment" and unobserved(w)
     }
     newest: dict[str, tuple[int, str]] = {}
     for replica_set in replica_sets:

@@ -81,8 +81,7 @@ def reconciling(
         # `track` has seen the object.
         shared.subjects.remember(env.name, env.spec.repository, env.spec.pull_request)
         log = env_logger(logger, env)
-        began = datetime.datetime.now(datetime.UTC) - runtime
-        if not teardown and retry > 0 and taken_over(env.status, began):
+        if not teardown and retry > 0 and taken_over(env.status, datetime.datetime.now(datetime.UTC) - runtime):
             # The stale sweep (or another) gave up on this attempt; the retry job owns the object from here.
             reconciled(handler, "handed-over", started)
             raise kopf.PermanentError("handed over to the retry timer after the stale sweep")
