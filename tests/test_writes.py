@@ -13,6 +13,7 @@ from typing import Any
 
 import kopf
 import kubernetes
+import pytest
 import urllib3
 
 from devtools.fakegithub import FakeGitHub
@@ -95,6 +96,12 @@ def diffbase(body: dict[str, Any]) -> dict[str, Any] | None:
     return json.loads(found) if found else None
 
 
+def moved(body: dict[str, Any]) -> bool:
+    """Whether the older operator's record of the handled spec moved to status.kopf, at the push's commit."""
+    gone = LEGACY_DIFFBASE not in (body["metadata"].get("annotations") or {})
+    return gone and (diffbase(body) or {}).get("spec", {}).get("commitSha") == SHA_B
+
+
 def test_a_new_environment_costs_one_write_to_ready_and_one_per_report(
     operator: Process, kubectl: Kubectl, kube: Kube, github: FakeGitHub, postgres: Postgres
 ) -> None:
@@ -156,11 +163,16 @@ def test_a_provision_that_waits_says_provisioning_meanwhile(operator: Process, k
     kubectl.run("delete", "pe", name, "--wait=false")
 
 
+@pytest.mark.parametrize("pushed", ["after the start", "while the operator was down"])
 def test_an_environment_an_older_operator_handled_is_not_provisioned_again(
-    operator: Process, kubectl: Kubectl, kube: Kube
+    pushed: str, operator: Process, kubectl: Kubectl, kube: Kube
 ) -> None:
     """Its record of the handled spec in an annotation, as operators before status.kopf left it: after
-    the upgrade nothing is written to it until its spec changes, and then the record moves."""
+    the upgrade nothing is written to it until its spec changes, and then the record moves.
+
+    A push while the operator was down is an update at its first sight of the object, where kopf runs
+    the resume handler too: the update's Ready is written with its progress, and the record moves in a
+    last patch of two requests (the annotation's removal, then the status): it is waited for whole."""
     repo, pr = f"octo/upgrade-{uuid.uuid4().hex[:6]}", 3
     name, namespace = f"writes-old-{uuid.uuid4().hex[:6]}", environment_name(repo, pr)
     with paused(operator):
@@ -187,15 +199,15 @@ def test_an_environment_an_older_operator_handled_is_not_provisioned_again(
         ready |= {"commit": SHA_A[:7], "observedGeneration": 1, "lastTransitionTime": "2026-01-01T00:00:00Z"}
         kubectl.run("patch", "pe", name, "--subresource=status", "--type=merge", "-p", json.dumps({"status": ready}))
         versions = Versions(kube, name)
+        push = {"spec": {"commitSha": SHA_B}}
+        if pushed == "while the operator was down":
+            kubectl.run("patch", "pe", name, "--type=merge", "-p", json.dumps(push))
     try:
-        # Whatever the operator does with the object after its start, it does before it handles the push.
-        kubectl.run("patch", "pe", name, "--type=merge", "-p", json.dumps({"spec": {"commitSha": SHA_B}}))
+        if pushed == "after the start":
+            # Whatever the operator does with the object after its start, it does before it handles the push.
+            kubectl.run("patch", "pe", name, "--type=merge", "-p", json.dumps(push))
         wait_for(lambda: status(kubectl, name).get("commit") == SHA_B[:7], timeout=60, what="Ready at the push")
-        wait_for(
-            lambda: LEGACY_DIFFBASE not in (versions.bodies[-1]["metadata"].get("annotations") or {}),
-            timeout=30,
-            what="the older operator's record gone",
-        )
+        wait_for(lambda: moved(versions.bodies[-1]), timeout=30, what="the older operator's record moved")
         # Handled as the push it is (an update, which says Updating), not as a new object.
         wait_for(lambda: "Updating" in events_of(kubectl, name), timeout=30, what="an Updating event")
         # Before the push, nothing the handlers write (the lifecycle policy may stamp its expiry).
@@ -207,7 +219,7 @@ def test_an_environment_an_older_operator_handled_is_not_provisioned_again(
         assert "Provisioning" not in versions.phases(), versions.phases()
         last = versions.bodies[-1]
         assert (last["status"]["phase"], last["status"]["observedGeneration"]) == ("Ready", 2)
-        assert (diffbase(last) or {}).get("spec", {}).get("commitSha") == SHA_B
+        assert moved(last)
         assert last["status"]["namespace"] == namespace
     finally:
         versions.stop()
