@@ -25,7 +25,7 @@ from ephemera.api.naming import (
 from ephemera.intake.events import PullRequestEvent, parse_pull_request
 from ephemera.intake.mirror import UNKNOWN
 from ephemera.intake.pullrequests import Intake, Policies
-from ephemera.intake.tombstones import Tombstones
+from ephemera.intake.tombstones import Tombstones, config_map_name
 from ephemera.kube import ENVIRONMENTS, TEMPLATES, Kube, KubeError, load_api_client
 from ephemera.policy import Policy
 from tests.test_webhook import pr_event
@@ -193,6 +193,58 @@ class Breakable(Counted):
             if self.cut.is_set():  # the event that came is lost with the connection
                 raise KubeError(f"watching {what}: the connection dropped", status=0)
             yield item
+
+
+class Late(Counted):
+    """The real adapter, whose mirrors' watches hold each event while `released` is clear: a watch
+    that lags behind this process's own writes."""
+
+    def __init__(self, kubeconfig: Path) -> None:
+        super().__init__(kubeconfig)
+        self.released = threading.Event()
+        self.released.set()
+
+    def watch(self, path: str, what: str, selector: str, version: str, seconds: int) -> Iterator[tuple[str, Any]]:
+        for item in super().watch(path, what, selector, version, seconds):
+            self.released.wait()
+            yield item
+
+
+def test_a_close_this_replica_records_stops_an_older_reopen_before_its_watch_brings_it(
+    control_plane: ControlPlane, kube: Counted
+) -> None:
+    """A storm at one replica: the PR's close first (no environment yet), then the reopen before it.
+    The close must stop the reopen though the replica's mirror has not seen it yet (seen in CI: the
+    reopen created an environment for a closed PR)."""
+    repo, number = f"octo/mirror-{uuid.uuid4().hex[:6]}", 11
+    late = Late(control_plane.kubeconfig)
+    subject = intake(late)
+    mirror = subject.tombstones.mirrored()
+    mirror.start()
+    try:
+        wait_for(lambda: mirror.live, timeout=30, what="the mirror's first list")
+        late.released.clear()
+
+        closed = subject.handle(event("closed", repo, number, "2026-01-01T00:05:00Z"), "d-8")
+        reopened = subject.handle(event("reopened", repo, number, "2026-01-01T00:03:00Z"), "d-9")
+
+        assert closed.action == "ignored", closed  # no environment: only the close is recorded
+        assert reopened.action == "ignored", reopened
+        assert "closed" in reopened.reason
+        assert late.get_environment(environment_name(repo, number)) is None
+
+        assert subject.tombstones.unmirrored() == 1
+
+        late.released.set()  # the watch catches up: the mirror holds the close
+        wait_for(lambda: mirror.get(config_map_name(repo)) not in (None, UNKNOWN), timeout=30, what="the close")
+        # The next close this replica records drops what its mirror holds: the copies do not pile up.
+        subject.handle(event("closed", f"{repo}-other", number, "2026-01-01T00:05:00Z"), "d-10")
+        wait_for(lambda: subject.tombstones.unmirrored() <= 1, timeout=30, what="the first close forgotten")
+        assert subject.tombstones.closed_at(repo, number) == "2026-01-01T00:05:00Z"
+    finally:
+        late.released.set()
+        mirror.stop()
+        late.close()
 
 
 def test_a_close_missed_by_a_broken_watch_still_stops_a_replay(control_plane: ControlPlane, kube: Counted) -> None:

@@ -87,16 +87,24 @@ class Tombstones:
         # Threads of this replica that close PRs of one repository write one ConfigMap: they take
         # turns rather than conflict. Striped, so the locks stay few however many repositories come.
         self._locks = [threading.Lock() for _ in range(LOCK_STRIPES)]
+        # The closes this replica recorded that its mirror may not hold yet: (repository, PR) to the
+        # `updated_at` recorded. Kept until the mirror holds as late a close (milliseconds).
+        self._own: dict[tuple[str, int], str] = {}
+        self._own_lock = threading.Lock()
 
     def mirrored(self) -> Mirror:
         """A mirror of this namespace's records (`start` it; `closed_at` reads it while it is live).
 
-        A close that another replica records reaches the mirror as fast as the API server's watch
-        delivers it (milliseconds; this watch carries only closes). That is soon enough: the close is
-        recorded before its environment is deleted, and until the operator has torn that down (seen
-        the delete, deleted the namespace, seen it gone, removed its finalizer: each through a watch
-        of the same API server), a late event for the PR finds the environment itself, which refuses
-        it (Intake._stale)."""
+        A close this replica records is read at once (`add` keeps it until the mirror holds it): a
+        storm that brings a PR's close first and an older reopen next must not find the mirror
+        behind. A close that another replica records reaches the mirror as fast as the API server's
+        watch delivers it (milliseconds; this watch carries only closes). That is soon enough: the
+        close is recorded before its environment is deleted, and until the operator has torn that
+        down (seen the delete, deleted the namespace, seen it gone, removed its finalizer: each
+        through a watch of the same API server), a late event for the PR finds the environment
+        itself, which refuses it (Intake._stale). Only a close that comes before any event that made
+        the environment, at one replica, with an older event of the PR at another within those
+        milliseconds, could pass."""
         selector = f"{MANAGED_BY_LABEL}={MANAGED_BY},{COMPONENT_LABEL}={COMPONENT}"
         path = f"/api/v1/namespaces/{self.namespace}/configmaps"
         self.mirror = Mirror(self.kube, path, selector, "closed PRs", _trimmed)
@@ -108,10 +116,11 @@ class Tombstones:
         obj = self.mirror.get(name) if self.mirror is not None else UNKNOWN
         if obj is UNKNOWN:
             obj = self.kube.get_config_map(self.namespace, name)
-        if obj is None or not self._for(obj, repository):
-            return None
-        entry = _entries(obj).get(str(pull_request))
-        return None if entry is None else str(entry["updatedAt"])
+        entry = _entries(obj).get(str(pull_request)) if obj is not None and self._for(obj, repository) else None
+        recorded = None if entry is None else str(entry["updatedAt"])
+        with self._own_lock:
+            own = self._own.get((repository.lower(), pull_request))
+        return own if own is not None and newer(own, recorded) else recorded
 
     def blocks(self, repository: str, pull_request: int, updated_at: str) -> bool:
         """Whether an event of `updated_at` is not later than the PR's remembered close."""
@@ -125,9 +134,33 @@ class Tombstones:
         """
         name = config_map_name(repository)
         with self._locks[int(name[len(NAME_PREFIX) :], 16) % LOCK_STRIPES]:
-            self._add(repository, name, pull_request, updated_at)
+            recorded = self._add(repository, name, pull_request, updated_at)
+        if self.mirror is None:
+            return  # `closed_at` reads the API server, which holds it
+        with self._own_lock:
+            self._own[(repository.lower(), pull_request)] = recorded
+            self._forget_mirrored(self.mirror)
 
-    def _add(self, repository: str, name: str, pull_request: int, updated_at: str) -> None:
+    def unmirrored(self) -> int:
+        """How many closes this replica recorded that it keeps until its mirror holds them."""
+        with self._own_lock:
+            return len(self._own)
+
+    def _forget_mirrored(self, mirror: Mirror) -> None:
+        """Drop the closes of this replica that its live mirror holds (a close there is never undone:
+        only a later one replaces it, and the retention's pruning comes days after)."""
+        if not mirror.live:
+            return  # `closed_at` reads the API server meanwhile, which holds them all
+        for (repository, pull_request), updated_at in list(self._own.items()):
+            obj = mirror.get(config_map_name(repository))
+            if obj is UNKNOWN or obj is None:
+                continue
+            entry = _entries(obj).get(str(pull_request))
+            if entry is not None and not newer(updated_at, str(entry["updatedAt"])):
+                del self._own[(repository, pull_request)]
+
+    def _add(self, repository: str, name: str, pull_request: int, updated_at: str) -> str:
+        """Record the close; the `updated_at` of the latest close recorded for the PR after it."""
         attempts = 0
         while True:
             attempts += 1
@@ -138,7 +171,7 @@ class Tombstones:
             entries = {} if obj is None else _entries(obj)
             known = entries.get(str(pull_request))
             if known is not None and not newer(updated_at, str(known["updatedAt"])):
-                return
+                return str(known["updatedAt"])
             now = self.clock()
             entries[str(pull_request)] = {"updatedAt": updated_at, "recordedAt": _iso(now)}
             body = self._body(repository, name, self._pruned(entries, now))
@@ -148,7 +181,7 @@ class Tombstones:
                 else:
                     body["metadata"]["resourceVersion"] = obj["metadata"]["resourceVersion"]
                     self.kube.replace_config_map(body)
-                return
+                return updated_at
             except KubeError as err:
                 # 409: another replica wrote (or created) it since we read it: read again and merge.
                 if err.status != 409 or attempts >= ATTEMPTS:
