@@ -628,15 +628,16 @@ async def test_a_transition_written_by_both_writers_of_a_handover_is_recorded_on
         assert row["phase"] == "Ready"
 
 
-def _queued_life(uid: str, admitted: str = "2026-01-01T00:05:00") -> list[Transition]:
+def _queued_life(uid: str, admitted: str = "2026-01-01T00:05:00", ready: str | None = None) -> list[Transition]:
     """The handler's transitions of a life that began Queued (the lifecycle policy's cap): queued at its
     creation, admitted at `admitted` (by default minutes later) and Ready at once (Provisioning announced
-    with Ready, one second)."""
+    with Ready), in the same second or in `ready`'s (the provision ran past the second's end)."""
     created = "2026-01-01T00:00:00Z"
+    ready = ready or admitted
     steps = [
         (None, "Queued", "2026-01-01T00:00:00Z", "2026-01-01T00:00:00.300Z"),
         ("Queued", "Provisioning", f"{admitted}Z", f"{admitted}.500Z"),
-        ("Provisioning", "Ready", f"{admitted}Z", f"{admitted}.600Z"),
+        ("Provisioning", "Ready", f"{ready}Z", f"{ready}.600Z"),
     ]
     return [
         dataclasses.replace(_transition(uid, old, new, at), created=created, occurred=_at(occurred))
@@ -645,7 +646,7 @@ def _queued_life(uid: str, admitted: str = "2026-01-01T00:05:00") -> list[Transi
 
 
 def _ready_after_the_queue(uid: str, admitted: str = "2026-01-01T00:05:00") -> dict[str, Any]:
-    """That object as a listing shows it once Ready (its queue fields cleared at admission)."""
+    """That object as a listing shows it once Ready (at `admitted`, its queue fields cleared at admission)."""
     ready = f"{admitted}Z"
     obj = _listed(
         uid, "Ready", ready, lastTransitionTime=ready, provisionedAt=ready, observedGeneration=1, namespace="ns-x"
@@ -674,26 +675,35 @@ async def test_a_resync_of_a_life_that_began_queued_rebuilds_its_admission_after
     assert row["phase"] == "Ready"
 
 
-@pytest.mark.parametrize("admitted", ["2026-01-01T00:05:00", "2026-01-01T00:00:00"])  # minutes later; at once
+@pytest.mark.parametrize(
+    ("admitted", "ready"),
+    [
+        ("2026-01-01T00:05:00", "2026-01-01T00:05:00"),  # minutes later
+        ("2026-01-01T00:00:00", "2026-01-01T00:00:00"),  # at once
+        ("2026-01-01T00:05:00", "2026-01-01T00:05:01"),  # minutes later, Ready in the next second
+    ],
+)
 @pytest.mark.parametrize("database", ["postgresql", "sqlite"])
 async def test_a_handover_of_a_life_that_began_queued_records_each_transition_once(
-    database: str, admitted: str, postgres: Postgres, sqlite_url: str
+    database: str, admitted: str, ready: str, postgres: Postgres, sqlite_url: str
 ) -> None:
     """The handover race for an environment admitted from the queue: the old shard's writer writes its
     transitions in their order, the new shard's resync comes before, between or after any of them
     (before its Queued, it cannot tell that the life began queued: the status keeps no trace of the
-    queue once admitted, so it guesses a start at the creation, which the Queued corrects)."""
+    queue once admitted, so it guesses a start at the creation, which the Queued corrects). The
+    provision may end in the second after the one it began in (the admission's): the resync, which
+    dates the admission it rebuilds by the Ready's second, then names it otherwise than the handler."""
     from ephemera.store.records import _Resync
 
     url = await _database(postgres) if database == "postgresql" else sqlite_url
     for n in range(4):
         uid = f"u{n}"
-        life = [dataclasses.replace(t, uid=uid, name=f"pr-{uid}") for t in _queued_life(uid, admitted)]
+        life = [dataclasses.replace(t, uid=uid, name=f"pr-{uid}") for t in _queued_life(uid, admitted, ready)]
         order: list[Transition | None] = [*life[:n], None, *life[n:]]  # None: the resync
         records = Records(make_engine(url))
         for item in order:
             if item is None:
-                listing = [_ready_after_the_queue(uid, admitted)]
+                listing = [_ready_after_the_queue(uid, ready)]
                 await records._resync(_Resync(listing, datetime.datetime.now(datetime.UTC)))
             else:
                 await records.write(item)

@@ -165,6 +165,20 @@ class _Event:
     reason: str
 
 
+def _rebuilt_later(t: Transition, found: list[_Event]) -> _Event | None:
+    """A resync's rebuild of `t` itself, dated by a later second than `t`'s and so recorded under
+    another id: the guess (reason Resync) into `t`'s phase right after `t`'s time, with the phase `t`
+    left right before it (a history never holds a phase twice in a row: the two are one transition).
+    A resync dates an admission from the queue by the first Ready's second, and the handler decided it
+    before the provision, which may end in the next second."""
+    before = [e for e in found if e.at <= t.occurred]
+    after = [e for e in found if e.at > t.occurred]
+    if not after or after[0].phase != t.phase.value or after[0].reason != RESYNC:
+        return None
+    left = t.old_phase.value if t.old_phase is not None else None
+    return after[0] if (before[-1].phase if before else None) == left else None
+
+
 class _ResyncDue:
     """A resync waiting in the queue; its listing is taken when the writer reaches it."""
 
@@ -434,6 +448,10 @@ class Records:
                     if corrected is None:
                         return
                     found = corrected
+                    guess = _rebuilt_later(t, found)
+                    if guess is not None:
+                        await session.execute(self._own_account(t, guess.id))
+                        return
                 history = [(event.phase, event.at) for event in found]
             destroyed = row.destroyed_at is not None
             if destroyed and (t.phase is DESTROYED or at >= _aware(row.destroyed_at or at)):
