@@ -34,8 +34,9 @@ from ephemera.api.naming import (
 )
 from ephemera.backstop import ORIGIN, Backstop, Listing, compare
 from ephemera.config import Settings
+from ephemera.intake import installations
 from ephemera.intake.tombstones import Tombstones
-from ephemera.kube import Kube, Obj
+from ephemera.kube import Kube, KubeError, Obj, load_api_client
 from ephemera.redelivery import CONFIG_MAP, Redeliverer
 from tests.conftest import WEBHOOK_SECRET, db_upgrade, http_ok
 
@@ -386,6 +387,42 @@ def test_a_suspended_installation_is_torn_down_after_the_grace_unless_unsuspende
         assert deleting(kube, name)
         obj = kube.get_environment(name)
         assert obj is None or obj["metadata"]["annotations"][CLOSED_REASON] == "installation-deleted"
+
+
+class Contended(Kube):
+    """The real adapter; just before each of its patches of an environment another writer changes the
+    object (a real write), so every patch that carries the version it read meets a real 409."""
+
+    def patch_environment(self, name: str, patch: Obj, *, missing_ok: bool = True) -> None:
+        other = {"metadata": {"annotations": {"test.ephemera.dev/other-writer": uuid.uuid4().hex}}}
+        super().patch_environment(name, other)
+        super().patch_environment(name, patch, missing_ok=missing_ok)
+
+
+def test_a_mark_that_keeps_conflicting_fails_the_event_for_a_redelivery(
+    gh: FakeGitHub, kube: Kube, control_plane: ControlPlane
+) -> None:
+    """After ATTEMPTS conflicts in a row the event fails (503: GitHub redelivers it), not answered as
+    if there were nothing to mark (the teardown would be lost)."""
+    owner = account()
+    gh.installation(621, owner)
+    repo = f"{owner}/a"
+    _seed(gh, kube, 621, [repo])
+    suspend = installations.InstallationEvent.model_validate(_installation_event("suspend", 621))
+    contended = Contended(load_api_client(control_plane.kubeconfig))
+    try:
+        with pytest.raises(KubeError) as failed:
+            installations.Lifecycle(contended, grace=GRACE).handle(suspend)
+        assert (failed.value.status, failed.value.temporary) == (409, True)
+        assert TEARDOWN_AFTER_ANNOTATION not in _annotations(kube, repo)
+    finally:
+        contended.close()
+    # The redelivery, uncontended, marks it.
+    assert installations.Lifecycle(kube, grace=GRACE).handle(suspend).action == "marked"
+    assert _annotations(kube, repo)[TEARDOWN_REASON_ANNOTATION] == "installation-suspended"
+    # Back as GitHub lists it, so that the module's later backstop passes find nothing to do here.
+    unsuspend = installations.InstallationEvent.model_validate(_installation_event("unsuspend", 621))
+    assert installations.Lifecycle(kube, grace=GRACE).handle(unsuspend).action == "unmarked"
 
 
 def test_a_lost_unsuspend_is_found_by_the_listing(gh: FakeGitHub, kube: Kube, webhook: Process) -> None:

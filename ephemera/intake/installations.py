@@ -18,6 +18,7 @@ once the deadline has passed. A mark already there keeps its earlier deadline.
 from __future__ import annotations
 
 import datetime
+import random
 import time
 from collections.abc import Callable
 from typing import Any
@@ -37,6 +38,8 @@ INSTALLATION_REASONS = ("installation-deleted", "installation-suspended")
 REMOVED_REASON = "repository-removed"
 TRANSFERRED_REASON = "repository-transferred"
 LOGIN_PATTERN = r"^[A-Za-z0-9]([A-Za-z0-9-]{0,38})(_[A-Za-z0-9]{1,38})?$"
+# Writes that conflict with the operator's own (a status, a report record) are read again and redone;
+# after this many in a row the event fails (503), and GitHub's redelivery does it again: none is lost.
 ATTEMPTS = 5
 
 
@@ -182,14 +185,15 @@ class Lifecycle:
 
     def _each(self, matches: Callable[[Obj], bool], change: Callable[[Obj], Obj | None]) -> int:
         """Patch every live environment that `matches` with what `change` returns (None: leave it);
-        each write carries the resourceVersion it read, and is redone on a conflict."""
+        each write carries the resourceVersion it read, and is redone on a conflict. Raises the
+        conflict after ATTEMPTS in a row (a change is idempotent: a redelivery redoes only what is left)."""
         count = 0
         for obj in list(self.kube.list_environments()):
             if obj["metadata"].get("deletionTimestamp") or not matches(obj):
                 continue
             name = obj["metadata"]["name"]
             current: Obj | None = obj
-            for _ in range(ATTEMPTS):
+            for attempt in range(1, ATTEMPTS + 1):
                 if current is None:
                     break
                 patch = change(current)
@@ -201,8 +205,9 @@ class Lifecycle:
                     count += 1
                     break
                 except KubeError as err:
-                    if err.status != 409:
+                    if err.status != 409 or attempt == ATTEMPTS:
                         raise
+                    time.sleep(random.uniform(0, 0.01 * attempt))  # let the other writer's burst pass
                     current = self.kube.get_environment(name)
         return count
 
