@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import hypothesis
 import pytest
 
 from devtools.controlplane import REPO_ROOT, ControlPlane, running
@@ -21,6 +22,11 @@ from devtools.fakegithub import FakeGitHub, Server
 from devtools.postgres import Postgres
 from devtools.support import SOAK, Kubectl, Process, process_env, wait_for
 from ephemera.kube import Kube, load_api_client
+
+# No example is judged by its time (speed is measured by bench/, never asserted): hypothesis's default
+# 200 ms deadline fails a microsecond example that a loaded machine happens to pause.
+hypothesis.settings.register_profile("ephemera", deadline=None)
+hypothesis.settings.load_profile("ephemera")
 
 CRD = REPO_ROOT / "crds" / "previewenvironments.yaml"
 TEMPLATE_CRD = REPO_ROOT / "crds" / "previewtemplates.yaml"
