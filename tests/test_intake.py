@@ -3,6 +3,7 @@ server is asked per event, and that the guards still hold."""
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import uuid
 from collections.abc import Iterator
@@ -23,7 +24,7 @@ from ephemera.api.naming import (
     legacy_environment_name,
 )
 from ephemera.intake.events import PullRequestEvent, parse_pull_request
-from ephemera.intake.mirror import UNKNOWN
+from ephemera.intake.mirror import UNKNOWN, Mirror
 from ephemera.intake.pullrequests import Intake, Policies
 from ephemera.intake.tombstones import Tombstones, config_map_name
 from ephemera.kube import ENVIRONMENTS, TEMPLATES, Kube, KubeError, load_api_client
@@ -210,6 +211,20 @@ class Late(Counted):
             yield item
 
 
+@contextlib.contextmanager
+def closes_mirrored(adapter: Counted) -> Iterator[tuple[Intake, Mirror]]:
+    """An intake over `adapter`, the mirror of its closes started and live; after: stopped, `adapter` closed."""
+    subject = intake(adapter)
+    mirror = subject.tombstones.mirrored()
+    mirror.start()
+    try:
+        wait_for(lambda: mirror.live, timeout=30, what="the mirror's first list")
+        yield subject, mirror
+    finally:
+        mirror.stop()
+        adapter.close()
+
+
 def test_a_close_this_replica_records_stops_an_older_reopen_before_its_watch_brings_it(
     control_plane: ControlPlane, kube: Counted
 ) -> None:
@@ -218,43 +233,31 @@ def test_a_close_this_replica_records_stops_an_older_reopen_before_its_watch_bri
     reopen created an environment for a closed PR)."""
     repo, number = f"octo/mirror-{uuid.uuid4().hex[:6]}", 11
     late = Late(control_plane.kubeconfig)
-    subject = intake(late)
-    mirror = subject.tombstones.mirrored()
-    mirror.start()
-    try:
-        wait_for(lambda: mirror.live, timeout=30, what="the mirror's first list")
+    with closes_mirrored(late) as (subject, mirror):
         late.released.clear()
-
-        closed = subject.handle(event("closed", repo, number, "2026-01-01T00:05:00Z"), "d-8")
-        reopened = subject.handle(event("reopened", repo, number, "2026-01-01T00:03:00Z"), "d-9")
+        try:
+            closed = subject.handle(event("closed", repo, number, "2026-01-01T00:05:00Z"), "d-8")
+            reopened = subject.handle(event("reopened", repo, number, "2026-01-01T00:03:00Z"), "d-9")
+            kept = subject.tombstones.unmirrored()  # while the watch holds the close
+        finally:
+            late.released.set()  # the watch catches up
 
         assert closed.action == "ignored", closed  # no environment: only the close is recorded
         assert reopened.action == "ignored", reopened
         assert "closed" in reopened.reason
         assert late.get_environment(environment_name(repo, number)) is None
-
-        assert subject.tombstones.unmirrored() == 1
-
-        late.released.set()  # the watch catches up: the mirror holds the close
+        assert kept == 1
+        # Kept until the mirror holds it; the next close this replica records drops it: none pile up.
         wait_for(lambda: mirror.get(config_map_name(repo)) not in (None, UNKNOWN), timeout=30, what="the close")
-        # The next close this replica records drops what its mirror holds: the copies do not pile up.
         subject.handle(event("closed", f"{repo}-other", number, "2026-01-01T00:05:00Z"), "d-10")
-        wait_for(lambda: subject.tombstones.unmirrored() <= 1, timeout=30, what="the first close forgotten")
+        assert subject.tombstones.unmirrored() <= 1  # the other repository's, if its watch is not there yet
         assert subject.tombstones.closed_at(repo, number) == "2026-01-01T00:05:00Z"
-    finally:
-        late.released.set()
-        mirror.stop()
-        late.close()
 
 
 def test_a_close_missed_by_a_broken_watch_still_stops_a_replay(control_plane: ControlPlane, kube: Counted) -> None:
     repo, number = f"octo/mirror-{uuid.uuid4().hex[:6]}", 10
     broken = Breakable(control_plane.kubeconfig)
-    subject = intake(broken)
-    mirror = subject.tombstones.mirrored()
-    mirror.start()
-    try:
-        wait_for(lambda: mirror.live, timeout=30, what="the mirror's first list")
+    with closes_mirrored(broken) as (subject, mirror):
         broken.cut.set()
         # Another replica records the close; its event is lost with this mirror's watch.
         Tombstones(kube, namespace=STATE, retention=3600).add(repo, number, "2026-01-01T00:05:00Z")
@@ -271,6 +274,3 @@ def test_a_close_missed_by_a_broken_watch_still_stops_a_replay(control_plane: Co
         broken.cut.clear()  # the API server is back: the mirror lists again and holds the close
         wait_for(lambda: mirror.live, timeout=30, what="the mirror live again")
         assert subject.tombstones.closed_at(repo, number) == "2026-01-01T00:05:00Z"
-    finally:
-        mirror.stop()
-        broken.close()
