@@ -13,9 +13,9 @@ import itertools
 import json
 import logging
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 import yaml
@@ -48,33 +48,34 @@ from tests.test_reliability import all_phases
 from tests.test_webhook import get_pe, pr_event
 
 SHA = "c" * 40
+K = TypeVar("K")
+
+
+def drawn(prefix: str, kind: Callable[[str], K], kinds: Iterable[K], each: int) -> dict[K, list[str]]:
+    """`each` repositories `prefix`/repo-N of each of `kinds`, as `kind` tells them apart."""
+    found: dict[K, list[str]] = {k: [] for k in kinds}
+    for n in itertools.count():
+        repository = f"{prefix}/repo-{n}"
+        bucket = found[kind(repository)]
+        if len(bucket) < each:
+            bucket.append(repository)
+        if all(len(b) == each for b in found.values()):
+            return found
+    raise AssertionError("unreachable")
 
 
 def repositories(shards: int, per_shard: int, tag: str) -> dict[int, list[str]]:
     """`per_shard` repositories of each shard (by the same hash as the webhook's)."""
-    found: dict[int, list[str]] = {i: [] for i in range(shards)}
-    for n in itertools.count():
-        repository = f"shard-{tag}/repo-{n}"
-        bucket = found[shard_of(repository, shards)]
-        if len(bucket) < per_shard:
-            bucket.append(repository)
-        if all(len(b) == per_shard for b in found.values()):
-            return found
-    raise AssertionError("unreachable")
+    return drawn(f"shard-{tag}", lambda repository: shard_of(repository, shards), range(shards), per_shard)
 
 
 def moving_and_staying(tag: str, each: int) -> list[str]:
     """`each` repositories whose shard changes from 2 to 3 and `each` whose shard stays, alternating (a
     third of all stay: of twelve drawn at random, all moved in about one run in a hundred)."""
-    found: dict[bool, list[str]] = {True: [], False: []}
-    for n in itertools.count():
-        repository = f"reshard-{tag}/repo-{n}"
-        bucket = found[shard_of(repository, 2) != shard_of(repository, 3)]
-        if len(bucket) < each:
-            bucket.append(repository)
-        if all(len(b) == each for b in found.values()):
-            return [r for pair in zip(found[True], found[False], strict=True) for r in pair]
-    raise AssertionError("unreachable")
+    found = drawn(
+        f"reshard-{tag}", lambda repository: shard_of(repository, 2) != shard_of(repository, 3), (True, False), each
+    )
+    return [r for pair in zip(found[True], found[False], strict=True) for r in pair]
 
 
 def open_pr(webhook: Process, repository: str, number: int = 1) -> str:

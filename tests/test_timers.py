@@ -112,8 +112,8 @@ def test_stale_update_fails_then_retry_succeeds_once_the_cause_is_gone(
     release_namespace(kubectl, namespace)
     assert failed["permanent"] is False
     wait_for(lambda: "Stale" in events_of(kubectl, name), timeout=30, what="a Stale event")
-    # The next retry re-creates the namespace under its name as soon as the old one is gone (0.4 s after
-    # was seen, between two polls of its absence): the new one is told from the old by its uid.
+    # The next retry re-creates the namespace under its name as soon as the old one is gone (0.4 s later
+    # in a run that failed here, between two polls of its absence): the new one is told by its uid.
     st = wait_for(
         lambda: (s := status(kubectl, name)).get("phase") == "Ready" and s.get("commit") == SHA_B[:7] and s,
         timeout=60,

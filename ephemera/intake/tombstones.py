@@ -116,8 +116,7 @@ class Tombstones:
         obj = self.mirror.get(name) if self.mirror is not None else UNKNOWN
         if obj is UNKNOWN:
             obj = self.kube.get_config_map(self.namespace, name)
-        entry = _entries(obj).get(str(pull_request)) if obj is not None and self._for(obj, repository) else None
-        recorded = None if entry is None else str(entry["updatedAt"])
+        recorded = None if obj is None else self._close_in(obj, repository, pull_request)
         with self._own_lock:
             own = self._own.get((repository.lower(), pull_request))
         return own if own is not None and newer(own, recorded) else recorded
@@ -155,9 +154,14 @@ class Tombstones:
             obj = mirror.get(config_map_name(repository))
             if obj is UNKNOWN or obj is None:
                 continue
-            entry = _entries(obj).get(str(pull_request))
-            if entry is not None and not newer(updated_at, str(entry["updatedAt"])):
+            mirrored = self._close_in(obj, repository, pull_request)
+            if mirrored is not None and not newer(updated_at, mirrored):
                 del self._own[(repository, pull_request)]
+
+    def _close_in(self, obj: Obj, repository: str, pull_request: int) -> str | None:
+        """The `updated_at` of the PR's close in the ConfigMap `obj`, if it is the repository's and has one."""
+        entry = _entries(obj).get(str(pull_request)) if self._for(obj, repository) else None
+        return None if entry is None else str(entry["updatedAt"])
 
     def _add(self, repository: str, name: str, pull_request: int, updated_at: str) -> str:
         """Record the close; the `updated_at` of the latest close recorded for the PR after it."""
